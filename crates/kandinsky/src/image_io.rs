@@ -1,0 +1,61 @@
+//! Image I/O: PNG files to and from tensors, with diffusers' pre- and post-processing.
+
+use crate::error::{Error, Result};
+use candle_core::{DType, Device, Tensor};
+use std::path::Path;
+
+/// Reads an image file as RGB `(1, 3, H, W)` f32 in [-1, 1] (`x / 127.5 - 1`).
+pub fn load_image(path: &Path, device: &Device) -> Result<Tensor> {
+    let img = image::open(path)
+        .map_err(|e| Error::Image {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?
+        .to_rgb8();
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    let t = Tensor::from_vec(img.into_raw(), (h, w, 3), device)?
+        .permute((2, 0, 1))?
+        .to_dtype(DType::F32)?;
+    Ok(((t / 127.5)? - 1.0)?.unsqueeze(0)?)
+}
+
+/// diffusers' post-processing of a decoded image `(B, 3, H, W)` in [-1, 1]:
+/// `round(clamp(x·0.5 + 0.5, 0, 1) · 255)` as `u8`, one HWC buffer per image.
+pub fn to_rgb8(images: &Tensor) -> Result<Vec<(usize, usize, Vec<u8>)>> {
+    let (b, _, h, w) = images.dims4()?;
+    let x = ((images.to_dtype(DType::F32)? * 0.5)? + 0.5)?.clamp(0f32, 1f32)?;
+    let x = (x * 255.0)?.round()?.permute((0, 2, 3, 1))?;
+    let mut out = Vec::with_capacity(b);
+    for i in 0..b {
+        let v: Vec<f32> = x.get(i)?.flatten_all()?.to_vec1()?;
+        out.push((w, h, v.into_iter().map(|p| p as u8).collect()));
+    }
+    Ok(out)
+}
+
+/// Writes an RGB8 buffer as PNG. The file appears only when complete (written to a temporary
+/// name in the same directory, then renamed), so a failure leaves nothing half-written.
+pub fn save_png(path: &Path, width: usize, height: usize, rgb: &[u8]) -> Result<()> {
+    let img =
+        image::RgbImage::from_raw(width as u32, height as u32, rgb.to_vec()).ok_or_else(|| {
+            Error::InvalidArgument(format!("pixel buffer does not match {width}x{height}"))
+        })?;
+    let file_name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "image.png".into());
+    let tmp = path.with_file_name(format!(".{file_name}.partial"));
+    let err = |e: String| Error::Image {
+        path: path.to_path_buf(),
+        message: e,
+    };
+    img.save_with_format(&tmp, image::ImageFormat::Png)
+        .map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            err(e.to_string())
+        })?;
+    std::fs::rename(&tmp, path).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        err(e.to_string())
+    })
+}

@@ -1,0 +1,148 @@
+//! Model directories in diffusers layout: resolution of paths and hub ids, `model_index.json`,
+//! `config.json` files and weights.
+//!
+//! Mirrors diffusers' `from_pretrained` file lookup (without any network access): a model is a
+//! directory with `model_index.json` and one sub-folder per component, each holding a
+//! `config.json` and weights.
+
+mod weights;
+
+pub use weights::{WeightStore, Weights};
+
+use crate::error::{Error, Result};
+use serde::de::DeserializeOwned;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// Reads and deserialises a JSON file (a `config.json`, `model_index.json`, ...).
+pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T> {
+    if !path.is_file() {
+        return Err(Error::NotFound {
+            what: "config file".into(),
+            path: path.to_path_buf(),
+        });
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    serde_json::from_str(&text).map_err(|source| Error::Json {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// The Hugging Face hub cache directory, as `huggingface_hub` computes it:
+/// `$HF_HUB_CACHE`, else `$HF_HOME/hub`, else `$XDG_CACHE_HOME/huggingface/hub`, else
+/// `~/.cache/huggingface/hub`.
+pub fn hf_hub_cache() -> PathBuf {
+    let var = |k: &str| {
+        std::env::var_os(k)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
+    if let Some(p) = var("HF_HUB_CACHE") {
+        return p;
+    }
+    if let Some(p) = var("HF_HOME") {
+        return p.join("hub");
+    }
+    let cache = var("XDG_CACHE_HOME")
+        .or_else(|| var("HOME").map(|h| h.join(".cache")))
+        .unwrap_or_else(|| PathBuf::from(".cache"));
+    cache.join("huggingface").join("hub")
+}
+
+/// Resolves a model argument to a local directory: an existing directory is used as is; a hub id
+/// `org/name` is looked up in the Hugging Face cache (`models--org--name/snapshots/<rev>`, where
+/// `<rev>` is what `refs/main` names, or the only snapshot). Nothing is downloaded.
+pub fn resolve_model_dir(model: &str) -> Result<PathBuf> {
+    let path = Path::new(model);
+    if path.is_dir() {
+        return Ok(path.to_path_buf());
+    }
+    let parts: Vec<&str> = model.split('/').collect();
+    let looks_like_hub_id = parts.len() == 2
+        && parts.iter().all(|p| {
+            !p.is_empty()
+                && p.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        })
+        && !model.starts_with('.');
+    if !looks_like_hub_id {
+        return Err(Error::NotFound {
+            what: "model directory".into(),
+            path: path.to_path_buf(),
+        });
+    }
+    let cache = hf_hub_cache();
+    let repo_dir = cache.join(format!("models--{}--{}", parts[0], parts[1]));
+    let not_cached = || Error::NotCached {
+        repo: model.to_string(),
+        cache: cache.clone(),
+    };
+    let snapshots = repo_dir.join("snapshots");
+    if let Ok(rev) = std::fs::read_to_string(repo_dir.join("refs").join("main")) {
+        let dir = snapshots.join(rev.trim());
+        if dir.is_dir() {
+            return Ok(dir);
+        }
+    }
+    let mut revs: Vec<PathBuf> = std::fs::read_dir(&snapshots)
+        .map_err(|_| not_cached())?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_dir())
+        .collect();
+    if revs.len() == 1 {
+        return Ok(revs.remove(0));
+    }
+    Err(not_cached())
+}
+
+/// `model_index.json`: the pipeline class and, per component, its `[library, class]`.
+#[derive(Debug, Clone)]
+pub struct ModelIndex {
+    /// `_class_name`, e.g. `KandinskyV22Pipeline`.
+    pub class_name: String,
+    /// Component name → (library, class); components set to `null` are omitted.
+    pub components: BTreeMap<String, (String, String)>,
+}
+
+impl ModelIndex {
+    /// Reads `model_index.json` from a model directory.
+    pub fn load(dir: &Path) -> Result<Self> {
+        let path = dir.join("model_index.json");
+        let raw: BTreeMap<String, serde_json::Value> = read_json(&path)?;
+        let class_name = raw
+            .get("_class_name")
+            .and_then(|v| v.as_str())
+            .unwrap_or_default()
+            .to_string();
+        let mut components = BTreeMap::new();
+        for (k, v) in &raw {
+            if k.starts_with('_') {
+                continue;
+            }
+            if let Some([lib, class]) = v.as_array().map(|a| a.as_slice()) {
+                if let (Some(lib), Some(class)) = (lib.as_str(), class.as_str()) {
+                    components.insert(k.clone(), (lib.to_string(), class.to_string()));
+                }
+            }
+        }
+        Ok(Self {
+            class_name,
+            components,
+        })
+    }
+}
+
+/// The directory of one component (`unet`, `movq`, ...) of a model directory; an error naming the
+/// component when it is absent.
+pub fn component_dir(model_dir: &Path, component: &str) -> Result<PathBuf> {
+    let dir = model_dir.join(component);
+    if dir.is_dir() {
+        Ok(dir)
+    } else {
+        Err(Error::NotFound {
+            what: format!("model component '{component}'"),
+            path: dir,
+        })
+    }
+}

@@ -1,0 +1,4 @@
+//! diffusers `models/autoencoders/`.
+
+pub mod vae;
+pub mod vq_model;

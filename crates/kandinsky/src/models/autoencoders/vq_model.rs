@@ -1,0 +1,190 @@
+//! diffusers `models/autoencoders/vq_model.py`: `VQModel`, the MoVQ autoencoder of Kandinsky.
+
+use super::vae::{Decoder, Encoder, VectorQuantizer};
+use crate::error::{Error, Result};
+use crate::loading::Weights;
+use crate::models::nn::{check_act_fn, Conv2d};
+use candle_core::Tensor;
+use serde::Deserialize;
+
+fn d_3() -> usize {
+    3
+}
+fn d_1() -> usize {
+    1
+}
+fn d_32() -> usize {
+    32
+}
+fn d_256() -> usize {
+    256
+}
+fn d_true() -> bool {
+    true
+}
+fn d_silu() -> String {
+    "silu".into()
+}
+fn d_group() -> String {
+    "group".into()
+}
+fn d_down() -> Vec<String> {
+    vec!["DownEncoderBlock2D".into()]
+}
+fn d_up() -> Vec<String> {
+    vec!["UpDecoderBlock2D".into()]
+}
+fn d_boc() -> Vec<usize> {
+    vec![64]
+}
+
+/// `movq/config.json`. Field names and defaults are diffusers'; unknown keys are ignored.
+#[derive(Debug, Clone, Deserialize)]
+pub struct VQModelConfig {
+    /// Image channels in.
+    #[serde(default = "d_3")]
+    pub in_channels: usize,
+    /// Image channels out.
+    #[serde(default = "d_3")]
+    pub out_channels: usize,
+    /// Encoder block class names.
+    #[serde(default = "d_down")]
+    pub down_block_types: Vec<String>,
+    /// Decoder block class names.
+    #[serde(default = "d_up")]
+    pub up_block_types: Vec<String>,
+    /// Channels per level.
+    #[serde(default = "d_boc")]
+    pub block_out_channels: Vec<usize>,
+    /// Resnets per encoder block (decoder blocks have one more).
+    #[serde(default = "d_1")]
+    pub layers_per_block: usize,
+    /// `act_fn`.
+    #[serde(default = "d_silu")]
+    pub act_fn: String,
+    /// Latent channels.
+    #[serde(default = "d_3")]
+    pub latent_channels: usize,
+    /// Codebook size.
+    #[serde(default = "d_256")]
+    pub num_vq_embeddings: usize,
+    /// GroupNorm groups.
+    #[serde(default = "d_32")]
+    pub norm_num_groups: usize,
+    /// Codebook vector width; default `latent_channels`.
+    #[serde(default)]
+    pub vq_embed_dim: Option<usize>,
+    /// `group` or `spatial` (MoVQ).
+    #[serde(default = "d_group")]
+    pub norm_type: String,
+    /// Attention in the mid blocks.
+    #[serde(default = "d_true")]
+    pub mid_block_add_attention: bool,
+    /// Must be false.
+    #[serde(default)]
+    pub lookup_from_codebook: bool,
+}
+
+impl VQModelConfig {
+    /// Reads `config.json` from a component directory.
+    pub fn load(dir: &std::path::Path) -> Result<Self> {
+        crate::loading::read_json(&dir.join("config.json"))
+    }
+}
+
+/// `VQModel`.
+#[derive(Debug, Clone)]
+pub struct VQModel {
+    encoder: Encoder,
+    quant_conv: Conv2d,
+    quantize: VectorQuantizer,
+    post_quant_conv: Conv2d,
+    decoder: Decoder,
+    spatial: bool,
+}
+
+impl VQModel {
+    /// Builds the model, loading every tensor by its diffusers name.
+    pub fn new(w: &Weights, c: &VQModelConfig) -> Result<Self> {
+        check_act_fn("act_fn", &c.act_fn)?;
+        let spatial = match c.norm_type.as_str() {
+            "spatial" => true,
+            "group" => false,
+            other => return Err(Error::unsupported("norm_type", other)),
+        };
+        if c.lookup_from_codebook {
+            return Err(Error::unsupported("lookup_from_codebook", true));
+        }
+        let n = c.block_out_channels.len();
+        if n == 0 || c.down_block_types.len() != n || c.up_block_types.len() != n {
+            return Err(Error::unsupported(
+                "down_block_types/up_block_types",
+                format!(
+                    "{} down and {} up blocks for {} block_out_channels",
+                    c.down_block_types.len(),
+                    c.up_block_types.len(),
+                    n
+                ),
+            ));
+        }
+        let vq_dim = c.vq_embed_dim.unwrap_or(c.latent_channels);
+        Ok(Self {
+            encoder: Encoder::new(
+                &w.pp("encoder"),
+                c.in_channels,
+                c.latent_channels,
+                &c.down_block_types,
+                &c.block_out_channels,
+                c.layers_per_block,
+                c.norm_num_groups,
+                c.mid_block_add_attention,
+            )?,
+            quant_conv: Conv2d::new(&w.pp("quant_conv"), c.latent_channels, vq_dim, 1, 1, 0)?,
+            quantize: VectorQuantizer::new(&w.pp("quantize"), c.num_vq_embeddings, vq_dim)?,
+            post_quant_conv: Conv2d::new(
+                &w.pp("post_quant_conv"),
+                vq_dim,
+                c.latent_channels,
+                1,
+                1,
+                0,
+            )?,
+            decoder: Decoder::new(
+                &w.pp("decoder"),
+                c.latent_channels,
+                c.out_channels,
+                &c.up_block_types,
+                &c.block_out_channels,
+                c.layers_per_block,
+                c.norm_num_groups,
+                spatial,
+                c.mid_block_add_attention,
+            )?,
+            spatial,
+        })
+    }
+
+    /// `encode`: image in [-1, 1] `(B, 3, H, W)` → `quant_conv(encoder(x))` (not quantised).
+    pub fn encode(&self, x: &Tensor) -> Result<Tensor> {
+        self.quant_conv.forward(&self.encoder.forward(x)?)
+    }
+
+    /// `decode(h, force_not_quantize)`: quantises unless `force_not_quantize` (Kandinsky's
+    /// pipelines always force), then `post_quant_conv` and the decoder conditioned on the
+    /// (quantised) latent.
+    pub fn decode(&self, h: &Tensor, force_not_quantize: bool) -> Result<Tensor> {
+        let quant = if force_not_quantize {
+            h.clone()
+        } else {
+            self.quantize.quantize(h)?
+        };
+        let x = self.post_quant_conv.forward(&quant)?;
+        self.decoder
+            .forward(&x, if self.spatial { Some(&quant) } else { None })
+    }
+
+    /// The codebook quantiser.
+    pub fn quantizer(&self) -> &VectorQuantizer {
+        &self.quantize
+    }
+}

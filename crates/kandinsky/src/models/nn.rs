@@ -1,0 +1,210 @@
+//! `torch.nn` layers used by every network: Linear, Conv2d, GroupNorm, LayerNorm, and the
+//! activations and resampling helpers diffusers takes from `torch.nn.functional`.
+//!
+//! Each layer owns its weights (loaded once) and its `forward` takes `&self`, so that faster
+//! kernels can later pre-pack weights at load time without changing callers.
+
+use crate::error::{Error, Result};
+use crate::loading::Weights;
+use candle_core::{DType, Tensor, D};
+
+/// `torch.nn.Linear`: `y = x Wᵀ + b` over the last dimension.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    /// Loads `weight [out, in]` and, when `bias`, `bias [out]`.
+    pub fn new(w: &Weights, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
+        let weight = w.get((out_dim, in_dim), "weight")?;
+        let bias = if bias {
+            Some(w.get(out_dim, "bias")?)
+        } else {
+            None
+        };
+        Ok(Self { weight, bias })
+    }
+
+    /// Applies the layer.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        // Flatten to one 2-D GEMM: candle's batched matmul gives wrong results for a strided
+        // (transposed) input against a broadcast weight, which `candle_nn::Linear` produces for
+        // token views of feature maps with batch > 1.
+        let mut dims = x.dims().to_vec();
+        let k = dims.pop().unwrap_or(1);
+        let y = x
+            .contiguous()?
+            .reshape(((), k))?
+            .matmul(&self.weight.t()?)?;
+        let y = match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
+        dims.push(y.dim(1)?);
+        Ok(y.reshape(dims)?)
+    }
+}
+
+/// `torch.nn.Conv2d` with square kernels, symmetric padding and a bias.
+#[derive(Debug, Clone)]
+pub struct Conv2d {
+    weight: Tensor,
+    bias: Tensor,
+    padding: usize,
+    stride: usize,
+}
+
+impl Conv2d {
+    /// Loads `weight [out, in, k, k]` and `bias [out]`.
+    pub fn new(
+        w: &Weights,
+        in_ch: usize,
+        out_ch: usize,
+        kernel: usize,
+        stride: usize,
+        padding: usize,
+    ) -> Result<Self> {
+        Ok(Self {
+            weight: w.get((out_ch, in_ch, kernel, kernel), "weight")?,
+            bias: w.get(out_ch, "bias")?,
+            padding,
+            stride,
+        })
+    }
+
+    /// Applies the convolution to `x (B, C, H, W)`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?;
+        Ok(y.broadcast_add(&self.bias.reshape((1, (), 1, 1))?)?)
+    }
+}
+
+/// `torch.nn.GroupNorm` with affine parameters; statistics in f32 whatever the input dtype.
+#[derive(Debug, Clone)]
+pub struct GroupNorm {
+    weight: Tensor,
+    bias: Tensor,
+    groups: usize,
+    eps: f64,
+}
+
+impl GroupNorm {
+    /// Loads `weight [C]` and `bias [C]`; `channels` must be divisible by `groups`.
+    pub fn new(w: &Weights, groups: usize, channels: usize, eps: f64) -> Result<Self> {
+        if groups == 0 || channels % groups != 0 {
+            return Err(Error::unsupported(
+                "norm_num_groups",
+                format!("{groups} groups for {channels} channels"),
+            ));
+        }
+        Ok(Self {
+            weight: w.get(channels, "weight")?,
+            bias: w.get(channels, "bias")?,
+            groups,
+            eps,
+        })
+    }
+
+    /// Normalises `x (B, C, ...)` over each group of channels and all spatial positions.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let (b, c) = (dims[0], dims[1]);
+        let dtype = x.dtype();
+        let xg = x.reshape((b, self.groups, ()))?.to_dtype(DType::F32)?;
+        let n = xg.dim(2)? as f64;
+        let mean = (xg.sum_keepdim(2)? / n)?;
+        let xc = xg.broadcast_sub(&mean)?;
+        let var = (xc.sqr()?.sum_keepdim(2)? / n)?;
+        let xn = xc.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        let mut pshape = vec![1, c];
+        pshape.extend(std::iter::repeat_n(1, dims.len() - 2));
+        let xn = xn.reshape(dims)?.to_dtype(dtype)?;
+        Ok(xn
+            .broadcast_mul(&self.weight.reshape(pshape.as_slice())?)?
+            .broadcast_add(&self.bias.reshape(pshape.as_slice())?)?)
+    }
+}
+
+/// `torch.nn.LayerNorm` over the last dimension, with affine parameters; statistics in f32.
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    /// Loads `weight [dim]` and `bias [dim]`.
+    pub fn new(w: &Weights, dim: usize, eps: f64) -> Result<Self> {
+        Ok(Self {
+            weight: w.get(dim, "weight")?,
+            bias: w.get(dim, "bias")?,
+            eps,
+        })
+    }
+
+    /// Normalises over the last dimension.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dtype = x.dtype();
+        let x = x.to_dtype(DType::F32)?;
+        let mean = x.mean_keepdim(D::Minus1)?;
+        let xc = x.broadcast_sub(&mean)?;
+        let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+        let xn = xc
+            .broadcast_div(&(var + self.eps)?.sqrt()?)?
+            .to_dtype(dtype)?;
+        Ok(xn.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)?)
+    }
+}
+
+/// SiLU, `x·σ(x)`.
+pub fn silu(x: &Tensor) -> Result<Tensor> {
+    Ok(candle_nn::ops::silu(x)?)
+}
+
+/// The activation named by a config's `act_fn`; only the values Kandinsky uses are accepted.
+pub fn check_act_fn(key: &str, act_fn: &str) -> Result<()> {
+    match act_fn {
+        "silu" | "swish" => Ok(()),
+        other => Err(Error::unsupported(key, other)),
+    }
+}
+
+/// `F.interpolate(x, size=(h, w), mode="nearest")`: source index `floor(dst · in/out)`.
+pub fn interpolate_nearest(x: &Tensor, h: usize, w: usize) -> Result<Tensor> {
+    let (_, _, ih, iw) = x.dims4()?;
+    if (ih, iw) == (h, w) {
+        return Ok(x.clone());
+    }
+    if h % ih == 0 && w % iw == 0 && h / ih == w / iw {
+        return upsample_nearest_int(x, h / ih);
+    }
+    let idx = |i: usize, o: usize| -> Result<Tensor> {
+        let scale = i as f32 / o as f32;
+        let v: Vec<u32> = (0..o)
+            .map(|d| ((d as f32 * scale).floor() as usize).min(i - 1) as u32)
+            .collect();
+        Ok(Tensor::from_vec(v, o, x.device())?)
+    };
+    let x = x.index_select(&idx(ih, h)?, 2)?;
+    Ok(x.index_select(&idx(iw, w)?, 3)?)
+}
+
+/// Nearest-neighbour upsampling by an integer factor (`F.interpolate(scale_factor=f)`).
+pub fn upsample_nearest_int(x: &Tensor, f: usize) -> Result<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    Ok(x.reshape((b, c, h, 1, w, 1))?
+        .broadcast_as((b, c, h, f, w, f))?
+        .reshape((b, c, h * f, w * f))?)
+}
+
+/// Multi-head scaled dot-product attention: `q (B, H, N, d)`, `k`/`v (B, H, M, d)`, softmax in
+/// f32 (diffusers' `upcast_softmax`).
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+    let dtype = q.dtype();
+    let scores = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * scale)?;
+    let probs = candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(dtype)?;
+    Ok(probs.matmul(&v.contiguous()?)?)
+}

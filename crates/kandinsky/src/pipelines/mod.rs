@@ -1,0 +1,1 @@
+//! Generation pipelines (diffusers `pipelines/kandinsky*`).

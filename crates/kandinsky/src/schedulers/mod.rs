@@ -1,0 +1,2 @@
+//! Noise schedulers (diffusers `schedulers/`). DDIM, DDPM, UnCLIP and DPM-Solver++ arrive with
+//! the pipelines.
