@@ -1,1 +1,38 @@
-fn main() {}
+//! The `kandinsky` command: a thin layer over the library (argument parsing, progress, errors).
+
+mod bench;
+mod decode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "kandinsky", version, about = "Kandinsky 2.1 / 2.2 in Rust")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Time one UNet forward pass (CFG batch 2) of the real Kandinsky 2.2 config with random
+    /// weights, at the given latent sizes.
+    Bench(bench::BenchArgs),
+    /// Decode a latent to a PNG with a MoVQ model (the last stage of every pipeline).
+    Decode(decode::DecodeArgs),
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Bench(args) => bench::run(&args),
+        Command::Decode(args) => decode::run(&args),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // `{:#}` prints the context chain on one line, without a backtrace.
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

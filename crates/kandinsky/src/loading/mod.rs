@@ -54,6 +54,11 @@ pub fn hf_hub_cache() -> PathBuf {
 /// `org/name` is looked up in the Hugging Face cache (`models--org--name/snapshots/<rev>`, where
 /// `<rev>` is what `refs/main` names, or the only snapshot). Nothing is downloaded.
 pub fn resolve_model_dir(model: &str) -> Result<PathBuf> {
+    resolve_model_dir_in(model, &hf_hub_cache())
+}
+
+/// [`resolve_model_dir`] with an explicit hub cache directory.
+pub fn resolve_model_dir_in(model: &str, cache: &Path) -> Result<PathBuf> {
     let path = Path::new(model);
     if path.is_dir() {
         return Ok(path.to_path_buf());
@@ -72,11 +77,10 @@ pub fn resolve_model_dir(model: &str) -> Result<PathBuf> {
             path: path.to_path_buf(),
         });
     }
-    let cache = hf_hub_cache();
     let repo_dir = cache.join(format!("models--{}--{}", parts[0], parts[1]));
     let not_cached = || Error::NotCached {
         repo: model.to_string(),
-        cache: cache.clone(),
+        cache: cache.to_path_buf(),
     };
     let snapshots = repo_dir.join("snapshots");
     if let Ok(rev) = std::fs::read_to_string(repo_dir.join("refs").join("main")) {

@@ -211,11 +211,14 @@ fn shards_of(index_path: &Path) -> Result<Vec<PathBuf>> {
     Ok(shards.into_iter().map(|s| dir.join(s)).collect())
 }
 
+/// (name, shape) of every tensor requested in meta mode.
+type Recording = Arc<Mutex<Vec<(String, Vec<usize>)>>>;
+
 #[derive(Clone)]
 enum Source {
     Store(Arc<WeightStore>),
     /// Records requested names and shapes; returns zero-stride views so nothing is allocated.
-    Meta(Arc<Mutex<Vec<(String, Vec<usize>)>>>),
+    Meta(Recording),
     /// Random values, for benchmarks of real-size models without their weights.
     Random,
 }

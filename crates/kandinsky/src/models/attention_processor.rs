@@ -88,7 +88,7 @@ impl AddedKvAttention {
         groups: usize,
         only_cross_attention: bool,
     ) -> Result<Self> {
-        if head_dim == 0 || channels % head_dim != 0 {
+        if head_dim == 0 || !channels.is_multiple_of(head_dim) {
             return Err(Error::unsupported(
                 "attention_head_dim",
                 format!("{head_dim} (does not divide {channels} channels)"),
@@ -171,7 +171,7 @@ impl VaeAttention {
         spatial_norm_dim: Option<usize>,
         rescale_output_factor: f64,
     ) -> Result<Self> {
-        if head_dim == 0 || channels % head_dim != 0 {
+        if head_dim == 0 || !channels.is_multiple_of(head_dim) {
             return Err(Error::unsupported(
                 "attention_head_dim",
                 format!("{head_dim} (does not divide {channels} channels)"),

@@ -93,7 +93,7 @@ pub struct GroupNorm {
 impl GroupNorm {
     /// Loads `weight [C]` and `bias [C]`; `channels` must be divisible by `groups`.
     pub fn new(w: &Weights, groups: usize, channels: usize, eps: f64) -> Result<Self> {
-        if groups == 0 || channels % groups != 0 {
+        if groups == 0 || !channels.is_multiple_of(groups) {
             return Err(Error::unsupported(
                 "norm_num_groups",
                 format!("{groups} groups for {channels} channels"),
@@ -178,7 +178,7 @@ pub fn interpolate_nearest(x: &Tensor, h: usize, w: usize) -> Result<Tensor> {
     if (ih, iw) == (h, w) {
         return Ok(x.clone());
     }
-    if h % ih == 0 && w % iw == 0 && h / ih == w / iw {
+    if h.is_multiple_of(ih) && w.is_multiple_of(iw) && h / ih == w / iw {
         return upsample_nearest_int(x, h / ih);
     }
     let idx = |i: usize, o: usize| -> Result<Tensor> {
@@ -203,8 +203,22 @@ pub fn upsample_nearest_int(x: &Tensor, f: usize) -> Result<Tensor> {
 /// Multi-head scaled dot-product attention: `q (B, H, N, d)`, `k`/`v (B, H, M, d)`, softmax in
 /// f32 (diffusers' `upcast_softmax`).
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+    attention_masked(q, k, v, scale, None)
+}
+
+/// [`attention`] with an additive mask broadcastable to `(B, H, N, M)`.
+pub fn attention_masked(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    mask: Option<&Tensor>,
+) -> Result<Tensor> {
     let dtype = q.dtype();
-    let scores = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * scale)?;
+    let mut scores = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * scale)?;
+    if let Some(m) = mask {
+        scores = scores.broadcast_add(m)?;
+    }
     let probs = candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(dtype)?;
     Ok(probs.matmul(&v.contiguous()?)?)
 }

@@ -164,6 +164,16 @@ impl VQModel {
         })
     }
 
+    /// Loads a `movq/` component directory (`config.json` and weights) in `dtype` on `device`.
+    pub fn load(
+        dir: &std::path::Path,
+        dtype: candle_core::DType,
+        device: &candle_core::Device,
+    ) -> Result<Self> {
+        let config = VQModelConfig::load(dir)?;
+        Self::new(&Weights::from_dir(dir, dtype, device)?, &config)
+    }
+
     /// `encode`: image in [-1, 1] `(B, 3, H, W)` → `quant_conv(encoder(x))` (not quantised).
     pub fn encode(&self, x: &Tensor) -> Result<Tensor> {
         self.quant_conv.forward(&self.encoder.forward(x)?)

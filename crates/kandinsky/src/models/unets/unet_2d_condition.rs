@@ -491,6 +491,16 @@ impl UNet2DConditionModel {
         })
     }
 
+    /// Loads a `unet/` component directory (`config.json` and weights) in `dtype` on `device`.
+    pub fn load(
+        dir: &std::path::Path,
+        dtype: candle_core::DType,
+        device: &candle_core::Device,
+    ) -> Result<Self> {
+        let config = UNet2DConditionConfig::load(dir)?;
+        Self::new(&Weights::from_dir(dir, dtype, device)?, &config)
+    }
+
     /// The configuration the model was built from.
     pub fn config(&self) -> &UNet2DConditionConfig {
         &self.config
