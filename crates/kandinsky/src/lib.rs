@@ -6,9 +6,11 @@
 
 pub mod error;
 pub mod image_io;
+pub mod image_processor;
 pub mod loading;
 pub mod models;
 pub mod pipelines;
 pub mod schedulers;
+pub mod tokenization;
 
 pub use error::{Error, Result};

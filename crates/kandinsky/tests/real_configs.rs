@@ -7,7 +7,14 @@ mod common;
 use candle_core::DType;
 use common::fixtures;
 use kandinsky::loading::Weights;
+use kandinsky::models::clip::{
+    ClipTextConfig, ClipTextModelWithProjection, ClipVisionConfig, ClipVisionModelWithProjection,
+};
+use kandinsky::models::transformers::prior_transformer::{
+    PriorTransformer, PriorTransformerConfig,
+};
 use kandinsky::models::{UNet2DConditionConfig, UNet2DConditionModel, VQModel, VQModelConfig};
+use kandinsky::pipelines::kandinsky::text_encoder::{MClipConfig, MultilingualClip};
 use std::collections::BTreeMap;
 
 fn reference(key: &str) -> (u64, BTreeMap<String, Vec<usize>>) {
@@ -102,4 +109,87 @@ fn movq() {
     let w = Weights::meta(DType::F32);
     VQModel::new(&w, &config).unwrap();
     compare("movq", &w, None);
+}
+
+fn component<C: serde::de::DeserializeOwned>(key: &str) -> C {
+    kandinsky::loading::read_json(
+        &fixtures()
+            .join("real_configs")
+            .join(key)
+            .join("config.json"),
+    )
+    .unwrap()
+}
+
+#[test]
+fn prior_2_1() {
+    let w = Weights::meta(DType::F32);
+    PriorTransformer::new(
+        &w,
+        &component::<PriorTransformerConfig>("kandinsky-2-1-prior/prior"),
+    )
+    .unwrap();
+    compare("kandinsky-2-1-prior/prior", &w, None);
+}
+
+#[test]
+fn prior_2_2() {
+    let w = Weights::meta(DType::F32);
+    PriorTransformer::new(
+        &w,
+        &component::<PriorTransformerConfig>("kandinsky-2-2-prior/prior"),
+    )
+    .unwrap();
+    compare("kandinsky-2-2-prior/prior", &w, None);
+}
+
+#[test]
+fn clip_vit_l_14_text() {
+    let w = Weights::meta(DType::F32);
+    ClipTextModelWithProjection::new(
+        &w,
+        &component::<ClipTextConfig>("kandinsky-2-1-prior/text_encoder"),
+    )
+    .unwrap();
+    compare("kandinsky-2-1-prior/text_encoder", &w, None);
+}
+
+#[test]
+fn clip_vit_l_14_vision() {
+    let w = Weights::meta(DType::F32);
+    ClipVisionModelWithProjection::new(
+        &w,
+        &component::<ClipVisionConfig>("kandinsky-2-1-prior/image_encoder"),
+    )
+    .unwrap();
+    compare("kandinsky-2-1-prior/image_encoder", &w, None);
+}
+
+#[test]
+fn clip_bigg_text() {
+    let w = Weights::meta(DType::F32);
+    ClipTextModelWithProjection::new(
+        &w,
+        &component::<ClipTextConfig>("kandinsky-2-2-prior/text_encoder"),
+    )
+    .unwrap();
+    compare("kandinsky-2-2-prior/text_encoder", &w, None);
+}
+
+#[test]
+fn clip_bigg_vision() {
+    let w = Weights::meta(DType::F32);
+    ClipVisionModelWithProjection::new(
+        &w,
+        &component::<ClipVisionConfig>("kandinsky-2-2-prior/image_encoder"),
+    )
+    .unwrap();
+    compare("kandinsky-2-2-prior/image_encoder", &w, None);
+}
+
+#[test]
+fn mclip_xlm_roberta_large() {
+    let w = Weights::meta(DType::F32);
+    MultilingualClip::new(&w, &component::<MClipConfig>("kandinsky-2-1/text_encoder")).unwrap();
+    compare("kandinsky-2-1/text_encoder", &w, None);
 }

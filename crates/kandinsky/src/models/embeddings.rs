@@ -54,11 +54,11 @@ pub struct TimestepEmbedding {
 }
 
 impl TimestepEmbedding {
-    /// Loads `linear_1 (in → dim)` and `linear_2 (dim → dim)`.
-    pub fn new(w: &Weights, in_dim: usize, dim: usize) -> Result<Self> {
+    /// Loads `linear_1 (in → hidden)` and `linear_2 (hidden → out)`.
+    pub fn new(w: &Weights, in_dim: usize, hidden: usize, out: usize) -> Result<Self> {
         Ok(Self {
-            linear_1: Linear::new(&w.pp("linear_1"), in_dim, dim, true)?,
-            linear_2: Linear::new(&w.pp("linear_2"), dim, dim, true)?,
+            linear_1: Linear::new(&w.pp("linear_1"), in_dim, hidden, true)?,
+            linear_2: Linear::new(&w.pp("linear_2"), hidden, out, true)?,
         })
     }
 

@@ -1,1 +1,3 @@
 //! Generation pipelines (diffusers `pipelines/kandinsky*`).
+
+pub mod kandinsky;

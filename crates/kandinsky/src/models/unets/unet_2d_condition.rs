@@ -468,7 +468,12 @@ impl UNet2DConditionModel {
                 1,
                 (c.conv_in_kernel - 1) / 2,
             )?,
-            time_embedding: TimestepEmbedding::new(&w.pp("time_embedding"), c0, time_dim)?,
+            time_embedding: TimestepEmbedding::new(
+                &w.pp("time_embedding"),
+                c0,
+                time_dim,
+                time_dim,
+            )?,
             add_embedding,
             encoder_hid_proj,
             down_blocks,

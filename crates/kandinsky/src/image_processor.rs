@@ -1,0 +1,358 @@
+//! transformers `CLIPImageProcessor`: shortest side → `size` with PIL's bicubic resampling of the
+//! 8-bit image, centre crop, `/255`, mean/std normalisation.
+//!
+//! The resampler reproduces Pillow's `Image.resize(BICUBIC)` for 8-bit images (convolution with
+//! support scaled by the reduction factor, 22-bit fixed-point weights, horizontal pass first,
+//! rounding to 8 bits after each pass), which is what transformers uses without torchvision.
+
+use crate::error::{Error, Result};
+use candle_core::{Device, Tensor};
+use serde::Deserialize;
+
+/// A size given as a number or as `{"height": h, "width": w}` / `{"shortest_edge": s}`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+enum SizeSpec {
+    Int(usize),
+    Dict {
+        shortest_edge: Option<usize>,
+        height: Option<usize>,
+        width: Option<usize>,
+    },
+}
+
+fn d_true() -> bool {
+    true
+}
+fn d_mean() -> [f64; 3] {
+    [0.48145466, 0.4578275, 0.40821073]
+}
+fn d_std() -> [f64; 3] {
+    [0.26862954, 0.26130258, 0.27577711]
+}
+fn d_rescale() -> f64 {
+    1.0 / 255.0
+}
+fn d_bicubic() -> u32 {
+    3
+}
+fn d_size() -> SizeSpec {
+    SizeSpec::Int(224)
+}
+
+/// `image_processor/preprocessor_config.json`.
+#[derive(Debug, Clone, Deserialize)]
+struct RawConfig {
+    #[serde(default = "d_true")]
+    do_resize: bool,
+    #[serde(default = "d_size")]
+    size: SizeSpec,
+    #[serde(default = "d_bicubic")]
+    resample: u32,
+    #[serde(default = "d_true")]
+    do_center_crop: bool,
+    #[serde(default = "d_size")]
+    crop_size: SizeSpec,
+    #[serde(default = "d_true")]
+    do_rescale: bool,
+    #[serde(default = "d_rescale")]
+    rescale_factor: f64,
+    #[serde(default = "d_true")]
+    do_normalize: bool,
+    #[serde(default = "d_mean")]
+    image_mean: [f64; 3],
+    #[serde(default = "d_std")]
+    image_std: [f64; 3],
+}
+
+/// `CLIPImageProcessor`.
+#[derive(Debug, Clone)]
+pub struct ClipImageProcessor {
+    shortest_edge: Option<usize>,
+    crop: Option<(usize, usize)>,
+    rescale_factor: Option<f64>,
+    mean_std: Option<([f64; 3], [f64; 3])>,
+}
+
+impl Default for ClipImageProcessor {
+    /// The Kandinsky priors' processor: 224 shortest side, 224×224 crop, OpenAI CLIP mean/std.
+    fn default() -> Self {
+        Self {
+            shortest_edge: Some(224),
+            crop: Some((224, 224)),
+            rescale_factor: Some(1.0 / 255.0),
+            mean_std: Some((d_mean(), d_std())),
+        }
+    }
+}
+
+impl ClipImageProcessor {
+    /// Reads `preprocessor_config.json` (unknown keys ignored, transformers' defaults).
+    pub fn load(path: &std::path::Path) -> Result<Self> {
+        let raw: RawConfig = crate::loading::read_json(path)?;
+        if raw.resample != 3 {
+            return Err(Error::unsupported("resample", raw.resample));
+        }
+        let shortest_edge = match (raw.do_resize, &raw.size) {
+            (false, _) => None,
+            (true, SizeSpec::Int(s)) => Some(*s),
+            (
+                true,
+                SizeSpec::Dict {
+                    shortest_edge: Some(s),
+                    ..
+                },
+            ) => Some(*s),
+            (true, other) => return Err(Error::unsupported("size", other)),
+        };
+        let crop = match (raw.do_center_crop, &raw.crop_size) {
+            (false, _) => None,
+            (true, SizeSpec::Int(s)) => Some((*s, *s)),
+            (
+                true,
+                SizeSpec::Dict {
+                    height: Some(h),
+                    width: Some(w),
+                    ..
+                },
+            ) => Some((*h, *w)),
+            (true, other) => return Err(Error::unsupported("crop_size", other)),
+        };
+        Ok(Self {
+            shortest_edge,
+            crop,
+            rescale_factor: raw.do_rescale.then_some(raw.rescale_factor),
+            mean_std: raw.do_normalize.then_some((raw.image_mean, raw.image_std)),
+        })
+    }
+
+    /// Preprocesses an RGB8 image (`width × height`, row-major HWC) into `(3, H, W)` f32.
+    pub fn preprocess(
+        &self,
+        width: usize,
+        height: usize,
+        rgb: &[u8],
+        device: &Device,
+    ) -> Result<Tensor> {
+        if width == 0 || height == 0 || rgb.len() != width * height * 3 {
+            return Err(Error::InvalidArgument(format!(
+                "image buffer of {} bytes does not match {width}x{height} RGB",
+                rgb.len()
+            )));
+        }
+        let mut img = Planar::from_hwc(width, height, rgb);
+        if let Some(s) = self.shortest_edge {
+            let (h, w) = resize_output_size(height, width, s);
+            img = img.resize(w, h);
+        }
+        if let Some((ch, cw)) = self.crop {
+            img = img.center_crop(ch, cw);
+        }
+        let (w, h) = (img.width, img.height);
+        let mut out = Vec::with_capacity(3 * w * h);
+        for c in 0..3 {
+            for &v in &img.planes[c] {
+                let mut x = v as f32;
+                if let Some(r) = self.rescale_factor {
+                    x *= r as f32;
+                }
+                if let Some((mean, std)) = &self.mean_std {
+                    x = (x - mean[c] as f32) / std[c] as f32;
+                }
+                out.push(x);
+            }
+        }
+        Ok(Tensor::from_vec(out, (3, h, w), device)?)
+    }
+}
+
+/// transformers' `get_resize_output_image_size(default_to_square=False)`: the short side becomes
+/// `size`, the long side `int(size · long / short)`. Returns `(height, width)`.
+fn resize_output_size(height: usize, width: usize, size: usize) -> (usize, usize) {
+    let (short, long) = if width <= height {
+        (width, height)
+    } else {
+        (height, width)
+    };
+    let new_long = (size as f64 * long as f64 / short as f64) as usize;
+    if width <= height {
+        (new_long, size)
+    } else {
+        (size, new_long)
+    }
+}
+
+/// An 8-bit image as three planes.
+struct Planar {
+    width: usize,
+    height: usize,
+    planes: [Vec<u8>; 3],
+}
+
+/// Pillow's bicubic filter (`a = -0.5`).
+fn bicubic(x: f64) -> f64 {
+    let a = -0.5;
+    let x = x.abs();
+    if x < 1.0 {
+        ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0
+    } else if x < 2.0 {
+        (((x - 5.0) * x + 8.0) * x - 4.0) * a
+    } else {
+        0.0
+    }
+}
+
+/// Per output index: first input index and fixed-point weights; plus their precision.
+struct Coeffs {
+    spans: Vec<(usize, Vec<i32>)>,
+    precision: u32,
+}
+
+fn coeffs(in_size: usize, out_size: usize) -> Coeffs {
+    let scale = in_size as f64 / out_size as f64;
+    let support = 2.0 * scale.max(1.0);
+    let invscale = if scale >= 1.0 { 1.0 / scale } else { 1.0 };
+    let mut float_spans = Vec::with_capacity(out_size);
+    for i in 0..out_size {
+        let center = scale * (i as f64 + 0.5);
+        let xmin = ((center - support + 0.5) as i64).max(0);
+        let xsize = ((center + support + 0.5) as i64).min(in_size as i64) - xmin;
+        let mut w: Vec<f64> = (0..xsize.max(0))
+            .map(|j| bicubic((j as f64 + xmin as f64 - center + 0.5) * invscale))
+            .collect();
+        let total: f64 = w.iter().sum();
+        if total != 0.0 {
+            for v in &mut w {
+                *v /= total;
+            }
+        }
+        float_spans.push((xmin as usize, w));
+    }
+    // Pillow's `normalize_coeffs_8bpc`: 22 fractional bits, rounded half away from zero.
+    let precision = 22u32;
+    let one = (1u64 << precision) as f64;
+    let spans = float_spans
+        .into_iter()
+        .map(|(xmin, w)| {
+            let wi = w
+                .into_iter()
+                .map(|v| {
+                    if v < 0.0 {
+                        (-0.5 + v * one) as i32
+                    } else {
+                        (0.5 + v * one) as i32
+                    }
+                })
+                .collect();
+            (xmin, wi)
+        })
+        .collect();
+    Coeffs { spans, precision }
+}
+
+fn resample_line(src: &[u8], stride: usize, c: &Coeffs, out: &mut [u8], out_stride: usize) {
+    let round = if c.precision > 0 {
+        1i32 << (c.precision - 1)
+    } else {
+        0
+    };
+    for (o, (xmin, w)) in c.spans.iter().enumerate() {
+        let mut acc = round;
+        for (j, wj) in w.iter().enumerate() {
+            acc += src[(xmin + j) * stride] as i32 * wj;
+        }
+        out[o * out_stride] = (acc >> c.precision).clamp(0, 255) as u8;
+    }
+}
+
+impl Planar {
+    fn from_hwc(width: usize, height: usize, rgb: &[u8]) -> Self {
+        let planes = [0, 1, 2].map(|c| rgb.iter().skip(c).step_by(3).copied().collect());
+        Self {
+            width,
+            height,
+            planes,
+        }
+    }
+
+    fn resize(self, out_w: usize, out_h: usize) -> Self {
+        let mut img = self;
+        if out_w != img.width {
+            let c = coeffs(img.width, out_w);
+            let planes = img.planes.map(|p| {
+                let mut out = vec![0u8; out_w * img.height];
+                for y in 0..img.height {
+                    resample_line(&p[y * img.width..], 1, &c, &mut out[y * out_w..], 1);
+                }
+                out
+            });
+            img = Self {
+                width: out_w,
+                height: img.height,
+                planes,
+            };
+        }
+        if out_h != img.height {
+            let c = coeffs(img.height, out_h);
+            let w = img.width;
+            let planes = img.planes.map(|p| {
+                let mut out = vec![0u8; w * out_h];
+                for x in 0..w {
+                    resample_line(&p[x..], w, &c, &mut out[x..], w);
+                }
+                out
+            });
+            img = Self {
+                width: w,
+                height: out_h,
+                planes,
+            };
+        }
+        img
+    }
+
+    /// transformers' centre crop: zero padding when the crop is larger, offsets
+    /// `(size - crop) / 2` rounded down.
+    fn center_crop(self, ch: usize, cw: usize) -> Self {
+        let (w, h) = (self.width, self.height);
+        // Offsets into the (virtually) padded image.
+        let pad_left = cw.saturating_sub(w).div_ceil(2);
+        let pad_top = ch.saturating_sub(h).div_ceil(2);
+        let pw = w.max(cw);
+        let ph = h.max(ch);
+        let left = (pw - cw) / 2;
+        let top = (ph - ch) / 2;
+        let planes = self.planes.map(|p| {
+            let mut out = vec![0u8; cw * ch];
+            for y in 0..ch {
+                for x in 0..cw {
+                    let (sy, sx) = (
+                        (y + top) as isize - pad_top as isize,
+                        (x + left) as isize - pad_left as isize,
+                    );
+                    if sy >= 0 && sx >= 0 && (sy as usize) < h && (sx as usize) < w {
+                        out[y * cw + x] = p[sy as usize * w + sx as usize];
+                    }
+                }
+            }
+            out
+        });
+        Self {
+            width: cw,
+            height: ch,
+            planes,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::resize_output_size;
+
+    #[test]
+    fn shortest_edge_sizes() {
+        assert_eq!(resize_output_size(480, 640, 224), (224, 298));
+        assert_eq!(resize_output_size(640, 480, 224), (298, 224));
+        assert_eq!(resize_output_size(100, 100, 224), (224, 224));
+    }
+}

@@ -1,0 +1,3 @@
+//! diffusers `models/transformers/`.
+
+pub mod prior_transformer;

@@ -1,0 +1,3 @@
+//! diffusers `pipelines/kandinsky/` (Kandinsky 2.1).
+
+pub mod text_encoder;
