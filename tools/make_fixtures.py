@@ -468,6 +468,24 @@ def make_images():
     save_io(os.path.join(base, "pixel_values.safetensors"), out)
     print("images written", type(proc).__name__)
 
+# ---------------------------------------------------------------------------------------------
+# torch.Generator("cpu").manual_seed(s) + torch.randn goldens (sizes below and above the 16-element
+# threshold, and several consecutive draws from one generator).
+def make_rng():
+    out = {}
+    for seed in [0, 42, 1234567890123]:
+        for size in [1, 7, 15, 16, 17, 31, 32, 1280]:
+            g = torch.Generator("cpu").manual_seed(seed)
+            out[f"seed{seed}_single_{size}"] = torch.randn(size, generator=g)
+        g = torch.Generator("cpu").manual_seed(seed)
+        out[f"seed{seed}_single_4x64x64"] = torch.randn(4, 64, 64, generator=g)
+        g = torch.Generator("cpu").manual_seed(seed)
+        for i, shape in enumerate([(7,), (1,), (17,), (3,), (2, 4, 8, 8), (5,), (1, 1280), (33,)]):
+            out[f"seed{seed}_seq{i}_{'x'.join(map(str, shape))}"] = torch.randn(shape, generator=g)
+    os.makedirs(os.path.join(ROOT, "rng"), exist_ok=True)
+    save_file({k: v.contiguous() for k, v in out.items()}, os.path.join(ROOT, "rng", "randn.safetensors"))
+    print("rng written", torch.backends.cpu.get_cpu_capability())
+
 
 # ---------------------------------------------------------------------------------------------
 # Real configs: names and shapes of the real-size state dicts, built on the meta device.
@@ -519,7 +537,7 @@ def make_real_shapes():
 
 
 if __name__ == "__main__":
-    for d in ["unet", "movq", "formats", "encoders", "tokenizers", "images"]:
+    for d in ["unet", "movq", "formats", "encoders", "tokenizers", "images", "rng"]:
         shutil.rmtree(os.path.join(ROOT, d), ignore_errors=True)
     make_unets()
     make_movqs()
@@ -527,5 +545,6 @@ if __name__ == "__main__":
     make_encoders()
     make_tokenizers()
     make_images()
+    make_rng()
     make_real_shapes()
     os.system(f"du -sh {ROOT}")

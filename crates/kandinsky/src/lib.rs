@@ -12,5 +12,6 @@ pub mod models;
 pub mod pipelines;
 pub mod schedulers;
 pub mod tokenization;
+pub mod utils;
 
 pub use error::{Error, Result};

@@ -1,0 +1,3 @@
+//! diffusers `utils/`.
+
+pub mod torch_utils;
