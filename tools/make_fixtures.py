@@ -486,6 +486,63 @@ def make_rng():
     save_file({k: v.contiguous() for k, v in out.items()}, os.path.join(ROOT, "rng", "randn.safetensors"))
     print("rng written", torch.backends.cpu.get_cpu_capability())
 
+# ---------------------------------------------------------------------------------------------
+# Schedulers: timesteps and single steps (noise from torch.Generator seeds) against diffusers.
+SCHEDULERS = {
+    "ddim_2_1": ("DDIMScheduler", dict(num_train_timesteps=1000, beta_schedule="linear", beta_start=0.00085,
+                                       beta_end=0.012, clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+                                       prediction_type="epsilon", thresholding=False)),
+    "ddpm_2_2": ("DDPMScheduler", dict(num_train_timesteps=1000, beta_schedule="linear", beta_start=0.00085,
+                                       beta_end=0.012, clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+                                       prediction_type="epsilon", thresholding=False)),
+    "ddpm_2_1_learned": ("DDPMScheduler", dict(num_train_timesteps=1000, beta_schedule="linear", beta_start=0.00085,
+                                               beta_end=0.012, prediction_type="epsilon", variance_type="learned_range",
+                                               clip_sample=False, clip_sample_range=2.0, thresholding=True,
+                                               dynamic_thresholding_ratio=0.995, sample_max_value=2.0)),
+    "unclip_prior": ("UnCLIPScheduler", dict(clip_sample=True, clip_sample_range=10.0, num_train_timesteps=1000,
+                                             prediction_type="sample", variance_type="fixed_small_log")),
+}
+
+
+def make_schedulers():
+    import diffusers as d
+    base = os.path.join(ROOT, "schedulers")
+    os.makedirs(base, exist_ok=True)
+    golden = {}
+    io = {}
+    for name, (cls, cfg) in SCHEDULERS.items():
+        sched = getattr(d, cls).from_config(cfg)
+        sched.save_config(os.path.join(base, name))
+        golden[name] = {}
+        for n in [2, 5, 10, 25, 50, 100]:
+            sched.set_timesteps(n)
+            golden[name][str(n)] = sched.timesteps.tolist()
+        sched.set_timesteps(10)
+        ts = sched.timesteps.tolist()
+        g = torch.Generator().manual_seed(5)
+        ch = 8 if name == "ddpm_2_1_learned" else 4
+        shape = (2, 4, 8, 8) if name != "unclip_prior" else (2, 32)
+        out_shape = (2, ch, 8, 8) if name != "unclip_prior" else (2, 32)
+        sample = torch.randn(shape, generator=g) * (3.0 if name == "ddpm_2_1_learned" else 1.0)
+        model_output = torch.randn(out_shape, generator=g) * 3.0
+        if name == "ddpm_2_1_learned":
+            model_output[:, 4:] = torch.rand((2, 4, 8, 8), generator=g) * 2 - 1
+        io[f"{name}_sample"] = sample
+        io[f"{name}_model_output"] = model_output
+        for i in [0, 4, 9]:
+            t = ts[i]
+            gen = torch.Generator().manual_seed(100 + i)
+            kw = {"prev_timestep": ts[i + 1] if i + 1 < len(ts) else None} if cls == "UnCLIPScheduler" else {}
+            io[f"{name}_step{i}"] = sched.step(model_output, t, sample, generator=gen, **kw).prev_sample
+        if cls != "UnCLIPScheduler":
+            noise = torch.randn(shape, generator=g)
+            io[f"{name}_noise"] = noise
+            io[f"{name}_add_noise_{ts[3]}"] = sched.add_noise(sample, noise, torch.tensor([ts[3]]))
+    with open(os.path.join(base, "timesteps.json"), "w") as f:
+        json.dump(golden, f)
+    save_io(os.path.join(base, "steps.safetensors"), io)
+    print("schedulers written")
+
 
 # ---------------------------------------------------------------------------------------------
 # Real configs: names and shapes of the real-size state dicts, built on the meta device.
@@ -537,7 +594,7 @@ def make_real_shapes():
 
 
 if __name__ == "__main__":
-    for d in ["unet", "movq", "formats", "encoders", "tokenizers", "images", "rng"]:
+    for d in ["unet", "movq", "formats", "encoders", "tokenizers", "images", "rng", "schedulers"]:
         shutil.rmtree(os.path.join(ROOT, d), ignore_errors=True)
     make_unets()
     make_movqs()
@@ -546,5 +603,6 @@ if __name__ == "__main__":
     make_tokenizers()
     make_images()
     make_rng()
+    make_schedulers()
     make_real_shapes()
     os.system(f"du -sh {ROOT}")

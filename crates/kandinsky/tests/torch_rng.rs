@@ -20,10 +20,20 @@ fn single_draws_are_bit_identical() {
             let got = TorchGenerator::new(seed).randn_vec(size);
             assert_eq!(bits(&got), bits(&want), "seed {seed}, size {size}");
         }
-        let want = io[&format!("seed{seed}_single_4x64x64")].flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let got = TorchGenerator::new(seed).randn((4, 64, 64), &Device::Cpu).unwrap();
+        let want = io[&format!("seed{seed}_single_4x64x64")]
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let got = TorchGenerator::new(seed)
+            .randn((4, 64, 64), &Device::Cpu)
+            .unwrap();
         assert_eq!(got.dims(), &[4, 64, 64]);
-        assert_eq!(bits(&got.flatten_all().unwrap().to_vec1().unwrap()), bits(&want), "seed {seed}, 4x64x64");
+        assert_eq!(
+            bits(&got.flatten_all().unwrap().to_vec1().unwrap()),
+            bits(&want),
+            "seed {seed}, 4x64x64"
+        );
     }
 }
 
@@ -32,16 +42,33 @@ fn consecutive_draws_share_one_generator() {
     let io = load_io(&fixtures().join("rng/randn.safetensors"));
     for seed in [0u64, 42, 1_234_567_890_123] {
         let mut g = TorchGenerator::new(seed);
-        let shapes: [&[usize]; 8] = [&[7], &[1], &[17], &[3], &[2, 4, 8, 8], &[5], &[1, 1280], &[33]];
+        let shapes: [&[usize]; 8] = [
+            &[7],
+            &[1],
+            &[17],
+            &[3],
+            &[2, 4, 8, 8],
+            &[5],
+            &[1, 1280],
+            &[33],
+        ];
         for (i, shape) in shapes.iter().enumerate() {
             let name = format!(
                 "seed{seed}_seq{i}_{}",
-                shape.iter().map(|d| d.to_string()).collect::<Vec<_>>().join("x")
+                shape
+                    .iter()
+                    .map(|d| d.to_string())
+                    .collect::<Vec<_>>()
+                    .join("x")
             );
             let want = io[&name].flatten_all().unwrap().to_vec1::<f32>().unwrap();
             let got = g.randn(shape.to_vec(), &Device::Cpu).unwrap();
             assert_eq!(got.dims(), *shape);
-            assert_eq!(bits(&got.flatten_all().unwrap().to_vec1().unwrap()), bits(&want), "{name}");
+            assert_eq!(
+                bits(&got.flatten_all().unwrap().to_vec1().unwrap()),
+                bits(&want),
+                "{name}"
+            );
         }
     }
 }

@@ -114,10 +114,12 @@ pub(crate) fn betas(c: &SchedulerConfig) -> Result<Vec<f32>> {
     let n = c.num_train_timesteps;
     Ok(match c.beta_schedule.as_str() {
         "linear" => linspace_f32(c.beta_start as f32, c.beta_end as f32, n),
-        "scaled_linear" => linspace_f32((c.beta_start as f32).sqrt(), (c.beta_end as f32).sqrt(), n)
-            .into_iter()
-            .map(|b| b * b)
-            .collect(),
+        "scaled_linear" => {
+            linspace_f32((c.beta_start as f32).sqrt(), (c.beta_end as f32).sqrt(), n)
+                .into_iter()
+                .map(|b| b * b)
+                .collect()
+        }
         "squaredcos_cap_v2" => betas_for_alpha_bar(n),
         other => return Err(Error::unsupported("beta_schedule", other)),
     })
@@ -132,13 +134,23 @@ pub(crate) fn linspace_f32(start: f32, end: f32, n: usize) -> Vec<f32> {
     let step = (end - start) / (n - 1) as f32;
     let half = n / 2;
     (0..n)
-        .map(|i| if i < half { start + step * i as f32 } else { end - step * (n - i - 1) as f32 })
+        .map(|i| {
+            if i < half {
+                start + step * i as f32
+            } else {
+                end - step * (n - i - 1) as f32
+            }
+        })
         .collect()
 }
 
 /// `betas_for_alpha_bar(n, "cosine")`, max beta 0.999, computed in f64 then stored as f32.
 pub(crate) fn betas_for_alpha_bar(n: usize) -> Vec<f32> {
-    let alpha_bar = |t: f64| ((t + 0.008) / 1.008 * std::f64::consts::PI / 2.0).cos().powi(2);
+    let alpha_bar = |t: f64| {
+        ((t + 0.008) / 1.008 * std::f64::consts::PI / 2.0)
+            .cos()
+            .powi(2)
+    };
     (0..n)
         .map(|i| {
             let t1 = i as f64 / n as f64;
@@ -188,7 +200,11 @@ pub(crate) fn spaced_timesteps(c: &SchedulerConfig, n: usize) -> Result<Vec<usiz
             (0..n)
                 .rev()
                 .map(|i| {
-                    let v = if n == 1 { 0.0 } else { last * i as f64 / (n - 1) as f64 };
+                    let v = if n == 1 {
+                        0.0
+                    } else {
+                        last * i as f64 / (n - 1) as f64
+                    };
                     v.round_ties_even() as usize
                 })
                 .collect()
@@ -205,7 +221,13 @@ pub trait Scheduler {
     fn timesteps(&self) -> &[usize];
     /// One denoising step from `sample` at `timestep`; noise, when the step needs it, is drawn
     /// from `generator` exactly when diffusers draws it.
-    fn step(&mut self, model_output: &Tensor, timestep: usize, sample: &Tensor, generator: &mut TorchGenerator) -> Result<Tensor>;
+    fn step(
+        &mut self,
+        model_output: &Tensor,
+        timestep: usize,
+        sample: &Tensor,
+        generator: &mut TorchGenerator,
+    ) -> Result<Tensor>;
     /// `add_noise(x0, noise, t) = √ᾱ_t x0 + √(1-ᾱ_t) noise`.
     fn add_noise(&self, original: &Tensor, noise: &Tensor, timestep: usize) -> Result<Tensor>;
     /// Whether the model's learned-variance channels are consumed (`learned` / `learned_range`).
@@ -213,7 +235,12 @@ pub trait Scheduler {
 }
 
 /// `√ᾱ_t x0 + √(1-ᾱ_t) noise` with f32 coefficients.
-pub(crate) fn add_noise_with(alphas_cumprod: &[f32], original: &Tensor, noise: &Tensor, t: usize) -> Result<Tensor> {
+pub(crate) fn add_noise_with(
+    alphas_cumprod: &[f32],
+    original: &Tensor,
+    noise: &Tensor,
+    t: usize,
+) -> Result<Tensor> {
     let a = *alphas_cumprod
         .get(t)
         .ok_or_else(|| Error::InvalidArgument(format!("timestep {t} out of range")))?;

@@ -19,7 +19,10 @@ impl DdimScheduler {
     /// Builds the scheduler.
     pub fn new(config: &SchedulerConfig) -> Result<Self> {
         if config.prediction_type != "epsilon" {
-            return Err(Error::unsupported("prediction_type", &config.prediction_type));
+            return Err(Error::unsupported(
+                "prediction_type",
+                &config.prediction_type,
+            ));
         }
         if config.thresholding {
             return Err(Error::unsupported("thresholding", true));
@@ -47,10 +50,20 @@ impl Scheduler for DdimScheduler {
         &self.timesteps
     }
 
-    fn step(&mut self, eps: &Tensor, t: usize, sample: &Tensor, _generator: &mut TorchGenerator) -> Result<Tensor> {
+    fn step(
+        &mut self,
+        eps: &Tensor,
+        t: usize,
+        sample: &Tensor,
+        _generator: &mut TorchGenerator,
+    ) -> Result<Tensor> {
         let prev = t as i64 - (self.config.num_train_timesteps / self.num_inference_steps) as i64;
         let a_t = self.alphas_cumprod[t];
-        let a_prev = if prev >= 0 { self.alphas_cumprod[prev as usize] } else { self.final_alpha_cumprod };
+        let a_prev = if prev >= 0 {
+            self.alphas_cumprod[prev as usize]
+        } else {
+            self.final_alpha_cumprod
+        };
         let b_t = 1.0 - a_t;
         let mut x0 = ((sample - (eps * b_t.sqrt() as f64)?)? / a_t.sqrt() as f64)?;
         if self.config.clip_sample {

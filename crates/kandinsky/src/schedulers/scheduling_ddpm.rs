@@ -34,7 +34,10 @@ impl DdpmScheduler {
             other => return Err(Error::unsupported("variance_type", other)),
         };
         if config.prediction_type != "epsilon" && config.prediction_type != "sample" {
-            return Err(Error::unsupported("prediction_type", &config.prediction_type));
+            return Err(Error::unsupported(
+                "prediction_type",
+                &config.prediction_type,
+            ));
         }
         let t = config.num_train_timesteps;
         Ok(Self {
@@ -82,15 +85,27 @@ impl Scheduler for DdpmScheduler {
         &self.timesteps
     }
 
-    fn step(&mut self, model_output: &Tensor, t: usize, sample: &Tensor, generator: &mut TorchGenerator) -> Result<Tensor> {
+    fn step(
+        &mut self,
+        model_output: &Tensor,
+        t: usize,
+        sample: &Tensor,
+        generator: &mut TorchGenerator,
+    ) -> Result<Tensor> {
         let c = sample.dim(1)?;
-        let (eps, predicted_variance) = if model_output.dim(1)? == 2 * c && self.variance == Variance::LearnedRange {
-            (model_output.narrow(1, 0, c)?, Some(model_output.narrow(1, c, c)?))
-        } else {
-            (model_output.clone(), None)
-        };
+        let (eps, predicted_variance) =
+            if model_output.dim(1)? == 2 * c && self.variance == Variance::LearnedRange {
+                (
+                    model_output.narrow(1, 0, c)?,
+                    Some(model_output.narrow(1, c, c)?),
+                )
+            } else {
+                (model_output.clone(), None)
+            };
         let a_t = self.alphas_cumprod[t];
-        let a_prev = self.previous_timestep(t).map_or(1.0, |p| self.alphas_cumprod[p]);
+        let a_prev = self
+            .previous_timestep(t)
+            .map_or(1.0, |p| self.alphas_cumprod[p]);
         let b_t = 1.0 - a_t;
         let b_prev = 1.0 - a_prev;
         let cur_alpha = a_t / a_prev;
@@ -112,7 +127,9 @@ impl Scheduler for DdpmScheduler {
         if t == 0 {
             return Ok(prev);
         }
-        let noise = generator.randn(eps.shape(), eps.device())?.to_dtype(eps.dtype())?;
+        let noise = generator
+            .randn(eps.shape(), eps.device())?
+            .to_dtype(eps.dtype())?;
         let variance = ((1.0 - a_prev) / (1.0 - a_t) * cur_beta).max(1e-20);
         let scaled = match self.variance {
             Variance::FixedSmall => (noise * variance.sqrt() as f64)?,
@@ -120,7 +137,9 @@ impl Scheduler for DdpmScheduler {
             Variance::FixedLarge => (noise * cur_beta.sqrt() as f64)?,
             Variance::LearnedRange => {
                 let v = predicted_variance.ok_or_else(|| {
-                    Error::InvalidArgument("learned_range needs the model's variance channels".into())
+                    Error::InvalidArgument(
+                        "learned_range needs the model's variance channels".into(),
+                    )
                 })?;
                 let (min_log, max_log) = (variance.ln() as f64, cur_beta.ln() as f64);
                 let frac = ((v + 1.0)? / 2.0)?;

@@ -23,7 +23,10 @@ impl UnClipScheduler {
             other => return Err(Error::unsupported("variance_type", other)),
         }
         if config.prediction_type != "sample" && config.prediction_type != "epsilon" {
-            return Err(Error::unsupported("prediction_type", &config.prediction_type));
+            return Err(Error::unsupported(
+                "prediction_type",
+                &config.prediction_type,
+            ));
         }
         let betas = betas_for_alpha_bar(config.num_train_timesteps);
         Ok(Self {
@@ -45,7 +48,10 @@ impl Scheduler for UnClipScheduler {
             )));
         }
         let ratio = (t - 1) as f64 / (n - 1) as f64;
-        self.timesteps = (0..n).rev().map(|i| (i as f64 * ratio).round_ties_even() as usize).collect();
+        self.timesteps = (0..n)
+            .rev()
+            .map(|i| (i as f64 * ratio).round_ties_even() as usize)
+            .collect();
         Ok(())
     }
 
@@ -53,12 +59,24 @@ impl Scheduler for UnClipScheduler {
         &self.timesteps
     }
 
-    fn step(&mut self, model_output: &Tensor, t: usize, sample: &Tensor, generator: &mut TorchGenerator) -> Result<Tensor> {
+    fn step(
+        &mut self,
+        model_output: &Tensor,
+        t: usize,
+        sample: &Tensor,
+        generator: &mut TorchGenerator,
+    ) -> Result<Tensor> {
         let i = self.timesteps.iter().position(|&x| x == t);
         // The pipeline passes the next timestep; after the last one it passes None (t - 1).
-        let prev = i.and_then(|i| self.timesteps.get(i + 1).map(|&p| p as i64)).unwrap_or(t as i64 - 1);
+        let prev = i
+            .and_then(|i| self.timesteps.get(i + 1).map(|&p| p as i64))
+            .unwrap_or(t as i64 - 1);
         let a_t = self.alphas_cumprod[t];
-        let a_prev = if prev >= 0 { self.alphas_cumprod[prev as usize] } else { 1.0 };
+        let a_prev = if prev >= 0 {
+            self.alphas_cumprod[prev as usize]
+        } else {
+            1.0
+        };
         let b_t = 1.0 - a_t;
         let b_prev = 1.0 - a_prev;
         let (beta, alpha) = if prev == t as i64 - 1 {
@@ -82,7 +100,9 @@ impl Scheduler for UnClipScheduler {
         if t == 0 {
             return Ok(mean);
         }
-        let noise = generator.randn(model_output.shape(), model_output.device())?.to_dtype(model_output.dtype())?;
+        let noise = generator
+            .randn(model_output.shape(), model_output.device())?
+            .to_dtype(model_output.dtype())?;
         let variance = b_prev / b_t * beta;
         let std = (0.5 * variance.max(1e-20).ln()).exp();
         Ok((mean + (noise * std as f64)?)?)
