@@ -465,7 +465,9 @@ def make_images():
         im.save(os.path.join(base, name + ".png"))
         im = Image.open(os.path.join(base, name + ".png")).convert("RGB")
         out[name] = proc(im, return_tensors="pt").pixel_values[0]
-    save_io(os.path.join(base, "pixel_values.safetensors"), out)
+    # fp16 keeps the file small; its rounding (< 1e-3 here) is far below the 1e-2 tolerance, while
+    # one 8-bit level of resampling difference (≈ 0.015 after normalisation) would still show.
+    save_file({k: v.contiguous().half() for k, v in out.items()}, os.path.join(base, "pixel_values.safetensors"))
     print("images written", type(proc).__name__)
 
 # ---------------------------------------------------------------------------------------------
@@ -543,6 +545,102 @@ def make_schedulers():
     save_io(os.path.join(base, "steps.safetensors"), io)
     print("schedulers written")
 
+# ---------------------------------------------------------------------------------------------
+# Tiny Kandinsky 2.2 model directories (prior + decoder, diffusers layout) and end-to-end images
+# from diffusers' combined pipeline with one seeded generator.
+E2E_CASES = [
+    # name, prompt, negative, height, width, steps, prior steps, guidance, prior guidance, seed, images
+    ("t2i_default", "a red cat", None, 64, 64, 5, 3, 4.0, 4.0, 0, 1),
+    ("t2i_negative_nonsquare", "green triangle at the top", "blurry", 64, 128, 4, 3, 5.0, 3.0, 7, 1),
+    ("t2i_no_cfg", "маленький красный круг слева", None, 64, 64, 3, 2, 1.0, 1.0, 3, 1),
+    ("t2i_batch", "a blue square", None, 64, 64, 3, 2, 4.0, 4.0, 11, 2),
+]
+
+
+def link_files(dst_dir, src_dir, names):
+    for n in names:
+        p = os.path.join(dst_dir, n)
+        if os.path.exists(p):
+            os.remove(p)
+        os.symlink(os.path.relpath(os.path.join(src_dir, n), dst_dir), p)
+
+
+def make_pipelines():
+    import numpy as np
+    from diffusers import (DDPMScheduler, KandinskyV22CombinedPipeline, UnCLIPScheduler)
+    from transformers import CLIPImageProcessor, CLIPTokenizer
+
+    base = os.path.join(ROOT, "pipelines")
+    os.makedirs(base, exist_ok=True)
+    tok_dir = os.path.join(ROOT, "tokenizers", "clip")
+    vocab = json.load(open(os.path.join(tok_dir, "vocab.json")))
+    merges = [tuple(l.split()) for l in open(os.path.join(tok_dir, "merges.txt")).read().split("\n")[1:] if l]
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, pad_token="<|endoftext|>", model_max_length=77)
+    E = 16
+    torch.manual_seed(1000)
+    text_encoder = CLIPTextModelWithProjection(CLIPTextConfig(
+        bos_token_id=0, eos_token_id=2, hidden_size=E, projection_dim=E, intermediate_size=37, layer_norm_eps=1e-5,
+        num_attention_heads=4, num_hidden_layers=2, pad_token_id=1, vocab_size=49408, hidden_act="gelu")).eval()
+    image_encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(
+        hidden_size=32, image_size=224, projection_dim=E, intermediate_size=37, num_attention_heads=4,
+        num_channels=3, num_hidden_layers=2, patch_size=14, hidden_act="gelu")).eval()
+    prior = PriorTransformer(num_attention_heads=2, attention_head_dim=8, embedding_dim=E, num_layers=2).eval()
+    for i, m in enumerate([text_encoder, image_encoder, prior]):
+        perturb_vectors(m, 1010 + i)
+    with torch.no_grad():
+        prior.clip_std.copy_(0.5 + torch.rand(prior.clip_std.shape, generator=torch.Generator().manual_seed(1020)))
+        prior.clip_mean.normal_(generator=torch.Generator().manual_seed(1021))
+        prior.positional_embedding.normal_(generator=torch.Generator().manual_seed(1022))
+        prior.prd_embedding.normal_(generator=torch.Generator().manual_seed(1023))
+    for m in [text_encoder, image_encoder, prior]:
+        round_to_fp16(m)
+    prior_scheduler = UnCLIPScheduler(clip_sample=True, clip_sample_range=10.0, num_train_timesteps=1000,
+                                      prediction_type="sample", variance_type="fixed_small_log")
+    image_processor = CLIPImageProcessor(crop_size=224, do_center_crop=True, do_normalize=True, do_resize=True,
+                                         image_mean=[0.48145466, 0.4578275, 0.40821073],
+                                         image_std=[0.26862954, 0.26130258, 0.27577711], resample=3, size=224)
+    torch.manual_seed(1030)
+    unet = UNet2DConditionModel(**dict(variants(DUMMY_UNET)["2_2"], encoder_hid_dim=E)).eval()
+    perturb_vectors(unet, 1031)
+    round_to_fp16(unet)
+    movq = VQModel.from_pretrained(os.path.join(ROOT, "movq", "dummy"), torch_dtype=torch.float32).eval()
+    scheduler = DDPMScheduler.from_config(SCHEDULERS["ddpm_2_2"][1])
+    pipe = KandinskyV22CombinedPipeline(
+        unet=unet, scheduler=scheduler, movq=movq, prior_prior=prior, prior_image_encoder=image_encoder,
+        prior_text_encoder=text_encoder, prior_tokenizer=tokenizer, prior_scheduler=prior_scheduler,
+        prior_image_processor=image_processor)
+    pipe.set_progress_bar_config(disable=True)
+    prior_dir = os.path.join(base, "tiny-2-2-prior")
+    pipe.prior_pipe.save_pretrained(prior_dir)
+    # Like the real prior repos: vocab.json + merges.txt, no tokenizer.json.
+    os.remove(os.path.join(prior_dir, "tokenizer", "tokenizer.json"))
+    link_files(os.path.join(prior_dir, "tokenizer"), tok_dir, ["vocab.json", "merges.txt"])
+    dec_dir = os.path.join(base, "tiny-2-2-decoder")
+    pipe.decoder_pipe.save_pretrained(dec_dir)
+    shutil.rmtree(os.path.join(dec_dir, "movq"))
+    os.symlink(os.path.relpath(os.path.join(ROOT, "movq", "dummy"), dec_dir), os.path.join(dec_dir, "movq"))
+    for d in [prior_dir, dec_dir]:
+        for comp in ["prior", "text_encoder", "image_encoder", "unet"]:
+            path = os.path.join(d, comp)
+            if os.path.isdir(path):
+                m = getattr(pipe.prior_pipe if d == prior_dir else pipe.decoder_pipe, comp)
+                m.to(torch.float16).save_pretrained(path)
+                m.to(torch.float32)
+    out = {}
+    cases = []
+    for (name, prompt, neg, h, w, steps, psteps, g, pg, seed, n) in E2E_CASES:
+        gen = torch.Generator("cpu").manual_seed(seed)
+        img = pipe(prompt=prompt, negative_prompt=neg, num_inference_steps=steps, prior_num_inference_steps=psteps,
+                   guidance_scale=g, prior_guidance_scale=pg, height=h, width=w, generator=gen,
+                   num_images_per_prompt=n, output_type="np").images
+        out[name] = torch.from_numpy(np.ascontiguousarray(img))
+        cases.append(dict(name=name, prompt=prompt, negative_prompt=neg, height=h, width=w, steps=steps,
+                          prior_steps=psteps, guidance=g, prior_guidance=pg, seed=seed, num_images=n))
+    save_io(os.path.join(base, "e2e_2_2.safetensors"), out)
+    with open(os.path.join(base, "e2e_2_2.json"), "w") as f:
+        json.dump(cases, f, ensure_ascii=False, indent=1)
+    print("pipelines written")
+
 
 # ---------------------------------------------------------------------------------------------
 # Real configs: names and shapes of the real-size state dicts, built on the meta device.
@@ -594,7 +692,7 @@ def make_real_shapes():
 
 
 if __name__ == "__main__":
-    for d in ["unet", "movq", "formats", "encoders", "tokenizers", "images", "rng", "schedulers"]:
+    for d in ["unet", "movq", "formats", "encoders", "tokenizers", "images", "rng", "schedulers", "pipelines"]:
         shutil.rmtree(os.path.join(ROOT, d), ignore_errors=True)
     make_unets()
     make_movqs()
@@ -604,5 +702,6 @@ if __name__ == "__main__":
     make_images()
     make_rng()
     make_schedulers()
+    make_pipelines()
     make_real_shapes()
     os.system(f"du -sh {ROOT}")

@@ -22,6 +22,7 @@ fn matches_transformers() {
         let (w, h) = (img.width() as usize, img.height() as usize);
         let ours = proc.preprocess(w, h, img.as_raw(), &Device::Cpu).unwrap();
         assert_eq!(ours.dims(), want.dims(), "{name}");
+        let want = want.to_dtype(candle_core::DType::F32).unwrap();
         let diff = (ours - want)
             .unwrap()
             .abs()

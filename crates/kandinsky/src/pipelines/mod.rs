@@ -1,3 +1,4 @@
 //! Generation pipelines (diffusers `pipelines/kandinsky*`).
 
 pub mod kandinsky;
+pub mod kandinsky2_2;

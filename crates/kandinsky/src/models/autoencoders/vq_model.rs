@@ -101,6 +101,7 @@ pub struct VQModel {
     post_quant_conv: Conv2d,
     decoder: Decoder,
     spatial: bool,
+    scale_factor: usize,
 }
 
 impl VQModel {
@@ -161,7 +162,13 @@ impl VQModel {
                 c.mid_block_add_attention,
             )?,
             spatial,
+            scale_factor: 1 << (n - 1),
         })
+    }
+
+    /// Pixels per latent pixel, `2^(levels - 1)` (diffusers' `movq_scale_factor`).
+    pub fn scale_factor(&self) -> usize {
+        self.scale_factor
     }
 
     /// Loads a `movq/` component directory (`config.json` and weights) in `dtype` on `device`.

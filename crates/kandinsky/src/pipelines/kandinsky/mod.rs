@@ -1,3 +1,4 @@
 //! diffusers `pipelines/kandinsky/` (Kandinsky 2.1).
 
+pub mod pipeline_kandinsky_prior;
 pub mod text_encoder;

@@ -1,0 +1,212 @@
+//! diffusers `pipelines/kandinsky/pipeline_kandinsky_prior.py` (and its 2.2 copy
+//! `kandinsky2_2/pipeline_kandinsky2_2_prior.py`, identical in what it computes): text → CLIP
+//! image embedding with the diffusion prior, plus the zero-image negative embedding.
+
+use crate::error::{Error, Result};
+use crate::loading::component_dir;
+use crate::models::clip::{ClipTextModelWithProjection, ClipVisionModelWithProjection};
+use crate::models::transformers::prior_transformer::PriorTransformer;
+use crate::schedulers::{from_config, SchedulerConfig};
+use crate::tokenization::PromptTokenizer;
+use crate::utils::torch_utils::TorchGenerator;
+use candle_core::{DType, Device, Tensor};
+use std::path::Path;
+
+/// The prior pipeline's components (a `*-prior` model directory).
+pub struct KandinskyPriorPipeline {
+    prior: PriorTransformer,
+    text_encoder: ClipTextModelWithProjection,
+    tokenizer: PromptTokenizer,
+    image_encoder: ClipVisionModelWithProjection,
+    scheduler: SchedulerConfig,
+    device: Device,
+}
+
+/// `(image_embeds, negative_image_embeds)`, each `(B, E)`.
+pub type PriorOutput = (Tensor, Tensor);
+
+/// Sampling settings of a prior call (diffusers' defaults: 25 steps, guidance 4).
+#[derive(Debug, Clone, Copy)]
+pub struct PriorParams {
+    /// Inference steps.
+    pub steps: usize,
+    /// Classifier-free guidance scale (enabled when > 1).
+    pub guidance_scale: f64,
+    /// Images per prompt.
+    pub num_images_per_prompt: usize,
+}
+
+impl Default for PriorParams {
+    fn default() -> Self {
+        Self {
+            steps: 25,
+            guidance_scale: 4.0,
+            num_images_per_prompt: 1,
+        }
+    }
+}
+
+impl KandinskyPriorPipeline {
+    /// Loads a prior model directory (`prior/`, `text_encoder/`, `tokenizer/`, `image_encoder/`,
+    /// `scheduler/`).
+    pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        Ok(Self {
+            prior: PriorTransformer::load(&component_dir(dir, "prior")?, dtype, device)?,
+            text_encoder: ClipTextModelWithProjection::load(
+                &component_dir(dir, "text_encoder")?,
+                dtype,
+                device,
+            )?,
+            tokenizer: PromptTokenizer::clip_from_dir(&component_dir(dir, "tokenizer")?)?,
+            image_encoder: ClipVisionModelWithProjection::load(
+                &component_dir(dir, "image_encoder")?,
+                dtype,
+                device,
+            )?,
+            scheduler: SchedulerConfig::load(
+                &component_dir(dir, "scheduler")?.join("scheduler_config.json"),
+            )?,
+            device: device.clone(),
+        })
+    }
+
+    /// The CLIP image encoder (for variations and mixing).
+    pub fn image_encoder(&self) -> &ClipVisionModelWithProjection {
+        &self.image_encoder
+    }
+
+    /// `get_zero_embed(batch)`: the cached zero-image embedding repeated `batch` times.
+    pub fn zero_image_embeds(&self, batch: usize) -> Result<Tensor> {
+        Ok(self.image_encoder.zero_image_embeds()?.repeat((batch, 1))?)
+    }
+
+    /// `_encode_prompt`: `(text_embeds, last_hidden_state, mask)` for `prompts`, each repeated
+    /// `n` times; with CFG the unconditional rows (`""` or `negative`) come first.
+    fn encode_prompt(
+        &self,
+        prompts: &[String],
+        n: usize,
+        cfg: bool,
+        negative: Option<&[String]>,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let encode = |texts: &[String]| -> Result<(Tensor, Tensor, Tensor)> {
+            let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+            let tok = self.tokenizer.encode(&refs, &self.device)?;
+            let out = self.text_encoder.forward(&tok.input_ids, None)?;
+            let rep = |t: &Tensor| repeat_interleave(t, n);
+            Ok((
+                rep(&out.text_embeds)?,
+                rep(&out.last_hidden_state)?,
+                rep(&tok.attention_mask)?,
+            ))
+        };
+        let (e, h, m) = encode(prompts)?;
+        if !cfg {
+            return Ok((e, h, m));
+        }
+        let uncond: Vec<String> = match negative {
+            Some(neg) => neg.to_vec(),
+            None => vec![String::new(); prompts.len()],
+        };
+        let (ue, uh, um) = encode(&uncond)?;
+        Ok((
+            Tensor::cat(&[ue, e], 0)?,
+            Tensor::cat(&[uh, h], 0)?,
+            Tensor::cat(&[um, m], 0)?,
+        ))
+    }
+
+    /// `__call__`: samples image embeddings for `prompts`. With a negative prompt the negative
+    /// embedding is the prior's sample for it; otherwise the zero-image embedding. `latents`, if
+    /// given, replaces the initial noise `(B, E)`.
+    pub fn call(
+        &self,
+        prompts: &[String],
+        negative_prompt: Option<&str>,
+        params: PriorParams,
+        generator: &mut TorchGenerator,
+        latents: Option<Tensor>,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<PriorOutput> {
+        if params.num_images_per_prompt == 0 {
+            return Err(Error::InvalidArgument(
+                "the number of images must be at least 1".into(),
+            ));
+        }
+        let mut all: Vec<String> = prompts.to_vec();
+        let negatives: Option<Vec<String>> =
+            negative_prompt.map(|n| vec![n.to_string(); 2 * prompts.len()]);
+        if let Some(n) = negative_prompt {
+            all.extend(std::iter::repeat_n(n.to_string(), prompts.len()));
+        }
+        let batch = all.len() * params.num_images_per_prompt;
+        let cfg = params.guidance_scale > 1.0;
+        let (embeds, hidden, mask) = self.encode_prompt(
+            &all,
+            params.num_images_per_prompt,
+            cfg,
+            negatives.as_deref(),
+        )?;
+        let mut scheduler = from_config(&self.scheduler)?;
+        scheduler.set_timesteps(params.steps)?;
+        let e = self.prior.config().embedding_dim;
+        let mut x = match latents {
+            Some(l) => {
+                if l.dims() != [batch, e] {
+                    return Err(Error::InvalidArgument(format!(
+                        "prior latents must have shape [{batch}, {e}], found {:?}",
+                        l.dims()
+                    )));
+                }
+                l.to_device(&self.device)?.to_dtype(embeds.dtype())?
+            }
+            None => generator
+                .randn((batch, e), &self.device)?
+                .to_dtype(embeds.dtype())?,
+        };
+        let ts = scheduler.timesteps().to_vec();
+        for (i, &t) in ts.iter().enumerate() {
+            let input = if cfg {
+                Tensor::cat(&[&x, &x], 0)?
+            } else {
+                x.clone()
+            };
+            let pred = self
+                .prior
+                .forward(&input, t as f64, &embeds, Some(&hidden), Some(&mask))?;
+            let pred = if cfg {
+                let u = pred.narrow(0, 0, batch)?;
+                let c = pred.narrow(0, batch, batch)?;
+                (&u + ((c - &u)? * params.guidance_scale)?)?
+            } else {
+                pred
+            };
+            x = scheduler.step(&pred, t, &x, generator)?;
+            progress(i + 1, ts.len());
+        }
+        let embeds = self.prior.post_process_latents(&x)?;
+        match negative_prompt {
+            None => {
+                let zero = self.zero_image_embeds(batch)?;
+                Ok((embeds, zero))
+            }
+            Some(_) => {
+                let half = batch / 2;
+                Ok((embeds.narrow(0, 0, half)?, embeds.narrow(0, half, half)?))
+            }
+        }
+    }
+}
+
+/// `torch.repeat_interleave(t, n, dim=0)`.
+pub(crate) fn repeat_interleave(t: &Tensor, n: usize) -> Result<Tensor> {
+    if n == 1 {
+        return Ok(t.clone());
+    }
+    let mut rows = Vec::with_capacity(t.dim(0)? * n);
+    for i in 0..t.dim(0)? {
+        let row = t.narrow(0, i, 1)?;
+        rows.extend(std::iter::repeat_n(row, n));
+    }
+    Ok(Tensor::cat(&rows, 0)?)
+}

@@ -1,0 +1,144 @@
+//! diffusers `pipelines/kandinsky2_2/pipeline_kandinsky2_2.py`: `KandinskyV22Pipeline`, image
+//! embedding → latent (UNet, DDPM) → image (MoVQ).
+
+use crate::error::{Error, Result};
+use crate::loading::component_dir;
+use crate::models::{UNet2DConditionModel, UNetConditioning, VQModel};
+use crate::schedulers::{from_config, SchedulerConfig};
+use crate::utils::torch_utils::TorchGenerator;
+use candle_core::{DType, Device, Tensor};
+use std::path::Path;
+
+/// Sampling settings of a decoder call (diffusers' defaults: 512², 100 steps, guidance 4).
+#[derive(Debug, Clone, Copy)]
+pub struct DecoderParams {
+    /// Requested image height (rounded up to a multiple of 64).
+    pub height: usize,
+    /// Requested image width (rounded up to a multiple of 64).
+    pub width: usize,
+    /// Inference steps.
+    pub steps: usize,
+    /// Classifier-free guidance scale (enabled when > 1).
+    pub guidance_scale: f64,
+}
+
+impl Default for DecoderParams {
+    fn default() -> Self {
+        Self {
+            height: 512,
+            width: 512,
+            steps: 100,
+            guidance_scale: 4.0,
+        }
+    }
+}
+
+/// `downscale_height_and_width(side, f)`: the latent side `ceil(side / f²) · f`, where
+/// `f = 2^(levels - 1)` is the MoVQ's scale factor (8 for the real MoVQ: `ceil(side / 64) · 8`).
+pub fn latent_size(side: usize, scale_factor: usize) -> usize {
+    side.div_ceil(scale_factor * scale_factor) * scale_factor
+}
+
+/// The decoder pipeline's components (a 2.2 decoder model directory).
+pub struct KandinskyV22Pipeline {
+    unet: UNet2DConditionModel,
+    movq: VQModel,
+    scheduler: SchedulerConfig,
+    device: Device,
+}
+
+impl KandinskyV22Pipeline {
+    /// Loads `unet/`, `movq/` and `scheduler/` of a decoder directory.
+    pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        Ok(Self {
+            unet: UNet2DConditionModel::load(&component_dir(dir, "unet")?, dtype, device)?,
+            movq: VQModel::load(&component_dir(dir, "movq")?, dtype, device)?,
+            scheduler: SchedulerConfig::load(
+                &component_dir(dir, "scheduler")?.join("scheduler_config.json"),
+            )?,
+            device: device.clone(),
+        })
+    }
+
+    /// Replaces the scheduler configuration (e.g. `--scheduler`).
+    pub fn set_scheduler(&mut self, config: SchedulerConfig) {
+        self.scheduler = config;
+    }
+
+    /// `__call__` up to the decoded image: `(B, 3, H, W)` in [-1, 1] (before diffusers'
+    /// `x·0.5 + 0.5` post-processing).
+    pub fn call(
+        &self,
+        image_embeds: &Tensor,
+        negative_image_embeds: &Tensor,
+        params: DecoderParams,
+        generator: &mut TorchGenerator,
+        latents: Option<Tensor>,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Tensor> {
+        let b = image_embeds.dim(0)?;
+        let cfg = params.guidance_scale > 1.0;
+        let cond = if cfg {
+            Tensor::cat(&[negative_image_embeds, image_embeds], 0)?
+        } else {
+            image_embeds.clone()
+        };
+        let mut scheduler = from_config(&self.scheduler)?;
+        scheduler.set_timesteps(params.steps)?;
+        let f = self.movq.scale_factor();
+        let (h, w) = (latent_size(params.height, f), latent_size(params.width, f));
+        let c = self.unet.config().in_channels;
+        let shape = (b, c, h, w);
+        let mut x = match latents {
+            Some(l) => {
+                if l.dims() != [b, c, h, w] {
+                    return Err(Error::InvalidArgument(format!(
+                        "latents must have shape {:?}, found {:?}",
+                        [b, c, h, w],
+                        l.dims()
+                    )));
+                }
+                l.to_device(&self.device)?
+            }
+            None => generator.randn(shape, &self.device)?,
+        };
+        let ts = scheduler.timesteps().to_vec();
+        for (i, &t) in ts.iter().enumerate() {
+            let input = if cfg {
+                Tensor::cat(&[&x, &x], 0)?
+            } else {
+                x.clone()
+            };
+            let cond_kwargs = UNetConditioning {
+                image_embeds: Some(&cond),
+                ..Default::default()
+            };
+            let out = self.unet.forward(&input, t as f64, &cond_kwargs)?;
+            let out = guide(&out, c, b, cfg, params.guidance_scale)?;
+            let out = if scheduler.uses_learned_variance() {
+                out
+            } else {
+                out.narrow(1, 0, c)?
+            };
+            x = scheduler.step(&out, t, &x, generator)?;
+            progress(i + 1, ts.len());
+        }
+        self.movq.decode(&x, true)
+    }
+}
+
+/// Classifier-free guidance on the ε channels; the variance channels of the conditional half.
+pub(crate) fn guide(out: &Tensor, c: usize, b: usize, cfg: bool, g: f64) -> Result<Tensor> {
+    if !cfg {
+        return Ok(out.clone());
+    }
+    let eps = out.narrow(1, 0, c)?;
+    let (u, t) = (eps.narrow(0, 0, b)?, eps.narrow(0, b, b)?);
+    let guided = (&u + ((t - &u)? * g)?)?;
+    let extra = out.dim(1)? - c;
+    if extra == 0 {
+        return Ok(guided);
+    }
+    let var_text = out.narrow(1, c, extra)?.narrow(0, b, b)?;
+    Ok(Tensor::cat(&[guided, var_text], 1)?)
+}
