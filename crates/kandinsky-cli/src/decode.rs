@@ -2,7 +2,7 @@
 
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
-use kandinsky::image_io::{save_png, to_rgb8};
+use kandinsky::image_io::{numbered_path, save_png, to_rgb8};
 use kandinsky::loading::{component_dir, resolve_model_dir};
 use kandinsky::models::VQModel;
 use std::path::PathBuf;
@@ -83,22 +83,8 @@ pub fn run(args: &DecodeArgs) -> Result<()> {
     let images = movq.decode(&latents.to_dtype(DType::F32)?, true)?;
     let rgb = to_rgb8(&images)?;
     for (i, (w, h, pixels)) in rgb.iter().enumerate() {
-        let path = if rgb.len() == 1 {
-            args.output.clone()
-        } else {
-            let stem = args
-                .output
-                .file_stem()
-                .unwrap_or_default()
-                .to_string_lossy();
-            let ext = args
-                .output
-                .extension()
-                .unwrap_or_default()
-                .to_string_lossy();
-            args.output.with_file_name(format!("{stem}-{i}.{ext}"))
-        };
-        save_png(&path, *w, *h, pixels)?;
+        let path = numbered_path(&args.output, i, rgb.len());
+        save_png(&path, *w, *h, pixels, &[])?;
         println!("wrote {} ({w}x{h})", path.display());
     }
     Ok(())

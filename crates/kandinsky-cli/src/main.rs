@@ -2,6 +2,7 @@
 
 mod bench;
 mod decode;
+mod generate;
 
 use clap::{Parser, Subcommand};
 
@@ -17,6 +18,8 @@ enum Command {
     /// Time one UNet forward pass (CFG batch 2) of the real Kandinsky 2.2 config with random
     /// weights, at the given latent sizes.
     Bench(bench::BenchArgs),
+    /// Text to image (Kandinsky 2.2): prior, then decoder.
+    Generate(generate::GenerateArgs),
     /// Decode a latent to a PNG with a MoVQ model (the last stage of every pipeline).
     Decode(decode::DecodeArgs),
 }
@@ -26,6 +29,7 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Bench(args) => bench::run(&args),
         Command::Decode(args) => decode::run(&args),
+        Command::Generate(args) => generate::run(&args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -79,3 +79,131 @@ fn bad_input_fails_without_output() {
         assert!(!out.exists(), "{args:?} left an output file");
     }
 }
+
+fn fixture(p: &str) -> String {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../fixtures")
+        .join(p)
+        .display()
+        .to_string()
+}
+
+fn generate_args() -> Vec<String> {
+    [
+        "generate",
+        "--model",
+        &fixture("pipelines/tiny-2-2-decoder"),
+        "--prior",
+        &fixture("pipelines/tiny-2-2-prior"),
+        "--prompt",
+        "a red cat",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--steps",
+        "5",
+        "--prior-steps",
+        "3",
+        "--seed",
+        "0",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+#[test]
+fn generate_matches_diffusers_and_records_parameters() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("cat.png");
+    let res = bin()
+        .args(generate_args())
+        .arg("--output")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    let img = image::open(&out).unwrap().to_rgb8();
+    let reference = candle_core::safetensors::load(
+        fixture("pipelines/e2e_2_2.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let want: Vec<f32> = reference["t2i_default"]
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    assert_eq!(want.len(), img.as_raw().len());
+    let worst = img
+        .as_raw()
+        .iter()
+        .zip(&want)
+        .map(|(&p, &w)| (p as f32 - w * 255.0).abs())
+        .fold(0f32, f32::max);
+    assert!(worst <= 2.0, "max pixel difference {worst}/255");
+    let bytes = std::fs::read(&out).unwrap();
+    let text = String::from_utf8_lossy(&bytes);
+    assert!(
+        text.contains("parameters") && text.contains("Seed: 0") && text.contains("a red cat"),
+        "no parameters chunk"
+    );
+}
+
+#[test]
+fn generate_rejects_bad_input_without_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("x.png");
+    let cases: Vec<(&str, &str)> = vec![
+        ("--steps", "0"),
+        ("--prior-steps", "0"),
+        ("--guidance", "NaN"),
+        ("--guidance", "-1"),
+        ("--prior-guidance", "inf"),
+        ("--width", "20000"),
+        ("--num-images", "0"),
+        ("--model", "/no/such/dir"),
+    ];
+    for (flag, value) in cases {
+        let mut args = generate_args();
+        if let Some(i) = args.iter().position(|a| a == flag) {
+            args[i + 1] = value.to_string();
+        } else {
+            args.extend([flag.to_string(), value.to_string()]);
+        }
+        let res = bin()
+            .args(&args)
+            .arg("--output")
+            .arg(&out)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&res.stderr);
+        assert!(!res.status.success(), "{flag} {value} succeeded");
+        assert!(err.contains("error"), "{flag} {value}: {err}");
+        assert!(!out.exists(), "{flag} {value} left an output file");
+    }
+    // A model directory missing a part names it.
+    let broken = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        fixture("pipelines/tiny-2-2-decoder/model_index.json"),
+        broken.path().join("model_index.json"),
+    )
+    .unwrap();
+    let mut args = generate_args();
+    let i = args.iter().position(|a| a == "--model").unwrap();
+    args[i + 1] = broken.path().display().to_string();
+    let res = bin()
+        .args(&args)
+        .arg("--output")
+        .arg(&out)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert!(!res.status.success() && err.contains("'unet'"), "{err}");
+    assert!(!out.exists());
+}

@@ -33,13 +33,21 @@ pub fn to_rgb8(images: &Tensor) -> Result<Vec<(usize, usize, Vec<u8>)>> {
     Ok(out)
 }
 
-/// Writes an RGB8 buffer as PNG. The file appears only when complete (written to a temporary
+/// Writes an RGB8 buffer as PNG, with optional `tEXt` chunks (keyword, text) such as the
+/// A1111-style `parameters` record. The file appears only when complete (written to a temporary
 /// name in the same directory, then renamed), so a failure leaves nothing half-written.
-pub fn save_png(path: &Path, width: usize, height: usize, rgb: &[u8]) -> Result<()> {
-    let img =
-        image::RgbImage::from_raw(width as u32, height as u32, rgb.to_vec()).ok_or_else(|| {
-            Error::InvalidArgument(format!("pixel buffer does not match {width}x{height}"))
-        })?;
+pub fn save_png(
+    path: &Path,
+    width: usize,
+    height: usize,
+    rgb: &[u8],
+    text: &[(&str, &str)],
+) -> Result<()> {
+    if rgb.len() != width * height * 3 {
+        return Err(Error::InvalidArgument(format!(
+            "pixel buffer does not match {width}x{height}"
+        )));
+    }
     let file_name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -49,13 +57,44 @@ pub fn save_png(path: &Path, width: usize, height: usize, rgb: &[u8]) -> Result<
         path: path.to_path_buf(),
         message: e,
     };
-    img.save_with_format(&tmp, image::ImageFormat::Png)
-        .map_err(|e| {
-            let _ = std::fs::remove_file(&tmp);
-            err(e.to_string())
-        })?;
+    let write = || -> std::result::Result<(), String> {
+        let file = std::fs::File::create(&tmp).map_err(|e| e.to_string())?;
+        let mut enc = png::Encoder::new(std::io::BufWriter::new(file), width as u32, height as u32);
+        enc.set_color(png::ColorType::Rgb);
+        enc.set_depth(png::BitDepth::Eight);
+        for (k, v) in text {
+            // Latin-1 `tEXt` when possible, UTF-8 `iTXt` otherwise (prompts may be Russian).
+            if v.is_ascii() {
+                enc.add_text_chunk(k.to_string(), v.to_string())
+                    .map_err(|e| e.to_string())?;
+            } else {
+                enc.add_itxt_chunk(k.to_string(), v.to_string())
+                    .map_err(|e| e.to_string())?;
+            }
+        }
+        let mut w = enc.write_header().map_err(|e| e.to_string())?;
+        w.write_image_data(rgb).map_err(|e| e.to_string())?;
+        w.finish().map_err(|e| e.to_string())
+    };
+    if let Err(e) = write() {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(err(e));
+    }
     std::fs::rename(&tmp, path).map_err(|e| {
         let _ = std::fs::remove_file(&tmp);
         err(e.to_string())
     })
+}
+
+/// The output path of image `index` of `count`: `path` itself for a single image, otherwise
+/// `stem-<index>.ext`.
+pub fn numbered_path(path: &Path, index: usize, count: usize) -> std::path::PathBuf {
+    if count == 1 {
+        return path.to_path_buf();
+    }
+    let stem = path.file_stem().unwrap_or_default().to_string_lossy();
+    match path.extension() {
+        Some(ext) => path.with_file_name(format!("{stem}-{index}.{}", ext.to_string_lossy())),
+        None => path.with_file_name(format!("{stem}-{index}")),
+    }
 }

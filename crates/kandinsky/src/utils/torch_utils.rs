@@ -103,7 +103,7 @@ impl TorchGenerator {
         for i in (0..n - 15).step_by(16) {
             normal_fill_16(&mut data[i..i + 16]);
         }
-        if n % 16 != 0 {
+        if !n.is_multiple_of(16) {
             let tail = &mut data[n - 16..];
             for v in tail.iter_mut() {
                 *v = self.uniform_f32();
@@ -144,6 +144,8 @@ fn madd(a: f32, b: f32, c: f32) -> f32 {
 }
 
 /// `log256_ps` of torch's `avx_mathfun.h` (Cephes logf) for one lane.
+// The constants keep avx_mathfun.h's digits so they can be checked against it.
+#[allow(clippy::excessive_precision)]
 fn log256(x: f32) -> f32 {
     if x <= 0.0 {
         return f32::NAN;
@@ -185,6 +187,7 @@ fn log256(x: f32) -> f32 {
 }
 
 /// `sincos256_ps` of torch's `avx_mathfun.h` (Cephes sinf/cosf) for one lane: `(sin, cos)`.
+#[allow(clippy::excessive_precision)]
 fn sincos256(x: f32) -> (f32, f32) {
     let sign_sin = x.to_bits() & 0x8000_0000;
     let mut x = x.abs();
