@@ -63,7 +63,9 @@ def save_fp16(model, out_dir):
 
 
 def save_io(path, tensors):
-    save_file({k: v.contiguous().float() for k, v in tensors.items()}, path)
+    """Saves f32 tensors, keeping fp16 ones (exactly representable inputs) in fp16."""
+    save_file({k: v.contiguous() if v.dtype == torch.float16 else v.contiguous().float()
+               for k, v in tensors.items()}, path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -110,7 +112,8 @@ def unet_inputs(cfg, h, w, seed, latent_channels):
         x["image_embeds"] = torch.randn(b, hid, generator=g)
     if cfg["addition_embed_type"] == "image_hint":
         x["hint"] = torch.rand(b, 3, 8 * h, 8 * w, generator=g)
-    return x
+    # fp16-representable inputs: stored as fp16 (exactly) to keep the fixtures small.
+    return {k: v.half().float() for k, v in x.items()}
 
 
 def run_unet(model, x, t):
@@ -138,7 +141,7 @@ def make_unets():
                 x = unet_inputs(cfg, h, w, 300 + 10 * i + j, latent_ch)
                 y = run_unet(model, x, t)
                 for k, v in x.items():
-                    io[f"{k}_{j}"] = v
+                    io[f"{k}_{j}"] = v.half()
                 io[f"timestep_{j}"] = torch.tensor([float(t)])
                 io[f"out_{j}"] = y
             save_fp16(model, out_dir)
@@ -279,11 +282,12 @@ def make_encoders():
         out_dir = os.path.join(base, name)
         model.save_pretrained(out_dir)
         g = torch.Generator().manual_seed(870 + i)
-        pixels = torch.cat([torch.randn(2, 3, 224, 224, generator=g), torch.zeros(1, 3, 224, 224)])
+        # fp16-representable inputs, stored as fp16 (exact), keep the file small.
+        pixels = torch.cat([torch.randn(2, 3, 224, 224, generator=g), torch.zeros(1, 3, 224, 224)]).half().float()
         with torch.no_grad():
             o = model(pixel_values=pixels)
-        save_io(os.path.join(out_dir, "io.safetensors"), {
-            "pixel_values": pixels, "image_embeds": o.image_embeds, "last_hidden_state": o.last_hidden_state})
+        save_file({"pixel_values": pixels.half().contiguous(), "image_embeds": o.image_embeds.contiguous(),
+                   "last_hidden_state": o.last_hidden_state.contiguous()}, os.path.join(out_dir, "io.safetensors"))
     # M-CLIP: diffusers' 2.1 test dummy sizes.
     cfg = MCLIPConfig(numDims=24, transformerDimSize=32, hidden_size=32, intermediate_size=37,
                       num_attention_heads=4, num_hidden_layers=5, vocab_size=1005)
@@ -642,6 +646,82 @@ def make_pipelines():
     print("pipelines written")
 
 
+def make_pipelines_2_1():
+    import gzip
+
+    import numpy as np
+    from diffusers import DDIMScheduler, KandinskyCombinedPipeline, UnCLIPScheduler
+    from transformers import CLIPImageProcessor, CLIPTokenizer, XLMRobertaTokenizer
+
+    base = os.path.join(ROOT, "pipelines")
+    tok_dir = os.path.join(ROOT, "tokenizers", "clip")
+    vocab = json.load(open(os.path.join(tok_dir, "vocab.json")))
+    merges = [tuple(l.split()) for l in open(os.path.join(tok_dir, "merges.txt")).read().split("\n")[1:] if l]
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, pad_token="!", model_max_length=77)
+    # A small XLM-R tokenizer: the first 1,000 real pieces (specials included) plus <mask>.
+    lines = gzip.open(os.path.join(ROOT, "tokenizers", "xlm_roberta", "pieces.tsv.gz")).read().decode("utf-8").splitlines()
+    pieces = [(l.rsplit("\t", 1)[0], float(l.rsplit("\t", 1)[1])) for l in lines[:1000]] + [("<mask>", 0.0)]
+    xlmr = XLMRobertaTokenizer(vocab=pieces, model_max_length=512)
+    E, H = 16, 32
+    torch.manual_seed(1100)
+    text_encoder = CLIPTextModelWithProjection(CLIPTextConfig(
+        bos_token_id=0, eos_token_id=2, hidden_size=E, projection_dim=E, intermediate_size=37, layer_norm_eps=1e-5,
+        num_attention_heads=4, num_hidden_layers=2, pad_token_id=1, vocab_size=49408, hidden_act="quick_gelu")).eval()
+    image_encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(
+        hidden_size=32, image_size=224, projection_dim=E, intermediate_size=37, num_attention_heads=4,
+        num_channels=3, num_hidden_layers=2, patch_size=14, hidden_act="quick_gelu")).eval()
+    prior = PriorTransformer(num_attention_heads=2, attention_head_dim=8, embedding_dim=E, num_layers=2).eval()
+    mclip = MultilingualCLIP(MCLIPConfig(numDims=E, transformerDimSize=H, hidden_size=H, intermediate_size=37,
+                                         num_attention_heads=4, num_hidden_layers=2, vocab_size=1001)).eval()
+    unet = UNet2DConditionModel(**dict(DUMMY_UNET, cross_attention_dim=E, encoder_hid_dim=H)).eval()
+    for i, m in enumerate([text_encoder, image_encoder, prior, mclip, unet]):
+        perturb_vectors(m, 1110 + i)
+    with torch.no_grad():
+        prior.clip_std.copy_(0.5 + torch.rand(prior.clip_std.shape, generator=torch.Generator().manual_seed(1120)))
+        prior.clip_mean.normal_(generator=torch.Generator().manual_seed(1121))
+        prior.positional_embedding.normal_(generator=torch.Generator().manual_seed(1122))
+        prior.prd_embedding.normal_(generator=torch.Generator().manual_seed(1123))
+    for m in [text_encoder, image_encoder, prior, mclip, unet]:
+        round_to_fp16(m)
+    movq = VQModel.from_pretrained(os.path.join(ROOT, "movq", "dummy"), torch_dtype=torch.float32).eval()
+    pipe = KandinskyCombinedPipeline(
+        text_encoder=mclip, tokenizer=xlmr, unet=unet, scheduler=DDIMScheduler.from_config(SCHEDULERS["ddim_2_1"][1]),
+        movq=movq, prior_prior=prior, prior_image_encoder=image_encoder, prior_text_encoder=text_encoder,
+        prior_tokenizer=tokenizer,
+        prior_scheduler=UnCLIPScheduler(clip_sample=True, clip_sample_range=10.0, num_train_timesteps=1000,
+                                        prediction_type="sample", variance_type="fixed_small_log"),
+        prior_image_processor=CLIPImageProcessor(crop_size=224, size=224, resample=3))
+    pipe.set_progress_bar_config(disable=True)
+    prior_dir = os.path.join(base, "tiny-2-1-prior")
+    pipe.prior_pipe.save_pretrained(prior_dir)
+    os.remove(os.path.join(prior_dir, "tokenizer", "tokenizer.json"))
+    link_files(os.path.join(prior_dir, "tokenizer"), tok_dir, ["vocab.json", "merges.txt"])
+    dec_dir = os.path.join(base, "tiny-2-1")
+    pipe.decoder_pipe.save_pretrained(dec_dir)
+    shutil.rmtree(os.path.join(dec_dir, "movq"))
+    os.symlink(os.path.relpath(os.path.join(ROOT, "movq", "dummy"), dec_dir), os.path.join(dec_dir, "movq"))
+    for owner, d, comps in [(pipe.prior_pipe, prior_dir, ["prior", "text_encoder", "image_encoder"]),
+                            (pipe.decoder_pipe, dec_dir, ["unet", "text_encoder"])]:
+        for comp in comps:
+            m = getattr(owner, comp)
+            m.to(torch.float16).save_pretrained(os.path.join(d, comp))
+            m.to(torch.float32)
+    out = {}
+    cases = []
+    for (name, prompt, neg, h, w, steps, psteps, g, pg, seed, n) in E2E_CASES:
+        gen = torch.Generator("cpu").manual_seed(seed)
+        img = pipe(prompt=prompt, negative_prompt=neg, num_inference_steps=steps, prior_num_inference_steps=psteps,
+                   guidance_scale=g, prior_guidance_scale=pg, height=h, width=w, generator=gen,
+                   num_images_per_prompt=n, output_type="np").images
+        out[name] = torch.from_numpy(np.ascontiguousarray(img))
+        cases.append(dict(name=name, prompt=prompt, negative_prompt=neg, height=h, width=w, steps=steps,
+                          prior_steps=psteps, guidance=g, prior_guidance=pg, seed=seed, num_images=n))
+    save_io(os.path.join(base, "e2e_2_1.safetensors"), out)
+    with open(os.path.join(base, "e2e_2_1.json"), "w") as f:
+        json.dump(cases, f, ensure_ascii=False, indent=1)
+    print("2.1 pipelines written")
+
+
 # ---------------------------------------------------------------------------------------------
 # Real configs: names and shapes of the real-size state dicts, built on the meta device.
 def make_real_shapes():
@@ -703,5 +783,6 @@ if __name__ == "__main__":
     make_rng()
     make_schedulers()
     make_pipelines()
+    make_pipelines_2_1()
     make_real_shapes()
     os.system(f"du -sh {ROOT}")

@@ -4,6 +4,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use kandinsky::image_io::{numbered_path, save_png, to_rgb8};
 use kandinsky::loading::{resolve_model_dir, ModelIndex};
+use kandinsky::pipelines::kandinsky::pipeline_kandinsky::KandinskyPipeline;
 use kandinsky::pipelines::kandinsky::pipeline_kandinsky_prior::{
     KandinskyPriorPipeline, PriorParams,
 };
@@ -127,13 +128,15 @@ pub fn run(a: &GenerateArgs) -> Result<()> {
     let model_dir = resolve_model_dir(&a.model)?;
     let prior_dir = resolve_model_dir(&a.prior)?;
     let index = ModelIndex::load(&model_dir)?;
-    if index.class_name != "KandinskyV22Pipeline" {
-        bail!(
-            "{} is a {} model; this command currently runs Kandinsky 2.2 decoders (KandinskyV22Pipeline)",
+    let v21 = match index.class_name.as_str() {
+        "KandinskyV22Pipeline" => false,
+        "KandinskyPipeline" => true,
+        other => bail!(
+            "{} holds a '{}' pipeline; text-to-image needs a KandinskyPipeline (2.1) or KandinskyV22Pipeline (2.2) decoder",
             model_dir.display(),
-            if index.class_name.is_empty() { "an unknown" } else { &index.class_name }
-        );
-    }
+            other
+        ),
+    };
     let seed = a.seed.unwrap_or_else(|| {
         let t = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -162,22 +165,41 @@ pub fn run(a: &GenerateArgs) -> Result<()> {
             &mut progress("prior"),
         )?
     };
-    let decoder = KandinskyV22Pipeline::load(&model_dir, DType::F32, &device)
-        .with_context(|| format!("loading the decoder from {}", model_dir.display()))?;
     let params = DecoderParams {
         height: a.height,
         width: a.width,
         steps: a.steps,
         guidance_scale: a.guidance,
     };
-    let images = decoder.call(
-        &image_embeds,
-        &negative_embeds,
-        params,
-        &mut generator,
-        None,
-        &mut progress("decoder"),
-    )?;
+    let context = || format!("loading the decoder from {}", model_dir.display());
+    let images = if v21 {
+        // As diffusers' KandinskyCombinedPipeline: the decoder's M-CLIP sees the prompt, and its
+        // unconditional text is "" (the negative prompt acts through the prior).
+        let decoder =
+            KandinskyPipeline::load(&model_dir, DType::F32, &device).with_context(context)?;
+        let prompts = vec![a.prompt.clone()];
+        decoder.call(
+            &prompts,
+            None,
+            &image_embeds,
+            &negative_embeds,
+            params,
+            &mut generator,
+            None,
+            &mut progress("decoder"),
+        )?
+    } else {
+        let decoder =
+            KandinskyV22Pipeline::load(&model_dir, DType::F32, &device).with_context(context)?;
+        decoder.call(
+            &image_embeds,
+            &negative_embeds,
+            params,
+            &mut generator,
+            None,
+            &mut progress("decoder"),
+        )?
+    };
     let parameters = format!(
         "{}\nNegative prompt: {}\nSteps: {}, Prior steps: {}, CFG scale: {}, Prior CFG scale: {}, Seed: {}, Size: {}x{}, Model: {}, Prior: {}, Sampler: {}",
         a.prompt,
@@ -191,7 +213,7 @@ pub fn run(a: &GenerateArgs) -> Result<()> {
         a.height,
         a.model,
         a.prior,
-        "DDPM (model default)"
+        if v21 { "DDIM (model default)" } else { "DDPM (model default)" }
     );
     let rgb = to_rgb8(&images)?;
     for (i, (w, h, pixels)) in rgb.iter().enumerate() {

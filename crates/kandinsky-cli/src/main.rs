@@ -18,7 +18,7 @@ enum Command {
     /// Time one UNet forward pass (CFG batch 2) of the real Kandinsky 2.2 config with random
     /// weights, at the given latent sizes.
     Bench(bench::BenchArgs),
-    /// Text to image (Kandinsky 2.2): prior, then decoder.
+    /// Text to image (Kandinsky 2.1 or 2.2): prior, then decoder.
     Generate(generate::GenerateArgs),
     /// Decode a latent to a PNG with a MoVQ model (the last stage of every pipeline).
     Decode(decode::DecodeArgs),

@@ -114,6 +114,7 @@ fn generate_args() -> Vec<String> {
 }
 
 #[test]
+/// Compared as PNGs, as the issue defines it: diffusers' PIL output is `round(x · 255)`.
 fn generate_matches_diffusers_and_records_parameters() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("cat.png");
@@ -144,7 +145,7 @@ fn generate_matches_diffusers_and_records_parameters() {
         .as_raw()
         .iter()
         .zip(&want)
-        .map(|(&p, &w)| (p as f32 - w * 255.0).abs())
+        .map(|(&p, &w)| (p as f32 - (w * 255.0).round()).abs())
         .fold(0f32, f32::max);
     assert!(worst <= 2.0, "max pixel difference {worst}/255");
     let bytes = std::fs::read(&out).unwrap();
@@ -206,4 +207,47 @@ fn generate_rejects_bad_input_without_output() {
     let err = String::from_utf8_lossy(&res.stderr);
     assert!(!res.status.success() && err.contains("'unet'"), "{err}");
     assert!(!out.exists());
+}
+
+#[test]
+fn generate_2_1_matches_diffusers() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("cat21.png");
+    let mut args = generate_args();
+    for (flag, value) in [
+        ("--model", fixture("pipelines/tiny-2-1")),
+        ("--prior", fixture("pipelines/tiny-2-1-prior")),
+    ] {
+        let i = args.iter().position(|a| a == flag).unwrap();
+        args[i + 1] = value;
+    }
+    let res = bin()
+        .args(&args)
+        .arg("--output")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    let img = image::open(&out).unwrap().to_rgb8();
+    let reference = candle_core::safetensors::load(
+        fixture("pipelines/e2e_2_1.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let want: Vec<f32> = reference["t2i_default"]
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let worst = img
+        .as_raw()
+        .iter()
+        .zip(&want)
+        .map(|(&p, &w)| (p as f32 - (w * 255.0).round()).abs())
+        .fold(0f32, f32::max);
+    assert!(worst <= 2.0, "max pixel difference {worst}/255");
 }

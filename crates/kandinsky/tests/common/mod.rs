@@ -10,9 +10,21 @@ pub fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
 }
 
-/// Loads an `io.safetensors` of inputs and reference outputs.
+/// Loads an `io.safetensors` of inputs and reference outputs, as f32 (inputs may be stored as
+/// fp16 when their values are exactly representable).
 pub fn load_io(path: &std::path::Path) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(path, &Device::Cpu).expect("fixture io file")
+    candle_core::safetensors::load(path, &Device::Cpu)
+        .expect("fixture io file")
+        .into_iter()
+        .map(|(k, v)| {
+            let v = if v.dtype() == DType::F16 {
+                v.to_dtype(DType::F32).unwrap()
+            } else {
+                v
+            };
+            (k, v)
+        })
+        .collect()
 }
 
 /// (relative L2 error, max abs error, max abs of the reference).

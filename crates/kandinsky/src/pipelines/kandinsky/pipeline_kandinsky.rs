@@ -1,0 +1,141 @@
+//! diffusers `pipelines/kandinsky/pipeline_kandinsky.py`: `KandinskyPipeline` (2.1 text-to-image
+//! decoder): M-CLIP prompt encoding + image embedding → latent (UNet, DDIM) → image (MoVQ).
+
+use super::text_encoder::MultilingualClip;
+use crate::error::{Error, Result};
+use crate::loading::component_dir;
+use crate::models::{UNet2DConditionModel, UNetConditioning, VQModel};
+use crate::pipelines::kandinsky2_2::pipeline_kandinsky2_2::{guide, latent_size, DecoderParams};
+use crate::schedulers::{from_config, SchedulerConfig};
+use crate::tokenization::PromptTokenizer;
+use crate::utils::torch_utils::TorchGenerator;
+use candle_core::{DType, Device, Tensor};
+use std::path::Path;
+
+/// The 2.1 decoder pipeline's components (a `kandinsky-2-1` model directory).
+pub struct KandinskyPipeline {
+    text_encoder: MultilingualClip,
+    tokenizer: PromptTokenizer,
+    unet: UNet2DConditionModel,
+    movq: VQModel,
+    scheduler: SchedulerConfig,
+    device: Device,
+}
+
+impl KandinskyPipeline {
+    /// Loads `text_encoder/`, `tokenizer/`, `unet/`, `movq/` and `scheduler/`.
+    pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        Ok(Self {
+            text_encoder: MultilingualClip::load(
+                &component_dir(dir, "text_encoder")?,
+                dtype,
+                device,
+            )?,
+            tokenizer: PromptTokenizer::xlm_roberta_from_dir(&component_dir(dir, "tokenizer")?)?,
+            unet: UNet2DConditionModel::load(&component_dir(dir, "unet")?, dtype, device)?,
+            movq: VQModel::load(&component_dir(dir, "movq")?, dtype, device)?,
+            scheduler: SchedulerConfig::load(
+                &component_dir(dir, "scheduler")?.join("scheduler_config.json"),
+            )?,
+            device: device.clone(),
+        })
+    }
+
+    /// Replaces the scheduler configuration.
+    pub fn set_scheduler(&mut self, config: SchedulerConfig) {
+        self.scheduler = config;
+    }
+
+    /// `_encode_prompt`: `(prompt_embeds, hidden_states)`, unconditional rows first under CFG.
+    fn encode_prompt(
+        &self,
+        prompts: &[String],
+        cfg: bool,
+        negative: Option<&str>,
+    ) -> Result<(Tensor, Tensor)> {
+        let encode = |texts: &[String]| -> Result<(Tensor, Tensor)> {
+            let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+            let tok = self.tokenizer.encode(&refs, &self.device)?;
+            self.text_encoder
+                .forward(&tok.input_ids, &tok.attention_mask)
+        };
+        let (e, h) = encode(prompts)?;
+        if !cfg {
+            return Ok((e, h));
+        }
+        let uncond = vec![negative.unwrap_or("").to_string(); prompts.len()];
+        let (ue, uh) = encode(&uncond)?;
+        Ok((Tensor::cat(&[ue, e], 0)?, Tensor::cat(&[uh, h], 0)?))
+    }
+
+    /// `__call__` up to the decoded image `(B, 3, H, W)` in [-1, 1]. `prompts` has one entry per
+    /// image embedding (the combined pipeline repeats the prompt to the batch).
+    #[allow(clippy::too_many_arguments)]
+    pub fn call(
+        &self,
+        prompts: &[String],
+        negative_prompt: Option<&str>,
+        image_embeds: &Tensor,
+        negative_image_embeds: &Tensor,
+        params: DecoderParams,
+        generator: &mut TorchGenerator,
+        latents: Option<Tensor>,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Tensor> {
+        let b = image_embeds.dim(0)?;
+        if prompts.is_empty() || b % prompts.len() != 0 {
+            return Err(Error::InvalidArgument(format!(
+                "{} prompts for {b} image embeddings",
+                prompts.len()
+            )));
+        }
+        let prompts: Vec<String> = prompts.iter().cycle().take(b).cloned().collect();
+        let cfg = params.guidance_scale > 1.0;
+        let (text_embeds, hidden) = self.encode_prompt(&prompts, cfg, negative_prompt)?;
+        let image = if cfg {
+            Tensor::cat(&[negative_image_embeds, image_embeds], 0)?
+        } else {
+            image_embeds.clone()
+        };
+        let mut scheduler = from_config(&self.scheduler)?;
+        scheduler.set_timesteps(params.steps)?;
+        let f = self.movq.scale_factor();
+        let (h, w) = (latent_size(params.height, f), latent_size(params.width, f));
+        let c = self.unet.config().in_channels;
+        let mut x = match latents {
+            Some(l) if l.dims() == [b, c, h, w] => l.to_device(&self.device)?,
+            Some(l) => {
+                return Err(Error::InvalidArgument(format!(
+                    "latents must have shape {:?}, found {:?}",
+                    [b, c, h, w],
+                    l.dims()
+                )))
+            }
+            None => generator.randn((b, c, h, w), &self.device)?,
+        };
+        let ts = scheduler.timesteps().to_vec();
+        for (i, &t) in ts.iter().enumerate() {
+            let input = if cfg {
+                Tensor::cat(&[&x, &x], 0)?
+            } else {
+                x.clone()
+            };
+            let cond = UNetConditioning {
+                image_embeds: Some(&image),
+                text_embeds: Some(&text_embeds),
+                encoder_hidden_states: Some(&hidden),
+                hint: None,
+            };
+            let out = self.unet.forward(&input, t as f64, &cond)?;
+            let out = guide(&out, c, b, cfg, params.guidance_scale)?;
+            let out = if scheduler.uses_learned_variance() {
+                out
+            } else {
+                out.narrow(1, 0, c)?
+            };
+            x = scheduler.step(&out, t, &x, generator)?;
+            progress(i + 1, ts.len());
+        }
+        self.movq.decode(&x, true)
+    }
+}
