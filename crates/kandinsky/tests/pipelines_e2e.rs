@@ -16,8 +16,8 @@ use kandinsky::pipelines::kandinsky2_2::pipeline_kandinsky2_2::{
 use kandinsky::utils::torch_utils::TorchGenerator;
 
 enum Decoder {
-    V21(KandinskyPipeline),
-    V22(KandinskyV22Pipeline),
+    V21(Box<KandinskyPipeline>),
+    V22(Box<KandinskyV22Pipeline>),
 }
 
 fn run(version: &str) {
@@ -30,10 +30,10 @@ fn run(version: &str) {
     let (prior_dir, decoder) = if version == "2_2" {
         let d = KandinskyV22Pipeline::load(&dir.join("tiny-2-2-decoder"), DType::F32, &Device::Cpu)
             .unwrap();
-        ("tiny-2-2-prior", Decoder::V22(d))
+        ("tiny-2-2-prior", Decoder::V22(Box::new(d)))
     } else {
         let d = KandinskyPipeline::load(&dir.join("tiny-2-1"), DType::F32, &Device::Cpu).unwrap();
-        ("tiny-2-1-prior", Decoder::V21(d))
+        ("tiny-2-1-prior", Decoder::V21(Box::new(d)))
     };
     let prior =
         KandinskyPriorPipeline::load(&dir.join(prior_dir), DType::F32, &Device::Cpu).unwrap();
