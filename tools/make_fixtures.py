@@ -722,6 +722,42 @@ def make_pipelines_2_1():
     print("2.1 pipelines written")
 
 
+def make_mixing():
+    """prior.interpolate(...) then the decoder, with one generator (mixing and variations)."""
+    import numpy as np
+    from PIL import Image
+    from diffusers import KandinskyPipeline, KandinskyPriorPipeline, KandinskyV22Pipeline, KandinskyV22PriorPipeline
+
+    base = os.path.join(ROOT, "pipelines")
+    image = Image.open(os.path.join(ROOT, "images", "photo_flower.png")).convert("RGB")
+    out, cases = {}, []
+    for version, prior_cls, dec_cls, prior_dir, dec_dir in [
+        ("2_1", KandinskyPriorPipeline, KandinskyPipeline, "tiny-2-1-prior", "tiny-2-1"),
+        ("2_2", KandinskyV22PriorPipeline, KandinskyV22Pipeline, "tiny-2-2-prior", "tiny-2-2-decoder"),
+    ]:
+        prior = prior_cls.from_pretrained(os.path.join(base, prior_dir), torch_dtype=torch.float32)
+        dec = dec_cls.from_pretrained(os.path.join(base, dec_dir), torch_dtype=torch.float32)
+        for p_ in (prior, dec):
+            p_.set_progress_bar_config(disable=True)
+        for name, items, weights, seed in [
+            ("mix", ["a red circle", "images/photo_flower.png", "a blue square"], [0.3, 0.5, 0.2], 21),
+            ("variations", ["images/photo_flower.png"], [1.0], 22),
+        ]:
+            conds = [image if it.endswith(".png") else it for it in items]
+            gen = torch.Generator("cpu").manual_seed(seed)
+            emb = prior.interpolate(conds, weights, num_inference_steps=3, generator=gen, guidance_scale=4.0)
+            kw = dict(prompt="") if version == "2_1" else {}
+            img = dec(image_embeds=emb.image_embeds, negative_image_embeds=emb.negative_image_embeds, height=64,
+                      width=64, num_inference_steps=4, guidance_scale=4.0, generator=gen, output_type="np", **kw).images
+            out[f"{version}_{name}"] = torch.from_numpy(np.ascontiguousarray(img))
+            cases.append(dict(version=version, name=name, items=items, weights=weights, seed=seed, prior_steps=3,
+                              steps=4, guidance=4.0, prior_guidance=4.0, height=64, width=64))
+    save_io(os.path.join(base, "e2e_mix.safetensors"), out)
+    with open(os.path.join(base, "e2e_mix.json"), "w") as f:
+        json.dump(cases, f, ensure_ascii=False, indent=1)
+    print("mixing written")
+
+
 # ---------------------------------------------------------------------------------------------
 # Real configs: names and shapes of the real-size state dicts, built on the meta device.
 def make_real_shapes():
@@ -784,5 +820,6 @@ if __name__ == "__main__":
     make_schedulers()
     make_pipelines()
     make_pipelines_2_1()
+    make_mixing()
     make_real_shapes()
     os.system(f"du -sh {ROOT}")

@@ -1,35 +1,32 @@
-//! `kandinsky generate`: text → image with the prior and the decoder, loaded one after the other.
+//! `kandinsky generate`, `mix`, `variations`: an image embedding from the prior stage (a prompt,
+//! a weighted mix of prompts and images, or one image), then the decoder. Stages load one after
+//! the other; the prior and its encoders are dropped before decoding.
 
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device};
-use kandinsky::image_io::{numbered_path, save_png, to_rgb8};
+use candle_core::{DType, Device, Tensor};
+use kandinsky::image_io::{numbered_path, read_rgb8, save_png, to_rgb8};
 use kandinsky::loading::{resolve_model_dir, ModelIndex};
 use kandinsky::pipelines::kandinsky::pipeline_kandinsky::KandinskyPipeline;
 use kandinsky::pipelines::kandinsky::pipeline_kandinsky_prior::{
-    KandinskyPriorPipeline, PriorParams,
+    KandinskyPriorPipeline, MixInput, PriorParams,
 };
 use kandinsky::pipelines::kandinsky2_2::pipeline_kandinsky2_2::{
     latent_size, DecoderParams, KandinskyV22Pipeline,
 };
 use kandinsky::utils::torch_utils::TorchGenerator;
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+/// Flags shared by every generation mode.
 #[derive(clap::Args)]
-pub struct GenerateArgs {
+pub struct CommonArgs {
     /// Decoder model: a directory in diffusers layout or a hub id in the Hugging Face cache.
     #[arg(long)]
     model: String,
     /// Prior model: a directory or a hub id.
     #[arg(long)]
     prior: String,
-    /// The prompt.
-    #[arg(long)]
-    prompt: String,
-    /// The negative prompt (the prior samples its embedding as the negative).
-    #[arg(long)]
-    negative_prompt: Option<String>,
     /// Image width in pixels (rounded up to a multiple of 64).
     #[arg(long, default_value_t = 512)]
     width: usize,
@@ -59,16 +56,45 @@ pub struct GenerateArgs {
     output: PathBuf,
 }
 
-/// The largest latent area (per image, batch included via CFG) we agree to allocate: the real
-/// UNet's attention at the first SimpleCrossAttn level holds (h/2·w/2)² scores per head.
+#[derive(clap::Args)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// The prompt.
+    #[arg(long)]
+    prompt: String,
+    /// The negative prompt (the prior samples its embedding as the negative).
+    #[arg(long)]
+    negative_prompt: Option<String>,
+}
+
+#[derive(clap::Args)]
+pub struct MixArgs {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// A prompt or an image file to mix; repeat for each input.
+    #[arg(long = "input", required = true)]
+    inputs: Vec<String>,
+    /// The weight of each input, in order (not normalised, as in diffusers).
+    #[arg(long = "weight", required = true)]
+    weights: Vec<f64>,
+}
+
+#[derive(clap::Args)]
+pub struct VariationsArgs {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// The image to make variations of.
+    #[arg(long)]
+    image: PathBuf,
+}
+
+/// The largest latent area per image we agree to allocate: the real UNet's attention at its first
+/// SimpleCrossAttn level holds (h/2·w/2)² scores per head.
 const MAX_LATENT_PIXELS: usize = 192 * 192;
 
-fn validate(a: &GenerateArgs) -> Result<()> {
-    for (name, v) in [
-        ("--steps", a.steps),
-        ("--prior-steps", a.prior_steps),
-        ("--num-images", a.num_images),
-    ] {
+fn validate(a: &CommonArgs) -> Result<()> {
+    for (name, v) in [("--steps", a.steps), ("--num-images", a.num_images)] {
         if v == 0 {
             bail!("{name} must be at least 1");
         }
@@ -87,13 +113,11 @@ fn validate(a: &GenerateArgs) -> Result<()> {
     if a.width == 0 || a.height == 0 {
         bail!("--width and --height must be positive");
     }
-    let (lh, lw) = (latent_size(a.height, 8), latent_size(a.width, 8));
-    if lh * lw > MAX_LATENT_PIXELS {
+    if latent_size(a.height, 8) * latent_size(a.width, 8) > MAX_LATENT_PIXELS {
         bail!(
-            "{}x{} is too large: its activations would not fit in memory on this machine (at most {} latent pixels, i.e. about 1536x1536)",
+            "{}x{} is too large: its activations would not fit in memory on this machine (at most about 1536x1536)",
             a.width,
-            a.height,
-            MAX_LATENT_PIXELS
+            a.height
         );
     }
     if let Some(dir) = a.output.parent().filter(|p| !p.as_os_str().is_empty()) {
@@ -123,92 +147,74 @@ fn progress(stage: &'static str) -> impl FnMut(usize, usize) {
     }
 }
 
-pub fn run(a: &GenerateArgs) -> Result<()> {
+/// What the prior stage does.
+enum PriorStage<'a> {
+    Text {
+        prompt: &'a str,
+        negative: Option<&'a str>,
+    },
+    Mix(Vec<(MixInput, f64)>),
+}
+
+fn run_modes(a: &CommonArgs, stage: PriorStage, decoder_prompt: &str, record: &str) -> Result<()> {
     validate(a)?;
     let model_dir = resolve_model_dir(&a.model)?;
     let prior_dir = resolve_model_dir(&a.prior)?;
-    let index = ModelIndex::load(&model_dir)?;
-    let v21 = match index.class_name.as_str() {
+    let v21 = match ModelIndex::load(&model_dir)?.class_name.as_str() {
         "KandinskyV22Pipeline" => false,
         "KandinskyPipeline" => true,
         other => bail!(
-            "{} holds a '{}' pipeline; text-to-image needs a KandinskyPipeline (2.1) or KandinskyV22Pipeline (2.2) decoder",
-            model_dir.display(),
-            other
+            "{} holds a '{other}' pipeline; this mode needs a KandinskyPipeline (2.1) or KandinskyV22Pipeline (2.2) decoder",
+            model_dir.display()
         ),
     };
     let seed = a.seed.unwrap_or_else(|| {
         let t = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default();
-        (t.as_nanos() as u64) ^ (std::process::id() as u64) << 32
+        (t.as_nanos() as u64) ^ ((std::process::id() as u64) << 32)
     });
     eprintln!("seed {seed}");
     let device = Device::Cpu;
     let mut generator = TorchGenerator::new(seed);
-
-    // Stages load one after another; the prior and its encoders are dropped before decoding.
+    let params = PriorParams {
+        steps: a.prior_steps,
+        guidance_scale: a.prior_guidance,
+        num_images_per_prompt: a.num_images,
+    };
     let (image_embeds, negative_embeds) = {
         let prior = KandinskyPriorPipeline::load(&prior_dir, DType::F32, &device)
             .with_context(|| format!("loading the prior from {}", prior_dir.display()))?;
-        let params = PriorParams {
-            steps: a.prior_steps,
-            guidance_scale: a.prior_guidance,
-            num_images_per_prompt: a.num_images,
-        };
-        prior.call(
-            std::slice::from_ref(&a.prompt),
-            a.negative_prompt.as_deref(),
-            params,
-            &mut generator,
-            None,
-            &mut progress("prior"),
-        )?
+        let mut bar = progress("prior");
+        match stage {
+            PriorStage::Text { prompt, negative } => prior.call(
+                &[prompt.to_string()],
+                negative,
+                params,
+                &mut generator,
+                None,
+                &mut bar,
+            )?,
+            PriorStage::Mix(inputs) => {
+                prior.interpolate(&inputs, params, "", None, &mut generator, &mut bar)?
+            }
+        }
     };
-    let params = DecoderParams {
-        height: a.height,
-        width: a.width,
-        steps: a.steps,
-        guidance_scale: a.guidance,
-    };
-    let context = || format!("loading the decoder from {}", model_dir.display());
-    let images = if v21 {
-        // As diffusers' KandinskyCombinedPipeline: the decoder's M-CLIP sees the prompt, and its
-        // unconditional text is "" (the negative prompt acts through the prior).
-        let decoder =
-            KandinskyPipeline::load(&model_dir, DType::F32, &device).with_context(context)?;
-        let prompts = vec![a.prompt.clone()];
-        decoder.call(
-            &prompts,
-            None,
-            &image_embeds,
-            &negative_embeds,
-            params,
-            &mut generator,
-            None,
-            &mut progress("decoder"),
-        )?
-    } else {
-        let decoder =
-            KandinskyV22Pipeline::load(&model_dir, DType::F32, &device).with_context(context)?;
-        decoder.call(
-            &image_embeds,
-            &negative_embeds,
-            params,
-            &mut generator,
-            None,
-            &mut progress("decoder"),
-        )?
-    };
+    let images = decode(
+        a,
+        &model_dir,
+        v21,
+        decoder_prompt,
+        &image_embeds,
+        &negative_embeds,
+        &mut generator,
+    )?;
     let parameters = format!(
-        "{}\nNegative prompt: {}\nSteps: {}, Prior steps: {}, CFG scale: {}, Prior CFG scale: {}, Seed: {}, Size: {}x{}, Model: {}, Prior: {}, Sampler: {}",
-        a.prompt,
-        a.negative_prompt.as_deref().unwrap_or(""),
+        "{record}\nSteps: {}, Prior steps: {}, CFG scale: {}, Prior CFG scale: {}, Seed: {seed}, Size: {}x{}, Model: {}, Prior: {}, Sampler: {}",
         a.steps,
         a.prior_steps,
         a.guidance,
         a.prior_guidance,
-        seed,
         a.width,
         a.height,
         a.model,
@@ -222,4 +228,102 @@ pub fn run(a: &GenerateArgs) -> Result<()> {
         println!("wrote {} ({w}x{h})", path.display());
     }
     Ok(())
+}
+
+fn decode(
+    a: &CommonArgs,
+    model_dir: &Path,
+    v21: bool,
+    prompt: &str,
+    image_embeds: &Tensor,
+    negative_embeds: &Tensor,
+    generator: &mut TorchGenerator,
+) -> Result<Tensor> {
+    let device = Device::Cpu;
+    let params = DecoderParams {
+        height: a.height,
+        width: a.width,
+        steps: a.steps,
+        guidance_scale: a.guidance,
+    };
+    let context = || format!("loading the decoder from {}", model_dir.display());
+    let mut bar = progress("decoder");
+    Ok(if v21 {
+        // As diffusers' combined pipeline: the decoder's M-CLIP sees the prompt ("" for mixing),
+        // and its unconditional text is "" (a negative prompt acts through the prior).
+        let decoder =
+            KandinskyPipeline::load(model_dir, DType::F32, &device).with_context(context)?;
+        let prompts = vec![prompt.to_string()];
+        decoder.call(
+            &prompts,
+            None,
+            image_embeds,
+            negative_embeds,
+            params,
+            generator,
+            None,
+            &mut bar,
+        )?
+    } else {
+        let decoder =
+            KandinskyV22Pipeline::load(model_dir, DType::F32, &device).with_context(context)?;
+        decoder.call(
+            image_embeds,
+            negative_embeds,
+            params,
+            generator,
+            None,
+            &mut bar,
+        )?
+    })
+}
+
+pub fn run(a: &GenerateArgs) -> Result<()> {
+    let record = format!(
+        "{}\nNegative prompt: {}",
+        a.prompt,
+        a.negative_prompt.as_deref().unwrap_or("")
+    );
+    let stage = PriorStage::Text {
+        prompt: &a.prompt,
+        negative: a.negative_prompt.as_deref(),
+    };
+    run_modes(&a.common, stage, &a.prompt, &record)
+}
+
+pub fn run_mix(a: &MixArgs) -> Result<()> {
+    if a.inputs.len() != a.weights.len() {
+        bail!(
+            "{} --input values but {} --weight values: give one weight per input",
+            a.inputs.len(),
+            a.weights.len()
+        );
+    }
+    let mut inputs = Vec::new();
+    for (input, &w) in a.inputs.iter().zip(&a.weights) {
+        if !w.is_finite() {
+            bail!("--weight {w} is not a finite number");
+        }
+        let path = Path::new(input);
+        let item = if path.is_file() {
+            let (w, h, rgb) = read_rgb8(path)?;
+            MixInput::Image(w, h, rgb)
+        } else {
+            MixInput::Text(input.clone())
+        };
+        inputs.push((item, w));
+    }
+    let record = format!("Mix: {:?} with weights {:?}", a.inputs, a.weights);
+    run_modes(&a.common, PriorStage::Mix(inputs), "", &record)
+}
+
+pub fn run_variations(a: &VariationsArgs) -> Result<()> {
+    let (w, h, rgb) = read_rgb8(&a.image)?;
+    let record = format!("Variations of {}", a.image.display());
+    run_modes(
+        &a.common,
+        PriorStage::Mix(vec![(MixInput::Image(w, h, rgb), 1.0)]),
+        "",
+        &record,
+    )
 }

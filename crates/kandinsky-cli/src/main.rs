@@ -20,6 +20,10 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Text to image (Kandinsky 2.1 or 2.2): prior, then decoder.
     Generate(generate::GenerateArgs),
+    /// Mix prompts and images with weights (`prior.interpolate`), then decode.
+    Mix(generate::MixArgs),
+    /// Variations of an image (its CLIP image embedding), then decode.
+    Variations(generate::VariationsArgs),
     /// Decode a latent to a PNG with a MoVQ model (the last stage of every pipeline).
     Decode(decode::DecodeArgs),
 }
@@ -30,6 +34,8 @@ fn main() -> std::process::ExitCode {
         Command::Bench(args) => bench::run(&args),
         Command::Decode(args) => decode::run(&args),
         Command::Generate(args) => generate::run(&args),
+        Command::Mix(args) => generate::run_mix(&args),
+        Command::Variations(args) => generate::run_variations(&args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

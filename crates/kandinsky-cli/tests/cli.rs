@@ -251,3 +251,151 @@ fn generate_2_1_matches_diffusers() {
         .fold(0f32, f32::max);
     assert!(worst <= 2.0, "max pixel difference {worst}/255");
 }
+
+fn common_args(version: &str, seed: &str) -> Vec<String> {
+    let (model, prior) = if version == "2_2" {
+        ("pipelines/tiny-2-2-decoder", "pipelines/tiny-2-2-prior")
+    } else {
+        ("pipelines/tiny-2-1", "pipelines/tiny-2-1-prior")
+    };
+    [
+        "--model",
+        &fixture(model),
+        "--prior",
+        &fixture(prior),
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--steps",
+        "4",
+        "--prior-steps",
+        "3",
+        "--seed",
+        seed,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+fn assert_png_matches(out: &std::path::Path, key: &str) {
+    let img = image::open(out).unwrap().to_rgb8();
+    let reference = candle_core::safetensors::load(
+        fixture("pipelines/e2e_mix.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let want: Vec<f32> = reference[key].flatten_all().unwrap().to_vec1().unwrap();
+    assert_eq!(want.len(), img.as_raw().len(), "{key}");
+    let worst = img
+        .as_raw()
+        .iter()
+        .zip(&want)
+        .map(|(&p, &w)| (p as f32 - (w * 255.0).round()).abs())
+        .fold(0f32, f32::max);
+    assert!(worst <= 2.0, "{key}: max pixel difference {worst}/255");
+}
+
+#[test]
+fn mix_and_variations_match_diffusers() {
+    let dir = tempfile::tempdir().unwrap();
+    let flower = fixture("images/photo_flower.png");
+    for version in ["2_1", "2_2"] {
+        let out = dir.path().join(format!("mix{version}.png"));
+        let mut args = vec!["mix".to_string()];
+        args.extend(common_args(version, "21"));
+        for (input, weight) in [
+            ("a red circle", "0.3"),
+            (flower.as_str(), "0.5"),
+            ("a blue square", "0.2"),
+        ] {
+            args.extend([
+                "--input".into(),
+                input.into(),
+                "--weight".into(),
+                weight.into(),
+            ]);
+        }
+        let res = bin()
+            .args(&args)
+            .arg("--output")
+            .arg(&out)
+            .output()
+            .unwrap();
+        assert!(
+            res.status.success(),
+            "{}",
+            String::from_utf8_lossy(&res.stderr)
+        );
+        assert_png_matches(&out, &format!("{version}_mix"));
+
+        let out = dir.path().join(format!("var{version}.png"));
+        let mut args = vec!["variations".to_string(), "--image".into(), flower.clone()];
+        args.extend(common_args(version, "22"));
+        let res = bin()
+            .args(&args)
+            .arg("--output")
+            .arg(&out)
+            .output()
+            .unwrap();
+        assert!(
+            res.status.success(),
+            "{}",
+            String::from_utf8_lossy(&res.stderr)
+        );
+        assert_png_matches(&out, &format!("{version}_variations"));
+    }
+}
+
+#[test]
+fn mix_and_variations_reject_bad_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("x.png");
+    let not_an_image = dir.path().join("notes.png");
+    std::fs::write(&not_an_image, b"plain text").unwrap();
+    let mut more_inputs = vec![
+        "mix".to_string(),
+        "--input".into(),
+        "a".into(),
+        "--input".into(),
+        "b".into(),
+        "--weight".into(),
+        "1".into(),
+    ];
+    more_inputs.extend(common_args("2_2", "1"));
+    let mut bad_weight = vec![
+        "mix".to_string(),
+        "--input".into(),
+        "a".into(),
+        "--weight".into(),
+        "NaN".into(),
+    ];
+    bad_weight.extend(common_args("2_2", "1"));
+    let mut bad_image = vec![
+        "variations".to_string(),
+        "--image".into(),
+        not_an_image.display().to_string(),
+    ];
+    bad_image.extend(common_args("2_2", "1"));
+    let mut missing_image = vec![
+        "variations".to_string(),
+        "--image".into(),
+        "/no/such.png".into(),
+    ];
+    missing_image.extend(common_args("2_2", "1"));
+    for args in [more_inputs, bad_weight, bad_image, missing_image] {
+        let res = bin()
+            .args(&args)
+            .arg("--output")
+            .arg(&out)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&res.stderr);
+        assert!(
+            !res.status.success() && err.starts_with("error: "),
+            "{args:?}: {err}"
+        );
+        assert!(!out.exists(), "{args:?} left an output file");
+    }
+}

@@ -4,16 +4,21 @@ use crate::error::{Error, Result};
 use candle_core::{DType, Device, Tensor};
 use std::path::Path;
 
-/// Reads an image file as RGB `(1, 3, H, W)` f32 in [-1, 1] (`x / 127.5 - 1`).
-pub fn load_image(path: &Path, device: &Device) -> Result<Tensor> {
+/// Reads an image file (PNG or JPEG) as RGB8: `(width, height, HWC bytes)`.
+pub fn read_rgb8(path: &Path) -> Result<(usize, usize, Vec<u8>)> {
     let img = image::open(path)
         .map_err(|e| Error::Image {
             path: path.to_path_buf(),
             message: e.to_string(),
         })?
         .to_rgb8();
-    let (w, h) = (img.width() as usize, img.height() as usize);
-    let t = Tensor::from_vec(img.into_raw(), (h, w, 3), device)?
+    Ok((img.width() as usize, img.height() as usize, img.into_raw()))
+}
+
+/// Reads an image file as RGB `(1, 3, H, W)` f32 in [-1, 1] (`x / 127.5 - 1`).
+pub fn load_image(path: &Path, device: &Device) -> Result<Tensor> {
+    let (w, h, rgb) = read_rgb8(path)?;
+    let t = Tensor::from_vec(rgb, (h, w, 3), device)?
         .permute((2, 0, 1))?
         .to_dtype(DType::F32)?;
     Ok(((t / 127.5)? - 1.0)?.unsqueeze(0)?)

@@ -109,3 +109,95 @@ fn combined_2_2_text_to_image_matches_diffusers() {
 fn combined_2_1_text_to_image_matches_diffusers() {
     run("2_1");
 }
+
+/// `prior.interpolate(...)` then the decoder, one generator: mixing texts and an image, and
+/// image variations (`interpolate([image], [1.0])`).
+#[test]
+fn mixing_and_variations_match_diffusers() {
+    use kandinsky::pipelines::kandinsky::pipeline_kandinsky_prior::MixInput;
+    let dir = fixtures().join("pipelines");
+    let cases: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("e2e_mix.json")).unwrap()).unwrap();
+    let reference = load_io(&dir.join("e2e_mix.safetensors"));
+    for case in cases.as_array().unwrap() {
+        let version = case["version"].as_str().unwrap();
+        let name = format!("{version}_{}", case["name"].as_str().unwrap());
+        let (prior_dir, dec_dir) = if version == "2_2" {
+            ("tiny-2-2-prior", "tiny-2-2-decoder")
+        } else {
+            ("tiny-2-1-prior", "tiny-2-1")
+        };
+        let prior =
+            KandinskyPriorPipeline::load(&dir.join(prior_dir), DType::F32, &Device::Cpu).unwrap();
+        let inputs: Vec<(MixInput, f64)> = case["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .zip(case["weights"].as_array().unwrap())
+            .map(|(item, w)| {
+                let item = item.as_str().unwrap();
+                let input = if item.ends_with(".png") {
+                    let img = image::open(fixtures().join(item)).unwrap().to_rgb8();
+                    MixInput::Image(img.width() as usize, img.height() as usize, img.into_raw())
+                } else {
+                    MixInput::Text(item.to_string())
+                };
+                (input, w.as_f64().unwrap())
+            })
+            .collect();
+        let mut g = TorchGenerator::new(case["seed"].as_u64().unwrap());
+        let params = PriorParams {
+            steps: 3,
+            guidance_scale: 4.0,
+            num_images_per_prompt: 1,
+        };
+        let (emb, neg) = prior
+            .interpolate(&inputs, params, "", None, &mut g, &mut |_, _| {})
+            .unwrap();
+        let dp = DecoderParams {
+            height: 64,
+            width: 64,
+            steps: 4,
+            guidance_scale: 4.0,
+        };
+        let img = if version == "2_2" {
+            let d =
+                KandinskyV22Pipeline::load(&dir.join(dec_dir), DType::F32, &Device::Cpu).unwrap();
+            d.call(&emb, &neg, dp, &mut g, None, &mut |_, _| {})
+                .unwrap()
+        } else {
+            let d = KandinskyPipeline::load(&dir.join(dec_dir), DType::F32, &Device::Cpu).unwrap();
+            d.call(
+                &[String::new()],
+                None,
+                &emb,
+                &neg,
+                dp,
+                &mut g,
+                None,
+                &mut |_, _| {},
+            )
+            .unwrap()
+        };
+        let ours = ((img * 0.5).unwrap() + 0.5)
+            .unwrap()
+            .clamp(0f32, 1f32)
+            .unwrap()
+            .permute((0, 2, 3, 1))
+            .unwrap();
+        let diff = (ours - &reference[&name])
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap();
+        let diff = diff.to_scalar::<f32>().unwrap();
+        println!(
+            "{name}: max pixel difference {diff:.3e} ({:.3}/255)",
+            diff * 255.0
+        );
+        assert!(diff <= 2.0 / 255.0, "{name}: max pixel difference {diff}");
+    }
+}

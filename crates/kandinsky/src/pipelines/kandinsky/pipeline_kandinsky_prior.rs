@@ -3,6 +3,7 @@
 //! image embedding with the diffusion prior, plus the zero-image negative embedding.
 
 use crate::error::{Error, Result};
+use crate::image_processor::ClipImageProcessor;
 use crate::loading::component_dir;
 use crate::models::clip::{ClipTextModelWithProjection, ClipVisionModelWithProjection};
 use crate::models::transformers::prior_transformer::PriorTransformer;
@@ -18,8 +19,18 @@ pub struct KandinskyPriorPipeline {
     text_encoder: ClipTextModelWithProjection,
     tokenizer: PromptTokenizer,
     image_encoder: ClipVisionModelWithProjection,
+    image_processor: ClipImageProcessor,
     scheduler: SchedulerConfig,
     device: Device,
+}
+
+/// One input of [`KandinskyPriorPipeline::interpolate`].
+#[derive(Debug, Clone)]
+pub enum MixInput {
+    /// A prompt: its embedding is sampled with the prior.
+    Text(String),
+    /// An RGB8 image (`width`, `height`, HWC bytes): its CLIP image embedding.
+    Image(usize, usize, Vec<u8>),
 }
 
 /// `(image_embeds, negative_image_embeds)`, each `(B, E)`.
@@ -63,6 +74,14 @@ impl KandinskyPriorPipeline {
                 dtype,
                 device,
             )?,
+            image_processor: {
+                let p = dir.join("image_processor").join("preprocessor_config.json");
+                if p.is_file() {
+                    ClipImageProcessor::load(&p)?
+                } else {
+                    ClipImageProcessor::default()
+                }
+            },
             scheduler: SchedulerConfig::load(
                 &component_dir(dir, "scheduler")?.join("scheduler_config.json"),
             )?,
@@ -73,6 +92,77 @@ impl KandinskyPriorPipeline {
     /// The CLIP image encoder (for variations and mixing).
     pub fn image_encoder(&self) -> &ClipVisionModelWithProjection {
         &self.image_encoder
+    }
+
+    /// The CLIP image embedding `(1, E)` of an RGB8 image, preprocessed as transformers does.
+    pub fn embed_image(&self, width: usize, height: usize, rgb: &[u8]) -> Result<Tensor> {
+        let pixels = self
+            .image_processor
+            .preprocess(width, height, rgb, &self.device)?
+            .unsqueeze(0)?;
+        Ok(self.image_encoder.forward(&pixels)?.image_embeds)
+    }
+
+    /// `interpolate`: the weighted sum (weights not normalised) of the embeddings of texts (each
+    /// sampled with the prior, consuming `generator`) and images; the negative is the prior run
+    /// on `negative_prompt` — its zero-image negative when that is `""`, as diffusers does (the
+    /// run still draws from the generator). One embedding per image (`num_images_per_prompt`),
+    /// as the 2.2 pipeline computes it.
+    pub fn interpolate(
+        &self,
+        inputs: &[(MixInput, f64)],
+        params: PriorParams,
+        negative_prompt: &str,
+        negative_prior_prompt: Option<&str>,
+        generator: &mut TorchGenerator,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<PriorOutput> {
+        if inputs.is_empty() {
+            return Err(Error::InvalidArgument("nothing to mix".into()));
+        }
+        let n = params.num_images_per_prompt;
+        let mut acc: Option<Tensor> = None;
+        for (input, weight) in inputs {
+            if !weight.is_finite() {
+                return Err(Error::InvalidArgument(format!(
+                    "mixing weight {weight} is not finite"
+                )));
+            }
+            let emb = match input {
+                MixInput::Text(t) => {
+                    self.call(
+                        std::slice::from_ref(t),
+                        negative_prior_prompt,
+                        params,
+                        generator,
+                        None,
+                        progress,
+                    )?
+                    .0
+                }
+                MixInput::Image(w, h, rgb) => self.embed_image(*w, *h, rgb)?.repeat((n, 1))?,
+            };
+            let emb = (emb * *weight)?;
+            acc = Some(match acc {
+                Some(a) => (a + emb)?,
+                None => emb,
+            });
+        }
+        let image_embeds = acc.expect("inputs is not empty");
+        let zero = self.call(
+            &[negative_prompt.to_string()],
+            negative_prior_prompt,
+            params,
+            generator,
+            None,
+            progress,
+        )?;
+        let negative = if negative_prompt.is_empty() {
+            zero.1
+        } else {
+            zero.0
+        };
+        Ok((image_embeds, negative))
     }
 
     /// `get_zero_embed(batch)`: the cached zero-image embedding repeated `batch` times.
