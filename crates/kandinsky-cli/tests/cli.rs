@@ -129,25 +129,7 @@ fn generate_matches_diffusers_and_records_parameters() {
         "{}",
         String::from_utf8_lossy(&res.stderr)
     );
-    let img = image::open(&out).unwrap().to_rgb8();
-    let reference = candle_core::safetensors::load(
-        fixture("pipelines/e2e_2_2.safetensors"),
-        &candle_core::Device::Cpu,
-    )
-    .unwrap();
-    let want: Vec<f32> = reference["t2i_default"]
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
-    assert_eq!(want.len(), img.as_raw().len());
-    let worst = img
-        .as_raw()
-        .iter()
-        .zip(&want)
-        .map(|(&p, &w)| (p as f32 - (w * 255.0).round()).abs())
-        .fold(0f32, f32::max);
-    assert!(worst <= 2.0, "max pixel difference {worst}/255");
+    assert_png_matches_in(&out, "pipelines/e2e_2_2.safetensors", "t2i_default");
     let bytes = std::fs::read(&out).unwrap();
     let text = String::from_utf8_lossy(&bytes);
     assert!(
@@ -232,24 +214,7 @@ fn generate_2_1_matches_diffusers() {
         "{}",
         String::from_utf8_lossy(&res.stderr)
     );
-    let img = image::open(&out).unwrap().to_rgb8();
-    let reference = candle_core::safetensors::load(
-        fixture("pipelines/e2e_2_1.safetensors"),
-        &candle_core::Device::Cpu,
-    )
-    .unwrap();
-    let want: Vec<f32> = reference["t2i_default"]
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
-    let worst = img
-        .as_raw()
-        .iter()
-        .zip(&want)
-        .map(|(&p, &w)| (p as f32 - (w * 255.0).round()).abs())
-        .fold(0f32, f32::max);
-    assert!(worst <= 2.0, "max pixel difference {worst}/255");
+    assert_png_matches_in(&out, "pipelines/e2e_2_1.safetensors", "t2i_default");
 }
 
 fn common_args(version: &str, seed: &str) -> Vec<String> {
@@ -279,13 +244,12 @@ fn common_args(version: &str, seed: &str) -> Vec<String> {
     .collect()
 }
 
-fn assert_png_matches(out: &std::path::Path, key: &str) {
+/// Our PNG against diffusers' image `key` of a reference file, both as PNGs (`round(x · 255)`):
+/// at most 2 levels apart per pixel.
+fn assert_png_matches_in(out: &std::path::Path, file: &str, key: &str) {
     let img = image::open(out).unwrap().to_rgb8();
-    let reference = candle_core::safetensors::load(
-        fixture("pipelines/e2e_mix.safetensors"),
-        &candle_core::Device::Cpu,
-    )
-    .unwrap();
+    let reference =
+        candle_core::safetensors::load(fixture(file), &candle_core::Device::Cpu).unwrap();
     let want: Vec<f32> = reference[key].flatten_all().unwrap().to_vec1().unwrap();
     assert_eq!(want.len(), img.as_raw().len(), "{key}");
     let worst = img
@@ -328,7 +292,11 @@ fn mix_and_variations_match_diffusers() {
             "{}",
             String::from_utf8_lossy(&res.stderr)
         );
-        assert_png_matches(&out, &format!("{version}_mix"));
+        assert_png_matches_in(
+            &out,
+            "pipelines/e2e_mix.safetensors",
+            &format!("{version}_mix"),
+        );
 
         let out = dir.path().join(format!("var{version}.png"));
         let mut args = vec!["variations".to_string(), "--image".into(), flower.clone()];
@@ -344,7 +312,11 @@ fn mix_and_variations_match_diffusers() {
             "{}",
             String::from_utf8_lossy(&res.stderr)
         );
-        assert_png_matches(&out, &format!("{version}_variations"));
+        assert_png_matches_in(
+            &out,
+            "pipelines/e2e_mix.safetensors",
+            &format!("{version}_variations"),
+        );
     }
 }
 

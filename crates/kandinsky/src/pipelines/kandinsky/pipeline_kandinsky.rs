@@ -5,8 +5,8 @@ use super::text_encoder::MultilingualClip;
 use crate::error::{Error, Result};
 use crate::loading::component_dir;
 use crate::models::{UNet2DConditionModel, UNetConditioning, VQModel};
-use crate::pipelines::kandinsky2_2::pipeline_kandinsky2_2::{guide, latent_size, DecoderParams};
-use crate::schedulers::{from_config, SchedulerConfig};
+use crate::pipelines::kandinsky2_2::pipeline_kandinsky2_2::{denoise, DecoderParams};
+use crate::schedulers::SchedulerConfig;
 use crate::tokenization::PromptTokenizer;
 use crate::utils::torch_utils::TorchGenerator;
 use candle_core::{DType, Device, Tensor};
@@ -97,45 +97,24 @@ impl KandinskyPipeline {
         } else {
             image_embeds.clone()
         };
-        let mut scheduler = from_config(&self.scheduler)?;
-        scheduler.set_timesteps(params.steps)?;
-        let f = self.movq.scale_factor();
-        let (h, w) = (latent_size(params.height, f), latent_size(params.width, f));
-        let c = self.unet.config().in_channels;
-        let mut x = match latents {
-            Some(l) if l.dims() == [b, c, h, w] => l.to_device(&self.device)?,
-            Some(l) => {
-                return Err(Error::InvalidArgument(format!(
-                    "latents must have shape {:?}, found {:?}",
-                    [b, c, h, w],
-                    l.dims()
-                )))
-            }
-            None => generator.randn((b, c, h, w), &self.device)?,
+        let cond = UNetConditioning {
+            image_embeds: Some(&image),
+            text_embeds: Some(&text_embeds),
+            encoder_hidden_states: Some(&hidden),
+            hint: None,
         };
-        let ts = scheduler.timesteps().to_vec();
-        for (i, &t) in ts.iter().enumerate() {
-            let input = if cfg {
-                Tensor::cat(&[&x, &x], 0)?
-            } else {
-                x.clone()
-            };
-            let cond = UNetConditioning {
-                image_embeds: Some(&image),
-                text_embeds: Some(&text_embeds),
-                encoder_hidden_states: Some(&hidden),
-                hint: None,
-            };
-            let out = self.unet.forward(&input, t as f64, &cond)?;
-            let out = guide(&out, c, b, cfg, params.guidance_scale)?;
-            let out = if scheduler.uses_learned_variance() {
-                out
-            } else {
-                out.narrow(1, 0, c)?
-            };
-            x = scheduler.step(&out, t, &x, generator)?;
-            progress(i + 1, ts.len());
-        }
+        let x = denoise(
+            &self.unet,
+            &self.movq,
+            &self.scheduler,
+            &cond,
+            b,
+            params,
+            generator,
+            latents,
+            &self.device,
+            progress,
+        )?;
         self.movq.decode(&x, true)
     }
 }

@@ -7,6 +7,7 @@ use crate::image_processor::ClipImageProcessor;
 use crate::loading::component_dir;
 use crate::models::clip::{ClipTextModelWithProjection, ClipVisionModelWithProjection};
 use crate::models::transformers::prior_transformer::PriorTransformer;
+use crate::pipelines::prepare_latents;
 use crate::schedulers::{from_config, SchedulerConfig};
 use crate::tokenization::PromptTokenizer;
 use crate::utils::torch_utils::TorchGenerator;
@@ -240,20 +241,8 @@ impl KandinskyPriorPipeline {
         let mut scheduler = from_config(&self.scheduler)?;
         scheduler.set_timesteps(params.steps)?;
         let e = self.prior.config().embedding_dim;
-        let mut x = match latents {
-            Some(l) => {
-                if l.dims() != [batch, e] {
-                    return Err(Error::InvalidArgument(format!(
-                        "prior latents must have shape [{batch}, {e}], found {:?}",
-                        l.dims()
-                    )));
-                }
-                l.to_device(&self.device)?.to_dtype(embeds.dtype())?
-            }
-            None => generator
-                .randn((batch, e), &self.device)?
-                .to_dtype(embeds.dtype())?,
-        };
+        let mut x = prepare_latents(&[batch, e], latents, generator, &self.device)?
+            .to_dtype(embeds.dtype())?;
         let ts = scheduler.timesteps().to_vec();
         for (i, &t) in ts.iter().enumerate() {
             let input = if cfg {

@@ -1,9 +1,10 @@
 //! diffusers `pipelines/kandinsky2_2/pipeline_kandinsky2_2.py`: `KandinskyV22Pipeline`, image
 //! embedding → latent (UNet, DDPM) → image (MoVQ).
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::loading::component_dir;
 use crate::models::{UNet2DConditionModel, UNetConditioning, VQModel};
+use crate::pipelines::prepare_latents;
 use crate::schedulers::{from_config, SchedulerConfig};
 use crate::utils::torch_utils::TorchGenerator;
 use candle_core::{DType, Device, Tensor};
@@ -83,48 +84,67 @@ impl KandinskyV22Pipeline {
         } else {
             image_embeds.clone()
         };
-        let mut scheduler = from_config(&self.scheduler)?;
-        scheduler.set_timesteps(params.steps)?;
-        let f = self.movq.scale_factor();
-        let (h, w) = (latent_size(params.height, f), latent_size(params.width, f));
-        let c = self.unet.config().in_channels;
-        let shape = (b, c, h, w);
-        let mut x = match latents {
-            Some(l) => {
-                if l.dims() != [b, c, h, w] {
-                    return Err(Error::InvalidArgument(format!(
-                        "latents must have shape {:?}, found {:?}",
-                        [b, c, h, w],
-                        l.dims()
-                    )));
-                }
-                l.to_device(&self.device)?
-            }
-            None => generator.randn(shape, &self.device)?,
+        let cond = UNetConditioning {
+            image_embeds: Some(&cond),
+            ..Default::default()
         };
-        let ts = scheduler.timesteps().to_vec();
-        for (i, &t) in ts.iter().enumerate() {
-            let input = if cfg {
-                Tensor::cat(&[&x, &x], 0)?
-            } else {
-                x.clone()
-            };
-            let cond_kwargs = UNetConditioning {
-                image_embeds: Some(&cond),
-                ..Default::default()
-            };
-            let out = self.unet.forward(&input, t as f64, &cond_kwargs)?;
-            let out = guide(&out, c, b, cfg, params.guidance_scale)?;
-            let out = if scheduler.uses_learned_variance() {
-                out
-            } else {
-                out.narrow(1, 0, c)?
-            };
-            x = scheduler.step(&out, t, &x, generator)?;
-            progress(i + 1, ts.len());
-        }
+        let x = denoise(
+            &self.unet,
+            &self.movq,
+            &self.scheduler,
+            &cond,
+            b,
+            params,
+            generator,
+            latents,
+            &self.device,
+            progress,
+        )?;
         self.movq.decode(&x, true)
     }
+}
+
+/// The decoder loop shared by the 2.1 and 2.2 pipelines: latents from the generator (or the
+/// caller), then for every timestep the UNet on `[x, x]` (CFG) or `x`, guidance, and a scheduler
+/// step. Returns the final latents `(b, C, h, w)`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn denoise(
+    unet: &UNet2DConditionModel,
+    movq: &VQModel,
+    scheduler: &SchedulerConfig,
+    cond: &UNetConditioning,
+    b: usize,
+    params: DecoderParams,
+    generator: &mut TorchGenerator,
+    latents: Option<Tensor>,
+    device: &Device,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<Tensor> {
+    let cfg = params.guidance_scale > 1.0;
+    let mut scheduler = from_config(scheduler)?;
+    scheduler.set_timesteps(params.steps)?;
+    let f = movq.scale_factor();
+    let (h, w) = (latent_size(params.height, f), latent_size(params.width, f));
+    let c = unet.config().in_channels;
+    let mut x = prepare_latents(&[b, c, h, w], latents, generator, device)?;
+    let ts = scheduler.timesteps().to_vec();
+    for (i, &t) in ts.iter().enumerate() {
+        let input = if cfg {
+            Tensor::cat(&[&x, &x], 0)?
+        } else {
+            x.clone()
+        };
+        let out = unet.forward(&input, t as f64, cond)?;
+        let out = guide(&out, c, b, cfg, params.guidance_scale)?;
+        let out = if scheduler.uses_learned_variance() {
+            out
+        } else {
+            out.narrow(1, 0, c)?
+        };
+        x = scheduler.step(&out, t, &x, generator)?;
+        progress(i + 1, ts.len());
+    }
+    Ok(x)
 }
 
 /// Classifier-free guidance on the ε channels; the variance channels of the conditional half.
