@@ -758,6 +758,42 @@ def make_mixing():
     print("mixing written")
 
 
+def make_img2img():
+    """2.2 image-to-image: prior, then KandinskyV22Img2ImgPipeline, one generator (what
+    KandinskyV22Img2ImgCombinedPipeline does)."""
+    import numpy as np
+    from PIL import Image
+    from diffusers import KandinskyV22Img2ImgPipeline, KandinskyV22PriorPipeline
+
+    base = os.path.join(ROOT, "pipelines")
+    small = Image.open(os.path.join(ROOT, "images", "drawing_64x64.png")).convert("RGB").resize((48, 48), Image.BICUBIC)
+    small.save(os.path.join(ROOT, "images", "drawing_48x48.png"))
+    prior = KandinskyV22PriorPipeline.from_pretrained(os.path.join(base, "tiny-2-2-prior"), torch_dtype=torch.float32)
+    dec = KandinskyV22Img2ImgPipeline.from_pretrained(os.path.join(base, "tiny-2-2-decoder"), torch_dtype=torch.float32)
+    for p_ in (prior, dec):
+        p_.set_progress_bar_config(disable=True)
+    out, cases = {}, []
+    for name, image, strength, steps, seed in [
+        ("same_size", "images/drawing_64x64.png", 0.5, 10, 31),
+        ("upscaled", "images/drawing_48x48.png", 0.3, 10, 32),
+        # Shrinking photos is left out: Pillow pre-reduces (reducing_gap=1), which we do not replicate.
+        ("full_strength", "images/drawing_64x64.png", 1.0, 4, 33),
+    ]:
+        im = Image.open(os.path.join(ROOT, image)).convert("RGB")
+        gen = torch.Generator("cpu").manual_seed(seed)
+        emb = prior("a red circle", num_inference_steps=3, guidance_scale=4.0, generator=gen)
+        img = dec(image=im, image_embeds=emb.image_embeds, negative_image_embeds=emb.negative_image_embeds,
+                  height=64, width=64, num_inference_steps=steps, strength=strength, guidance_scale=4.0,
+                  generator=gen, output_type="np").images
+        out[name] = torch.from_numpy(np.ascontiguousarray(img))
+        cases.append(dict(name=name, image=image, strength=strength, steps=steps, seed=seed, prompt="a red circle",
+                          prior_steps=3, guidance=4.0, prior_guidance=4.0, height=64, width=64))
+    save_io(os.path.join(base, "e2e_img2img_2_2.safetensors"), out)
+    with open(os.path.join(base, "e2e_img2img_2_2.json"), "w") as f:
+        json.dump(cases, f, indent=1)
+    print("img2img written")
+
+
 # ---------------------------------------------------------------------------------------------
 # Real configs: names and shapes of the real-size state dicts, built on the meta device.
 def make_real_shapes():
@@ -821,5 +857,6 @@ if __name__ == "__main__":
     make_pipelines()
     make_pipelines_2_1()
     make_mixing()
+    make_img2img()
     make_real_shapes()
     os.system(f"du -sh {ROOT}")

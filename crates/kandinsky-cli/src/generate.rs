@@ -4,7 +4,7 @@
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
-use kandinsky::image_io::{numbered_path, read_rgb8, save_png, to_rgb8};
+use kandinsky::image_io::{numbered_path, prepare_image, read_rgb8, save_png, to_rgb8};
 use kandinsky::loading::{resolve_model_dir, ModelIndex};
 use kandinsky::pipelines::kandinsky::pipeline_kandinsky::KandinskyPipeline;
 use kandinsky::pipelines::kandinsky::pipeline_kandinsky_prior::{
@@ -40,10 +40,10 @@ pub struct CommonArgs {
     #[arg(long, default_value_t = 25)]
     prior_steps: usize,
     /// Decoder guidance scale (CFG when > 1).
-    #[arg(long, default_value_t = 4.0)]
+    #[arg(long, default_value_t = 4.0, allow_negative_numbers = true)]
     guidance: f64,
     /// Prior guidance scale (CFG when > 1).
-    #[arg(long, default_value_t = 4.0)]
+    #[arg(long, default_value_t = 4.0, allow_negative_numbers = true)]
     prior_guidance: f64,
     /// Seed of the torch-compatible generator shared by all stages; random when omitted.
     #[arg(long)]
@@ -76,8 +76,26 @@ pub struct MixArgs {
     #[arg(long = "input", required = true)]
     inputs: Vec<String>,
     /// The weight of each input, in order (not normalised, as in diffusers).
-    #[arg(long = "weight", required = true)]
+    #[arg(long = "weight", required = true, allow_negative_numbers = true)]
     weights: Vec<f64>,
+}
+
+#[derive(clap::Args)]
+pub struct Img2ImgArgs {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// The prompt.
+    #[arg(long)]
+    prompt: String,
+    /// The negative prompt (the prior samples its embedding as the negative).
+    #[arg(long)]
+    negative_prompt: Option<String>,
+    /// The starting image (resized to the output size).
+    #[arg(long)]
+    image: PathBuf,
+    /// How much of the schedule to run: 0 keeps the image, 1 ignores it.
+    #[arg(long, default_value_t = 0.3, allow_negative_numbers = true)]
+    strength: f64,
 }
 
 #[derive(clap::Args)]
@@ -156,8 +174,28 @@ enum PriorStage<'a> {
     Mix(Vec<(MixInput, f64)>),
 }
 
-fn run_modes(a: &CommonArgs, stage: PriorStage, decoder_prompt: &str, record: &str) -> Result<()> {
+/// Where the decoder starts: noise, or an image to edit with a strength.
+enum DecoderStart<'a> {
+    Noise,
+    Image { path: &'a Path, strength: f64 },
+}
+
+fn run_modes(
+    a: &CommonArgs,
+    stage: PriorStage,
+    start: DecoderStart,
+    decoder_prompt: &str,
+    record: &str,
+) -> Result<()> {
     validate(a)?;
+    if let DecoderStart::Image { path, strength } = start {
+        if !(strength > 0.0 && strength <= 1.0) {
+            bail!("--strength must be in (0, 1], got {strength}");
+        }
+        if !path.is_file() {
+            bail!("image {} not found", path.display());
+        }
+    }
     let model_dir = resolve_model_dir(&a.model)?;
     let prior_dir = resolve_model_dir(&a.prior)?;
     let v21 = match ModelIndex::load(&model_dir)?.class_name.as_str() {
@@ -205,6 +243,7 @@ fn run_modes(a: &CommonArgs, stage: PriorStage, decoder_prompt: &str, record: &s
         &model_dir,
         v21,
         decoder_prompt,
+        start,
         &image_embeds,
         &negative_embeds,
         &mut generator,
@@ -230,11 +269,13 @@ fn run_modes(a: &CommonArgs, stage: PriorStage, decoder_prompt: &str, record: &s
     Ok(())
 }
 
+#[allow(clippy::too_many_arguments)]
 fn decode(
     a: &CommonArgs,
     model_dir: &Path,
     v21: bool,
     prompt: &str,
+    start: DecoderStart,
     image_embeds: &Tensor,
     negative_embeds: &Tensor,
     generator: &mut TorchGenerator,
@@ -248,34 +289,55 @@ fn decode(
     };
     let context = || format!("loading the decoder from {}", model_dir.display());
     let mut bar = progress("decoder");
-    Ok(if v21 {
-        // As diffusers' combined pipeline: the decoder's M-CLIP sees the prompt ("" for mixing),
-        // and its unconditional text is "" (a negative prompt acts through the prior).
-        let decoder =
-            KandinskyPipeline::load(model_dir, DType::F32, &device).with_context(context)?;
-        let prompts = vec![prompt.to_string()];
-        decoder.call(
-            &prompts,
-            None,
-            image_embeds,
-            negative_embeds,
-            params,
-            generator,
-            None,
-            &mut bar,
-        )?
-    } else {
-        let decoder =
-            KandinskyV22Pipeline::load(model_dir, DType::F32, &device).with_context(context)?;
-        decoder.call(
-            image_embeds,
-            negative_embeds,
-            params,
-            generator,
-            None,
-            &mut bar,
-        )?
-    })
+    match (v21, start) {
+        (true, DecoderStart::Noise) => {
+            // As diffusers' combined pipeline: the decoder's M-CLIP sees the prompt ("" for
+            // mixing), and its unconditional text is "" (a negative prompt acts through the prior).
+            let decoder =
+                KandinskyPipeline::load(model_dir, DType::F32, &device).with_context(context)?;
+            let prompts = vec![prompt.to_string()];
+            Ok(decoder.call(
+                &prompts,
+                None,
+                image_embeds,
+                negative_embeds,
+                params,
+                generator,
+                None,
+                &mut bar,
+            )?)
+        }
+        (true, DecoderStart::Image { .. }) => {
+            bail!("image-to-image is implemented for Kandinsky 2.2 decoders only so far")
+        }
+        (false, start) => {
+            let decoder =
+                KandinskyV22Pipeline::load(model_dir, DType::F32, &device).with_context(context)?;
+            Ok(match start {
+                DecoderStart::Noise => decoder.call(
+                    image_embeds,
+                    negative_embeds,
+                    params,
+                    generator,
+                    None,
+                    &mut bar,
+                )?,
+                DecoderStart::Image { path, strength } => {
+                    let image =
+                        prepare_image(path, a.width, a.height, decoder.scale_factor(), &device)?;
+                    decoder.img2img(
+                        &image,
+                        image_embeds,
+                        negative_embeds,
+                        params,
+                        strength,
+                        generator,
+                        &mut bar,
+                    )?
+                }
+            })
+        }
+    }
 }
 
 pub fn run(a: &GenerateArgs) -> Result<()> {
@@ -288,7 +350,26 @@ pub fn run(a: &GenerateArgs) -> Result<()> {
         prompt: &a.prompt,
         negative: a.negative_prompt.as_deref(),
     };
-    run_modes(&a.common, stage, &a.prompt, &record)
+    run_modes(&a.common, stage, DecoderStart::Noise, &a.prompt, &record)
+}
+
+pub fn run_img2img(a: &Img2ImgArgs) -> Result<()> {
+    let record = format!(
+        "{}\nNegative prompt: {}\nImage: {}, Strength: {}",
+        a.prompt,
+        a.negative_prompt.as_deref().unwrap_or(""),
+        a.image.display(),
+        a.strength
+    );
+    let stage = PriorStage::Text {
+        prompt: &a.prompt,
+        negative: a.negative_prompt.as_deref(),
+    };
+    let start = DecoderStart::Image {
+        path: &a.image,
+        strength: a.strength,
+    };
+    run_modes(&a.common, stage, start, &a.prompt, &record)
 }
 
 pub fn run_mix(a: &MixArgs) -> Result<()> {
@@ -314,7 +395,13 @@ pub fn run_mix(a: &MixArgs) -> Result<()> {
         inputs.push((item, w));
     }
     let record = format!("Mix: {:?} with weights {:?}", a.inputs, a.weights);
-    run_modes(&a.common, PriorStage::Mix(inputs), "", &record)
+    run_modes(
+        &a.common,
+        PriorStage::Mix(inputs),
+        DecoderStart::Noise,
+        "",
+        &record,
+    )
 }
 
 pub fn run_variations(a: &VariationsArgs) -> Result<()> {
@@ -323,6 +410,7 @@ pub fn run_variations(a: &VariationsArgs) -> Result<()> {
     run_modes(
         &a.common,
         PriorStage::Mix(vec![(MixInput::Image(w, h, rgb), 1.0)]),
+        DecoderStart::Noise,
         "",
         &record,
     )

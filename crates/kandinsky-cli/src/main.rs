@@ -20,6 +20,8 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Text to image (Kandinsky 2.1 or 2.2): prior, then decoder.
     Generate(generate::GenerateArgs),
+    /// Image to image (Kandinsky 2.2): prior, then the decoder from the noised image.
+    Img2img(generate::Img2ImgArgs),
     /// Mix prompts and images with weights (`prior.interpolate`), then decode.
     Mix(generate::MixArgs),
     /// Variations of an image (its CLIP image embedding), then decode.
@@ -34,6 +36,7 @@ fn main() -> std::process::ExitCode {
         Command::Bench(args) => bench::run(&args),
         Command::Decode(args) => decode::run(&args),
         Command::Generate(args) => generate::run(&args),
+        Command::Img2img(args) => generate::run_img2img(&args),
         Command::Mix(args) => generate::run_mix(&args),
         Command::Variations(args) => generate::run_variations(&args),
     };

@@ -371,3 +371,49 @@ fn mix_and_variations_reject_bad_input() {
         assert!(!out.exists(), "{args:?} left an output file");
     }
 }
+
+#[test]
+fn img2img_matches_diffusers_and_rejects_bad_strength() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("i2i.png");
+    let base = |strength: &str| {
+        let mut args: Vec<String> = ["img2img", "--prompt", "a red circle", "--image"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        args.push(fixture("images/drawing_64x64.png"));
+        args.extend(["--strength".to_string(), strength.to_string()]);
+        let mut c = common_args("2_2", "31");
+        let i = c.iter().position(|a| a == "--steps").unwrap();
+        c[i + 1] = "10".into();
+        args.extend(c);
+        args
+    };
+    let res = bin()
+        .args(base("0.5"))
+        .arg("--output")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    assert_png_matches_in(&out, "pipelines/e2e_img2img_2_2.safetensors", "same_size");
+    std::fs::remove_file(&out).unwrap();
+    for bad in ["0", "-0.5", "1.5", "NaN"] {
+        let res = bin()
+            .args(base(bad))
+            .arg("--output")
+            .arg(&out)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&res.stderr);
+        assert!(
+            !res.status.success() && err.contains("strength"),
+            "{bad}: {err}"
+        );
+        assert!(!out.exists());
+    }
+}

@@ -24,6 +24,35 @@ pub fn load_image(path: &Path, device: &Device) -> Result<Tensor> {
     Ok(((t / 127.5)? - 1.0)?.unsqueeze(0)?)
 }
 
+/// diffusers' `VaeImageProcessor.preprocess` for the img2img pipelines: the size rounded down to a
+/// multiple of `scale_factor`, Pillow bicubic resize when the image differs, then `x/127.5 - 1`:
+/// `(1, 3, H, W)`. (Pillow's `reducing_gap=1` pre-reduction for shrinks of 2× or more is not
+/// reproduced; such images differ slightly from diffusers'.)
+pub fn prepare_image(
+    path: &Path,
+    width: usize,
+    height: usize,
+    scale_factor: usize,
+    device: &Device,
+) -> Result<Tensor> {
+    let (w, h, rgb) = read_rgb8(path)?;
+    let (tw, th) = (width - width % scale_factor, height - height % scale_factor);
+    if tw == 0 || th == 0 {
+        return Err(Error::InvalidArgument(format!(
+            "image size {width}x{height} is too small"
+        )));
+    }
+    let rgb = if (w, h) == (tw, th) {
+        rgb
+    } else {
+        crate::image_processor::resize_bicubic_rgb8(w, h, &rgb, tw, th)
+    };
+    let t = Tensor::from_vec(rgb, (th, tw, 3), device)?
+        .permute((2, 0, 1))?
+        .to_dtype(DType::F32)?;
+    Ok(((t / 127.5)? - 1.0)?.unsqueeze(0)?)
+}
+
 /// diffusers' post-processing of a decoded image `(B, 3, H, W)` in [-1, 1]:
 /// `round(clamp(x·0.5 + 0.5, 0, 1) · 255)` as `u8`, one HWC buffer per image.
 pub fn to_rgb8(images: &Tensor) -> Result<Vec<(usize, usize, Vec<u8>)>> {

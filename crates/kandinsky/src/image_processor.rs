@@ -166,6 +166,24 @@ impl ClipImageProcessor {
     }
 }
 
+/// Pillow's `Image.resize((width, height), BICUBIC)` of an RGB8 image (HWC bytes in and out).
+pub fn resize_bicubic_rgb8(
+    width: usize,
+    height: usize,
+    rgb: &[u8],
+    new_width: usize,
+    new_height: usize,
+) -> Vec<u8> {
+    let img = Planar::from_hwc(width, height, rgb).resize(new_width, new_height);
+    let mut out = Vec::with_capacity(new_width * new_height * 3);
+    for i in 0..new_width * new_height {
+        for c in 0..3 {
+            out.push(img.planes[c][i]);
+        }
+    }
+    out
+}
+
 /// transformers' `get_resize_output_image_size(default_to_square=False)`: the short side becomes
 /// `size`, the long side `int(size · long / short)`. Returns `(height, width)`.
 fn resize_output_size(height: usize, width: usize, size: usize) -> (usize, usize) {

@@ -5,7 +5,7 @@ use super::text_encoder::MultilingualClip;
 use crate::error::{Error, Result};
 use crate::loading::component_dir;
 use crate::models::{UNet2DConditionModel, UNetConditioning, VQModel};
-use crate::pipelines::kandinsky2_2::pipeline_kandinsky2_2::{denoise, DecoderParams};
+use crate::pipelines::kandinsky2_2::pipeline_kandinsky2_2::{denoise, DecoderParams, Init};
 use crate::schedulers::SchedulerConfig;
 use crate::tokenization::PromptTokenizer;
 use crate::utils::torch_utils::TorchGenerator;
@@ -111,7 +111,7 @@ impl KandinskyPipeline {
             b,
             params,
             generator,
-            latents,
+            Init::Noise(latents),
             &self.device,
             progress,
         )?;

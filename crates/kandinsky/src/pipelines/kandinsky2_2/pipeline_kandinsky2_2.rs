@@ -1,7 +1,7 @@
 //! diffusers `pipelines/kandinsky2_2/pipeline_kandinsky2_2.py`: `KandinskyV22Pipeline`, image
 //! embedding → latent (UNet, DDPM) → image (MoVQ).
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::loading::component_dir;
 use crate::models::{UNet2DConditionModel, UNetConditioning, VQModel};
 use crate::pipelines::prepare_latents;
@@ -61,6 +61,11 @@ impl KandinskyV22Pipeline {
         })
     }
 
+    /// Pixels per latent pixel of the MoVQ.
+    pub fn scale_factor(&self) -> usize {
+        self.movq.scale_factor()
+    }
+
     /// Replaces the scheduler configuration (e.g. `--scheduler`).
     pub fn set_scheduler(&mut self, config: SchedulerConfig) {
         self.scheduler = config;
@@ -96,12 +101,77 @@ impl KandinskyV22Pipeline {
             b,
             params,
             generator,
-            latents,
+            Init::Noise(latents),
             &self.device,
             progress,
         )?;
         self.movq.decode(&x, true)
     }
+}
+
+impl KandinskyV22Pipeline {
+    /// `KandinskyV22Img2ImgPipeline.__call__`: `image (1, 3, H, W)` in [-1, 1] is encoded with the
+    /// MoVQ, noised to the timestep `strength` selects, and denoised for the rest of the
+    /// schedule (diffusers' defaults: strength 0.3, guidance 4).
+    #[allow(clippy::too_many_arguments)]
+    pub fn img2img(
+        &self,
+        image: &Tensor,
+        image_embeds: &Tensor,
+        negative_image_embeds: &Tensor,
+        params: DecoderParams,
+        strength: f64,
+        generator: &mut TorchGenerator,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Tensor> {
+        if !(strength > 0.0 && strength <= 1.0) {
+            return Err(Error::InvalidArgument(format!(
+                "strength must be in (0, 1], got {strength}"
+            )));
+        }
+        let b = image_embeds.dim(0)?;
+        let encoded = self.movq.encode(image)?;
+        let latents = crate::pipelines::kandinsky::pipeline_kandinsky_prior::repeat_interleave(
+            &encoded,
+            b / encoded.dim(0)?.max(1),
+        )?;
+        let cfg = params.guidance_scale > 1.0;
+        let cond = if cfg {
+            Tensor::cat(&[negative_image_embeds, image_embeds], 0)?
+        } else {
+            image_embeds.clone()
+        };
+        let cond = UNetConditioning {
+            image_embeds: Some(&cond),
+            ..Default::default()
+        };
+        let x = denoise(
+            &self.unet,
+            &self.movq,
+            &self.scheduler,
+            &cond,
+            b,
+            params,
+            generator,
+            Init::Image { latents, strength },
+            &self.device,
+            progress,
+        )?;
+        self.movq.decode(&x, true)
+    }
+}
+
+/// Where the decoder loop starts.
+pub(crate) enum Init {
+    /// From noise (`randn`, or the caller's latents).
+    Noise(Option<Tensor>),
+    /// From an encoded image noised to the first timestep kept by `strength` (image-to-image).
+    Image {
+        /// `movq.encode(image)`, repeated to the batch.
+        latents: Tensor,
+        /// Fraction of the schedule to run, in (0, 1].
+        strength: f64,
+    },
 }
 
 /// The decoder loop shared by the 2.1 and 2.2 pipelines: latents from the generator (or the
@@ -116,7 +186,7 @@ pub(crate) fn denoise(
     b: usize,
     params: DecoderParams,
     generator: &mut TorchGenerator,
-    latents: Option<Tensor>,
+    init: Init,
     device: &Device,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Tensor> {
@@ -126,8 +196,23 @@ pub(crate) fn denoise(
     let f = movq.scale_factor();
     let (h, w) = (latent_size(params.height, f), latent_size(params.width, f));
     let c = unet.config().in_channels;
-    let mut x = prepare_latents(&[b, c, h, w], latents, generator, device)?;
-    let ts = scheduler.timesteps().to_vec();
+    let mut ts = scheduler.timesteps().to_vec();
+    let mut x = match init {
+        Init::Noise(latents) => prepare_latents(&[b, c, h, w], latents, generator, device)?,
+        Init::Image { latents, strength } => {
+            // `get_timesteps`: skip the first (1 - strength) of the schedule.
+            let n = ts.len();
+            let init_steps = ((n as f64 * strength) as usize).min(n);
+            if init_steps == 0 {
+                return Err(Error::InvalidArgument(format!(
+                    "strength {strength} with {n} steps leaves no denoising step"
+                )));
+            }
+            ts = ts[n - init_steps..].to_vec();
+            let noise = generator.randn(latents.shape(), device)?;
+            scheduler.add_noise(&latents, &noise, ts[0])?
+        }
+    };
     for (i, &t) in ts.iter().enumerate() {
         let input = if cfg {
             Tensor::cat(&[&x, &x], 0)?
