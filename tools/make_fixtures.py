@@ -763,7 +763,8 @@ def make_img2img():
     KandinskyV22Img2ImgCombinedPipeline does)."""
     import numpy as np
     from PIL import Image
-    from diffusers import KandinskyV22Img2ImgPipeline, KandinskyV22PriorPipeline
+    from diffusers import (KandinskyImg2ImgPipeline, KandinskyPriorPipeline, KandinskyV22Img2ImgPipeline,
+                           KandinskyV22PriorPipeline)
 
     base = os.path.join(ROOT, "pipelines")
     small = Image.open(os.path.join(ROOT, "images", "drawing_64x64.png")).convert("RGB").resize((48, 48), Image.BICUBIC)
@@ -791,6 +792,22 @@ def make_img2img():
     save_io(os.path.join(base, "e2e_img2img_2_2.safetensors"), out)
     with open(os.path.join(base, "e2e_img2img_2_2.json"), "w") as f:
         json.dump(cases, f, indent=1)
+    # 2.1: the decoder sees the prompt (as KandinskyImg2ImgCombinedPipeline passes it).
+    prior = KandinskyPriorPipeline.from_pretrained(os.path.join(base, "tiny-2-1-prior"), torch_dtype=torch.float32)
+    dec = KandinskyImg2ImgPipeline.from_pretrained(os.path.join(base, "tiny-2-1"), torch_dtype=torch.float32)
+    for p_ in (prior, dec):
+        p_.set_progress_bar_config(disable=True)
+    out = {}
+    for case in cases:
+        im = Image.open(os.path.join(ROOT, case["image"])).convert("RGB")
+        gen = torch.Generator("cpu").manual_seed(case["seed"])
+        emb = prior(case["prompt"], num_inference_steps=3, guidance_scale=4.0, generator=gen)
+        img = dec(prompt=case["prompt"], image=im, image_embeds=emb.image_embeds,
+                  negative_image_embeds=emb.negative_image_embeds, height=64, width=64,
+                  num_inference_steps=case["steps"], strength=case["strength"], guidance_scale=4.0, generator=gen,
+                  output_type="np").images
+        out[case["name"]] = torch.from_numpy(np.ascontiguousarray(img))
+    save_io(os.path.join(base, "e2e_img2img_2_1.safetensors"), out)
     print("img2img written")
 
 

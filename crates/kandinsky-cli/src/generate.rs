@@ -290,25 +290,39 @@ fn decode(
     let context = || format!("loading the decoder from {}", model_dir.display());
     let mut bar = progress("decoder");
     match (v21, start) {
-        (true, DecoderStart::Noise) => {
-            // As diffusers' combined pipeline: the decoder's M-CLIP sees the prompt ("" for
+        (true, start) => {
+            // As diffusers' combined pipelines: the decoder's M-CLIP sees the prompt ("" for
             // mixing), and its unconditional text is "" (a negative prompt acts through the prior).
             let decoder =
                 KandinskyPipeline::load(model_dir, DType::F32, &device).with_context(context)?;
             let prompts = vec![prompt.to_string()];
-            Ok(decoder.call(
-                &prompts,
-                None,
-                image_embeds,
-                negative_embeds,
-                params,
-                generator,
-                None,
-                &mut bar,
-            )?)
-        }
-        (true, DecoderStart::Image { .. }) => {
-            bail!("image-to-image is implemented for Kandinsky 2.2 decoders only so far")
+            Ok(match start {
+                DecoderStart::Noise => decoder.call(
+                    &prompts,
+                    None,
+                    image_embeds,
+                    negative_embeds,
+                    params,
+                    generator,
+                    None,
+                    &mut bar,
+                )?,
+                DecoderStart::Image { path, strength } => {
+                    let image =
+                        prepare_image(path, a.width, a.height, decoder.scale_factor(), &device)?;
+                    decoder.img2img(
+                        &prompts,
+                        None,
+                        &image,
+                        image_embeds,
+                        negative_embeds,
+                        params,
+                        strength,
+                        generator,
+                        &mut bar,
+                    )?
+                }
+            })
         }
         (false, start) => {
             let decoder =

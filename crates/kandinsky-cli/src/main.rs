@@ -20,7 +20,7 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Text to image (Kandinsky 2.1 or 2.2): prior, then decoder.
     Generate(generate::GenerateArgs),
-    /// Image to image (Kandinsky 2.2): prior, then the decoder from the noised image.
+    /// Image to image (2.1 or 2.2): prior, then the decoder from the noised image.
     Img2img(generate::Img2ImgArgs),
     /// Mix prompts and images with weights (`prior.interpolate`), then decode.
     Mix(generate::MixArgs),

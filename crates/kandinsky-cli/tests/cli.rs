@@ -417,3 +417,37 @@ fn img2img_matches_diffusers_and_rejects_bad_strength() {
         assert!(!out.exists());
     }
 }
+
+#[test]
+fn img2img_2_1_matches_diffusers() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("i2i21.png");
+    let mut args: Vec<String> = [
+        "img2img",
+        "--prompt",
+        "a red circle",
+        "--strength",
+        "0.5",
+        "--image",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.push(fixture("images/drawing_64x64.png"));
+    let mut c = common_args("2_1", "31");
+    let i = c.iter().position(|a| a == "--steps").unwrap();
+    c[i + 1] = "10".into();
+    args.extend(c);
+    let res = bin()
+        .args(&args)
+        .arg("--output")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    assert_png_matches_in(&out, "pipelines/e2e_img2img_2_1.safetensors", "same_size");
+}

@@ -202,20 +202,24 @@ fn mixing_and_variations_match_diffusers() {
     }
 }
 
-/// 2.2 image-to-image (prior, then `KandinskyV22Img2ImgPipeline`, one generator): an image of the
-/// output size, an upscaled one, and strength 1.0.
-#[test]
-fn img2img_2_2_matches_diffusers() {
+/// Image-to-image (prior, then `KandinskyImg2ImgPipeline` / `KandinskyV22Img2ImgPipeline`, one
+/// generator): an image of the output size, an upscaled one, and strength 1.0.
+fn img2img(version: &str) {
     let dir = fixtures().join("pipelines");
     let cases: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("e2e_img2img_2_2.json")).unwrap())
             .unwrap();
-    let reference = load_io(&dir.join("e2e_img2img_2_2.safetensors"));
-    let prior = KandinskyPriorPipeline::load(&dir.join("tiny-2-2-prior"), DType::F32, &Device::Cpu)
-        .unwrap();
-    let decoder =
-        KandinskyV22Pipeline::load(&dir.join("tiny-2-2-decoder"), DType::F32, &Device::Cpu)
+    let reference = load_io(&dir.join(format!("e2e_img2img_{version}.safetensors")));
+    let (prior_dir, decoder) = if version == "2_2" {
+        let d = KandinskyV22Pipeline::load(&dir.join("tiny-2-2-decoder"), DType::F32, &Device::Cpu)
             .unwrap();
+        ("tiny-2-2-prior", Decoder::V22(Box::new(d)))
+    } else {
+        let d = KandinskyPipeline::load(&dir.join("tiny-2-1"), DType::F32, &Device::Cpu).unwrap();
+        ("tiny-2-1-prior", Decoder::V21(Box::new(d)))
+    };
+    let prior =
+        KandinskyPriorPipeline::load(&dir.join(prior_dir), DType::F32, &Device::Cpu).unwrap();
     for case in cases.as_array().unwrap() {
         let name = case["name"].as_str().unwrap();
         let mut g = TorchGenerator::new(case["seed"].as_u64().unwrap());
@@ -228,24 +232,34 @@ fn img2img_2_2_matches_diffusers() {
         let (emb, neg) = prior
             .call(&prompts, None, params, &mut g, None, &mut |_, _| {})
             .unwrap();
-        let image = kandinsky::image_io::prepare_image(
-            &fixtures().join(case["image"].as_str().unwrap()),
-            64,
-            64,
-            2,
-            &Device::Cpu,
-        )
-        .unwrap();
+        let path = fixtures().join(case["image"].as_str().unwrap());
+        let image = kandinsky::image_io::prepare_image(&path, 64, 64, 2, &Device::Cpu).unwrap();
+        let steps = case["steps"].as_u64().unwrap() as usize;
         let dp = DecoderParams {
             height: 64,
             width: 64,
-            steps: case["steps"].as_u64().unwrap() as usize,
+            steps,
             guidance_scale: 4.0,
         };
         let strength = case["strength"].as_f64().unwrap();
-        let img = decoder
-            .img2img(&image, &emb, &neg, dp, strength, &mut g, &mut |_, _| {})
-            .unwrap();
+        let img = match &decoder {
+            Decoder::V22(d) => d
+                .img2img(&image, &emb, &neg, dp, strength, &mut g, &mut |_, _| {})
+                .unwrap(),
+            Decoder::V21(d) => d
+                .img2img(
+                    &prompts,
+                    None,
+                    &image,
+                    &emb,
+                    &neg,
+                    dp,
+                    strength,
+                    &mut g,
+                    &mut |_, _| {},
+                )
+                .unwrap(),
+        };
         let ours = ((img * 0.5).unwrap() + 0.5)
             .unwrap()
             .clamp(0f32, 1f32)
@@ -262,12 +276,22 @@ fn img2img_2_2_matches_diffusers() {
             .unwrap();
         let diff = diff.to_scalar::<f32>().unwrap();
         println!(
-            "img2img {name}: max pixel difference {diff:.3e} ({:.3}/255)",
+            "{version} img2img {name}: max pixel difference {diff:.3e} ({:.3}/255)",
             diff * 255.0
         );
         assert!(
             diff <= 2.0 / 255.0,
-            "img2img {name}: max pixel difference {diff}"
+            "{version} img2img {name}: max pixel difference {diff}"
         );
     }
+}
+
+#[test]
+fn img2img_2_2_matches_diffusers() {
+    img2img("2_2");
+}
+
+#[test]
+fn img2img_2_1_matches_diffusers() {
+    img2img("2_1");
 }

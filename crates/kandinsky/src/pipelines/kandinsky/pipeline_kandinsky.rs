@@ -41,6 +41,11 @@ impl KandinskyPipeline {
         })
     }
 
+    /// Pixels per latent pixel of the MoVQ.
+    pub fn scale_factor(&self) -> usize {
+        self.movq.scale_factor()
+    }
+
     /// Replaces the scheduler configuration.
     pub fn set_scheduler(&mut self, config: SchedulerConfig) {
         self.scheduler = config;
@@ -68,6 +73,50 @@ impl KandinskyPipeline {
         Ok((Tensor::cat(&[ue, e], 0)?, Tensor::cat(&[uh, h], 0)?))
     }
 
+    /// `KandinskyImg2ImgPipeline.__call__`: as [`Self::call`], starting from `image (1, 3, H, W)`
+    /// in [-1, 1] encoded with the MoVQ and noised with the 2.1 pipeline's own schedule (diffusers'
+    /// defaults: strength 0.3, guidance 7).
+    #[allow(clippy::too_many_arguments)]
+    pub fn img2img(
+        &self,
+        prompts: &[String],
+        negative_prompt: Option<&str>,
+        image: &Tensor,
+        image_embeds: &Tensor,
+        negative_image_embeds: &Tensor,
+        params: DecoderParams,
+        strength: f64,
+        generator: &mut TorchGenerator,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Tensor> {
+        if !(strength > 0.0 && strength <= 1.0) {
+            return Err(Error::InvalidArgument(format!(
+                "strength must be in (0, 1], got {strength}"
+            )));
+        }
+        let b = image_embeds.dim(0)?;
+        let encoded = self.movq.encode(image)?;
+        let latents = crate::pipelines::kandinsky::pipeline_kandinsky_prior::repeat_interleave(
+            &encoded,
+            b / encoded.dim(0)?.max(1),
+        )?;
+        let init = Init::Image {
+            latents,
+            strength,
+            q_sample_2_1: true,
+        };
+        self.run(
+            prompts,
+            negative_prompt,
+            image_embeds,
+            negative_image_embeds,
+            params,
+            generator,
+            init,
+            progress,
+        )
+    }
+
     /// `__call__` up to the decoded image `(B, 3, H, W)` in [-1, 1]. `prompts` has one entry per
     /// image embedding (the combined pipeline repeats the prompt to the batch).
     #[allow(clippy::too_many_arguments)]
@@ -80,6 +129,30 @@ impl KandinskyPipeline {
         params: DecoderParams,
         generator: &mut TorchGenerator,
         latents: Option<Tensor>,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Tensor> {
+        self.run(
+            prompts,
+            negative_prompt,
+            image_embeds,
+            negative_image_embeds,
+            params,
+            generator,
+            Init::Noise(latents),
+            progress,
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn run(
+        &self,
+        prompts: &[String],
+        negative_prompt: Option<&str>,
+        image_embeds: &Tensor,
+        negative_image_embeds: &Tensor,
+        params: DecoderParams,
+        generator: &mut TorchGenerator,
+        init: Init,
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<Tensor> {
         let b = image_embeds.dim(0)?;
@@ -111,7 +184,7 @@ impl KandinskyPipeline {
             b,
             params,
             generator,
-            Init::Noise(latents),
+            init,
             &self.device,
             progress,
         )?;

@@ -153,7 +153,11 @@ impl KandinskyV22Pipeline {
             b,
             params,
             generator,
-            Init::Image { latents, strength },
+            Init::Image {
+                latents,
+                strength,
+                q_sample_2_1: false,
+            },
             &self.device,
             progress,
         )?;
@@ -171,6 +175,9 @@ pub(crate) enum Init {
         latents: Tensor,
         /// Fraction of the schedule to run, in (0, 1].
         strength: f64,
+        /// The 2.1 pipeline's noising: timestep `int(1000 · strength) - 2` of a linear
+        /// 1e-4…0.02 schedule (the original `q_sample`), not the scheduler's.
+        q_sample_2_1: bool,
     },
 }
 
@@ -199,7 +206,11 @@ pub(crate) fn denoise(
     let mut ts = scheduler.timesteps().to_vec();
     let mut x = match init {
         Init::Noise(latents) => prepare_latents(&[b, c, h, w], latents, generator, device)?,
-        Init::Image { latents, strength } => {
+        Init::Image {
+            latents,
+            strength,
+            q_sample_2_1,
+        } => {
             // `get_timesteps`: skip the first (1 - strength) of the schedule.
             let n = ts.len();
             let init_steps = ((n as f64 * strength) as usize).min(n);
@@ -210,7 +221,19 @@ pub(crate) fn denoise(
             }
             ts = ts[n - init_steps..].to_vec();
             let noise = generator.randn(latents.shape(), device)?;
-            scheduler.add_noise(&latents, &noise, ts[0])?
+            if q_sample_2_1 {
+                let t = (1000.0 * strength) as i64 - 2;
+                if t < 0 {
+                    return Err(Error::InvalidArgument(format!(
+                        "strength {strength} is too small"
+                    )));
+                }
+                let betas = crate::schedulers::linspace_f32(1e-4, 0.02, 1000);
+                let ac = crate::schedulers::alphas_cumprod(&betas);
+                crate::schedulers::add_noise_with(&ac, &latents, &noise, t as usize)?
+            } else {
+                scheduler.add_noise(&latents, &noise, ts[0])?
+            }
         }
     };
     for (i, &t) in ts.iter().enumerate() {
