@@ -89,22 +89,8 @@ impl KandinskyPipeline {
         generator: &mut TorchGenerator,
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<Tensor> {
-        if !(strength > 0.0 && strength <= 1.0) {
-            return Err(Error::InvalidArgument(format!(
-                "strength must be in (0, 1], got {strength}"
-            )));
-        }
         let b = image_embeds.dim(0)?;
-        let encoded = self.movq.encode(image)?;
-        let latents = crate::pipelines::kandinsky::pipeline_kandinsky_prior::repeat_interleave(
-            &encoded,
-            b / encoded.dim(0)?.max(1),
-        )?;
-        let init = Init::Image {
-            latents,
-            strength,
-            q_sample_2_1: true,
-        };
+        let init = Init::from_image(&self.movq, image, b, strength, true)?;
         self.run(
             prompts,
             negative_prompt,

@@ -4,6 +4,7 @@
 use crate::error::{Error, Result};
 use crate::loading::component_dir;
 use crate::models::{UNet2DConditionModel, UNetConditioning, VQModel};
+use crate::pipelines::kandinsky::pipeline_kandinsky_prior::repeat_interleave;
 use crate::pipelines::prepare_latents;
 use crate::schedulers::{from_config, SchedulerConfig};
 use crate::utils::torch_utils::TorchGenerator;
@@ -82,9 +83,27 @@ impl KandinskyV22Pipeline {
         latents: Option<Tensor>,
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<Tensor> {
+        self.run(
+            image_embeds,
+            negative_image_embeds,
+            params,
+            generator,
+            Init::Noise(latents),
+            progress,
+        )
+    }
+
+    fn run(
+        &self,
+        image_embeds: &Tensor,
+        negative_image_embeds: &Tensor,
+        params: DecoderParams,
+        generator: &mut TorchGenerator,
+        init: Init,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Tensor> {
         let b = image_embeds.dim(0)?;
-        let cfg = params.guidance_scale > 1.0;
-        let cond = if cfg {
+        let cond = if params.guidance_scale > 1.0 {
             Tensor::cat(&[negative_image_embeds, image_embeds], 0)?
         } else {
             image_embeds.clone()
@@ -101,7 +120,7 @@ impl KandinskyV22Pipeline {
             b,
             params,
             generator,
-            Init::Noise(latents),
+            init,
             &self.device,
             progress,
         )?;
@@ -124,44 +143,16 @@ impl KandinskyV22Pipeline {
         generator: &mut TorchGenerator,
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<Tensor> {
-        if !(strength > 0.0 && strength <= 1.0) {
-            return Err(Error::InvalidArgument(format!(
-                "strength must be in (0, 1], got {strength}"
-            )));
-        }
         let b = image_embeds.dim(0)?;
-        let encoded = self.movq.encode(image)?;
-        let latents = crate::pipelines::kandinsky::pipeline_kandinsky_prior::repeat_interleave(
-            &encoded,
-            b / encoded.dim(0)?.max(1),
-        )?;
-        let cfg = params.guidance_scale > 1.0;
-        let cond = if cfg {
-            Tensor::cat(&[negative_image_embeds, image_embeds], 0)?
-        } else {
-            image_embeds.clone()
-        };
-        let cond = UNetConditioning {
-            image_embeds: Some(&cond),
-            ..Default::default()
-        };
-        let x = denoise(
-            &self.unet,
-            &self.movq,
-            &self.scheduler,
-            &cond,
-            b,
+        let init = Init::from_image(&self.movq, image, b, strength, false)?;
+        self.run(
+            image_embeds,
+            negative_image_embeds,
             params,
             generator,
-            Init::Image {
-                latents,
-                strength,
-                q_sample_2_1: false,
-            },
-            &self.device,
+            init,
             progress,
-        )?;
-        self.movq.decode(&x, true)
+        )
     }
 }
 
@@ -179,6 +170,31 @@ pub(crate) enum Init {
         /// 1e-4…0.02 schedule (the original `q_sample`), not the scheduler's.
         q_sample_2_1: bool,
     },
+}
+
+impl Init {
+    /// The image-to-image start: `strength` checked, `image` encoded with the MoVQ and repeated
+    /// to the batch `b`.
+    pub(crate) fn from_image(
+        movq: &VQModel,
+        image: &Tensor,
+        b: usize,
+        strength: f64,
+        q_sample_2_1: bool,
+    ) -> Result<Self> {
+        if !(strength > 0.0 && strength <= 1.0) {
+            return Err(Error::InvalidArgument(format!(
+                "strength must be in (0, 1], got {strength}"
+            )));
+        }
+        let encoded = movq.encode(image)?;
+        let latents = repeat_interleave(&encoded, b / encoded.dim(0)?.max(1))?;
+        Ok(Init::Image {
+            latents,
+            strength,
+            q_sample_2_1,
+        })
+    }
 }
 
 /// The decoder loop shared by the 2.1 and 2.2 pipelines: latents from the generator (or the
