@@ -87,14 +87,20 @@ REAL_TOPOLOGY_UNET = dict(
 )
 
 
-def variants(base):
+def variants(base, tiny_widths=False):
+    """With `tiny_widths`, the inpainting and ControlNet variants take the embedding widths of the
+    tiny pipelines (prior E = 16, M-CLIP hidden 32), so that the same weights serve the UNet parity
+    test and the end-to-end inpainting / ControlNet pipelines (one copy in the repo)."""
+    e21 = dict(cross_attention_dim=16, encoder_hid_dim=32) if tiny_widths else {}
+    e22 = dict(encoder_hid_dim=16) if tiny_widths else {}
     return {
         "2_1": dict(base),
-        "2_1_inpaint": dict(base, in_channels=9),
+        "2_1_inpaint": dict(base, in_channels=9, **e21),
         "2_2": dict(base, addition_embed_type="image", encoder_hid_dim_type="image_proj"),
-        "2_2_inpaint": dict(base, addition_embed_type="image", encoder_hid_dim_type="image_proj", in_channels=9),
+        "2_2_inpaint": dict(base, addition_embed_type="image", encoder_hid_dim_type="image_proj", in_channels=9,
+                            **e22),
         "2_2_controlnet": dict(base, addition_embed_type="image_hint", encoder_hid_dim_type="image_proj",
-                               in_channels=8, cross_attention_dim=base["cross_attention_dim"] + 4),
+                               in_channels=8, cross_attention_dim=base["cross_attention_dim"] + 4, **e22),
     }
 
 
@@ -128,7 +134,7 @@ def make_unets():
         ("dummy", DUMMY_UNET, [(8, 8), (8, 12)]),
         ("topo", REAL_TOPOLOGY_UNET, [(16, 16), (16, 24)]),
     ]:
-        for i, (name, cfg) in enumerate(sorted(variants(base).items())):
+        for i, (name, cfg) in enumerate(sorted(variants(base, tiny_widths=family == "dummy").items())):
             out_dir = os.path.join(ROOT, "unet", f"{family}_{name}")
             torch.manual_seed(100 + i)
             model = UNet2DConditionModel(**cfg).eval()
@@ -812,6 +818,179 @@ def make_img2img():
 
 
 # ---------------------------------------------------------------------------------------------
+# Inpainting, outpainting, ControlNet and prior emb2emb: tiny model directories that reuse the
+# UNet fixtures (dummy_2_*_inpaint, dummy_2_2_controlnet) and the other tiny components by symlink.
+INPAINT_CASES = [
+    # name, prompt, negative, image, mask, height, width, steps, prior steps, guidance, prior guidance, seed, images
+    ("default", "a red cat", None, "images/drawing_64x64.png", "images/mask_64x64.png", 64, 64, 4, 3, 4.0, 4.0, 41, 1),
+    ("negative_nonsquare", "green triangle at the top", "blurry", "images/drawing_64x64.png",
+     "images/mask_64x64.png", 64, 128, 3, 2, 5.0, 3.0, 42, 1),
+    ("no_cfg_batch", "a blue square", None, "images/drawing_64x64.png", "images/mask_64x64.png", 64, 64, 3, 2,
+     1.0, 1.0, 43, 2),
+    # Outpainting: drawing_48x48 extended by 16 px on the left, 8 on top and 8 at the bottom (edge
+    # pixels replicated into the new area, which the mask marks white), inpainted at 64x64.
+    ("outpaint", "a red circle", None, "images/outpaint_canvas.png", "images/outpaint_mask.png", 64, 64, 4, 3,
+     4.0, 4.0, 44, 1),
+]
+
+
+def outpaint_canvas(img, left, top, right, bottom):
+    import numpy as np
+    a = np.array(img.convert("RGB"))
+    canvas = np.pad(a, ((top, bottom), (left, right), (0, 0)), mode="edge")
+    mask = np.full(canvas.shape[:2], 255, np.uint8)
+    mask[top:top + a.shape[0], left:left + a.shape[1]] = 0
+    return canvas, mask
+
+
+def make_dir_with_links(dst, model_index, links):
+    """A model directory: `model_index.json` plus components symlinked from other fixtures
+    (`links`: component -> directory, or component -> list of files of a directory)."""
+    os.makedirs(dst, exist_ok=True)
+    with open(os.path.join(dst, "model_index.json"), "w") as f:
+        json.dump(model_index, f, indent=2)
+    for comp, src in links.items():
+        p = os.path.join(dst, comp)
+        if isinstance(src, tuple):
+            os.makedirs(p, exist_ok=True)
+            link_files(p, src[0], src[1])
+        else:
+            if os.path.lexists(p):
+                os.remove(p)
+            os.symlink(os.path.relpath(src, dst), p)
+
+
+def make_inpaint():
+    import numpy as np
+    from PIL import Image
+    from diffusers import KandinskyInpaintCombinedPipeline, KandinskyV22InpaintCombinedPipeline
+
+    base = os.path.join(ROOT, "pipelines")
+    images = os.path.join(ROOT, "images")
+    mask = np.zeros((64, 64), np.uint8)
+    mask[16:40, 8:48] = 255
+    Image.fromarray(mask, "L").save(os.path.join(images, "mask_64x64.png"))
+    canvas, cmask = outpaint_canvas(Image.open(os.path.join(images, "drawing_48x48.png")), 16, 8, 0, 8)
+    Image.fromarray(canvas).save(os.path.join(images, "outpaint_canvas.png"))
+    Image.fromarray(cmask, "L").save(os.path.join(images, "outpaint_mask.png"))
+    unet_files = ["config.json", "diffusion_pytorch_model.safetensors"]
+    t21 = os.path.join(base, "tiny-2-1")
+    make_dir_with_links(os.path.join(base, "tiny-2-1-inpaint"), {
+        "_class_name": "KandinskyInpaintPipeline", "_diffusers_version": diffusers.__version__,
+        "movq": ["diffusers", "VQModel"], "scheduler": ["diffusers", "DDIMScheduler"],
+        "text_encoder": ["kandinsky", "MultilingualCLIP"], "tokenizer": ["transformers", "XLMRobertaTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"]}, {
+        "movq": os.path.join(ROOT, "movq", "dummy"), "scheduler": os.path.join(t21, "scheduler"),
+        "text_encoder": os.path.join(t21, "text_encoder"), "tokenizer": os.path.join(t21, "tokenizer"),
+        "unet": (os.path.join(ROOT, "unet", "dummy_2_1_inpaint"), unet_files)})
+    t22 = os.path.join(base, "tiny-2-2-decoder")
+    make_dir_with_links(os.path.join(base, "tiny-2-2-inpaint"), {
+        "_class_name": "KandinskyV22InpaintPipeline", "_diffusers_version": diffusers.__version__,
+        "movq": ["diffusers", "VQModel"], "scheduler": ["diffusers", "DDPMScheduler"],
+        "unet": ["diffusers", "UNet2DConditionModel"]}, {
+        "movq": os.path.join(ROOT, "movq", "dummy"), "scheduler": os.path.join(t22, "scheduler"),
+        "unet": (os.path.join(ROOT, "unet", "dummy_2_2_inpaint"), unet_files)})
+    out, cases = {}, []
+    for version, cls, prior_dir, dec_dir in [
+        ("2_1", KandinskyInpaintCombinedPipeline, "tiny-2-1-prior", "tiny-2-1-inpaint"),
+        ("2_2", KandinskyV22InpaintCombinedPipeline, "tiny-2-2-prior", "tiny-2-2-inpaint"),
+    ]:
+        from diffusers import DiffusionPipeline
+        prior = DiffusionPipeline.from_pretrained(os.path.join(base, prior_dir), torch_dtype=torch.float32)
+        dec = DiffusionPipeline.from_pretrained(os.path.join(base, dec_dir), torch_dtype=torch.float32)
+        kw = dict(text_encoder=dec.text_encoder, tokenizer=dec.tokenizer) if version == "2_1" else {}
+        pipe = cls(unet=dec.unet, scheduler=dec.scheduler, movq=dec.movq, prior_prior=prior.prior,
+                   prior_image_encoder=prior.image_encoder, prior_text_encoder=prior.text_encoder,
+                   prior_tokenizer=prior.tokenizer, prior_scheduler=prior.scheduler,
+                   prior_image_processor=prior.image_processor, **kw)
+        pipe.set_progress_bar_config(disable=True)
+        for (name, prompt, neg, image, mask_path, h, w, steps, psteps, g, pg, seed, n) in INPAINT_CASES:
+            im = Image.open(os.path.join(ROOT, image)).convert("RGB")
+            mk = Image.open(os.path.join(ROOT, mask_path))
+            gen = torch.Generator("cpu").manual_seed(seed)
+            img = pipe(prompt=prompt, negative_prompt=neg, image=im, mask_image=mk, num_inference_steps=steps,
+                       prior_num_inference_steps=psteps, guidance_scale=g, prior_guidance_scale=pg, height=h,
+                       width=w, generator=gen, num_images_per_prompt=n, output_type="np").images
+            out[f"{version}_{name}"] = torch.from_numpy(np.ascontiguousarray(img))
+            if version == "2_1":
+                cases.append(dict(name=name, prompt=prompt, negative_prompt=neg, image=image, mask=mask_path,
+                                  height=h, width=w, steps=steps, prior_steps=psteps, guidance=g, prior_guidance=pg,
+                                  seed=seed, num_images=n))
+    save_io(os.path.join(base, "e2e_inpaint.safetensors"), out)
+    with open(os.path.join(base, "e2e_inpaint.json"), "w") as f:
+        json.dump(cases, f, ensure_ascii=False, indent=1)
+    print("inpainting written")
+
+
+CONTROLNET_CASES = [
+    # name, prompt, negative, height, width, steps, prior steps, guidance, prior guidance, seed, images,
+    # img2img strength (None: from noise), prior emb2emb strength (None: the plain prior)
+    ("default", "a red cat", None, 64, 64, 4, 3, 4.0, 4.0, 51, 1, None, None),
+    ("negative_nonsquare", "green triangle at the top", "blurry", 64, 128, 3, 2, 5.0, 3.0, 52, 1, None, None),
+    ("no_cfg", "a blue square", None, 64, 64, 3, 2, 1.0, 1.0, 53, 1, None, None),
+    ("batch", "a blue square", None, 64, 64, 3, 2, 4.0, 4.0, 54, 2, None, None),
+    ("img2img", "a red circle", None, 64, 64, 6, 3, 4.0, 4.0, 55, 1, 0.5, None),
+    ("img2img_emb2emb", "a red circle", None, 64, 64, 6, 4, 4.0, 4.0, 56, 1, 0.5, 0.6),
+]
+
+
+def make_controlnet():
+    """2.2 ControlNet (prior, then KandinskyV22Controlnet[Img2Img]Pipeline with one generator) and
+    the prior's emb2emb (KandinskyV22PriorEmb2EmbPipeline)."""
+    import numpy as np
+    from PIL import Image
+    from diffusers import (KandinskyV22ControlnetImg2ImgPipeline, KandinskyV22ControlnetPipeline,
+                           KandinskyV22PriorEmb2EmbPipeline, KandinskyV22PriorPipeline)
+
+    base = os.path.join(ROOT, "pipelines")
+    images = os.path.join(ROOT, "images")
+    for w, h in [(64, 64), (128, 64)]:
+        y, x = np.mgrid[0:h, 0:w]
+        depth = 40 + 150 * y / h + 60 * (((x - 0.6 * w) ** 2 + (y - 0.4 * h) ** 2) < (0.25 * h) ** 2)
+        Image.fromarray(depth.astype(np.uint8), "L").save(os.path.join(images, f"hint_{w}x{h}.png"))
+    make_dir_with_links(os.path.join(base, "tiny-2-2-controlnet"), {
+        "_class_name": "KandinskyV22ControlnetPipeline", "_diffusers_version": diffusers.__version__,
+        "movq": ["diffusers", "VQModel"], "scheduler": ["diffusers", "DDPMScheduler"],
+        "unet": ["diffusers", "UNet2DConditionModel"]}, {
+        "movq": os.path.join(ROOT, "movq", "topo"),
+        "scheduler": os.path.join(base, "tiny-2-2-decoder", "scheduler"),
+        "unet": (os.path.join(ROOT, "unet", "dummy_2_2_controlnet"), ["config.json", "diffusion_pytorch_model.safetensors"])})
+    prior = KandinskyV22PriorPipeline.from_pretrained(os.path.join(base, "tiny-2-2-prior"), torch_dtype=torch.float32)
+    emb2emb = KandinskyV22PriorEmb2EmbPipeline.from_pretrained(os.path.join(base, "tiny-2-2-prior"),
+                                                               torch_dtype=torch.float32)
+    t2i = KandinskyV22ControlnetPipeline.from_pretrained(os.path.join(base, "tiny-2-2-controlnet"),
+                                                         torch_dtype=torch.float32)
+    i2i = KandinskyV22ControlnetImg2ImgPipeline(**t2i.components)
+    for p_ in (prior, emb2emb, t2i, i2i):
+        p_.set_progress_bar_config(disable=True)
+    image = Image.open(os.path.join(images, "drawing_64x64.png")).convert("RGB")
+    out, cases = {}, []
+    for (name, prompt, neg, h, w, steps, psteps, g, pg, seed, n, strength, pstrength) in CONTROLNET_CASES:
+        hint_path = f"images/hint_{w}x{h}.png"
+        hint = torch.from_numpy(np.array(Image.open(os.path.join(ROOT, hint_path)).convert("RGB"))).float() / 255.0
+        hint = hint.permute(2, 0, 1).unsqueeze(0).repeat(n, 1, 1, 1)
+        gen = torch.Generator("cpu").manual_seed(seed)
+        if pstrength is None:
+            emb = prior(prompt, negative_prompt=neg, num_inference_steps=psteps, guidance_scale=pg,
+                        num_images_per_prompt=n, generator=gen)
+        else:
+            emb = emb2emb(prompt, image=image, strength=pstrength, negative_prompt=neg, num_inference_steps=psteps,
+                          guidance_scale=pg, num_images_per_prompt=n, generator=gen)
+        kw = dict(image_embeds=emb.image_embeds, negative_image_embeds=emb.negative_image_embeds, hint=hint,
+                  height=h, width=w, num_inference_steps=steps, guidance_scale=g, generator=gen, output_type="np")
+        img = (t2i(**kw) if strength is None else i2i(image=image, strength=strength, **kw)).images
+        out[name] = torch.from_numpy(np.ascontiguousarray(img))
+        cases.append(dict(name=name, prompt=prompt, negative_prompt=neg, hint=hint_path, height=h, width=w,
+                          steps=steps, prior_steps=psteps, guidance=g, prior_guidance=pg, seed=seed, num_images=n,
+                          image="images/drawing_64x64.png" if strength or pstrength else None, strength=strength,
+                          prior_strength=pstrength))
+    save_io(os.path.join(base, "e2e_controlnet.safetensors"), out)
+    with open(os.path.join(base, "e2e_controlnet.json"), "w") as f:
+        json.dump(cases, f, ensure_ascii=False, indent=1)
+    print("controlnet written")
+
+
+# ---------------------------------------------------------------------------------------------
 # Real configs: names and shapes of the real-size state dicts, built on the meta device.
 def make_real_shapes():
     real = os.path.join(ROOT, "real_configs")
@@ -875,5 +1054,7 @@ if __name__ == "__main__":
     make_pipelines_2_1()
     make_mixing()
     make_img2img()
+    make_inpaint()
+    make_controlnet()
     make_real_shapes()
     os.system(f"du -sh {ROOT}")

@@ -132,3 +132,19 @@ pub fn numbered_path(path: &Path, index: usize, count: usize) -> std::path::Path
         None => path.with_file_name(format!("{stem}-{index}")),
     }
 }
+
+/// A ControlNet hint from an image file (e.g. a depth map; grey levels become 3 equal channels):
+/// resized to `width × height` (Pillow bicubic) when it differs, `/255`, `(1, 3, H, W)` in [0, 1]
+/// — the recipe of diffusers' ControlNet examples.
+pub fn load_hint(path: &Path, width: usize, height: usize, device: &Device) -> Result<Tensor> {
+    let (w, h, rgb) = read_rgb8(path)?;
+    let rgb = if (w, h) == (width, height) {
+        rgb
+    } else {
+        crate::image_processor::resize_bicubic_rgb8(w, h, &rgb, width, height)
+    };
+    let t = Tensor::from_vec(rgb, (height, width, 3), device)?
+        .permute((2, 0, 1))?
+        .to_dtype(DType::F32)?;
+    Ok((t / 255.0)?.unsqueeze(0)?)
+}

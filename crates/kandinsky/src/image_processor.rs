@@ -143,7 +143,7 @@ impl ClipImageProcessor {
         let mut img = Planar::from_hwc(width, height, rgb);
         if let Some(s) = self.shortest_edge {
             let (h, w) = resize_output_size(height, width, s);
-            img = img.resize(w, h);
+            img = img.resize(w, h, Filter::Bicubic);
         }
         if let Some((ch, cw)) = self.crop {
             img = img.center_crop(ch, cw);
@@ -174,7 +174,59 @@ pub fn resize_bicubic_rgb8(
     new_width: usize,
     new_height: usize,
 ) -> Vec<u8> {
-    let img = Planar::from_hwc(width, height, rgb).resize(new_width, new_height);
+    resize_rgb8(width, height, rgb, new_width, new_height, Filter::Bicubic)
+}
+
+/// Pillow's resampling filters we need: bicubic (images) and Lanczos (inpainting masks).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Filter {
+    /// `Image.BICUBIC` (a = -0.5, support 2).
+    Bicubic,
+    /// `Image.LANCZOS` (windowed sinc, support 3).
+    Lanczos,
+}
+
+impl Filter {
+    fn support(self) -> f64 {
+        match self {
+            Filter::Bicubic => 2.0,
+            Filter::Lanczos => 3.0,
+        }
+    }
+
+    fn eval(self, x: f64) -> f64 {
+        match self {
+            Filter::Bicubic => bicubic(x),
+            Filter::Lanczos => {
+                if (-3.0..3.0).contains(&x) {
+                    sinc(x) * sinc(x / 3.0)
+                } else {
+                    0.0
+                }
+            }
+        }
+    }
+}
+
+fn sinc(x: f64) -> f64 {
+    if x == 0.0 {
+        1.0
+    } else {
+        let x = x * std::f64::consts::PI;
+        x.sin() / x
+    }
+}
+
+/// Pillow's `Image.resize((width, height), filter)` of an RGB8 image (HWC bytes in and out).
+pub fn resize_rgb8(
+    width: usize,
+    height: usize,
+    rgb: &[u8],
+    new_width: usize,
+    new_height: usize,
+    filter: Filter,
+) -> Vec<u8> {
+    let img = Planar::from_hwc(width, height, rgb).resize(new_width, new_height, filter);
     let mut out = Vec::with_capacity(new_width * new_height * 3);
     for i in 0..new_width * new_height {
         for c in 0..3 {
@@ -226,9 +278,9 @@ struct Coeffs {
     precision: u32,
 }
 
-fn coeffs(in_size: usize, out_size: usize) -> Coeffs {
+fn coeffs(in_size: usize, out_size: usize, filter: Filter) -> Coeffs {
     let scale = in_size as f64 / out_size as f64;
-    let support = 2.0 * scale.max(1.0);
+    let support = filter.support() * scale.max(1.0);
     let invscale = if scale >= 1.0 { 1.0 / scale } else { 1.0 };
     let mut float_spans = Vec::with_capacity(out_size);
     for i in 0..out_size {
@@ -236,7 +288,7 @@ fn coeffs(in_size: usize, out_size: usize) -> Coeffs {
         let xmin = ((center - support + 0.5) as i64).max(0);
         let xsize = ((center + support + 0.5) as i64).min(in_size as i64) - xmin;
         let mut w: Vec<f64> = (0..xsize.max(0))
-            .map(|j| bicubic((j as f64 + xmin as f64 - center + 0.5) * invscale))
+            .map(|j| filter.eval((j as f64 + xmin as f64 - center + 0.5) * invscale))
             .collect();
         let total: f64 = w.iter().sum();
         if total != 0.0 {
@@ -293,10 +345,10 @@ impl Planar {
         }
     }
 
-    fn resize(self, out_w: usize, out_h: usize) -> Self {
+    fn resize(self, out_w: usize, out_h: usize, filter: Filter) -> Self {
         let mut img = self;
         if out_w != img.width {
-            let c = coeffs(img.width, out_w);
+            let c = coeffs(img.width, out_w, filter);
             let planes = img.planes.map(|p| {
                 let mut out = vec![0u8; out_w * img.height];
                 for y in 0..img.height {
@@ -311,7 +363,7 @@ impl Planar {
             };
         }
         if out_h != img.height {
-            let c = coeffs(img.height, out_h);
+            let c = coeffs(img.height, out_h, filter);
             let w = img.width;
             let planes = img.planes.map(|p| {
                 let mut out = vec![0u8; w * out_h];

@@ -295,3 +295,196 @@ fn img2img_2_2_matches_diffusers() {
 fn img2img_2_1_matches_diffusers() {
     img2img("2_1");
 }
+
+/// `x·0.5 + 0.5` clamped, NHWC, against diffusers' `output_type="np"` image: max ≤ 2/255.
+fn assert_matches(img: candle_core::Tensor, want: &candle_core::Tensor, label: &str) {
+    let ours = ((img * 0.5).unwrap() + 0.5)
+        .unwrap()
+        .clamp(0f32, 1f32)
+        .unwrap()
+        .permute((0, 2, 3, 1))
+        .unwrap();
+    assert_eq!(ours.dims(), want.dims(), "{label}");
+    let diff = (ours - want)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    println!(
+        "{label}: max pixel difference {diff:.3e} ({:.3}/255)",
+        diff * 255.0
+    );
+    assert!(diff <= 2.0 / 255.0, "{label}: max pixel difference {diff}");
+}
+
+fn rgb8(rel: &str) -> (usize, usize, Vec<u8>) {
+    kandinsky::image_io::read_rgb8(&fixtures().join(rel)).unwrap()
+}
+
+/// `KandinskyInpaintCombinedPipeline` / `KandinskyV22InpaintCombinedPipeline` with one generator:
+/// a mask at the image size, a non-square output (image bicubic- and mask Lanczos-resized), no
+/// CFG with 2 images, and an outpainting canvas.
+fn inpaint(version: &str) {
+    use kandinsky::pipelines::kandinsky::pipeline_kandinsky_inpaint::prepare_mask_and_masked_image;
+    let dir = fixtures().join("pipelines");
+    let cases: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("e2e_inpaint.json")).unwrap())
+            .unwrap();
+    let reference = load_io(&dir.join("e2e_inpaint.safetensors"));
+    let (prior_dir, decoder) = if version == "2_2" {
+        let d = KandinskyV22Pipeline::load(&dir.join("tiny-2-2-inpaint"), DType::F32, &Device::Cpu)
+            .unwrap();
+        ("tiny-2-2-prior", Decoder::V22(Box::new(d)))
+    } else {
+        let d = KandinskyPipeline::load(&dir.join("tiny-2-1-inpaint"), DType::F32, &Device::Cpu)
+            .unwrap();
+        ("tiny-2-1-prior", Decoder::V21(Box::new(d)))
+    };
+    let prior =
+        KandinskyPriorPipeline::load(&dir.join(prior_dir), DType::F32, &Device::Cpu).unwrap();
+    for case in cases.as_array().unwrap() {
+        let name = case["name"].as_str().unwrap();
+        let mut g = TorchGenerator::new(case["seed"].as_u64().unwrap());
+        let params = PriorParams {
+            steps: case["prior_steps"].as_u64().unwrap() as usize,
+            guidance_scale: case["prior_guidance"].as_f64().unwrap(),
+            num_images_per_prompt: case["num_images"].as_u64().unwrap() as usize,
+        };
+        let prompts = vec![case["prompt"].as_str().unwrap().to_string()];
+        let (emb, neg) = prior
+            .call(
+                &prompts,
+                case["negative_prompt"].as_str(),
+                params,
+                &mut g,
+                None,
+                &mut |_, _| {},
+            )
+            .unwrap();
+        let dp = DecoderParams {
+            height: case["height"].as_u64().unwrap() as usize,
+            width: case["width"].as_u64().unwrap() as usize,
+            steps: case["steps"].as_u64().unwrap() as usize,
+            guidance_scale: case["guidance"].as_f64().unwrap(),
+        };
+        let (iw, ih, image) = rgb8(case["image"].as_str().unwrap());
+        let (mw, mh, mask) = rgb8(case["mask"].as_str().unwrap());
+        let (mask, image) = prepare_mask_and_masked_image(
+            (iw, ih, &image),
+            (mw, mh, &mask),
+            dp.width,
+            dp.height,
+            &Device::Cpu,
+        )
+        .unwrap();
+        let img = match &decoder {
+            Decoder::V22(d) => d
+                .inpaint(&image, &mask, &emb, &neg, dp, &mut g, &mut |_, _| {})
+                .unwrap(),
+            Decoder::V21(d) => d
+                .inpaint(
+                    &prompts,
+                    None,
+                    &image,
+                    &mask,
+                    &emb,
+                    &neg,
+                    dp,
+                    &mut g,
+                    &mut |_, _| {},
+                )
+                .unwrap(),
+        };
+        let key = format!("{version}_{name}");
+        assert_matches(img, &reference[&key], &format!("{version} inpaint {name}"));
+    }
+}
+
+#[test]
+fn inpaint_2_2_matches_diffusers() {
+    inpaint("2_2");
+}
+
+#[test]
+fn inpaint_2_1_matches_diffusers() {
+    inpaint("2_1");
+}
+
+/// The prior (or its emb2emb from an image), then `KandinskyV22ControlnetPipeline` /
+/// `KandinskyV22ControlnetImg2ImgPipeline`, one generator.
+#[test]
+fn controlnet_and_emb2emb_match_diffusers() {
+    let dir = fixtures().join("pipelines");
+    let cases: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("e2e_controlnet.json")).unwrap())
+            .unwrap();
+    let reference = load_io(&dir.join("e2e_controlnet.safetensors"));
+    let decoder =
+        KandinskyV22Pipeline::load(&dir.join("tiny-2-2-controlnet"), DType::F32, &Device::Cpu)
+            .unwrap();
+    let prior = KandinskyPriorPipeline::load(&dir.join("tiny-2-2-prior"), DType::F32, &Device::Cpu)
+        .unwrap();
+    for case in cases.as_array().unwrap() {
+        let name = case["name"].as_str().unwrap();
+        let mut g = TorchGenerator::new(case["seed"].as_u64().unwrap());
+        let params = PriorParams {
+            steps: case["prior_steps"].as_u64().unwrap() as usize,
+            guidance_scale: case["prior_guidance"].as_f64().unwrap(),
+            num_images_per_prompt: case["num_images"].as_u64().unwrap() as usize,
+        };
+        let prompts = vec![case["prompt"].as_str().unwrap().to_string()];
+        let negative = case["negative_prompt"].as_str();
+        let start = case["image"].as_str().map(rgb8);
+        let (emb, neg) = match case["prior_strength"].as_f64() {
+            None => prior.call(&prompts, negative, params, &mut g, None, &mut |_, _| {}),
+            Some(s) => {
+                let (w, h, rgb) = start.as_ref().unwrap();
+                prior.emb2emb(
+                    &prompts,
+                    negative,
+                    (*w, *h, rgb),
+                    s,
+                    params,
+                    &mut g,
+                    &mut |_, _| {},
+                )
+            }
+        }
+        .unwrap();
+        let dp = DecoderParams {
+            height: case["height"].as_u64().unwrap() as usize,
+            width: case["width"].as_u64().unwrap() as usize,
+            steps: case["steps"].as_u64().unwrap() as usize,
+            guidance_scale: case["guidance"].as_f64().unwrap(),
+        };
+        let hint = kandinsky::image_io::load_hint(
+            &fixtures().join(case["hint"].as_str().unwrap()),
+            dp.width,
+            dp.height,
+            &Device::Cpu,
+        )
+        .unwrap();
+        let image = case["image"].as_str().map(|p| {
+            kandinsky::image_io::prepare_image(
+                &fixtures().join(p),
+                dp.width,
+                dp.height,
+                8,
+                &Device::Cpu,
+            )
+            .unwrap()
+        });
+        let init = image
+            .as_ref()
+            .map(|i| (i, case["strength"].as_f64().unwrap()));
+        let img = decoder
+            .controlnet(&hint, init, &emb, &neg, dp, &mut g, &mut |_, _| {})
+            .unwrap();
+        assert_matches(img, &reference[name], &format!("controlnet {name}"));
+    }
+}

@@ -102,6 +102,7 @@ pub struct VQModel {
     decoder: Decoder,
     spatial: bool,
     scale_factor: usize,
+    latent_channels: usize,
 }
 
 impl VQModel {
@@ -163,12 +164,18 @@ impl VQModel {
             )?,
             spatial,
             scale_factor: 1 << (n - 1),
+            latent_channels: c.latent_channels,
         })
     }
 
     /// Pixels per latent pixel, `2^(levels - 1)` (diffusers' `movq_scale_factor`).
     pub fn scale_factor(&self) -> usize {
         self.scale_factor
+    }
+
+    /// Channels of the latent (`config.latent_channels`), the denoised sample's channels.
+    pub fn latent_channels(&self) -> usize {
+        self.latent_channels
     }
 
     /// Loads a `movq/` component directory (`config.json` and weights) in `dtype` on `device`.

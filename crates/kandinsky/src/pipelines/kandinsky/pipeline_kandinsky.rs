@@ -46,6 +46,11 @@ impl KandinskyPipeline {
         self.movq.scale_factor()
     }
 
+    /// The MoVQ (image ⇄ latent).
+    pub fn movq(&self) -> &VQModel {
+        &self.movq
+    }
+
     /// Replaces the scheduler configuration.
     pub fn set_scheduler(&mut self, config: SchedulerConfig) {
         self.scheduler = config;
@@ -130,7 +135,7 @@ impl KandinskyPipeline {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn run(
+    pub(crate) fn run(
         &self,
         prompts: &[String],
         negative_prompt: Option<&str>,

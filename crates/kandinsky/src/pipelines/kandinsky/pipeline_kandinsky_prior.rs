@@ -219,6 +219,26 @@ impl KandinskyPriorPipeline {
         latents: Option<Tensor>,
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<PriorOutput> {
+        self.sample(
+            prompts,
+            negative_prompt,
+            params,
+            generator,
+            PriorInit::Noise(latents),
+            progress,
+        )
+    }
+
+    /// The sampling loop of `__call__` and of the 2.2 `PriorEmb2EmbPipeline`.
+    pub(crate) fn sample(
+        &self,
+        prompts: &[String],
+        negative_prompt: Option<&str>,
+        params: PriorParams,
+        generator: &mut TorchGenerator,
+        init: PriorInit,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<PriorOutput> {
         if params.num_images_per_prompt == 0 {
             return Err(Error::InvalidArgument(
                 "the number of images must be at least 1".into(),
@@ -241,9 +261,39 @@ impl KandinskyPriorPipeline {
         let mut scheduler = from_config(&self.scheduler)?;
         scheduler.set_timesteps(params.steps)?;
         let e = self.prior.config().embedding_dim;
-        let mut x = prepare_latents(&[batch, e], latents, generator, &self.device)?
-            .to_dtype(embeds.dtype())?;
-        let ts = scheduler.timesteps().to_vec();
+        let mut ts = scheduler.timesteps().to_vec();
+        let mut x = match init {
+            PriorInit::Noise(latents) => {
+                prepare_latents(&[batch, e], latents, generator, &self.device)?
+            }
+            PriorInit::Embedding { embeds, strength } => {
+                if !(strength > 0.0 && strength <= 1.0) {
+                    return Err(Error::InvalidArgument(format!(
+                        "prior strength must be in (0, 1], got {strength}"
+                    )));
+                }
+                // `get_timesteps`, then the embedding (unnormalised, as diffusers) noised to the
+                // first kept timestep.
+                let n = ts.len();
+                let init_steps = ((n as f64 * strength) as usize).min(n);
+                if init_steps == 0 {
+                    return Err(Error::InvalidArgument(format!(
+                        "prior strength {strength} with {n} steps leaves no denoising step"
+                    )));
+                }
+                ts = ts[n - init_steps..].to_vec();
+                let rows = embeds.dim(0)?;
+                if rows == 0 || !batch.is_multiple_of(rows) {
+                    return Err(Error::InvalidArgument(format!(
+                        "{rows} image embeddings for a batch of {batch}"
+                    )));
+                }
+                let start = embeds.repeat((batch / rows, 1))?;
+                let noise = generator.randn(start.shape(), &self.device)?;
+                scheduler.add_noise(&start, &noise, ts[0])?
+            }
+        }
+        .to_dtype(embeds.dtype())?;
         for (i, &t) in ts.iter().enumerate() {
             let input = if cfg {
                 Tensor::cat(&[&x, &x], 0)?
@@ -275,6 +325,20 @@ impl KandinskyPriorPipeline {
             }
         }
     }
+}
+
+/// Where the prior's sampling starts.
+pub(crate) enum PriorInit {
+    /// From `randn` (or the caller's latents).
+    Noise(Option<Tensor>),
+    /// From image embeddings `(k, E)` (repeated to the batch) noised to the timestep `strength`
+    /// selects (2.2 emb2emb).
+    Embedding {
+        /// The CLIP image embeddings, one row per image (already repeated per image).
+        embeds: Tensor,
+        /// Fraction of the schedule to run, in (0, 1].
+        strength: f64,
+    },
 }
 
 /// `torch.repeat_interleave(t, n, dim=0)`.

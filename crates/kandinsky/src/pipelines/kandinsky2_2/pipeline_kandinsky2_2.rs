@@ -67,6 +67,11 @@ impl KandinskyV22Pipeline {
         self.movq.scale_factor()
     }
 
+    /// The MoVQ (image ⇄ latent).
+    pub fn movq(&self) -> &VQModel {
+        &self.movq
+    }
+
     /// Replaces the scheduler configuration (e.g. `--scheduler`).
     pub fn set_scheduler(&mut self, config: SchedulerConfig) {
         self.scheduler = config;
@@ -89,27 +94,54 @@ impl KandinskyV22Pipeline {
             params,
             generator,
             Init::Noise(latents),
+            None,
             progress,
         )
     }
 
-    fn run(
+    /// The decoder run of every 2.2 mode; `hint (1 or B, 3, H, W)` in [0, 1] for ControlNet.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn run(
         &self,
         image_embeds: &Tensor,
         negative_image_embeds: &Tensor,
         params: DecoderParams,
         generator: &mut TorchGenerator,
         init: Init,
+        hint: Option<&Tensor>,
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<Tensor> {
         let b = image_embeds.dim(0)?;
-        let cond = if params.guidance_scale > 1.0 {
+        let cfg = params.guidance_scale > 1.0;
+        let cond = if cfg {
             Tensor::cat(&[negative_image_embeds, image_embeds], 0)?
         } else {
             image_embeds.clone()
         };
+        let hint = match hint {
+            Some(h) => {
+                let f = self.movq.scale_factor();
+                let (hh, hw) = (
+                    latent_size(params.height, f) * 8,
+                    latent_size(params.width, f) * 8,
+                );
+                let (hb, hc, ih, iw) = h.dims4()?;
+                if hc != 3 || (ih, iw) != (hh, hw) || (hb != 1 && hb != b) {
+                    return Err(Error::InvalidArgument(format!(
+                        "the hint must be (1 or {b}, 3, {hh}, {hw}) for a {}x{} image, found {:?}",
+                        params.width,
+                        params.height,
+                        h.dims()
+                    )));
+                }
+                let h = h.repeat((b / hb, 1, 1, 1))?;
+                Some(if cfg { Tensor::cat(&[&h, &h], 0)? } else { h })
+            }
+            None => None,
+        };
         let cond = UNetConditioning {
             image_embeds: Some(&cond),
+            hint: hint.as_ref(),
             ..Default::default()
         };
         let x = denoise(
@@ -151,6 +183,7 @@ impl KandinskyV22Pipeline {
             params,
             generator,
             init,
+            None,
             progress,
         )
     }
@@ -169,6 +202,15 @@ pub(crate) enum Init {
         /// The 2.1 pipeline's noising: timestep `int(1000 · strength) - 2` of a linear
         /// 1e-4…0.02 schedule (the original `q_sample`), not the scheduler's.
         q_sample_2_1: bool,
+    },
+    /// Inpainting: the UNet also sees the masked image latents and the mask (9 input channels).
+    Inpaint {
+        /// `movq.encode(image)`, `(1, C, h, w)`.
+        image_latents: Tensor,
+        /// The keep-mask at latent size after `prepare_mask`, `(1, 1, h, w)`: 1 = keep.
+        mask: Tensor,
+        /// The 2.2 pipeline's per-step re-imposition of the (noised) known region.
+        blend: bool,
     },
 }
 
@@ -197,6 +239,27 @@ impl Init {
     }
 }
 
+impl Init {
+    /// The inpainting start: `image (1, 3, H, W)` in [-1, 1] encoded with the MoVQ; `mask
+    /// (1, 1, H, W)` (1 = keep) resized to the latent (nearest) and eroded by `prepare_mask`.
+    pub(crate) fn from_mask(
+        movq: &VQModel,
+        image: &Tensor,
+        mask: &Tensor,
+        blend: bool,
+    ) -> Result<Self> {
+        let image_latents = movq.encode(image)?;
+        let (_, _, h, w) = image_latents.dims4()?;
+        let mask = crate::models::nn::interpolate_nearest(mask, h, w)?;
+        let mask = crate::pipelines::kandinsky::pipeline_kandinsky_inpaint::prepare_mask(&mask)?;
+        Ok(Init::Inpaint {
+            image_latents,
+            mask,
+            blend,
+        })
+    }
+}
+
 /// The decoder loop shared by the 2.1 and 2.2 pipelines: latents from the generator (or the
 /// caller), then for every timestep the UNet on `[x, x]` (CFG) or `x`, guidance, and a scheduler
 /// step. Returns the final latents `(b, C, h, w)`.
@@ -218,10 +281,41 @@ pub(crate) fn denoise(
     scheduler.set_timesteps(params.steps)?;
     let f = movq.scale_factor();
     let (h, w) = (latent_size(params.height, f), latent_size(params.width, f));
-    let c = unet.config().in_channels;
+    let c = movq.latent_channels();
     let mut ts = scheduler.timesteps().to_vec();
+    // Inpainting: (masked image latents, mask) for the UNet input, and what the 2.2 pipeline
+    // re-imposes after each step (the image latents, the mask, the initial noise).
+    let mut inpaint = None;
     let mut x = match init {
         Init::Noise(latents) => prepare_latents(&[b, c, h, w], latents, generator, device)?,
+        Init::Inpaint {
+            image_latents,
+            mask,
+            blend,
+        } => {
+            let (_, _, lh, lw) = image_latents.dims4()?;
+            if (lh, lw) != (h, w) {
+                return Err(Error::InvalidArgument(format!(
+                    "inpainting needs a width and height that are multiples of {}, got {}x{}",
+                    f * f,
+                    params.width,
+                    params.height
+                )));
+            }
+            let masked = image_latents.broadcast_mul(&mask)?;
+            let reps = if cfg { 2 * b } else { b };
+            let extra = Tensor::cat(
+                &[
+                    masked.repeat((reps, 1, 1, 1))?,
+                    mask.repeat((reps, 1, 1, 1))?,
+                ],
+                1,
+            )?;
+            let x = prepare_latents(&[b, c, h, w], None, generator, device)?;
+            let known = image_latents.repeat((b, 1, 1, 1))?;
+            inpaint = Some((extra, blend.then(|| (known, mask, x.clone()))));
+            x
+        }
         Init::Image {
             latents,
             strength,
@@ -258,6 +352,10 @@ pub(crate) fn denoise(
         } else {
             x.clone()
         };
+        let input = match &inpaint {
+            Some((extra, _)) => Tensor::cat(&[&input, extra], 1)?,
+            None => input,
+        };
         let out = unet.forward(&input, t as f64, cond)?;
         let out = guide(&out, c, b, cfg, params.guidance_scale)?;
         let out = if scheduler.uses_learned_variance() {
@@ -266,9 +364,26 @@ pub(crate) fn denoise(
             out.narrow(1, 0, c)?
         };
         x = scheduler.step(&out, t, &x, generator)?;
+        if let Some((_, Some((known, mask, noise)))) = &inpaint {
+            let known = match ts.get(i + 1) {
+                Some(&next) => scheduler.add_noise(known, noise, next)?,
+                None => known.clone(),
+            };
+            x = blend_known(&x, &known, mask)?;
+        }
         progress(i + 1, ts.len());
     }
+    if let Some((_, Some((known, mask, _)))) = &inpaint {
+        x = blend_known(&x, known, mask)?;
+    }
     Ok(x)
+}
+
+/// `mask · known + (1 - mask) · x`.
+fn blend_known(x: &Tensor, known: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    let keep = known.broadcast_mul(mask)?;
+    let inv = mask.affine(-1.0, 1.0)?;
+    Ok((keep + x.broadcast_mul(&inv)?)?)
 }
 
 /// Classifier-free guidance on the ε channels; the variance channels of the conditional half.

@@ -1,0 +1,41 @@
+//! diffusers `pipelines/kandinsky2_2/pipeline_kandinsky2_2_controlnet.py` and
+//! `pipeline_kandinsky2_2_controlnet_img2img.py`: `KandinskyV22ControlnetPipeline` and
+//! `KandinskyV22ControlnetImg2ImgPipeline` (a ControlNet-depth decoder: the UNet's `image_hint`
+//! embedding reads a hint image, e.g. a depth map).
+
+use super::pipeline_kandinsky2_2::{DecoderParams, Init, KandinskyV22Pipeline};
+use crate::error::Result;
+use crate::utils::torch_utils::TorchGenerator;
+use candle_core::Tensor;
+
+impl KandinskyV22Pipeline {
+    /// `KandinskyV22ControlnetPipeline.__call__` with `hint (1 or B, 3, H, W)` in [0, 1] at the
+    /// output size (`H`, `W` multiples of 64 for the real MoVQ); with `image = Some((image,
+    /// strength))` the ControlNet image-to-image pipeline (diffusers' default strength 0.3).
+    #[allow(clippy::too_many_arguments)]
+    pub fn controlnet(
+        &self,
+        hint: &Tensor,
+        image: Option<(&Tensor, f64)>,
+        image_embeds: &Tensor,
+        negative_image_embeds: &Tensor,
+        params: DecoderParams,
+        generator: &mut TorchGenerator,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Tensor> {
+        let b = image_embeds.dim(0)?;
+        let init = match image {
+            Some((image, strength)) => Init::from_image(self.movq(), image, b, strength, false)?,
+            None => Init::Noise(None),
+        };
+        self.run(
+            image_embeds,
+            negative_image_embeds,
+            params,
+            generator,
+            init,
+            Some(hint),
+            progress,
+        )
+    }
+}
