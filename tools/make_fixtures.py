@@ -990,6 +990,49 @@ def make_controlnet():
     print("controlnet written")
 
 
+def make_extras():
+    """User latents (`--latents`, `--prior-latents`) and other samplers (`--scheduler`) on the tiny
+    text-to-image pipelines, one generator."""
+    import numpy as np
+    from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, KandinskyCombinedPipeline,
+                           KandinskyV22CombinedPipeline, KandinskyV22Pipeline, KandinskyV22PriorPipeline)
+
+    base = os.path.join(ROOT, "pipelines")
+    out = {}
+    prior_latents = torch.randn((1, 16), generator=torch.Generator().manual_seed(62))
+    latents = torch.randn((1, 4, 32, 32), generator=torch.Generator().manual_seed(63))
+    save_file({"prior_latents": prior_latents}, os.path.join(base, "prior_latents_2_2.safetensors"))
+    save_file({"latents": latents}, os.path.join(base, "latents_2_2.safetensors"))
+    prior = KandinskyV22PriorPipeline.from_pretrained(os.path.join(base, "tiny-2-2-prior"), torch_dtype=torch.float32)
+    dec = KandinskyV22Pipeline.from_pretrained(os.path.join(base, "tiny-2-2-decoder"), torch_dtype=torch.float32)
+    for p_ in (prior, dec):
+        p_.set_progress_bar_config(disable=True)
+    gen = torch.Generator("cpu").manual_seed(61)
+    emb = prior("a red cat", num_inference_steps=3, guidance_scale=4.0, generator=gen, latents=prior_latents)
+    out["latents_2_2"] = torch.from_numpy(np.ascontiguousarray(dec(
+        image_embeds=emb.image_embeds, negative_image_embeds=emb.negative_image_embeds, height=64, width=64,
+        num_inference_steps=5, guidance_scale=4.0, generator=gen, latents=latents, output_type="np").images))
+    for version, cls, prior_dir, dec_dir in [("2_2", KandinskyV22CombinedPipeline, "tiny-2-2-prior", "tiny-2-2-decoder"),
+                                             ("2_1", KandinskyCombinedPipeline, "tiny-2-1-prior", "tiny-2-1")]:
+        from diffusers import DiffusionPipeline
+        pr = DiffusionPipeline.from_pretrained(os.path.join(base, prior_dir), torch_dtype=torch.float32)
+        de = DiffusionPipeline.from_pretrained(os.path.join(base, dec_dir), torch_dtype=torch.float32)
+        for sched_name, sched_cls, steps, seed in [("dpmpp2m", DPMSolverMultistepScheduler, 6, 64),
+                                                   ("ddim", DDIMScheduler, 5, 65)]:
+            kw = dict(text_encoder=de.text_encoder, tokenizer=de.tokenizer) if version == "2_1" else {}
+            pipe = cls(unet=de.unet, scheduler=sched_cls.from_config(de.scheduler.config), movq=de.movq,
+                       prior_prior=pr.prior, prior_image_encoder=pr.image_encoder, prior_text_encoder=pr.text_encoder,
+                       prior_tokenizer=pr.tokenizer, prior_scheduler=pr.scheduler,
+                       prior_image_processor=pr.image_processor, **kw)
+            pipe.set_progress_bar_config(disable=True)
+            gen = torch.Generator("cpu").manual_seed(seed)
+            img = pipe(prompt="a red cat", num_inference_steps=steps, prior_num_inference_steps=3, guidance_scale=4.0,
+                       prior_guidance_scale=4.0, height=64, width=64, generator=gen, output_type="np").images
+            out[f"{sched_name}_{version}"] = torch.from_numpy(np.ascontiguousarray(img))
+    save_io(os.path.join(base, "e2e_extras.safetensors"), out)
+    print("extras written")
+
+
 # ---------------------------------------------------------------------------------------------
 # Real configs: names and shapes of the real-size state dicts, built on the meta device.
 def make_real_shapes():
@@ -1056,5 +1099,6 @@ if __name__ == "__main__":
     make_img2img()
     make_inpaint()
     make_controlnet()
+    make_extras()
     make_real_shapes()
     os.system(f"du -sh {ROOT}")

@@ -26,6 +26,12 @@ enum Command {
     Mix(generate::MixArgs),
     /// Variations of an image (its CLIP image embedding), then decode.
     Variations(generate::VariationsArgs),
+    /// Inpainting (2.1 or 2.2 inpainting models): repaint the white area of a mask.
+    Inpaint(generate::InpaintArgs),
+    /// Outpainting: extend an image by margins and paint the new area (inpainting models).
+    Outpaint(generate::OutpaintArgs),
+    /// ControlNet depth (2.2): follow a hint image, from noise or from an image.
+    Controlnet(generate::ControlnetArgs),
     /// Decode a latent to a PNG with a MoVQ model (the last stage of every pipeline).
     Decode(decode::DecodeArgs),
 }
@@ -38,6 +44,9 @@ fn main() -> std::process::ExitCode {
         Command::Generate(args) => generate::run(&args),
         Command::Img2img(args) => generate::run_img2img(&args),
         Command::Mix(args) => generate::run_mix(&args),
+        Command::Inpaint(args) => generate::run_inpaint(&args),
+        Command::Outpaint(args) => generate::run_outpaint(&args),
+        Command::Controlnet(args) => generate::run_controlnet(&args),
         Command::Variations(args) => generate::run_variations(&args),
     };
     match result {

@@ -177,6 +177,7 @@ fn generate_rejects_bad_input_without_output() {
         broken.path().join("model_index.json"),
     )
     .unwrap();
+    std::os::unix::fs::symlink(fixture("movq/dummy"), broken.path().join("movq")).unwrap();
     let mut args = generate_args();
     let i = args.iter().position(|a| a == "--model").unwrap();
     args[i + 1] = broken.path().display().to_string();
@@ -450,4 +451,310 @@ fn img2img_2_1_matches_diffusers() {
         String::from_utf8_lossy(&res.stderr)
     );
     assert_png_matches_in(&out, "pipelines/e2e_img2img_2_1.safetensors", "same_size");
+}
+
+fn strings(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| s.to_string()).collect()
+}
+
+/// `--model`/`--prior` of a tiny fixture pipeline, 64x64, with steps and seed.
+fn tiny(model: &str, prior: &str, steps: &str, prior_steps: &str, seed: &str) -> Vec<String> {
+    strings(&[
+        "--model",
+        &fixture(model),
+        "--prior",
+        &fixture(prior),
+        "--steps",
+        steps,
+        "--prior-steps",
+        prior_steps,
+        "--seed",
+        seed,
+    ])
+}
+
+fn run_ok(args: &[String], out: &std::path::Path) {
+    let res = bin().args(args).arg("--output").arg(out).output().unwrap();
+    assert!(
+        res.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+}
+
+/// Runs and expects a clean failure whose message contains `needle`, with no output file.
+fn run_fails(args: &[String], out: &std::path::Path, needle: &str) {
+    let res = bin().args(args).arg("--output").arg(out).output().unwrap();
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert!(!res.status.success(), "{args:?} succeeded");
+    assert!(err.contains("error"), "{args:?}: {err}");
+    assert!(
+        err.contains(needle),
+        "{args:?}: expected '{needle}' in: {err}"
+    );
+    assert!(!err.contains("panicked"), "{args:?}: {err}");
+    assert!(!out.exists(), "{args:?} left an output file");
+}
+
+#[test]
+fn inpaint_and_outpaint_match_diffusers() {
+    let dir = tempfile::tempdir().unwrap();
+    for (version, model, prior) in [
+        (
+            "2_2",
+            "pipelines/tiny-2-2-inpaint",
+            "pipelines/tiny-2-2-prior",
+        ),
+        (
+            "2_1",
+            "pipelines/tiny-2-1-inpaint",
+            "pipelines/tiny-2-1-prior",
+        ),
+    ] {
+        let out = dir.path().join(format!("inpaint{version}.png"));
+        let mut args = strings(&["inpaint", "--prompt", "a red cat", "--image"]);
+        args.push(fixture("images/drawing_64x64.png"));
+        args.push("--mask".into());
+        args.push(fixture("images/mask_64x64.png"));
+        args.extend(strings(&["--width", "64", "--height", "64"]));
+        args.extend(tiny(model, prior, "4", "3", "41"));
+        run_ok(&args, &out);
+        assert_png_matches_in(
+            &out,
+            "pipelines/e2e_inpaint.safetensors",
+            &format!("{version}_default"),
+        );
+        // The 48x48 drawing grown by 16 px on the left and 8 on top and bottom: a 64x64 canvas.
+        let out = dir.path().join(format!("outpaint{version}.png"));
+        let mut args = strings(&["outpaint", "--prompt", "a red circle", "--image"]);
+        args.push(fixture("images/drawing_48x48.png"));
+        args.extend(strings(&["--left", "16", "--top", "8", "--bottom", "8"]));
+        args.extend(tiny(model, prior, "4", "3", "44"));
+        run_ok(&args, &out);
+        assert_png_matches_in(
+            &out,
+            "pipelines/e2e_inpaint.safetensors",
+            &format!("{version}_outpaint"),
+        );
+    }
+}
+
+#[test]
+fn controlnet_matches_diffusers() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = "pipelines/tiny-2-2-controlnet";
+    let prior = "pipelines/tiny-2-2-prior";
+    let out = dir.path().join("cn.png");
+    let mut args = strings(&["controlnet", "--prompt", "a red cat", "--hint"]);
+    args.push(fixture("images/hint_64x64.png"));
+    args.extend(strings(&["--width", "64", "--height", "64"]));
+    args.extend(tiny(model, prior, "4", "3", "51"));
+    run_ok(&args, &out);
+    assert_png_matches_in(&out, "pipelines/e2e_controlnet.safetensors", "default");
+    // ControlNet image-to-image with the prior's emb2emb from the same image.
+    let out = dir.path().join("cn_i2i.png");
+    let mut args = strings(&["controlnet", "--prompt", "a red circle", "--hint"]);
+    args.push(fixture("images/hint_64x64.png"));
+    args.push("--image".into());
+    args.push(fixture("images/drawing_64x64.png"));
+    args.extend(strings(&[
+        "--strength",
+        "0.5",
+        "--prior-strength",
+        "0.6",
+        "--width",
+        "64",
+        "--height",
+        "64",
+    ]));
+    args.extend(tiny(model, prior, "6", "4", "56"));
+    run_ok(&args, &out);
+    assert_png_matches_in(
+        &out,
+        "pipelines/e2e_controlnet.safetensors",
+        "img2img_emb2emb",
+    );
+}
+
+#[test]
+fn user_latents_and_other_samplers_match_diffusers() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("lat.png");
+    let mut args = strings(&[
+        "generate",
+        "--prompt",
+        "a red cat",
+        "--width",
+        "64",
+        "--height",
+        "64",
+    ]);
+    args.extend(tiny(
+        "pipelines/tiny-2-2-decoder",
+        "pipelines/tiny-2-2-prior",
+        "5",
+        "3",
+        "61",
+    ));
+    args.push("--prior-latents".into());
+    args.push(fixture("pipelines/prior_latents_2_2.safetensors"));
+    args.push("--latents".into());
+    args.push(fixture("pipelines/latents_2_2.safetensors"));
+    run_ok(&args, &out);
+    assert_png_matches_in(&out, "pipelines/e2e_extras.safetensors", "latents_2_2");
+    for (version, model, prior) in [
+        (
+            "2_2",
+            "pipelines/tiny-2-2-decoder",
+            "pipelines/tiny-2-2-prior",
+        ),
+        ("2_1", "pipelines/tiny-2-1", "pipelines/tiny-2-1-prior"),
+    ] {
+        for (scheduler, steps, seed, key) in [
+            ("ddim", "5", "65", "ddim"),
+            ("dpm++2m", "6", "64", "dpmpp2m"),
+        ] {
+            let out = dir.path().join(format!("{key}{version}.png"));
+            let mut args = strings(&[
+                "generate",
+                "--prompt",
+                "a red cat",
+                "--width",
+                "64",
+                "--height",
+                "64",
+            ]);
+            args.extend(tiny(model, prior, steps, "3", seed));
+            args.extend(strings(&["--scheduler", scheduler]));
+            run_ok(&args, &out);
+            assert_png_matches_in(
+                &out,
+                "pipelines/e2e_extras.safetensors",
+                &format!("{key}_{version}"),
+            );
+        }
+    }
+}
+
+#[test]
+fn new_modes_reject_bad_input_without_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("x.png");
+    let inpaint = |extra: &[&str], image: &str, mask: &str, model: &str| {
+        let mut a = strings(&["inpaint", "--prompt", "a cat", "--image"]);
+        a.push(fixture(image));
+        a.push("--mask".into());
+        a.push(fixture(mask));
+        a.extend(tiny(model, "pipelines/tiny-2-2-prior", "2", "2", "1"));
+        a.extend(strings(&["--height", "64"]));
+        if !extra.contains(&"--width") {
+            a.extend(strings(&["--width", "64"]));
+        }
+        a.extend(strings(extra));
+        a
+    };
+    let m = "pipelines/tiny-2-2-inpaint";
+    // Mask and image of different sizes.
+    run_fails(
+        &inpaint(&[], "images/drawing_64x64.png", "images/hint_128x64.png", m),
+        &out,
+        "same size",
+    );
+    // A size that is not a multiple of the latent grid (4 pixels for the tiny MoVQ).
+    run_fails(
+        &inpaint(
+            &["--width", "66"],
+            "images/drawing_64x64.png",
+            "images/mask_64x64.png",
+            m,
+        ),
+        &out,
+        "multiples of 4",
+    );
+    // A decoder of the wrong kind.
+    run_fails(
+        &inpaint(
+            &[],
+            "images/drawing_64x64.png",
+            "images/mask_64x64.png",
+            "pipelines/tiny-2-2-decoder",
+        ),
+        &out,
+        "inpainting decoder",
+    );
+    // Unreadable mask.
+    let not_an_image = dir.path().join("notes.png");
+    std::fs::write(&not_an_image, b"plain text").unwrap();
+    let mut a = inpaint(&[], "images/drawing_64x64.png", "images/mask_64x64.png", m);
+    let i = a.iter().position(|x| x == "--mask").unwrap();
+    a[i + 1] = not_an_image.display().to_string();
+    run_fails(&a, &out, "mask");
+    // Wrong latents shape.
+    let mut a = inpaint(&[], "images/drawing_64x64.png", "images/mask_64x64.png", m);
+    a.push("--latents".into());
+    a.push(fixture("pipelines/prior_latents_2_2.safetensors"));
+    run_fails(&a, &out, "latents must have shape");
+    // Outpainting without margins, and with a canvas off the grid.
+    let outpaint = |extra: &[&str]| {
+        let mut a = strings(&["outpaint", "--prompt", "a cat", "--image"]);
+        a.push(fixture("images/drawing_48x48.png"));
+        a.extend(tiny(m, "pipelines/tiny-2-2-prior", "2", "2", "1"));
+        a.extend(strings(extra));
+        a
+    };
+    run_fails(&outpaint(&[]), &out, "margin");
+    run_fails(&outpaint(&["--left", "3"]), &out, "multiples of 4");
+    // ControlNet: bad strength, --prior-strength without an image, missing hint, wrong model.
+    let controlnet = |extra: &[&str], model: &str| {
+        let mut a = strings(&["controlnet", "--prompt", "a cat", "--hint"]);
+        a.push(fixture("images/hint_64x64.png"));
+        a.extend(strings(&["--width", "64", "--height", "64"]));
+        a.extend(tiny(model, "pipelines/tiny-2-2-prior", "2", "2", "1"));
+        a.extend(strings(extra));
+        a
+    };
+    let c = "pipelines/tiny-2-2-controlnet";
+    let img = fixture("images/drawing_64x64.png");
+    run_fails(
+        &controlnet(&["--image", &img, "--strength", "1.5"], c),
+        &out,
+        "strength",
+    );
+    run_fails(
+        &controlnet(&["--prior-strength", "0.5"], c),
+        &out,
+        "--image",
+    );
+    run_fails(
+        &controlnet(&[], "pipelines/tiny-2-2-decoder"),
+        &out,
+        "ControlNet decoder",
+    );
+    let mut a = controlnet(&[], c);
+    let i = a.iter().position(|x| x == "--hint").unwrap();
+    a[i + 1] = "/no/such/hint.png".into();
+    run_fails(&a, &out, "hint");
+    // --latents with image-to-image, --prior-latents with mixing.
+    run_fails(
+        &controlnet(
+            &[
+                "--image",
+                &img,
+                "--latents",
+                &fixture("pipelines/latents_2_2.safetensors"),
+            ],
+            c,
+        ),
+        &out,
+        "--latents",
+    );
+    // --prior without a preset is required.
+    let a = strings(&[
+        "generate",
+        "--prompt",
+        "x",
+        "--model",
+        &fixture("pipelines/tiny-2-2-decoder"),
+    ]);
+    run_fails(&a, &out, "--prior");
 }

@@ -148,3 +148,30 @@ pub fn load_hint(path: &Path, width: usize, height: usize, device: &Device) -> R
         .to_dtype(DType::F32)?;
     Ok((t / 255.0)?.unsqueeze(0)?)
 }
+
+/// Outpainting's canvas: the RGB8 image placed at `(left, top)` of a canvas grown by the given
+/// margins, the new area filled by repeating the image's edge pixels (so the MoVQ encoder sees no
+/// hard border), and a mask that is white (repaint) exactly on the new area. Returns
+/// `(width, height, canvas, mask)`, both RGB8.
+pub fn extend_canvas(
+    image: (usize, usize, &[u8]),
+    left: usize,
+    top: usize,
+    right: usize,
+    bottom: usize,
+) -> (usize, usize, Vec<u8>, Vec<u8>) {
+    let (w, h, rgb) = image;
+    let (cw, ch) = (w + left + right, h + top + bottom);
+    let mut canvas = Vec::with_capacity(cw * ch * 3);
+    let mut mask = Vec::with_capacity(cw * ch * 3);
+    for y in 0..ch {
+        let sy = y.saturating_sub(top).min(h - 1);
+        for x in 0..cw {
+            let sx = x.saturating_sub(left).min(w - 1);
+            canvas.extend_from_slice(&rgb[(sy * w + sx) * 3..(sy * w + sx) * 3 + 3]);
+            let inside = (top..top + h).contains(&y) && (left..left + w).contains(&x);
+            mask.extend_from_slice(&[if inside { 0 } else { 255 }; 3]);
+        }
+    }
+    (cw, ch, canvas, mask)
+}

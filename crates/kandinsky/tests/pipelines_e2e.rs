@@ -384,7 +384,7 @@ fn inpaint(version: &str) {
         .unwrap();
         let img = match &decoder {
             Decoder::V22(d) => d
-                .inpaint(&image, &mask, &emb, &neg, dp, &mut g, &mut |_, _| {})
+                .inpaint(&image, &mask, &emb, &neg, dp, &mut g, None, &mut |_, _| {})
                 .unwrap(),
             Decoder::V21(d) => d
                 .inpaint(
@@ -396,6 +396,7 @@ fn inpaint(version: &str) {
                     &neg,
                     dp,
                     &mut g,
+                    None,
                     &mut |_, _| {},
                 )
                 .unwrap(),
@@ -483,7 +484,7 @@ fn controlnet_and_emb2emb_match_diffusers() {
             .as_ref()
             .map(|i| (i, case["strength"].as_f64().unwrap()));
         let img = decoder
-            .controlnet(&hint, init, &emb, &neg, dp, &mut g, &mut |_, _| {})
+            .controlnet(&hint, init, &emb, &neg, dp, &mut g, None, &mut |_, _| {})
             .unwrap();
         assert_matches(img, &reference[name], &format!("controlnet {name}"));
     }

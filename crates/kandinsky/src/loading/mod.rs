@@ -100,6 +100,79 @@ pub fn resolve_model_dir_in(model: &str, cache: &Path) -> Result<PathBuf> {
     Err(not_cached())
 }
 
+/// A named model: the decoder and prior hub ids of a published Kandinsky checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Preset {
+    /// The preset's name (what `--model` accepts).
+    pub name: &'static str,
+    /// The decoder repository.
+    pub decoder: &'static str,
+    /// The prior repository that goes with it.
+    pub prior: &'static str,
+}
+
+/// The published Kandinsky 2.1 / 2.2 checkpoints by short name (resolved through the HF cache).
+pub const PRESETS: [Preset; 5] = [
+    Preset {
+        name: "kandinsky-2-1",
+        decoder: "kandinsky-community/kandinsky-2-1",
+        prior: "kandinsky-community/kandinsky-2-1-prior",
+    },
+    Preset {
+        name: "kandinsky-2-1-inpaint",
+        decoder: "kandinsky-community/kandinsky-2-1-inpaint",
+        prior: "kandinsky-community/kandinsky-2-1-prior",
+    },
+    Preset {
+        name: "kandinsky-2-2",
+        decoder: "kandinsky-community/kandinsky-2-2-decoder",
+        prior: "kandinsky-community/kandinsky-2-2-prior",
+    },
+    Preset {
+        name: "kandinsky-2-2-inpaint",
+        decoder: "kandinsky-community/kandinsky-2-2-decoder-inpaint",
+        prior: "kandinsky-community/kandinsky-2-2-prior",
+    },
+    Preset {
+        name: "kandinsky-2-2-controlnet-depth",
+        decoder: "kandinsky-community/kandinsky-2-2-controlnet-depth",
+        prior: "kandinsky-community/kandinsky-2-2-prior",
+    },
+];
+
+/// The preset of that name, if any.
+pub fn preset(name: &str) -> Option<Preset> {
+    PRESETS.iter().copied().find(|p| p.name == name)
+}
+
+/// Reads one tensor from a safetensors file (e.g. user-supplied `latents`): the file's only
+/// tensor, or the one named `latents`.
+pub fn read_tensor(path: &Path, device: &candle_core::Device) -> Result<candle_core::Tensor> {
+    if !path.is_file() {
+        return Err(Error::NotFound {
+            what: "tensor file".into(),
+            path: path.to_path_buf(),
+        });
+    }
+    let mut tensors =
+        candle_core::safetensors::load(path, device).map_err(|e| Error::InvalidWeights {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+    if tensors.len() == 1 {
+        let t = tensors.into_values().next().expect("one tensor");
+        return Ok(t.to_dtype(candle_core::DType::F32)?);
+    }
+    match tensors.remove("latents") {
+        Some(t) => Ok(t.to_dtype(candle_core::DType::F32)?),
+        None => Err(Error::InvalidArgument(format!(
+            "{} holds {} tensors and none is named 'latents'",
+            path.display(),
+            tensors.len()
+        ))),
+    }
+}
+
 /// `model_index.json`: the pipeline class and, per component, its `[library, class]`.
 #[derive(Debug, Clone)]
 pub struct ModelIndex {

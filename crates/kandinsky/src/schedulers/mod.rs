@@ -7,12 +7,18 @@
 
 pub mod scheduling_ddim;
 pub mod scheduling_ddpm;
+pub mod scheduling_dpmsolver_multistep;
 pub mod scheduling_unclip;
 
 use crate::error::{Error, Result};
 use crate::utils::torch_utils::TorchGenerator;
 use candle_core::Tensor;
 use serde::Deserialize;
+use std::collections::BTreeSet;
+use std::path::Path;
+
+/// `_class_name` of diffusers' `DPMSolverMultistepScheduler`.
+pub const DPM_SOLVER_MULTISTEP: &str = "DPMSolverMultistepScheduler";
 
 fn d_1000() -> usize {
     1000
@@ -40,6 +46,82 @@ fn d_ratio() -> f64 {
 }
 fn d_leading() -> String {
     "leading".into()
+}
+fn d_two() -> usize {
+    2
+}
+fn d_dpmpp() -> String {
+    "dpmsolver++".into()
+}
+fn d_midpoint() -> String {
+    "midpoint".into()
+}
+fn d_zero_sigmas() -> Option<String> {
+    Some("zero".into())
+}
+fn d_neg_inf() -> f64 {
+    f64::NEG_INFINITY
+}
+
+/// A `bool` that may also be written as `null` (read as `false`).
+fn bool_or_null<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<bool, D::Error> {
+    Ok(Option::<bool>::deserialize(d)?.unwrap_or(false))
+}
+
+/// A float that may also be one of Python's non-finite JSON tokens (quoted by
+/// [`quote_non_finite`] before parsing).
+fn float_or_token<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<f64, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum F {
+        N(f64),
+        S(String),
+    }
+    match F::deserialize(d)? {
+        F::N(v) => Ok(v),
+        F::S(s) => match s.as_str() {
+            "-Infinity" => Ok(f64::NEG_INFINITY),
+            "Infinity" => Ok(f64::INFINITY),
+            "NaN" => Ok(f64::NAN),
+            other => Err(serde::de::Error::custom(format!(
+                "expected a number, got {other:?}"
+            ))),
+        },
+    }
+}
+
+/// Python's `json.dumps` writes non-finite floats as the bare tokens `NaN`, `Infinity` and
+/// `-Infinity` (diffusers saves `"lambda_min_clipped": -Infinity` for DPM-Solver), which
+/// serde_json rejects; this quotes them (outside strings) so that they parse as strings.
+fn quote_non_finite(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 8);
+    let (mut in_string, mut escaped) = (false, false);
+    let mut rest = text;
+    while let Some(c) = rest.chars().next() {
+        if in_string {
+            if escaped {
+                escaped = false;
+            } else if c == '\\' {
+                escaped = true;
+            } else if c == '"' {
+                in_string = false;
+            }
+        } else if c == '"' {
+            in_string = true;
+        } else if let Some(tok) = ["-Infinity", "Infinity", "NaN"]
+            .into_iter()
+            .find(|tok| rest.starts_with(tok))
+        {
+            out.push('"');
+            out.push_str(tok);
+            out.push('"');
+            rest = &rest[tok.len()..];
+            continue;
+        }
+        out.push(c);
+        rest = &rest[c.len_utf8()..];
+    }
+    out
 }
 
 /// The union of the scheduler config keys Kandinsky uses; missing keys take the defaults of the
@@ -89,24 +171,168 @@ pub struct SchedulerConfig {
     /// `fixed_small_log`, `learned_range`.
     #[serde(default)]
     pub variance_type: Option<String>,
-    /// `leading`, `trailing` or `linspace`.
+    /// `leading`, `trailing` or `linspace` (default `leading`, but `linspace` for
+    /// `DPMSolverMultistepScheduler`: [`SchedulerConfig::load`] / [`SchedulerConfig::from_json`]
+    /// apply the class default when the key is absent).
     #[serde(default = "d_leading")]
     pub timestep_spacing: String,
+    /// Explicit betas (unsupported: must be `null`).
+    #[serde(default)]
+    pub trained_betas: Option<Vec<f64>>,
+    /// Whether the betas are rescaled to zero terminal SNR (unsupported: must be false).
+    #[serde(default, deserialize_with = "bool_or_null")]
+    pub rescale_betas_zero_snr: bool,
+    /// DPM-Solver: solver order (1 or 2 supported).
+    #[serde(default = "d_two")]
+    pub solver_order: usize,
+    /// DPM-Solver: `dpmsolver++` (the only one supported).
+    #[serde(default = "d_dpmpp")]
+    pub algorithm_type: String,
+    /// DPM-Solver: second-order solver type, `midpoint` (the only one supported).
+    #[serde(default = "d_midpoint")]
+    pub solver_type: String,
+    /// DPM-Solver: first order at the last step when there are fewer than 15 steps.
+    #[serde(default = "d_true", deserialize_with = "bool_or_null")]
+    pub lower_order_final: bool,
+    /// DPM-Solver: always first order at the last step.
+    #[serde(default, deserialize_with = "bool_or_null")]
+    pub euler_at_final: bool,
+    /// DPM-Solver: Karras sigmas (unsupported: must be false).
+    #[serde(default, deserialize_with = "bool_or_null")]
+    pub use_karras_sigmas: bool,
+    /// DPM-Solver: exponential sigmas (unsupported: must be false).
+    #[serde(default, deserialize_with = "bool_or_null")]
+    pub use_exponential_sigmas: bool,
+    /// DPM-Solver: beta sigmas (unsupported: must be false).
+    #[serde(default, deserialize_with = "bool_or_null")]
+    pub use_beta_sigmas: bool,
+    /// DPM-Solver: uniform-logSNR steps (unsupported: must be false).
+    #[serde(default, deserialize_with = "bool_or_null")]
+    pub use_lu_lambdas: bool,
+    /// DPM-Solver: flow-matching sigmas (unsupported: must be false).
+    #[serde(default, deserialize_with = "bool_or_null")]
+    pub use_flow_sigmas: bool,
+    /// DPM-Solver: flow-matching shift (unused while `use_flow_sigmas` is false).
+    #[serde(default = "d_one")]
+    pub flow_shift: f64,
+    /// DPM-Solver: the sigma after the last step, `zero` (default) or `sigma_min`.
+    #[serde(default = "d_zero_sigmas")]
+    pub final_sigmas_type: Option<String>,
+    /// DPM-Solver: timesteps whose λ(t) is below this are cut off (default −∞: none).
+    #[serde(default = "d_neg_inf", deserialize_with = "float_or_token")]
+    pub lambda_min_clipped: f64,
+    /// The keys the JSON file held (filled by [`SchedulerConfig::load`] /
+    /// [`SchedulerConfig::from_json`]); `None` counts every key as present. [`with_class`]
+    /// needs it: like diffusers' `_use_default_values`, keys that were absent take the new
+    /// class's defaults.
+    #[serde(skip)]
+    pub present_keys: Option<BTreeSet<String>>,
 }
 
 impl SchedulerConfig {
     /// Reads `scheduler_config.json`.
-    pub fn load(path: &std::path::Path) -> Result<Self> {
-        crate::loading::read_json(path)
+    pub fn load(path: &Path) -> Result<Self> {
+        if !path.is_file() {
+            return Err(Error::NotFound {
+                what: "config file".into(),
+                path: path.to_path_buf(),
+            });
+        }
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        Self::parse(&text, path)
     }
 
     /// Parses a JSON text.
     pub fn from_json(text: &str) -> Result<Self> {
-        serde_json::from_str(text).map_err(|source| Error::Json {
-            path: "<inline scheduler config>".into(),
-            source,
-        })
+        Self::parse(text, Path::new("<inline scheduler config>"))
     }
+
+    /// Parses (accepting Python's `-Infinity` / `Infinity` / `NaN` tokens), records the keys
+    /// present and applies the defaults of the named class that differ from the serde defaults.
+    fn parse(text: &str, path: &Path) -> Result<Self> {
+        let json_err = |source| Error::Json {
+            path: path.to_path_buf(),
+            source,
+        };
+        let value: serde_json::Value =
+            serde_json::from_str(&quote_non_finite(text)).map_err(json_err)?;
+        let present: Option<BTreeSet<String>> =
+            value.as_object().map(|o| o.keys().cloned().collect());
+        let mut config: SchedulerConfig = serde_json::from_value(value).map_err(json_err)?;
+        if let Some(keys) = &present {
+            if config.class_name == DPM_SOLVER_MULTISTEP && !keys.contains("timestep_spacing") {
+                config.timestep_spacing = "linspace".into();
+            }
+        }
+        config.present_keys = present;
+        Ok(config)
+    }
+
+    /// Whether `key` was in the JSON file (always true when the keys were not recorded).
+    pub fn has_key(&self, key: &str) -> bool {
+        self.present_keys.as_ref().is_none_or(|k| k.contains(key))
+    }
+}
+
+/// `Class.from_config(config)` of diffusers for another scheduler class: the new class's
+/// `__init__` keys that `config` holds carry over, the others take the new class's defaults
+/// (keys the source file did not hold count as absent, as diffusers' `_use_default_values`
+/// makes them), and keys the new class does not take are ignored by it. Only
+/// `DPMSolverMultistepScheduler` is supported as a target (or `config`'s own class: a copy).
+///
+/// E.g. the 2.2 decoder's `DDPMScheduler` config (no `timestep_spacing` / `variance_type` in the
+/// file) gives a DPM-Solver++ with `linspace` spacing and `variance_type = None`, while a
+/// config saved by a recent diffusers (every key written, `timestep_spacing: "leading"`,
+/// `variance_type: "fixed_small"`) keeps `leading` spacing and `steps_offset`.
+pub fn with_class(config: &SchedulerConfig, class_name: &str) -> Result<SchedulerConfig> {
+    if class_name == config.class_name {
+        return Ok(config.clone());
+    }
+    if class_name != DPM_SOLVER_MULTISTEP {
+        return Err(Error::unsupported("scheduler class", class_name));
+    }
+    let defaults = SchedulerConfig::from_json(&format!(r#"{{"_class_name": "{class_name}"}}"#))?;
+    let mut out = config.clone();
+    out.class_name = class_name.into();
+    macro_rules! carry {
+        ($($field:ident),* $(,)?) => {
+            $(
+                if !config.has_key(stringify!($field)) {
+                    out.$field = defaults.$field.clone();
+                }
+            )*
+        };
+    }
+    // The `__init__` keys of DPMSolverMultistepScheduler that this struct holds.
+    carry!(
+        num_train_timesteps,
+        beta_start,
+        beta_end,
+        beta_schedule,
+        trained_betas,
+        solver_order,
+        prediction_type,
+        thresholding,
+        dynamic_thresholding_ratio,
+        sample_max_value,
+        algorithm_type,
+        solver_type,
+        lower_order_final,
+        euler_at_final,
+        use_karras_sigmas,
+        use_exponential_sigmas,
+        use_beta_sigmas,
+        use_lu_lambdas,
+        use_flow_sigmas,
+        flow_shift,
+        final_sigmas_type,
+        lambda_min_clipped,
+        variance_type,
+        timestep_spacing,
+        steps_offset,
+        rescale_betas_zero_snr,
+    );
+    Ok(out)
 }
 
 /// `betas` as diffusers builds them (f32).
@@ -254,6 +480,9 @@ pub fn from_config(config: &SchedulerConfig) -> Result<Box<dyn Scheduler + Send>
     Ok(match config.class_name.as_str() {
         "DDIMScheduler" => Box::new(scheduling_ddim::DdimScheduler::new(config)?),
         "DDPMScheduler" => Box::new(scheduling_ddpm::DdpmScheduler::new(config)?),
+        DPM_SOLVER_MULTISTEP => {
+            Box::new(scheduling_dpmsolver_multistep::DpmSolverMultistepScheduler::new(config)?)
+        }
         "UnCLIPScheduler" => Box::new(scheduling_unclip::UnClipScheduler::new(config)?),
         other => return Err(Error::unsupported("_class_name", other)),
     })

@@ -99,7 +99,7 @@ pub fn prepare_mask(mask: &Tensor) -> Result<Tensor> {
 
 impl KandinskyPipeline {
     /// `KandinskyInpaintPipeline.__call__`: `image (1, 3, H, W)` in [-1, 1] and its keep-mask
-    /// `(1, 1, H, W)` from [`prepare_mask_and_masked_image`]; the UNet (9 input channels) sees the
+    /// `(1, 1, H, W)` from [`prepare_mask_and_masked_image`] (`latents` replaces the initial noise); the UNet (9 input channels) sees the
     /// masked image latents and the mask at every step. `H` and `W` must be multiples of the
     /// latent grid (64 for the real MoVQ).
     #[allow(clippy::too_many_arguments)]
@@ -113,9 +113,10 @@ impl KandinskyPipeline {
         negative_image_embeds: &Tensor,
         params: DecoderParams,
         generator: &mut TorchGenerator,
+        latents: Option<Tensor>,
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<Tensor> {
-        let init = Init::from_mask(self.movq(), image, mask, false)?;
+        let init = Init::from_mask(self.movq(), image, mask, false, latents)?;
         self.run(
             prompts,
             negative_prompt,

@@ -211,6 +211,8 @@ pub(crate) enum Init {
         mask: Tensor,
         /// The 2.2 pipeline's per-step re-imposition of the (noised) known region.
         blend: bool,
+        /// The caller's initial latents instead of `randn`.
+        latents: Option<Tensor>,
     },
 }
 
@@ -247,6 +249,7 @@ impl Init {
         image: &Tensor,
         mask: &Tensor,
         blend: bool,
+        latents: Option<Tensor>,
     ) -> Result<Self> {
         let image_latents = movq.encode(image)?;
         let (_, _, h, w) = image_latents.dims4()?;
@@ -256,6 +259,7 @@ impl Init {
             image_latents,
             mask,
             blend,
+            latents,
         })
     }
 }
@@ -292,6 +296,7 @@ pub(crate) fn denoise(
             image_latents,
             mask,
             blend,
+            latents,
         } => {
             let (_, _, lh, lw) = image_latents.dims4()?;
             if (lh, lw) != (h, w) {
@@ -311,7 +316,7 @@ pub(crate) fn denoise(
                 ],
                 1,
             )?;
-            let x = prepare_latents(&[b, c, h, w], None, generator, device)?;
+            let x = prepare_latents(&[b, c, h, w], latents, generator, device)?;
             let known = image_latents.repeat((b, 1, 1, 1))?;
             inpaint = Some((extra, blend.then(|| (known, mask, x.clone()))));
             x

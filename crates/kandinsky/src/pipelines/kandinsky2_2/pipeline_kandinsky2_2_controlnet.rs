@@ -11,7 +11,8 @@ use candle_core::Tensor;
 impl KandinskyV22Pipeline {
     /// `KandinskyV22ControlnetPipeline.__call__` with `hint (1 or B, 3, H, W)` in [0, 1] at the
     /// output size (`H`, `W` multiples of 64 for the real MoVQ); with `image = Some((image,
-    /// strength))` the ControlNet image-to-image pipeline (diffusers' default strength 0.3).
+    /// strength))` the ControlNet image-to-image pipeline (diffusers' default strength 0.3);
+    /// `latents` replaces the initial noise of the text-to-image variant.
     #[allow(clippy::too_many_arguments)]
     pub fn controlnet(
         &self,
@@ -21,13 +22,21 @@ impl KandinskyV22Pipeline {
         negative_image_embeds: &Tensor,
         params: DecoderParams,
         generator: &mut TorchGenerator,
+        latents: Option<Tensor>,
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<Tensor> {
         let b = image_embeds.dim(0)?;
-        let init = match image {
-            Some((image, strength)) => Init::from_image(self.movq(), image, b, strength, false)?,
-            None => Init::Noise(None),
-        };
+        let init =
+            match (image, latents) {
+                (Some(_), Some(_)) => return Err(crate::error::Error::InvalidArgument(
+                    "latents cannot be given for image-to-image (the start is the noised image)"
+                        .into(),
+                )),
+                (Some((image, strength)), None) => {
+                    Init::from_image(self.movq(), image, b, strength, false)?
+                }
+                (None, latents) => Init::Noise(latents),
+            };
         self.run(
             image_embeds,
             negative_image_embeds,

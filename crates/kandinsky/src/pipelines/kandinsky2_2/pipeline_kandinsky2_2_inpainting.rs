@@ -20,9 +20,10 @@ impl KandinskyV22Pipeline {
         negative_image_embeds: &Tensor,
         params: DecoderParams,
         generator: &mut TorchGenerator,
+        latents: Option<Tensor>,
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<Tensor> {
-        let init = Init::from_mask(self.movq(), image, mask, true)?;
+        let init = Init::from_mask(self.movq(), image, mask, true, latents)?;
         self.run(
             image_embeds,
             negative_image_embeds,
