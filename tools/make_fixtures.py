@@ -88,15 +88,15 @@ REAL_TOPOLOGY_UNET = dict(
 
 
 def variants(base, tiny_widths=False):
-    """With `tiny_widths`, the inpainting and ControlNet variants take the embedding widths of the
-    tiny pipelines (prior E = 16, M-CLIP hidden 32), so that the same weights serve the UNet parity
-    test and the end-to-end inpainting / ControlNet pipelines (one copy in the repo)."""
+    """With `tiny_widths` (the "dummy" family: diffusers' test dummies), the variants take the
+    embedding widths of the tiny pipelines (prior E = 16, M-CLIP hidden 32), so that the same
+    weights serve the UNet parity test and the end-to-end pipelines (one copy in the repo)."""
     e21 = dict(cross_attention_dim=16, encoder_hid_dim=32) if tiny_widths else {}
     e22 = dict(encoder_hid_dim=16) if tiny_widths else {}
     return {
-        "2_1": dict(base),
+        "2_1": dict(base, **e21),
         "2_1_inpaint": dict(base, in_channels=9, **e21),
-        "2_2": dict(base, addition_embed_type="image", encoder_hid_dim_type="image_proj"),
+        "2_2": dict(base, addition_embed_type="image", encoder_hid_dim_type="image_proj", **e22),
         "2_2_inpaint": dict(base, addition_embed_type="image", encoder_hid_dim_type="image_proj", in_channels=9,
                             **e22),
         "2_2_controlnet": dict(base, addition_embed_type="image_hint", encoder_hid_dim_type="image_proj",
@@ -136,9 +136,17 @@ def make_unets():
     ]:
         for i, (name, cfg) in enumerate(sorted(variants(base, tiny_widths=family == "dummy").items())):
             out_dir = os.path.join(ROOT, "unet", f"{family}_{name}")
-            torch.manual_seed(100 + i)
-            model = UNet2DConditionModel(**cfg).eval()
-            perturb_vectors(model, 200 + i)
+            if (family, name) == ("dummy", "2_1"):
+                model = tiny_2_1_models()[4]
+            elif (family, name) == ("dummy", "2_2"):
+                # The tiny 2.2 decoder's UNet (it links to this fixture).
+                torch.manual_seed(1030)
+                model = UNet2DConditionModel(**cfg).eval()
+                perturb_vectors(model, 1031)
+            else:
+                torch.manual_seed(100 + i)
+                model = UNet2DConditionModel(**cfg).eval()
+                perturb_vectors(model, 200 + i)
             round_to_fp16(model)
             latent_ch = 4 if cfg["addition_embed_type"] == "image_hint" else cfg["in_channels"]
             io = {}
@@ -515,6 +523,23 @@ SCHEDULERS = {
                                              prediction_type="sample", variance_type="fixed_small_log")),
 }
 
+# DPM-Solver++ 2M as `--scheduler dpm++2m` builds it: DPMSolverMultistepScheduler.from_config(source.config).
+# name: (source SCHEDULERS entry, how the source is obtained, from_config overrides). "memory": built from the
+# dict above, so keys absent there (timestep_spacing, variance_type) take DPM-Solver's own defaults (as with the
+# hub files, which lack them); "saved": loaded from its saved scheduler_config.json, which holds every key, so
+# timestep_spacing "leading" (+ steps_offset) and variance_type "fixed_small" carry over.
+DPM_SCHEDULERS = {
+    "dpmpp_2m_from_ddim_2_1": ("ddim_2_1", "memory", {}),
+    "dpmpp_2m_from_ddpm_2_2": ("ddpm_2_2", "memory", {}),
+    "dpmpp_2m_from_saved_ddpm_2_2": ("ddpm_2_2", "saved", {}),
+    "dpmpp_2m_trailing_vpred": ("ddpm_2_2", "memory", dict(timestep_spacing="trailing",
+                                                            prediction_type="v_prediction")),
+    "dpmpp_2m_thresholding_sample": ("ddpm_2_1_learned", "memory", dict(variance_type=None,
+                                                                        prediction_type="sample")),
+}
+# Full sampling loops (the solver is multistep): steps -> the step indices whose outputs are stored.
+DPM_TRAJECTORIES = {10: [0, 1, 5, 9], 25: [0, 1, 12, 24]}
+
 
 def make_schedulers():
     import diffusers as d
@@ -550,6 +575,36 @@ def make_schedulers():
             noise = torch.randn(shape, generator=g)
             io[f"{name}_noise"] = noise
             io[f"{name}_add_noise_{ts[3]}"] = sched.add_noise(sample, noise, torch.tensor([ts[3]]))
+    for k, (name, (src, how, overrides)) in enumerate(DPM_SCHEDULERS.items()):
+        src_cls, src_cfg = SCHEDULERS[src]
+        if how == "saved":
+            source = getattr(d, src_cls).from_pretrained(os.path.join(base, src))
+        else:
+            source = getattr(d, src_cls).from_config(src_cfg)
+        sched = d.DPMSolverMultistepScheduler.from_config(source.config, **overrides)
+        sched.save_config(os.path.join(base, name))
+        golden[name] = {}
+        for n in [2, 5, 10, 25, 50, 100]:
+            sched.set_timesteps(n)
+            golden[name][str(n)] = sched.timesteps.tolist()
+        g = torch.Generator().manual_seed(21 + k)
+        sample = torch.randn((2, 4, 8, 8), generator=g)
+        # A deterministic "model": model_output = eps + 0.5 * sample (an x0 prediction for "sample").
+        eps = torch.randn((2, 4, 8, 8), generator=g) * (2.0 if sched.config.prediction_type == "sample" else 1.0)
+        noise = torch.randn((2, 4, 8, 8), generator=g)
+        io[f"{name}_sample"] = sample
+        io[f"{name}_eps"] = eps
+        io[f"{name}_noise"] = noise
+        for n, keep in DPM_TRAJECTORIES.items():
+            sched.set_timesteps(n)
+            x = sample
+            for i, t in enumerate(sched.timesteps.tolist()):
+                x = sched.step(eps + 0.5 * x, t, x).prev_sample
+                if i in keep:
+                    io[f"{name}_traj{n}_step{i}"] = x
+        sched.set_timesteps(10)
+        ts = sched.timesteps.tolist()
+        io[f"{name}_add_noise_{ts[3]}"] = sched.add_noise(sample, noise, torch.tensor([ts[3]]))
     with open(os.path.join(base, "timesteps.json"), "w") as f:
         json.dump(golden, f)
     save_io(os.path.join(base, "steps.safetensors"), io)
@@ -609,10 +664,8 @@ def make_pipelines():
     image_processor = CLIPImageProcessor(crop_size=224, do_center_crop=True, do_normalize=True, do_resize=True,
                                          image_mean=[0.48145466, 0.4578275, 0.40821073],
                                          image_std=[0.26862954, 0.26130258, 0.27577711], resample=3, size=224)
-    torch.manual_seed(1030)
-    unet = UNet2DConditionModel(**dict(variants(DUMMY_UNET)["2_2"], encoder_hid_dim=E)).eval()
-    perturb_vectors(unet, 1031)
-    round_to_fp16(unet)
+    unet = UNet2DConditionModel.from_pretrained(os.path.join(ROOT, "unet", "dummy_2_2"),
+                                                torch_dtype=torch.float32).eval()
     movq = VQModel.from_pretrained(os.path.join(ROOT, "movq", "dummy"), torch_dtype=torch.float32).eval()
     scheduler = DDPMScheduler.from_config(SCHEDULERS["ddpm_2_2"][1])
     pipe = KandinskyV22CombinedPipeline(
@@ -629,8 +682,11 @@ def make_pipelines():
     pipe.decoder_pipe.save_pretrained(dec_dir)
     shutil.rmtree(os.path.join(dec_dir, "movq"))
     os.symlink(os.path.relpath(os.path.join(ROOT, "movq", "dummy"), dec_dir), os.path.join(dec_dir, "movq"))
+    shutil.rmtree(os.path.join(dec_dir, "unet"))
+    make_dir_with_links(dec_dir, json.load(open(os.path.join(dec_dir, "model_index.json"))), {
+        "unet": (os.path.join(ROOT, "unet", "dummy_2_2"), ["config.json", "diffusion_pytorch_model.safetensors"])})
     for d in [prior_dir, dec_dir]:
-        for comp in ["prior", "text_encoder", "image_encoder", "unet"]:
+        for comp in ["prior", "text_encoder", "image_encoder"]:
             path = os.path.join(d, comp)
             if os.path.isdir(path):
                 m = getattr(pipe.prior_pipe if d == prior_dir else pipe.decoder_pipe, comp)
@@ -652,6 +708,26 @@ def make_pipelines():
     print("pipelines written")
 
 
+def tiny_2_1_models():
+    """The tiny 2.1 networks (CLIP text and vision, prior, M-CLIP, UNet), perturbed, not rounded.
+    The UNet is also the `unet/dummy_2_1` fixture, which the tiny 2.1 decoder links to."""
+    E, H = 16, 32
+    torch.manual_seed(1100)
+    text_encoder = CLIPTextModelWithProjection(CLIPTextConfig(
+        bos_token_id=0, eos_token_id=2, hidden_size=E, projection_dim=E, intermediate_size=37, layer_norm_eps=1e-5,
+        num_attention_heads=4, num_hidden_layers=2, pad_token_id=1, vocab_size=49408, hidden_act="quick_gelu")).eval()
+    image_encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(
+        hidden_size=32, image_size=224, projection_dim=E, intermediate_size=37, num_attention_heads=4,
+        num_channels=3, num_hidden_layers=2, patch_size=14, hidden_act="quick_gelu")).eval()
+    prior = PriorTransformer(num_attention_heads=2, attention_head_dim=8, embedding_dim=E, num_layers=2).eval()
+    mclip = MultilingualCLIP(MCLIPConfig(numDims=E, transformerDimSize=H, hidden_size=H, intermediate_size=37,
+                                         num_attention_heads=4, num_hidden_layers=2, vocab_size=1001)).eval()
+    unet = UNet2DConditionModel(**variants(DUMMY_UNET, tiny_widths=True)["2_1"]).eval()
+    for i, m in enumerate([text_encoder, image_encoder, prior, mclip, unet]):
+        perturb_vectors(m, 1110 + i)
+    return text_encoder, image_encoder, prior, mclip, unet
+
+
 def make_pipelines_2_1():
     import gzip
 
@@ -668,26 +744,15 @@ def make_pipelines_2_1():
     lines = gzip.open(os.path.join(ROOT, "tokenizers", "xlm_roberta", "pieces.tsv.gz")).read().decode("utf-8").splitlines()
     pieces = [(l.rsplit("\t", 1)[0], float(l.rsplit("\t", 1)[1])) for l in lines[:1000]] + [("<mask>", 0.0)]
     xlmr = XLMRobertaTokenizer(vocab=pieces, model_max_length=512)
-    E, H = 16, 32
-    torch.manual_seed(1100)
-    text_encoder = CLIPTextModelWithProjection(CLIPTextConfig(
-        bos_token_id=0, eos_token_id=2, hidden_size=E, projection_dim=E, intermediate_size=37, layer_norm_eps=1e-5,
-        num_attention_heads=4, num_hidden_layers=2, pad_token_id=1, vocab_size=49408, hidden_act="quick_gelu")).eval()
-    image_encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(
-        hidden_size=32, image_size=224, projection_dim=E, intermediate_size=37, num_attention_heads=4,
-        num_channels=3, num_hidden_layers=2, patch_size=14, hidden_act="quick_gelu")).eval()
-    prior = PriorTransformer(num_attention_heads=2, attention_head_dim=8, embedding_dim=E, num_layers=2).eval()
-    mclip = MultilingualCLIP(MCLIPConfig(numDims=E, transformerDimSize=H, hidden_size=H, intermediate_size=37,
-                                         num_attention_heads=4, num_hidden_layers=2, vocab_size=1001)).eval()
-    unet = UNet2DConditionModel(**dict(DUMMY_UNET, cross_attention_dim=E, encoder_hid_dim=H)).eval()
-    for i, m in enumerate([text_encoder, image_encoder, prior, mclip, unet]):
-        perturb_vectors(m, 1110 + i)
+    text_encoder, image_encoder, prior, mclip, _ = tiny_2_1_models()
+    unet = UNet2DConditionModel.from_pretrained(os.path.join(ROOT, "unet", "dummy_2_1"),
+                                                torch_dtype=torch.float32).eval()
     with torch.no_grad():
         prior.clip_std.copy_(0.5 + torch.rand(prior.clip_std.shape, generator=torch.Generator().manual_seed(1120)))
         prior.clip_mean.normal_(generator=torch.Generator().manual_seed(1121))
         prior.positional_embedding.normal_(generator=torch.Generator().manual_seed(1122))
         prior.prd_embedding.normal_(generator=torch.Generator().manual_seed(1123))
-    for m in [text_encoder, image_encoder, prior, mclip, unet]:
+    for m in [text_encoder, image_encoder, prior, mclip]:
         round_to_fp16(m)
     movq = VQModel.from_pretrained(os.path.join(ROOT, "movq", "dummy"), torch_dtype=torch.float32).eval()
     pipe = KandinskyCombinedPipeline(
@@ -707,11 +772,14 @@ def make_pipelines_2_1():
     shutil.rmtree(os.path.join(dec_dir, "movq"))
     os.symlink(os.path.relpath(os.path.join(ROOT, "movq", "dummy"), dec_dir), os.path.join(dec_dir, "movq"))
     for owner, d, comps in [(pipe.prior_pipe, prior_dir, ["prior", "text_encoder", "image_encoder"]),
-                            (pipe.decoder_pipe, dec_dir, ["unet", "text_encoder"])]:
+                            (pipe.decoder_pipe, dec_dir, ["text_encoder"])]:
         for comp in comps:
             m = getattr(owner, comp)
             m.to(torch.float16).save_pretrained(os.path.join(d, comp))
             m.to(torch.float32)
+    shutil.rmtree(os.path.join(dec_dir, "unet"))
+    make_dir_with_links(dec_dir, json.load(open(os.path.join(dec_dir, "model_index.json"))), {
+        "unet": (os.path.join(ROOT, "unet", "dummy_2_1"), ["config.json", "diffusion_pytorch_model.safetensors"])})
     out = {}
     cases = []
     for (name, prompt, neg, h, w, steps, psteps, g, pg, seed, n) in E2E_CASES:

@@ -420,11 +420,12 @@ fn run_job(a: &CommonArgs, job: Job, family: Family) -> Result<()> {
         None => None,
         Some(class) => {
             let path = component_dir(&model_dir, "scheduler")?.join("scheduler_config.json");
-            // `Class.from_config(model_scheduler.config)`: the model's betas and spacing, another
-            // sampler.
-            let mut c = SchedulerConfig::load(&path)?;
-            c.class_name = class.to_string();
-            Some(c)
+            // `Class.from_config(model_scheduler.config)`: the model's betas, the keys the new
+            // class takes, its own defaults for the rest.
+            Some(kandinsky::schedulers::with_class(
+                &SchedulerConfig::load(&path)?,
+                class,
+            )?)
         }
     };
     let device = Device::Cpu;

@@ -1,14 +1,39 @@
 //! Schedulers against diffusers: timesteps for several step counts, single steps (with the noise
-//! diffusers draws from a seeded generator) and `add_noise`.
+//! diffusers draws from a seeded generator) and `add_noise`; for the multistep DPM-Solver++ 2M,
+//! whole sampling loops.
 
 mod common;
 
-use candle_core::Device;
-use common::{assert_close, fixtures, load_io};
-use kandinsky::schedulers::{from_config, SchedulerConfig};
+use candle_core::{DType, Device, Tensor};
+use common::{assert_close, errors, fixtures, load_io};
+use kandinsky::schedulers::{from_config, with_class, SchedulerConfig, DPM_SOLVER_MULTISTEP};
 use kandinsky::utils::torch_utils::TorchGenerator;
+use std::collections::HashMap;
 
 const NAMES: [&str; 4] = ["ddim_2_1", "ddpm_2_2", "ddpm_2_1_learned", "unclip_prior"];
+
+/// `DPMSolverMultistepScheduler.from_config(...)` fixtures (`DPM_SCHEDULERS` in make_fixtures.py).
+const DPM_NAMES: [&str; 5] = [
+    "dpmpp_2m_from_ddim_2_1",
+    "dpmpp_2m_from_ddpm_2_2",
+    "dpmpp_2m_from_saved_ddpm_2_2",
+    "dpmpp_2m_trailing_vpred",
+    "dpmpp_2m_thresholding_sample",
+];
+
+/// Step counts of the stored DPM-Solver loops and the step indices stored for each.
+const DPM_TRAJECTORIES: [(usize, [usize; 4]); 2] = [(10, [0, 1, 5, 9]), (25, [0, 1, 12, 24])];
+
+/// The hub scheduler files of 2.1 (`scheduler/`, DDIM) and 2.2 (DDPM): only the keys they hold,
+/// as `SCHEDULERS` in make_fixtures.py.
+const HUB_DDIM_2_1: &str = r#"{"_class_name": "DDIMScheduler", "num_train_timesteps": 1000,
+    "beta_schedule": "linear", "beta_start": 0.00085, "beta_end": 0.012, "clip_sample": false,
+    "set_alpha_to_one": false, "steps_offset": 1, "prediction_type": "epsilon",
+    "thresholding": false}"#;
+const HUB_DDPM_2_2: &str = r#"{"_class_name": "DDPMScheduler", "num_train_timesteps": 1000,
+    "beta_schedule": "linear", "beta_start": 0.00085, "beta_end": 0.012, "clip_sample": false,
+    "set_alpha_to_one": false, "steps_offset": 1, "prediction_type": "epsilon",
+    "thresholding": false}"#;
 
 fn config(name: &str) -> SchedulerConfig {
     SchedulerConfig::load(
@@ -24,7 +49,7 @@ fn config(name: &str) -> SchedulerConfig {
 fn timesteps_match_diffusers() {
     let text = std::fs::read_to_string(fixtures().join("schedulers/timesteps.json")).unwrap();
     let golden: serde_json::Value = serde_json::from_str(&text).unwrap();
-    for name in NAMES {
+    for name in NAMES.into_iter().chain(DPM_NAMES) {
         let mut s = from_config(&config(name)).unwrap();
         for (n, want) in golden[name].as_object().unwrap() {
             s.set_timesteps(n.parse().unwrap()).unwrap();
@@ -83,4 +108,153 @@ fn bad_configs_and_step_counts_are_errors() {
     assert!(s.set_timesteps(1001).is_err());
     let mut s = from_config(&config("unclip_prior")).unwrap();
     assert!(s.set_timesteps(1).is_err());
+}
+
+/// The DPM-Solver criterion: relative L2 ≤ 1e-5 and max abs ≤ 1e-5 × max |ref|.
+fn assert_tight(what: &str, ours: &Tensor, reference: &Tensor) {
+    let (rel, dmax, rmax) = errors(ours, reference);
+    println!("{what}: rel L2 {rel:.3e}, max abs {dmax:.3e} (ref max {rmax:.3e})");
+    assert!(rel <= 1e-5, "{what}: relative L2 error {rel:.3e} > 1e-5");
+    assert!(
+        dmax <= 1e-5 * rmax,
+        "{what}: max abs error {dmax:.3e} > 1e-5 × {rmax:.3e}"
+    );
+}
+
+/// Runs whole sampling loops of fixture `name` with its deterministic model
+/// `model_output = eps + 0.5 · sample` and checks the stored steps.
+fn check_dpm_trajectories(
+    label: &str,
+    config: &SchedulerConfig,
+    name: &str,
+    io: &HashMap<String, Tensor>,
+) {
+    let mut s = from_config(config).unwrap();
+    let eps = &io[&format!("{name}_eps")];
+    let mut g = TorchGenerator::new(0);
+    for (n, keep) in DPM_TRAJECTORIES {
+        s.set_timesteps(n).unwrap();
+        let ts = s.timesteps().to_vec();
+        assert_eq!(ts.len(), n, "{label}");
+        let mut x = io[&format!("{name}_sample")].clone();
+        for (i, &t) in ts.iter().enumerate() {
+            let model_output = (eps + (&x * 0.5).unwrap()).unwrap();
+            x = s.step(&model_output, t, &x, &mut g).unwrap();
+            if keep.contains(&i) {
+                assert_tight(
+                    &format!("{label}, {n} steps, step {i} (t = {t})"),
+                    &x,
+                    &io[&format!("{name}_traj{n}_step{i}")],
+                );
+            }
+        }
+        assert!(
+            s.step(eps, ts[0], &x, &mut g).is_err(),
+            "{label}: a step past the last one"
+        );
+    }
+}
+
+#[test]
+fn dpm_solver_loops_and_add_noise_match_diffusers() {
+    let io = load_io(&fixtures().join("schedulers/steps.safetensors"));
+    for name in DPM_NAMES {
+        let c = config(name);
+        check_dpm_trajectories(name, &c, name, &io);
+        let mut s = from_config(&c).unwrap();
+        assert!(!s.uses_learned_variance());
+        s.set_timesteps(10).unwrap();
+        let t3 = s.timesteps()[3];
+        let got = s
+            .add_noise(
+                &io[&format!("{name}_sample")],
+                &io[&format!("{name}_noise")],
+                t3,
+            )
+            .unwrap();
+        assert_tight(
+            &format!("{name} add_noise"),
+            &got,
+            &io[&format!("{name}_add_noise_{t3}")],
+        );
+    }
+}
+
+/// `--scheduler dpm++2m`: `with_class` on the model's own scheduler config gives what
+/// `DPMSolverMultistepScheduler.from_config(model_scheduler.config)` gives in diffusers.
+#[test]
+fn dpm_solver_from_a_model_scheduler_config_matches_diffusers_from_config() {
+    let text = std::fs::read_to_string(fixtures().join("schedulers/timesteps.json")).unwrap();
+    let golden: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let io = load_io(&fixtures().join("schedulers/steps.safetensors"));
+    let cases = [
+        // Hub files without timestep_spacing: DPM-Solver's "linspace".
+        (
+            SchedulerConfig::from_json(HUB_DDIM_2_1).unwrap(),
+            "dpmpp_2m_from_ddim_2_1",
+        ),
+        (
+            SchedulerConfig::from_json(HUB_DDPM_2_2).unwrap(),
+            "dpmpp_2m_from_ddpm_2_2",
+        ),
+        // A file with every key (timestep_spacing "leading", variance_type "fixed_small").
+        (config("ddpm_2_2"), "dpmpp_2m_from_saved_ddpm_2_2"),
+    ];
+    for (source, name) in cases {
+        let c = with_class(&source, DPM_SOLVER_MULTISTEP).unwrap();
+        let saved = config(name);
+        assert_eq!(c.class_name, DPM_SOLVER_MULTISTEP, "{name}");
+        assert_eq!(c.timestep_spacing, saved.timestep_spacing, "{name}");
+        assert_eq!(c.steps_offset, saved.steps_offset, "{name}");
+        assert_eq!(c.variance_type, saved.variance_type, "{name}");
+        assert_eq!(c.prediction_type, saved.prediction_type, "{name}");
+        assert_eq!(c.solver_order, saved.solver_order, "{name}");
+        let mut s = from_config(&c).unwrap();
+        for (n, want) in golden[name].as_object().unwrap() {
+            s.set_timesteps(n.parse().unwrap()).unwrap();
+            let want: Vec<usize> = want
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_u64().unwrap() as usize)
+                .collect();
+            assert_eq!(s.timesteps(), want.as_slice(), "{name}, {n} steps");
+        }
+        check_dpm_trajectories(&format!("{name} (with_class)"), &c, name, &io);
+    }
+    // 2.1's `ddpm_scheduler/` (learned_range): diffusers' DPM-Solver keeps `model_output[:, :3]`,
+    // which fails with 4-channel latents; here it is refused up front.
+    let learned = with_class(&config("ddpm_2_1_learned"), DPM_SOLVER_MULTISTEP).unwrap();
+    assert_eq!(learned.variance_type.as_deref(), Some("learned_range"));
+    assert!(from_config(&learned).is_err());
+}
+
+#[test]
+fn dpm_solver_refuses_what_it_does_not_implement() {
+    let base = config("dpmpp_2m_from_ddpm_2_2");
+    let mut c = base.clone();
+    c.use_karras_sigmas = true;
+    assert!(from_config(&c).is_err());
+    let mut c = base.clone();
+    c.solver_order = 3;
+    assert!(from_config(&c).is_err());
+    let mut c = base.clone();
+    c.algorithm_type = "sde-dpmsolver++".into();
+    assert!(from_config(&c).is_err());
+    let mut c = base.clone();
+    c.prediction_type = "flow_prediction".into();
+    assert!(from_config(&c).is_err());
+    let mut s = from_config(&base).unwrap();
+    let x = Tensor::zeros((1, 4, 2, 2), DType::F32, &Device::Cpu).unwrap();
+    let mut g = TorchGenerator::new(0);
+    assert!(
+        s.step(&x, 999, &x, &mut g).is_err(),
+        "step before set_timesteps"
+    );
+    assert!(s.set_timesteps(0).is_err());
+    assert!(s.set_timesteps(1001).is_err());
+    // diffusers' "trailing" spacing gives a timestep of -1 for 61 steps.
+    let mut s = from_config(&config("dpmpp_2m_trailing_vpred")).unwrap();
+    assert!(s.set_timesteps(61).is_err());
+    assert!(s.set_timesteps(60).is_ok());
 }

@@ -128,7 +128,7 @@ fn quote_non_finite(text: &str) -> String {
 /// class named by `_class_name` (see each scheduler's constructor).
 #[derive(Debug, Clone, Deserialize)]
 pub struct SchedulerConfig {
-    /// `DDIMScheduler`, `DDPMScheduler`, `UnCLIPScheduler`.
+    /// `DDIMScheduler`, `DDPMScheduler`, `UnCLIPScheduler`, `DPMSolverMultistepScheduler`.
     #[serde(rename = "_class_name", default)]
     pub class_name: String,
     /// Training timesteps.
@@ -250,7 +250,7 @@ impl SchedulerConfig {
     /// Parses (accepting Python's `-Infinity` / `Infinity` / `NaN` tokens), records the keys
     /// present and applies the defaults of the named class that differ from the serde defaults.
     fn parse(text: &str, path: &Path) -> Result<Self> {
-        let json_err = |source| Error::Json {
+        let json_err = |source: serde_json::Error| Error::Json {
             path: path.to_path_buf(),
             source,
         };
@@ -274,47 +274,124 @@ impl SchedulerConfig {
     }
 }
 
-/// `Class.from_config(config)` of diffusers for another scheduler class: the new class's
-/// `__init__` keys that `config` holds carry over, the others take the new class's defaults
-/// (keys the source file did not hold count as absent, as diffusers' `_use_default_values`
-/// makes them), and keys the new class does not take are ignored by it. Only
-/// `DPMSolverMultistepScheduler` is supported as a target (or `config`'s own class: a copy).
+/// The `__init__` keys (among this struct's fields) of the classes [`with_class`] builds.
+fn init_keys(class_name: &str) -> Option<&'static [&'static str]> {
+    Some(match class_name {
+        "DDIMScheduler" => &[
+            "num_train_timesteps",
+            "beta_start",
+            "beta_end",
+            "beta_schedule",
+            "trained_betas",
+            "clip_sample",
+            "set_alpha_to_one",
+            "steps_offset",
+            "prediction_type",
+            "thresholding",
+            "dynamic_thresholding_ratio",
+            "clip_sample_range",
+            "sample_max_value",
+            "timestep_spacing",
+            "rescale_betas_zero_snr",
+        ],
+        "DDPMScheduler" => &[
+            "num_train_timesteps",
+            "beta_start",
+            "beta_end",
+            "beta_schedule",
+            "trained_betas",
+            "variance_type",
+            "clip_sample",
+            "prediction_type",
+            "thresholding",
+            "dynamic_thresholding_ratio",
+            "clip_sample_range",
+            "sample_max_value",
+            "timestep_spacing",
+            "steps_offset",
+            "rescale_betas_zero_snr",
+        ],
+        DPM_SOLVER_MULTISTEP => &[
+            "num_train_timesteps",
+            "beta_start",
+            "beta_end",
+            "beta_schedule",
+            "trained_betas",
+            "solver_order",
+            "prediction_type",
+            "thresholding",
+            "dynamic_thresholding_ratio",
+            "sample_max_value",
+            "algorithm_type",
+            "solver_type",
+            "lower_order_final",
+            "euler_at_final",
+            "use_karras_sigmas",
+            "use_exponential_sigmas",
+            "use_beta_sigmas",
+            "use_lu_lambdas",
+            "use_flow_sigmas",
+            "flow_shift",
+            "final_sigmas_type",
+            "lambda_min_clipped",
+            "variance_type",
+            "timestep_spacing",
+            "steps_offset",
+            "rescale_betas_zero_snr",
+        ],
+        _ => return None,
+    })
+}
+
+/// diffusers' `Class.from_config(config)` for another scheduler class (what `--scheduler`
+/// does with the model's own scheduler config): the new class's `__init__` keys that the
+/// config file held carry over; the others take the new class's defaults (keys the file did
+/// not hold count as absent, as diffusers' `_use_default_values` makes them); keys the new
+/// class does not take are left as they are and ignored by it. Targets: `DDIMScheduler`,
+/// `DDPMScheduler`, `DPMSolverMultistepScheduler`, or `config`'s own class (a copy).
 ///
-/// E.g. the 2.2 decoder's `DDPMScheduler` config (no `timestep_spacing` / `variance_type` in the
-/// file) gives a DPM-Solver++ with `linspace` spacing and `variance_type = None`, while a
-/// config saved by a recent diffusers (every key written, `timestep_spacing: "leading"`,
-/// `variance_type: "fixed_small"`) keeps `leading` spacing and `steps_offset`.
+/// E.g. the 2.2 decoder's hub `DDPMScheduler` config (no `timestep_spacing` or
+/// `variance_type` in the file) gives a DPM-Solver++ with `linspace` spacing and
+/// `variance_type = None`, while a config saved by a recent diffusers (every key written,
+/// `timestep_spacing: "leading"`, `variance_type: "fixed_small"`) keeps `leading` spacing.
 pub fn with_class(config: &SchedulerConfig, class_name: &str) -> Result<SchedulerConfig> {
     if class_name == config.class_name {
         return Ok(config.clone());
     }
-    if class_name != DPM_SOLVER_MULTISTEP {
-        return Err(Error::unsupported("scheduler class", class_name));
-    }
-    let defaults = SchedulerConfig::from_json(&format!(r#"{{"_class_name": "{class_name}"}}"#))?;
+    let keys =
+        init_keys(class_name).ok_or_else(|| Error::unsupported("_class_name", class_name))?;
+    let mut defaults =
+        SchedulerConfig::from_json(&format!(r#"{{"_class_name": "{class_name}"}}"#))?;
     let mut out = config.clone();
     out.class_name = class_name.into();
     macro_rules! carry {
         ($($field:ident),* $(,)?) => {
-            $(
-                if !config.has_key(stringify!($field)) {
-                    out.$field = defaults.$field.clone();
+            $({
+                let key = stringify!($field);
+                if keys.contains(&key) && !config.has_key(key) {
+                    std::mem::swap(&mut out.$field, &mut defaults.$field);
                 }
-            )*
+            })*
         };
     }
-    // The `__init__` keys of DPMSolverMultistepScheduler that this struct holds.
     carry!(
         num_train_timesteps,
         beta_start,
         beta_end,
         beta_schedule,
-        trained_betas,
-        solver_order,
+        clip_sample,
+        clip_sample_range,
+        set_alpha_to_one,
+        steps_offset,
         prediction_type,
         thresholding,
         dynamic_thresholding_ratio,
         sample_max_value,
+        variance_type,
+        timestep_spacing,
+        trained_betas,
+        rescale_betas_zero_snr,
+        solver_order,
         algorithm_type,
         solver_type,
         lower_order_final,
@@ -327,10 +404,6 @@ pub fn with_class(config: &SchedulerConfig, class_name: &str) -> Result<Schedule
         flow_shift,
         final_sigmas_type,
         lambda_min_clipped,
-        variance_type,
-        timestep_spacing,
-        steps_offset,
-        rescale_betas_zero_snr,
     );
     Ok(out)
 }
@@ -503,5 +576,52 @@ mod tests {
         assert_eq!((t[0], t[1], t[98], t[99]), (991, 981, 11, 1));
         let t = spaced_timesteps(&c, 50).unwrap();
         assert_eq!((t[0], t[1], t[49]), (981, 961, 1));
+    }
+
+    #[test]
+    fn python_non_finite_tokens_parse() {
+        let c = cfg(
+            r#"{"_class_name": "DPMSolverMultistepScheduler", "lambda_min_clipped": -Infinity,
+                       "prediction_type": "NaN-Infinity"}"#,
+        );
+        assert_eq!(c.lambda_min_clipped, f64::NEG_INFINITY);
+        assert_eq!(c.prediction_type, "NaN-Infinity");
+        // Absent from a DPM-Solver file: the class default, not DDIM/DDPM's "leading".
+        assert_eq!(c.timestep_spacing, "linspace");
+        assert!(!c.has_key("timestep_spacing") && c.has_key("prediction_type"));
+    }
+
+    #[test]
+    fn with_class_carries_present_keys_only() {
+        // The 2.2 decoder's hub DDPM config: no timestep_spacing / variance_type in the file.
+        let hub = cfg(
+            r#"{"_class_name": "DDPMScheduler", "beta_end": 0.012, "beta_schedule": "linear",
+            "beta_start": 0.00085, "clip_sample": false, "num_train_timesteps": 1000,
+            "prediction_type": "epsilon", "set_alpha_to_one": false, "steps_offset": 1,
+            "thresholding": false, "trained_betas": null}"#,
+        );
+        let d = with_class(&hub, DPM_SOLVER_MULTISTEP).unwrap();
+        assert_eq!(d.class_name, DPM_SOLVER_MULTISTEP);
+        assert_eq!(
+            (d.timestep_spacing.as_str(), d.steps_offset),
+            ("linspace", 1)
+        );
+        assert_eq!((d.beta_start, d.beta_end), (0.00085, 0.012));
+        assert_eq!(d.variance_type, None);
+        assert_eq!(
+            (d.solver_order, d.algorithm_type.as_str()),
+            (2, "dpmsolver++")
+        );
+        let mut saved = hub.clone();
+        saved.present_keys = None; // every key written, as a recent save_config does
+        saved.variance_type = Some("fixed_small".into());
+        let d = with_class(&saved, DPM_SOLVER_MULTISTEP).unwrap();
+        assert_eq!(d.timestep_spacing, "leading");
+        assert_eq!(d.variance_type.as_deref(), Some("fixed_small"));
+        assert!(from_config(&d).is_ok());
+        // DDIM from the same hub file: set_alpha_to_one present (false), clip_sample false.
+        let ddim = with_class(&hub, "DDIMScheduler").unwrap();
+        assert!(!ddim.set_alpha_to_one && !ddim.clip_sample);
+        assert!(with_class(&hub, "EulerDiscreteScheduler").is_err());
     }
 }

@@ -114,13 +114,13 @@ impl DpmSolverMultistepScheduler {
         if c.trained_betas.is_some() {
             return Err(Error::unsupported("trained_betas", "an explicit list"));
         }
-        let ac = alphas_cumprod(&betas(c)?);
         let t = c.num_train_timesteps;
-        if ac.len() != t || t == 0 {
+        if t < 2 {
             return Err(Error::InvalidArgument(format!(
-                "num_train_timesteps must be positive, got {t}"
+                "num_train_timesteps must be at least 2, got {t}"
             )));
         }
+        let ac = alphas_cumprod(&betas(c)?);
         // self.sigmas = ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5, in f32.
         let train_sigmas: Vec<f32> = ac.iter().map(|&a| ((1.0 - a) / a).sqrt()).collect();
         // clipped_idx = searchsorted(flip(lambda_t), lambda_min_clipped) with
@@ -130,7 +130,7 @@ impl DpmSolverMultistepScheduler {
             .rev()
             .position(|&a| {
                 let l = lambda(a.sqrt(), (1.0 - a).sqrt());
-                !((l as f64) < c.lambda_min_clipped)
+                l as f64 >= c.lambda_min_clipped
             })
             .unwrap_or(t);
         if clipped_idx >= t {
@@ -225,7 +225,7 @@ impl DpmSolverMultistepScheduler {
             .timesteps
             .iter()
             .enumerate()
-            .filter(|(_, &x)| x == t)
+            .filter(|&(_, &x)| x == t)
             .map(|(i, _)| i);
         match (hits.next(), hits.next()) {
             (None, _) => self.timesteps.len().saturating_sub(1),
