@@ -486,7 +486,32 @@ def make_images():
     # fp16 keeps the file small; its rounding (< 1e-3 here) is far below the 1e-2 tolerance, while
     # one 8-bit level of resampling difference (≈ 0.015 after normalisation) would still show.
     save_file({k: v.contiguous().half() for k, v in out.items()}, os.path.join(base, "pixel_values.safetensors"))
+    make_resized()
     print("images written", type(proc).__name__)
+
+
+RESIZE_CASES = [
+    # image, width, height, filter, reducing_gap: diffusers' image preprocessing (bicubic, gap 1:
+    # Image.reduce first when shrinking 2x or more) and inpainting masks (Lanczos, no gap).
+    ("photo_flower", 64, 64, "bicubic", 1.0), ("photo_flower", 100, 37, "bicubic", 1.0),
+    ("photo_china", 33, 90, "bicubic", 1.0), ("photo_china", 160, 106, "bicubic", 1.0),
+    ("drawing_500x100", 64, 64, "bicubic", 1.0), ("drawing_150x400", 48, 48, "bicubic", 1.0),
+    ("drawing_300x200", 128, 64, "bicubic", 1.0), ("drawing_90x231", 128, 256, "bicubic", 1.0),
+    ("photo_flower", 64, 64, "lanczos", None), ("drawing_300x200", 37, 91, "lanczos", None),
+    ("drawing_48x48", 128, 64, "lanczos", None),
+]
+
+
+def make_resized():
+    """Pillow resizes as diffusers calls them, as uint8 HWC arrays."""
+    import numpy as np
+    from PIL import Image
+    out = {}
+    for name, w, h, filt, gap in RESIZE_CASES:
+        im = Image.open(os.path.join(ROOT, "images", name + ".png")).convert("RGB")
+        r = im.resize((w, h), resample={"bicubic": Image.BICUBIC, "lanczos": Image.LANCZOS}[filt], reducing_gap=gap)
+        out[f"{name}_{w}x{h}_{filt}_{gap}"] = torch.from_numpy(np.array(r))
+    save_file(out, os.path.join(ROOT, "images", "resized.safetensors"))
 
 # ---------------------------------------------------------------------------------------------
 # torch.Generator("cpu").manual_seed(s) + torch.randn goldens (sizes below and above the 16-element
@@ -851,8 +876,9 @@ def make_img2img():
     for name, image, strength, steps, seed in [
         ("same_size", "images/drawing_64x64.png", 0.5, 10, 31),
         ("upscaled", "images/drawing_48x48.png", 0.3, 10, 32),
-        # Shrinking photos is left out: Pillow pre-reduces (reducing_gap=1), which we do not replicate.
         ("full_strength", "images/drawing_64x64.png", 1.0, 4, 33),
+        # A 320x213 photo shrunk to 64x64: Pillow's reducing_gap=1 path (Image.reduce first).
+        ("shrunk_photo", "images/photo_flower.png", 0.5, 10, 34),
     ]:
         im = Image.open(os.path.join(ROOT, image)).convert("RGB")
         gen = torch.Generator("cpu").manual_seed(seed)

@@ -259,6 +259,7 @@ fn assert_png_matches_in(out: &std::path::Path, file: &str, key: &str) {
         .zip(&want)
         .map(|(&p, &w)| (p as f32 - (w * 255.0).round()).abs())
         .fold(0f32, f32::max);
+    println!("{key}: max PNG difference {worst}/255");
     assert!(worst <= 2.0, "{key}: max pixel difference {worst}/255");
 }
 

@@ -25,9 +25,8 @@ pub fn load_image(path: &Path, device: &Device) -> Result<Tensor> {
 }
 
 /// diffusers' `VaeImageProcessor.preprocess` for the img2img pipelines: the size rounded down to a
-/// multiple of `scale_factor`, Pillow bicubic resize when the image differs, then `x/127.5 - 1`:
-/// `(1, 3, H, W)`. (Pillow's `reducing_gap=1` pre-reduction for shrinks of 2× or more is not
-/// reproduced; such images differ slightly from diffusers'.)
+/// multiple of `scale_factor`, Pillow bicubic resize with `reducing_gap=1` when the image differs,
+/// then `x/127.5 - 1`: `(1, 3, H, W)`.
 pub fn prepare_image(
     path: &Path,
     width: usize,
@@ -45,7 +44,15 @@ pub fn prepare_image(
     let rgb = if (w, h) == (tw, th) {
         rgb
     } else {
-        crate::image_processor::resize_bicubic_rgb8(w, h, &rgb, tw, th)
+        crate::image_processor::resize_rgb8_reducing_gap(
+            w,
+            h,
+            &rgb,
+            tw,
+            th,
+            crate::image_processor::Filter::Bicubic,
+            Some(1.0),
+        )
     };
     let t = Tensor::from_vec(rgb, (th, tw, 3), device)?
         .permute((2, 0, 1))?

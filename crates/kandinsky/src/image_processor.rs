@@ -1,9 +1,10 @@
 //! transformers `CLIPImageProcessor`: shortest side → `size` with PIL's bicubic resampling of the
 //! 8-bit image, centre crop, `/255`, mean/std normalisation.
 //!
-//! The resampler reproduces Pillow's `Image.resize(BICUBIC)` for 8-bit images (convolution with
-//! support scaled by the reduction factor, 22-bit fixed-point weights, horizontal pass first,
-//! rounding to 8 bits after each pass), which is what transformers uses without torchvision.
+//! The resampler reproduces Pillow's `Image.resize` (bicubic and Lanczos) for 8-bit images
+//! (convolution with support scaled by the reduction factor, 22-bit fixed-point weights, Pillow
+//! 13's pass order, rounding to 8 bits after each pass, and the `reducing_gap` pre-reduction
+//! diffusers asks for), which is what transformers uses without torchvision.
 
 use crate::error::{Error, Result};
 use candle_core::{Device, Tensor};
@@ -226,7 +227,38 @@ pub fn resize_rgb8(
     new_height: usize,
     filter: Filter,
 ) -> Vec<u8> {
-    let img = Planar::from_hwc(width, height, rgb).resize(new_width, new_height, filter);
+    resize_rgb8_reducing_gap(width, height, rgb, new_width, new_height, filter, None)
+}
+
+/// Pillow's `Image.resize((width, height), filter, reducing_gap=gap)`: with a gap, a shrink by a
+/// factor of at least `gap` first box-averages the image by the integer factor
+/// `int(in / out / gap)` per axis (`Image.reduce`), then resamples the part of the reduced image
+/// that covers the original (a fractional box). diffusers' image preprocessing uses `gap = 1`.
+pub fn resize_rgb8_reducing_gap(
+    width: usize,
+    height: usize,
+    rgb: &[u8],
+    new_width: usize,
+    new_height: usize,
+    filter: Filter,
+    reducing_gap: Option<f64>,
+) -> Vec<u8> {
+    let mut img = Planar::from_hwc(width, height, rgb);
+    let (mut box_w, mut box_h) = (width as f64, height as f64);
+    if (width, height) == (new_width, new_height) {
+        return rgb.to_vec();
+    }
+    if let Some(gap) = reducing_gap {
+        let factor = |i: usize, o: usize| ((i as f64 / o as f64 / gap) as usize).max(1);
+        let (fx, fy) = (factor(width, new_width), factor(height, new_height));
+        if fx > 1 || fy > 1 {
+            img = img.reduce(fx, fy);
+            // Pillow hands the box to C as `float`.
+            box_w = (box_w / fx as f64) as f32 as f64;
+            box_h = (box_h / fy as f64) as f32 as f64;
+        }
+    }
+    let img = img.resize_box(new_width, new_height, filter, box_w, box_h);
     let mut out = Vec::with_capacity(new_width * new_height * 3);
     for i in 0..new_width * new_height {
         for c in 0..3 {
@@ -278,8 +310,9 @@ struct Coeffs {
     precision: u32,
 }
 
-fn coeffs(in_size: usize, out_size: usize, filter: Filter) -> Coeffs {
-    let scale = in_size as f64 / out_size as f64;
+/// Pillow's `precompute_coeffs` for the input span `[0, in_end)` of a line of `in_size` pixels.
+fn coeffs(in_size: usize, in_end: f64, out_size: usize, filter: Filter) -> Coeffs {
+    let scale = in_end / out_size as f64;
     let support = filter.support() * scale.max(1.0);
     let invscale = if scale >= 1.0 { 1.0 / scale } else { 1.0 };
     let mut float_spans = Vec::with_capacity(out_size);
@@ -346,39 +379,112 @@ impl Planar {
     }
 
     fn resize(self, out_w: usize, out_h: usize, filter: Filter) -> Self {
+        let (w, h) = (self.width as f64, self.height as f64);
+        self.resize_box(out_w, out_h, filter, w, h)
+    }
+
+    /// `ImagingResample` of the box `(0, 0, box_w, box_h)`. A pass that would be the identity is
+    /// skipped; the horizontal pass runs first unless the height shrinks by more than twice as
+    /// many pixels as the width (Pillow 13's order; older Pillow always went horizontal first).
+    fn resize_box(
+        self,
+        out_w: usize,
+        out_h: usize,
+        filter: Filter,
+        box_w: f64,
+        box_h: f64,
+    ) -> Self {
+        let need_h = out_w != self.width || box_w != self.width as f64;
+        let need_v = out_h != self.height || box_h != self.height as f64;
+        let (dh, dw) = (
+            self.height as i64 - out_h as i64,
+            self.width as i64 - out_w as i64,
+        );
+        let horizontal_first = !(dh > 0 && dh > dw * 2);
         let mut img = self;
-        if out_w != img.width {
-            let c = coeffs(img.width, out_w, filter);
-            let planes = img.planes.map(|p| {
-                let mut out = vec![0u8; out_w * img.height];
-                for y in 0..img.height {
-                    resample_line(&p[y * img.width..], 1, &c, &mut out[y * out_w..], 1);
-                }
-                out
-            });
-            img = Self {
-                width: out_w,
-                height: img.height,
-                planes,
-            };
-        }
-        if out_h != img.height {
-            let c = coeffs(img.height, out_h, filter);
-            let w = img.width;
-            let planes = img.planes.map(|p| {
-                let mut out = vec![0u8; w * out_h];
-                for x in 0..w {
-                    resample_line(&p[x..], w, &c, &mut out[x..], w);
-                }
-                out
-            });
-            img = Self {
-                width: w,
-                height: out_h,
-                planes,
-            };
+        if horizontal_first {
+            if need_h {
+                img = img.pass_horizontal(out_w, filter, box_w);
+            }
+            if need_v {
+                img = img.pass_vertical(out_h, filter, box_h);
+            }
+        } else {
+            if need_v {
+                img = img.pass_vertical(out_h, filter, box_h);
+            }
+            if need_h {
+                img = img.pass_horizontal(out_w, filter, box_w);
+            }
         }
         img
+    }
+
+    fn pass_horizontal(self, out_w: usize, filter: Filter, box_w: f64) -> Self {
+        let c = coeffs(self.width, box_w, out_w, filter);
+        let (w, h) = (self.width, self.height);
+        let planes = self.planes.map(|p| {
+            let mut out = vec![0u8; out_w * h];
+            for y in 0..h {
+                resample_line(&p[y * w..], 1, &c, &mut out[y * out_w..], 1);
+            }
+            out
+        });
+        Self {
+            width: out_w,
+            height: h,
+            planes,
+        }
+    }
+
+    fn pass_vertical(self, out_h: usize, filter: Filter, box_h: f64) -> Self {
+        let c = coeffs(self.height, box_h, out_h, filter);
+        let w = self.width;
+        let planes = self.planes.map(|p| {
+            let mut out = vec![0u8; w * out_h];
+            for x in 0..w {
+                resample_line(&p[x..], w, &c, &mut out[x..], w);
+            }
+            out
+        });
+        Self {
+            width: w,
+            height: out_h,
+            planes,
+        }
+    }
+
+    /// Pillow's `Image.reduce((fx, fy))`: the mean of each `fx × fy` block (partial blocks at the
+    /// right and bottom edges average the pixels they have), in Pillow's fixed point:
+    /// `((sum + n/2) · ⌊2^32 / (256 n)⌋) >> 24` for a block of `n` pixels.
+    fn reduce(self, fx: usize, fy: usize) -> Self {
+        let (w, h) = (self.width, self.height);
+        let (ow, oh) = (w.div_ceil(fx), h.div_ceil(fy));
+        let planes = self.planes.map(|p| {
+            let mut out = vec![0u8; ow * oh];
+            for oy in 0..oh {
+                let ys = oy * fy..((oy + 1) * fy).min(h);
+                for ox in 0..ow {
+                    let xs = ox * fx..((ox + 1) * fx).min(w);
+                    let n = (ys.len() * xs.len()) as u32;
+                    let mut sum = n / 2;
+                    for y in ys.clone() {
+                        for x in xs.clone() {
+                            sum += p[y * w + x] as u32;
+                        }
+                    }
+                    // `division_UINT32`: a float32 quotient truncated.
+                    let multiplier = (4294967296f32 / (256 * n) as f32) as u32;
+                    out[oy * ow + ox] = (sum.wrapping_mul(multiplier) >> 24) as u8;
+                }
+            }
+            out
+        });
+        Self {
+            width: ow,
+            height: oh,
+            planes,
+        }
     }
 
     /// transformers' centre crop: zero padding when the crop is larger, offsets

@@ -12,6 +12,7 @@ pub mod models;
 pub mod pipelines;
 pub mod schedulers;
 pub mod tokenization;
+pub mod training;
 pub mod utils;
 
 pub use error::{Error, Result};

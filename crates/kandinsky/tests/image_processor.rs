@@ -71,3 +71,45 @@ fn zero_image_embedding_is_computed_once_and_matches() {
         "the second call must return the cached tensor"
     );
 }
+
+/// Pillow's `resize` as diffusers calls it: bicubic with `reducing_gap=1` (image preprocessing;
+/// `Image.reduce` first when shrinking 2× or more, then a fractional-box resample) and Lanczos
+/// (inpainting masks), on photos and drawings, shrinking and enlarging: every byte equal.
+#[test]
+fn pillow_resize_with_reducing_gap_matches() {
+    use kandinsky::image_processor::{resize_rgb8_reducing_gap, Filter};
+    let reference = candle_core::safetensors::load(
+        fixtures().join("images/resized.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    assert_eq!(reference.len(), 11);
+    let mut bad = 0;
+    for (key, want) in &reference {
+        let parts: Vec<&str> = key.rsplitn(4, '_').collect();
+        let (gap, filter, size, name) = (parts[0], parts[1], parts[2], parts[3]);
+        let (w, h) = size.split_once('x').unwrap();
+        let (w, h): (usize, usize) = (w.parse().unwrap(), h.parse().unwrap());
+        let filter = if filter == "bicubic" {
+            Filter::Bicubic
+        } else {
+            Filter::Lanczos
+        };
+        let gap = gap.parse::<f64>().ok();
+        let (iw, ih, rgb) =
+            kandinsky::image_io::read_rgb8(&fixtures().join(format!("images/{name}.png"))).unwrap();
+        let ours = resize_rgb8_reducing_gap(iw, ih, &rgb, w, h, filter, gap);
+        let want: Vec<u8> = want.flatten_all().unwrap().to_vec1().unwrap();
+        let differing = ours.iter().zip(&want).filter(|(a, b)| a != b).count();
+        assert_eq!(ours.len(), want.len(), "{key}");
+        let worst = ours
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (*a as i32 - *b as i32).abs())
+            .max()
+            .unwrap();
+        println!("{key}: {differing} bytes differ, worst {worst}");
+        bad += (differing > 0) as usize;
+    }
+    assert_eq!(bad, 0);
+}

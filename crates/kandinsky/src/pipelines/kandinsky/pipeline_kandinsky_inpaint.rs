@@ -4,7 +4,7 @@
 
 use super::pipeline_kandinsky::KandinskyPipeline;
 use crate::error::{Error, Result};
-use crate::image_processor::{resize_rgb8, Filter};
+use crate::image_processor::{resize_rgb8_reducing_gap, Filter};
 use crate::pipelines::kandinsky2_2::pipeline_kandinsky2_2::{DecoderParams, Init};
 use crate::utils::torch_utils::TorchGenerator;
 use candle_core::{DType, Device, Tensor};
@@ -13,7 +13,7 @@ use candle_core::{DType, Device, Tensor};
 pub type Rgb8<'a> = (usize, usize, &'a [u8]);
 
 /// `prepare_mask_and_masked_image` for PIL inputs: the image resized to `width × height`
-/// (Pillow bicubic) as `(1, 3, H, W)` in [-1, 1], and the mask resized (Pillow Lanczos), turned
+/// (Pillow bicubic, `reducing_gap=1`) as `(1, 3, H, W)` in [-1, 1], and the mask resized (Pillow Lanczos), turned
 /// to luminance (`convert("L")`), `/255`, binarised at 0.5 and inverted to the model's keep-mask
 /// `(1, 1, H, W)` (1 = keep). Returns `(mask, image)`. Image and mask must have the same size.
 pub fn prepare_mask_and_masked_image(
@@ -29,19 +29,15 @@ pub fn prepare_mask_and_masked_image(
             mask.0, mask.1, image.0, image.1
         )));
     }
-    let resize = |(w, h, rgb): Rgb8, filter| {
-        if (w, h) == (width, height) {
-            rgb.to_vec()
-        } else {
-            resize_rgb8(w, h, rgb, width, height, filter)
-        }
+    let resize = |(w, h, rgb): Rgb8, filter, gap| {
+        resize_rgb8_reducing_gap(w, h, rgb, width, height, filter, gap)
     };
-    let rgb = resize(image, Filter::Bicubic);
+    let rgb = resize(image, Filter::Bicubic, Some(1.0));
     let image = Tensor::from_vec(rgb, (height, width, 3), device)?
         .permute((2, 0, 1))?
         .to_dtype(DType::F32)?;
     let image = ((image / 127.5)? - 1.0)?.unsqueeze(0)?;
-    let keep: Vec<f32> = resize(mask, Filter::Lanczos)
+    let keep: Vec<f32> = resize(mask, Filter::Lanczos, None)
         .chunks_exact(3)
         .map(|p| {
             // Pillow's RGB → L: (19595 R + 38470 G + 7471 B + 2^15) >> 16.
