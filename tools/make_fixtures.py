@@ -872,40 +872,49 @@ def make_img2img():
     dec = KandinskyV22Img2ImgPipeline.from_pretrained(os.path.join(base, "tiny-2-2-decoder"), torch_dtype=torch.float32)
     for p_ in (prior, dec):
         p_.set_progress_bar_config(disable=True)
-    out, cases = {}, []
-    for name, image, strength, steps, seed in [
-        ("same_size", "images/drawing_64x64.png", 0.5, 10, 31),
-        ("upscaled", "images/drawing_48x48.png", 0.3, 10, 32),
-        ("full_strength", "images/drawing_64x64.png", 1.0, 4, 33),
+    C = lambda name, image, strength, steps, seed, negative=None, g=4.0, pg=4.0, h=64, w=64: dict(
+        name=name, image=image, strength=strength, steps=steps, seed=seed, prompt="a red circle",
+        negative_prompt=negative, prior_steps=3, guidance=g, prior_guidance=pg, height=h, width=w)
+    all_cases = [
+        C("same_size", "images/drawing_64x64.png", 0.5, 10, 31),
+        C("upscaled", "images/drawing_48x48.png", 0.3, 10, 32),
+        C("full_strength", "images/drawing_64x64.png", 1.0, 4, 33),
         # A 320x213 photo shrunk to 64x64: Pillow's reducing_gap=1 path (Image.reduce first).
-        ("shrunk_photo", "images/photo_flower.png", 0.5, 10, 34),
-    ]:
-        im = Image.open(os.path.join(ROOT, image)).convert("RGB")
-        gen = torch.Generator("cpu").manual_seed(seed)
-        emb = prior("a red circle", num_inference_steps=3, guidance_scale=4.0, generator=gen)
+        C("shrunk_photo", "images/photo_flower.png", 0.5, 10, 34),
+        C("no_cfg", "images/drawing_64x64.png", 0.5, 6, 35, g=1.0, pg=1.0),
+        C("negative", "images/drawing_64x64.png", 0.6, 5, 36, negative="blurry", g=5.0, pg=3.0),
+        # No non-square case: diffusers' img2img pipelines swap width and height when preprocessing
+        # (2.2 silently returns a transposed size; 2.1 fails with "Unexpected latents shape"). We
+        # resize to the requested size instead.
+    ]
+    out, cases = {}, []
+    for case in all_cases:
+        im = Image.open(os.path.join(ROOT, case["image"])).convert("RGB")
+        gen = torch.Generator("cpu").manual_seed(case["seed"])
+        emb = prior(case["prompt"], negative_prompt=case["negative_prompt"], num_inference_steps=3,
+                    guidance_scale=case["prior_guidance"], generator=gen)
         img = dec(image=im, image_embeds=emb.image_embeds, negative_image_embeds=emb.negative_image_embeds,
-                  height=64, width=64, num_inference_steps=steps, strength=strength, guidance_scale=4.0,
-                  generator=gen, output_type="np").images
-        out[name] = torch.from_numpy(np.ascontiguousarray(img))
-        cases.append(dict(name=name, image=image, strength=strength, steps=steps, seed=seed, prompt="a red circle",
-                          prior_steps=3, guidance=4.0, prior_guidance=4.0, height=64, width=64))
+                  height=case["height"], width=case["width"], num_inference_steps=case["steps"],
+                  strength=case["strength"], guidance_scale=case["guidance"], generator=gen, output_type="np").images
+        out[case["name"]] = torch.from_numpy(np.ascontiguousarray(img))
     save_io(os.path.join(base, "e2e_img2img_2_2.safetensors"), out)
     with open(os.path.join(base, "e2e_img2img_2_2.json"), "w") as f:
-        json.dump(cases, f, indent=1)
+        json.dump(all_cases, f, indent=1)
     # 2.1: the decoder sees the prompt (as KandinskyImg2ImgCombinedPipeline passes it).
     prior = KandinskyPriorPipeline.from_pretrained(os.path.join(base, "tiny-2-1-prior"), torch_dtype=torch.float32)
     dec = KandinskyImg2ImgPipeline.from_pretrained(os.path.join(base, "tiny-2-1"), torch_dtype=torch.float32)
     for p_ in (prior, dec):
         p_.set_progress_bar_config(disable=True)
     out = {}
-    for case in cases:
+    for case in all_cases:
         im = Image.open(os.path.join(ROOT, case["image"])).convert("RGB")
         gen = torch.Generator("cpu").manual_seed(case["seed"])
-        emb = prior(case["prompt"], num_inference_steps=3, guidance_scale=4.0, generator=gen)
+        emb = prior(case["prompt"], negative_prompt=case["negative_prompt"], num_inference_steps=3,
+                    guidance_scale=case["prior_guidance"], generator=gen)
         img = dec(prompt=case["prompt"], image=im, image_embeds=emb.image_embeds,
-                  negative_image_embeds=emb.negative_image_embeds, height=64, width=64,
-                  num_inference_steps=case["steps"], strength=case["strength"], guidance_scale=4.0, generator=gen,
-                  output_type="np").images
+                  negative_image_embeds=emb.negative_image_embeds, height=case["height"], width=case["width"],
+                  num_inference_steps=case["steps"], strength=case["strength"], guidance_scale=case["guidance"],
+                  generator=gen, output_type="np").images
         out[case["name"]] = torch.from_numpy(np.ascontiguousarray(img))
     save_io(os.path.join(base, "e2e_img2img_2_1.safetensors"), out)
     print("img2img written")

@@ -222,24 +222,30 @@ fn img2img(version: &str) {
         KandinskyPriorPipeline::load(&dir.join(prior_dir), DType::F32, &Device::Cpu).unwrap();
     for case in cases.as_array().unwrap() {
         let name = case["name"].as_str().unwrap();
+        let (height, width) = (
+            case["height"].as_u64().unwrap() as usize,
+            case["width"].as_u64().unwrap() as usize,
+        );
         let mut g = TorchGenerator::new(case["seed"].as_u64().unwrap());
         let params = PriorParams {
             steps: 3,
-            guidance_scale: 4.0,
+            guidance_scale: case["prior_guidance"].as_f64().unwrap(),
             num_images_per_prompt: 1,
         };
         let prompts = vec![case["prompt"].as_str().unwrap().to_string()];
+        let negative = case["negative_prompt"].as_str();
         let (emb, neg) = prior
-            .call(&prompts, None, params, &mut g, None, &mut |_, _| {})
+            .call(&prompts, negative, params, &mut g, None, &mut |_, _| {})
             .unwrap();
         let path = fixtures().join(case["image"].as_str().unwrap());
-        let image = kandinsky::image_io::prepare_image(&path, 64, 64, 2, &Device::Cpu).unwrap();
+        let image =
+            kandinsky::image_io::prepare_image(&path, width, height, 2, &Device::Cpu).unwrap();
         let steps = case["steps"].as_u64().unwrap() as usize;
         let dp = DecoderParams {
-            height: 64,
-            width: 64,
+            height,
+            width,
             steps,
-            guidance_scale: 4.0,
+            guidance_scale: case["guidance"].as_f64().unwrap(),
         };
         let strength = case["strength"].as_f64().unwrap();
         let img = match &decoder {
