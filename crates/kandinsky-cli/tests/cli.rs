@@ -251,7 +251,13 @@ fn assert_png_matches_in(out: &std::path::Path, file: &str, key: &str) {
     let img = image::open(out).unwrap().to_rgb8();
     let reference =
         candle_core::safetensors::load(fixture(file), &candle_core::Device::Cpu).unwrap();
-    let want: Vec<f32> = reference[key].flatten_all().unwrap().to_vec1().unwrap();
+    let want: Vec<f32> = reference[key]
+        .to_dtype(candle_core::DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
     assert_eq!(want.len(), img.as_raw().len(), "{key}");
     let worst = img
         .as_raw()
