@@ -7,7 +7,7 @@
 
 mod weights;
 
-pub use weights::{WeightStore, Weights};
+pub use weights::{ParamStore, WeightStore, Weights};
 
 use crate::error::{Error, Result};
 use serde::de::DeserializeOwned;

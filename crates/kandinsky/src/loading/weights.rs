@@ -221,6 +221,133 @@ enum Source {
     Meta(Recording),
     /// Random values, for benchmarks of real-size models without their weights.
     Random,
+    /// Trainable variables, created on first request (see [`ParamStore`]).
+    Trainable(ParamStore),
+}
+
+/// The trainable parameters of a model under construction: every tensor a module asks for becomes
+/// a [`Var`](candle_core::Var) named by its diffusers name, initialised from a checkpoint when one
+/// holds it, otherwise deterministically from the seed and the name (so the same seed gives the
+/// same model whatever the construction order). A name requested twice is the same variable.
+#[derive(Clone)]
+pub struct ParamStore {
+    inner: Arc<Mutex<ParamInner>>,
+}
+
+struct ParamInner {
+    seed: u64,
+    device: Device,
+    init: std::collections::HashMap<String, Tensor>,
+    vars: std::collections::BTreeMap<String, candle_core::Var>,
+}
+
+impl ParamStore {
+    /// An empty store: new parameters are drawn from `seed`.
+    pub fn new(seed: u64, device: &Device) -> Self {
+        Self::with_init(seed, std::collections::HashMap::new(), device)
+    }
+
+    /// A store whose parameters start from `init` (e.g. a checkpoint) where it has them.
+    pub fn with_init(
+        seed: u64,
+        init: std::collections::HashMap<String, Tensor>,
+        device: &Device,
+    ) -> Self {
+        Self {
+            inner: Arc::new(Mutex::new(ParamInner {
+                seed,
+                device: device.clone(),
+                init,
+                vars: Default::default(),
+            })),
+        }
+    }
+
+    /// Every variable created so far, by name.
+    pub fn vars(&self) -> Vec<(String, candle_core::Var)> {
+        self.inner
+            .lock()
+            .map(|g| g.vars.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+            .unwrap_or_default()
+    }
+
+    /// The current values, by name (what a checkpoint stores).
+    pub fn tensors(&self) -> std::collections::HashMap<String, Tensor> {
+        self.vars()
+            .into_iter()
+            .map(|(k, v)| (k, v.as_tensor().clone()))
+            .collect()
+    }
+
+    fn get(&self, name: &str, shape: &Shape) -> Result<Tensor> {
+        let mut g = self
+            .inner
+            .lock()
+            .map_err(|_| Error::InvalidArgument("parameter store poisoned".into()))?;
+        if let Some(v) = g.vars.get(name) {
+            if v.dims() != shape.dims() {
+                return Err(Error::ShapeMismatch {
+                    name: name.to_string(),
+                    expected: shape.dims().to_vec(),
+                    found: v.dims().to_vec(),
+                    file: PathBuf::from("(parameters)"),
+                });
+            }
+            return Ok(v.as_tensor().clone());
+        }
+        let value = match g.init.get(name) {
+            Some(t) if t.dims() == shape.dims() => t.to_dtype(DType::F32)?.to_device(&g.device)?,
+            Some(t) => {
+                return Err(Error::ShapeMismatch {
+                    name: name.to_string(),
+                    expected: shape.dims().to_vec(),
+                    found: t.dims().to_vec(),
+                    file: PathBuf::from("(checkpoint)"),
+                })
+            }
+            None => init_param(g.seed, name, shape, &g.device)?,
+        };
+        let var = candle_core::Var::from_tensor(&value)?;
+        let t = var.as_tensor().clone();
+        g.vars.insert(name.to_string(), var);
+        Ok(t)
+    }
+}
+
+/// A fresh parameter: matrices and kernels N(0, 1/fan_in), biases 0, other vectors (norm scales)
+/// 1; the normal draws come from a generator seeded by `seed` and the name.
+fn init_param(seed: u64, name: &str, shape: &Shape, device: &Device) -> Result<Tensor> {
+    let dims = shape.dims();
+    let n = shape.elem_count();
+    if dims.len() < 2 {
+        let v = if name.ends_with("bias") { 0f32 } else { 1f32 };
+        return Ok(Tensor::full(v, shape, device)?);
+    }
+    let fan_in: usize = dims[1..].iter().product();
+    let std = 1.0 / (fan_in as f64).sqrt();
+    let mut state = seed
+        ^ name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+        });
+    let mut next = || {
+        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
+    };
+    let mut data = Vec::with_capacity(n);
+    while data.len() < n {
+        // Box–Muller.
+        let (u1, u2) = (next().max(1e-300), next());
+        let r = (-2.0 * u1.ln()).sqrt();
+        let a = 2.0 * std::f64::consts::PI * u2;
+        data.push((r * a.cos() * std) as f32);
+        if data.len() < n {
+            data.push((r * a.sin() * std) as f32);
+        }
+    }
+    Ok(Tensor::from_vec(data, shape.clone(), device)?)
 }
 
 /// A view of a weight source under a name prefix, handed to module constructors (like candle's
@@ -267,6 +394,21 @@ impl Weights {
             prefix: String::new(),
             dtype,
             device: device.clone(),
+        }
+    }
+
+    /// Trainable parameters from `params` (f32): every requested tensor becomes a variable.
+    pub fn trainable(params: &ParamStore) -> Self {
+        let device = params
+            .inner
+            .lock()
+            .map(|g| g.device.clone())
+            .unwrap_or(Device::Cpu);
+        Self {
+            source: Source::Trainable(params.clone()),
+            prefix: String::new(),
+            dtype: DType::F32,
+            device,
         }
     }
 
@@ -334,6 +476,7 @@ impl Weights {
                 };
                 Ok(t.to_dtype(self.dtype)?)
             }
+            Source::Trainable(params) => params.get(&full, &shape),
         }
     }
 

@@ -219,6 +219,14 @@ pub fn attention_masked(
     if let Some(m) = mask {
         scores = scores.broadcast_add(m)?;
     }
-    let probs = candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(dtype)?;
+    let scores = scores.to_dtype(DType::F32)?;
+    // candle's fused softmax has no backward: when gradients are tracked (training), use the
+    // composed one.
+    let probs = if scores.track_op() {
+        candle_nn::ops::softmax(&scores, D::Minus1)?
+    } else {
+        candle_nn::ops::softmax_last_dim(&scores)?
+    }
+    .to_dtype(dtype)?;
     Ok(probs.matmul(&v.contiguous()?)?)
 }

@@ -1,0 +1,173 @@
+//! Training guards: every network built from trainable parameters passes gradients to every
+//! parameter it uses (candle's fused softmax / layer_norm / rms_norm have no backward and would
+//! silently cut them), and parameters are created deterministically from the seed.
+
+mod common;
+
+use candle_core::{DType, Device, Tensor};
+use common::fixtures;
+use kandinsky::loading::{read_json, ParamStore, Weights};
+
+/// `loss = Σ out · R` with a fixed random `R` (so no gradient cancels by symmetry), backward, and
+/// the parameters whose gradient is missing or all zero.
+fn dead_params(store: &ParamStore, outputs: &[Tensor]) -> Vec<String> {
+    let mut loss = Tensor::zeros((), DType::F32, &Device::Cpu).unwrap();
+    for o in outputs {
+        let r = Tensor::randn(0f32, 1f32, o.shape(), &Device::Cpu).unwrap();
+        loss = (loss + (o * r).unwrap().sum_all().unwrap()).unwrap();
+    }
+    let grads = loss.backward().unwrap();
+    store
+        .vars()
+        .into_iter()
+        .filter(|(_, v)| match grads.get(v.as_tensor()) {
+            None => true,
+            Some(g) => {
+                g.abs()
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap()
+                    == 0.0
+            }
+        })
+        .map(|(n, _)| n)
+        .collect()
+}
+
+#[test]
+fn every_unet_parameter_gets_a_gradient() {
+    use kandinsky::models::{UNet2DConditionConfig, UNet2DConditionModel, UNetConditioning};
+    for name in [
+        "dummy_2_1",
+        "dummy_2_1_inpaint",
+        "dummy_2_2",
+        "topo_2_2_controlnet",
+    ] {
+        let dir = fixtures().join("unet").join(name);
+        let config = UNet2DConditionConfig::load(&dir).unwrap();
+        let store = ParamStore::new(1, &Device::Cpu);
+        let unet = UNet2DConditionModel::new(&Weights::trainable(&store), &config).unwrap();
+        let d = &Device::Cpu;
+        let latent_c = if name.contains("controlnet") {
+            4
+        } else {
+            config.in_channels
+        };
+        let (h, w) = (8, 8);
+        let x = Tensor::randn(0f32, 1f32, (2, latent_c, h, w), d).unwrap();
+        let cross = config
+            .cross_attention_dim
+            .expand("cross_attention_dim", 1)
+            .unwrap()[0];
+        let hid = config.encoder_hid_dim.unwrap();
+        let (img, txt, states, hint);
+        let cond = if name.contains("2_1") {
+            img = Tensor::randn(0f32, 1f32, (2, cross), d).unwrap();
+            txt = Tensor::randn(0f32, 1f32, (2, cross), d).unwrap();
+            states = Tensor::randn(0f32, 1f32, (2, 5, hid), d).unwrap();
+            UNetConditioning {
+                image_embeds: Some(&img),
+                text_embeds: Some(&txt),
+                encoder_hidden_states: Some(&states),
+                hint: None,
+            }
+        } else {
+            img = Tensor::randn(0f32, 1f32, (2, hid), d).unwrap();
+            hint = Tensor::rand(0f32, 1f32, (2, 3, 8 * h, 8 * w), d).unwrap();
+            UNetConditioning {
+                image_embeds: Some(&img),
+                hint: name.contains("controlnet").then_some(&hint),
+                ..Default::default()
+            }
+        };
+        let out = unet.forward(&x, 500.0, &cond).unwrap();
+        let dead = dead_params(&store, &[out]);
+        assert!(store.vars().len() > 50, "{name}");
+        assert!(dead.is_empty(), "{name}: no gradient for {dead:?}");
+    }
+}
+
+#[test]
+fn every_movq_parameter_gets_a_gradient_except_the_unused_codebook() {
+    use kandinsky::models::{VQModel, VQModelConfig};
+    let config = VQModelConfig::load(&fixtures().join("movq/dummy")).unwrap();
+    let store = ParamStore::new(2, &Device::Cpu);
+    let movq = VQModel::new(&Weights::trainable(&store), &config).unwrap();
+    let x = Tensor::rand(-1f32, 1f32, (2, 3, 16, 16), &Device::Cpu).unwrap();
+    let z = movq.encode(&x).unwrap();
+    let out = movq.decode(&z, true).unwrap();
+    let dead = dead_params(&store, &[out]);
+    // Without quantisation (how the pipelines decode) the codebook is not used.
+    assert_eq!(dead, vec!["quantize.embedding.weight".to_string()]);
+}
+
+#[test]
+fn every_prior_and_encoder_parameter_gets_a_gradient() {
+    use kandinsky::models::clip::{
+        ClipTextConfig, ClipTextModelWithProjection, ClipVisionConfig,
+        ClipVisionModelWithProjection,
+    };
+    use kandinsky::models::transformers::prior_transformer::{
+        PriorTransformer, PriorTransformerConfig,
+    };
+    let d = &Device::Cpu;
+    // Prior (clip_mean / clip_std are data statistics used only after sampling).
+    let c: PriorTransformerConfig =
+        read_json(&fixtures().join("encoders/prior_dummy/config.json")).unwrap();
+    let store = ParamStore::new(3, d);
+    let prior = PriorTransformer::new(&Weights::trainable(&store), &c).unwrap();
+    let e = c.embedding_dim;
+    let x = Tensor::randn(0f32, 1f32, (2, e), d).unwrap();
+    let proj = Tensor::randn(0f32, 1f32, (2, e), d).unwrap();
+    let states = Tensor::randn(0f32, 1f32, (2, c.num_embeddings, e), d).unwrap();
+    let out = prior.forward(&x, 10.0, &proj, Some(&states), None).unwrap();
+    let dead = dead_params(&store, &[out]);
+    assert_eq!(dead, vec!["clip_mean".to_string(), "clip_std".to_string()]);
+    // CLIP text tower.
+    let c: ClipTextConfig =
+        read_json(&fixtures().join("encoders/clip_text_2_2/config.json")).unwrap();
+    let store = ParamStore::new(4, d);
+    let text = ClipTextModelWithProjection::new(&Weights::trainable(&store), &c).unwrap();
+    let ids = Tensor::new(&[[0u32, 5, 9, 2, 1], [0, 7, 2, 1, 1]], d).unwrap();
+    let out = text.forward(&ids, None).unwrap();
+    let dead = dead_params(&store, &[out.text_embeds, out.last_hidden_state]);
+    assert!(dead.is_empty(), "CLIP text: {dead:?}");
+    // CLIP vision tower.
+    let c: ClipVisionConfig =
+        read_json(&fixtures().join("encoders/clip_vision_2_2/config.json")).unwrap();
+    let store = ParamStore::new(5, d);
+    let vision = ClipVisionModelWithProjection::new(&Weights::trainable(&store), &c).unwrap();
+    let px = Tensor::randn(0f32, 1f32, (2, 3, c.image_size, c.image_size), d).unwrap();
+    let out = vision.forward(&px).unwrap();
+    let dead = dead_params(&store, &[out.image_embeds]);
+    assert!(dead.is_empty(), "CLIP vision: {dead:?}");
+}
+
+#[test]
+fn parameters_are_a_function_of_seed_and_name() {
+    use kandinsky::models::{VQModel, VQModelConfig};
+    let config = VQModelConfig::load(&fixtures().join("movq/dummy")).unwrap();
+    let build = |seed| {
+        let store = ParamStore::new(seed, &Device::Cpu);
+        VQModel::new(&Weights::trainable(&store), &config).unwrap();
+        store.tensors()
+    };
+    let (a, b, c) = (build(7), build(7), build(8));
+    let w = "encoder.conv_in.weight";
+    let same = |x: &Tensor, y: &Tensor| {
+        (x - y)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            == 0.0
+    };
+    assert!(same(&a[w], &b[w]));
+    assert!(!same(&a[w], &c[w]));
+    assert_eq!(a.len(), b.len());
+}
