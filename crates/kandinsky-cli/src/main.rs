@@ -3,6 +3,7 @@
 mod bench;
 mod decode;
 mod generate;
+mod train;
 
 use clap::{Parser, Subcommand};
 
@@ -32,6 +33,8 @@ enum Command {
     Outpaint(generate::OutpaintArgs),
     /// ControlNet depth (2.2): follow a hint image, from noise or from an image.
     Controlnet(generate::ControlnetArgs),
+    /// Train a stage of our small Kandinsky on the synthetic shapes world (resumable).
+    Train(train::TrainArgs),
     /// Decode a latent to a PNG with a MoVQ model (the last stage of every pipeline).
     Decode(decode::DecodeArgs),
 }
@@ -47,6 +50,7 @@ fn main() -> std::process::ExitCode {
         Command::Inpaint(args) => generate::run_inpaint(&args),
         Command::Outpaint(args) => generate::run_outpaint(&args),
         Command::Controlnet(args) => generate::run_controlnet(&args),
+        Command::Train(args) => train::run(&args),
         Command::Variations(args) => generate::run_variations(&args),
     };
     match result {

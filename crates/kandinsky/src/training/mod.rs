@@ -1,5 +1,9 @@
-//! Training our own small Kandinsky: the synthetic world it learns ([`shapes`]) and the pixel
-//! analyser that scores generated images ([`analyser`]).
+//! Training our own small Kandinsky: the synthetic world it learns ([`shapes`]), the pixel
+//! analyser that scores generated images ([`analyser`]), the optimizer and checkpoints, and one
+//! module per stage.
 
 pub mod analyser;
+pub mod checkpoint;
+pub mod movq;
+pub mod optim;
 pub mod shapes;

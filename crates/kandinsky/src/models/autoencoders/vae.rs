@@ -221,6 +221,19 @@ impl VectorQuantizer {
         Ok(d.argmin(D::Minus1)?)
     }
 
+    /// The nearest codebook vectors themselves `(B, C, h, w)` (differentiable with respect to the
+    /// codebook), for training.
+    pub fn lookup(&self, z: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = z.dims4()?;
+        let idx = self.indices(&z.detach())?;
+        Ok(self
+            .embedding
+            .index_select(&idx, 0)?
+            .reshape((b, h, w, c))?
+            .permute((0, 3, 1, 2))?
+            .to_dtype(z.dtype())?)
+    }
+
     /// Replaces every latent vector by its nearest codebook entry (forward value of diffusers'
     /// `z + (z_q - z).detach()`).
     pub fn quantize(&self, z: &Tensor) -> Result<Tensor> {
