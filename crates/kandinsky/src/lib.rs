@@ -9,6 +9,7 @@ pub mod image_io;
 pub mod image_processor;
 pub mod loading;
 pub mod models;
+pub mod ops;
 pub mod pipelines;
 pub mod schedulers;
 pub mod tokenization;

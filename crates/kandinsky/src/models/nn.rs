@@ -76,6 +76,19 @@ impl Conv2d {
 
     /// Applies the convolution to `x (B, C, H, W)`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        // Training (gradients tracked, f32 on CPU): im2col + GEMM, whose backward is fast.
+        if (x.track_op() || self.weight.track_op())
+            && x.dtype() == DType::F32
+            && x.device().is_cpu()
+        {
+            return Ok(crate::ops::im2col::conv2d_gemm(
+                x,
+                &self.weight,
+                &self.bias,
+                self.stride,
+                self.padding,
+            )?);
+        }
         let y = x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?;
         Ok(y.broadcast_add(&self.bias.reshape((1, (), 1, 1))?)?)
     }
