@@ -1,10 +1,13 @@
 //! `kandinsky train <stage>`: trains one stage of our small Kandinsky on the synthetic shapes
 //! world, resumable from `OUT/checkpoint.safetensors`, logging loss and progress.
 
-use anyhow::{bail, Result};
-use kandinsky::training::movq::{train_movq, TrainOptions, SMALL_MOVQ_CONFIG};
+use anyhow::{bail, Context, Result};
+use kandinsky::tokenization::PromptTokenizer;
+use kandinsky::training::clip::train_clip;
+use kandinsky::training::movq::{train_movq, SMALL_MOVQ_CONFIG};
 use kandinsky::training::optim::AdamWConfig;
-use std::path::PathBuf;
+use kandinsky::training::trainer::{TrainOptions, TrainReport};
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 #[derive(clap::Args)]
@@ -17,11 +20,19 @@ pub struct TrainArgs {
 enum Stage {
     /// The MoVQ autoencoder (reconstruction + VQ codebook/commitment losses).
     Movq(StageArgs),
+    /// The small CLIP: text and vision towers, contrastive on English and Russian captions.
+    Clip {
+        #[command(flatten)]
+        args: StageArgs,
+        /// The CLIP BPE vocabulary (`vocab.json`, `merges.txt`).
+        #[arg(long, default_value = "fixtures/tokenizers/clip")]
+        tokenizer: PathBuf,
+    },
 }
 
 #[derive(clap::Args)]
 struct StageArgs {
-    /// Output directory: checkpoint.safetensors and the exported diffusers component. An
+    /// Output directory: checkpoint.safetensors and the exported diffusers components. An
     /// existing checkpoint there is resumed.
     #[arg(long)]
     out: PathBuf,
@@ -45,50 +56,88 @@ struct StageArgs {
     log_every: u64,
 }
 
+impl StageArgs {
+    fn options(&self) -> Result<TrainOptions> {
+        if self.steps == 0 || self.batch == 0 || self.checkpoint_every == 0 || self.log_every == 0 {
+            bail!("--steps, --batch, --checkpoint-every and --log-every must be at least 1");
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            bail!("--lr must be a positive number, got {}", self.lr);
+        }
+        Ok(TrainOptions {
+            steps: self.steps,
+            batch: self.batch,
+            seed: self.seed,
+            optim: AdamWConfig {
+                lr: self.lr,
+                ..Default::default()
+            },
+            out_dir: self.out.clone(),
+            checkpoint_every: self.checkpoint_every,
+            image_size: 64,
+        })
+    }
+
+    /// A progress logger: step, loss, the stage's metric, elapsed time and ETA.
+    fn logger(&self, stage: &'static str, metric: &'static str) -> impl FnMut(u64, f32, f32) {
+        let (steps, every) = (self.steps, self.log_every);
+        let start = Instant::now();
+        let mut first: Option<u64> = None;
+        move |step, loss, m| {
+            let first = *first.get_or_insert(step);
+            if step % every == 0 || step == steps {
+                let el = start.elapsed().as_secs_f64();
+                let eta = el / (step - first + 1) as f64 * (steps - step) as f64;
+                eprintln!(
+                    "{stage} step {step}/{steps} loss {loss:.5} ({metric} {m:.5}) {el:.0}s, ETA {eta:.0}s"
+                );
+            }
+        }
+    }
+
+    fn report(&self, stage: &str, r: &TrainReport, exported: &[&str]) {
+        let dirs: Vec<String> = exported
+            .iter()
+            .map(|d| self.out.join(d).display().to_string())
+            .collect();
+        println!(
+            "{stage}: steps {}..{}, loss {:.5} -> {:.5}; exported {}",
+            r.start_step,
+            self.steps,
+            r.first_loss,
+            r.final_loss,
+            dirs.join(", ")
+        );
+    }
+}
+
+fn clip_tokenizer(dir: &Path) -> Result<PromptTokenizer> {
+    PromptTokenizer::clip_from_files(
+        &dir.join("vocab.json"),
+        &dir.join("merges.txt"),
+        "<|endoftext|>",
+        77,
+    )
+    .with_context(|| format!("loading the CLIP vocabulary from {}", dir.display()))
+}
+
 pub fn run(a: &TrainArgs) -> Result<()> {
     match &a.stage {
         Stage::Movq(s) => {
-            if s.steps == 0 || s.batch == 0 || s.checkpoint_every == 0 || s.log_every == 0 {
-                bail!("--steps, --batch, --checkpoint-every and --log-every must be at least 1");
-            }
-            if !(s.lr.is_finite() && s.lr > 0.0) {
-                bail!("--lr must be a positive number, got {}", s.lr);
-            }
-            let opts = TrainOptions {
-                steps: s.steps,
-                batch: s.batch,
-                seed: s.seed,
-                optim: AdamWConfig {
-                    lr: s.lr,
-                    ..Default::default()
-                },
-                out_dir: s.out.clone(),
-                checkpoint_every: s.checkpoint_every,
-                image_size: 64,
-            };
-            let start = Instant::now();
-            let mut first: Option<u64> = None;
-            let report = train_movq(&opts, SMALL_MOVQ_CONFIG, &mut |step, loss, rec| {
-                let first = *first.get_or_insert(step);
-                if step % s.log_every == 0 || step == s.steps {
-                    let done = (step - first + 1) as f64;
-                    let el = start.elapsed().as_secs_f64();
-                    let eta = el / done * (s.steps - step) as f64;
-                    eprintln!(
-                        "movq step {step}/{} loss {loss:.5} (reconstruction {rec:.5}) {el:.0}s, ETA {eta:.0}s",
-                        s.steps
-                    );
-                }
-            })?;
-            println!(
-                "movq: steps {}..{}, loss {:.5} -> {:.5}; exported {}",
-                report.start_step,
-                s.steps,
-                report.first_loss,
-                report.final_loss,
-                s.out.join("movq").display()
-            );
-            Ok(())
+            let opts = s.options()?;
+            let r = train_movq(
+                &opts,
+                SMALL_MOVQ_CONFIG,
+                &mut s.logger("movq", "reconstruction"),
+            )?;
+            s.report("movq", &r, &["movq"]);
+        }
+        Stage::Clip { args: s, tokenizer } => {
+            let opts = s.options()?;
+            let tok = clip_tokenizer(tokenizer)?;
+            let r = train_clip(&opts, &tok, &mut s.logger("clip", "accuracy"))?;
+            s.report("clip", &r, &["text_encoder", "image_encoder"]);
         }
     }
+    Ok(())
 }

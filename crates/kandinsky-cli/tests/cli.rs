@@ -765,3 +765,97 @@ fn new_modes_reject_bad_input_without_output() {
     ]);
     run_fails(&a, &out, "--prior");
 }
+
+#[test]
+fn train_movq_writes_a_checkpoint_resumes_and_exports() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let args = |steps: &str| {
+        strings(&[
+            "train",
+            "movq",
+            "--out",
+            &out.display().to_string(),
+            "--steps",
+            steps,
+            "--batch",
+            "1",
+            "--checkpoint-every",
+            "1",
+        ])
+    };
+    let res = bin().args(args("2")).output().unwrap();
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    assert!(out.join("checkpoint.safetensors").is_file());
+    assert!(out.join("movq/config.json").is_file());
+    let res = bin().args(args("3")).output().unwrap();
+    let stdout = String::from_utf8_lossy(&res.stdout);
+    assert!(
+        res.status.success() && stdout.contains("steps 2..3"),
+        "{stdout}"
+    );
+    // The exported MoVQ decodes like any diffusers MoVQ.
+    let png = dir.path().join("d.png");
+    let res = bin()
+        .args(["decode", "--movq", &out.join("movq").display().to_string()])
+        .args(["--latent-size", "4", "--seed", "1", "--output"])
+        .arg(&png)
+        .output()
+        .unwrap();
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    // Bad input.
+    let res = bin().args(args("0")).output().unwrap();
+    assert!(!res.status.success());
+    assert!(String::from_utf8_lossy(&res.stderr).contains("at least 1"));
+}
+
+#[test]
+fn train_clip_exports_towers_that_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("clip");
+    let res = bin()
+        .args(["train", "clip", "--out"])
+        .arg(&out)
+        .args(["--steps", "2", "--batch", "4", "--tokenizer"])
+        .arg(fixture("tokenizers/clip"))
+        .output()
+        .unwrap();
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    let d = candle_core::Device::Cpu;
+    kandinsky::models::clip::ClipTextModelWithProjection::load(
+        &out.join("text_encoder"),
+        candle_core::DType::F32,
+        &d,
+    )
+    .unwrap();
+    kandinsky::models::clip::ClipVisionModelWithProjection::load(
+        &out.join("image_encoder"),
+        candle_core::DType::F32,
+        &d,
+    )
+    .unwrap();
+    // A missing vocabulary is a clear error.
+    let res = bin()
+        .args(["train", "clip", "--out"])
+        .arg(dir.path().join("x"))
+        .args(["--steps", "1", "--tokenizer", "/no/such/dir"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert!(
+        !res.status.success() && err.contains("CLIP vocabulary"),
+        "{err}"
+    );
+}

@@ -4,6 +4,8 @@
 
 pub mod analyser;
 pub mod checkpoint;
+pub mod clip;
 pub mod movq;
 pub mod optim;
 pub mod shapes;
+pub mod trainer;

@@ -4,10 +4,10 @@
 //! commitment loss keeps the two close.
 
 use super::checkpoint;
-use super::optim::{AdamW, AdamWConfig};
 use super::shapes::training_example;
+use super::trainer::{parse_config, run_loop, TrainOptions, TrainReport};
 use crate::error::{Error, Result};
-use crate::loading::{ParamStore, Weights};
+use crate::loading::Weights;
 use crate::models::{VQModel, VQModelConfig};
 use candle_core::{Device, Tensor};
 use std::path::PathBuf;
@@ -34,36 +34,6 @@ pub const SMALL_MOVQ_CONFIG: &str = r#"{
   "scaling_factor": 0.18215,
   "vq_embed_dim": 4
 }"#;
-
-/// Options shared by the training stages.
-#[derive(Debug, Clone)]
-pub struct TrainOptions {
-    /// Total optimizer steps (a resumed run continues up to this count).
-    pub steps: u64,
-    /// Examples per step.
-    pub batch: usize,
-    /// Seed of the parameters and of the data.
-    pub seed: u64,
-    /// AdamW settings.
-    pub optim: AdamWConfig,
-    /// Where `checkpoint.safetensors` and the exported component go.
-    pub out_dir: PathBuf,
-    /// Checkpoint every this many steps (and at the end).
-    pub checkpoint_every: u64,
-    /// Image side of the synthetic world.
-    pub image_size: usize,
-}
-
-/// What a run did.
-#[derive(Debug, Clone)]
-pub struct TrainReport {
-    /// The step the run started from (0, or a checkpoint's).
-    pub start_step: u64,
-    /// The last step's total loss.
-    pub final_loss: f32,
-    /// The first step's total loss in this run.
-    pub first_loss: f32,
-}
 
 /// A batch of synthetic images `(B, 3, S, S)` in [-1, 1]: examples `first..first + batch`.
 pub fn image_batch(seed: u64, first: u64, batch: usize, side: usize) -> Result<Tensor> {
@@ -102,59 +72,32 @@ pub fn train_movq(
     config_json: &str,
     log: &mut dyn FnMut(u64, f32, f32),
 ) -> Result<TrainReport> {
-    let config_value: serde_json::Value =
-        serde_json::from_str(config_json).map_err(|source| Error::Json {
-            path: PathBuf::from("(movq config)"),
-            source,
-        })?;
+    let config_value = parse_config(config_json, "movq")?;
     let config: VQModelConfig =
         serde_json::from_value(config_value.clone()).map_err(|source| Error::Json {
             path: PathBuf::from("(movq config)"),
             source,
         })?;
-    std::fs::create_dir_all(&opts.out_dir).map_err(|e| Error::io(&opts.out_dir, e))?;
-    let ckpt = opts.out_dir.join("checkpoint.safetensors");
-    let mut opt = AdamW::new(opts.optim);
-    let params = if ckpt.is_file() {
-        let (params, state) = checkpoint::load(&ckpt)?;
-        opt.load_state(&state)?;
-        ParamStore::with_init(opts.seed, params, &Device::Cpu)
-    } else {
-        ParamStore::new(opts.seed, &Device::Cpu)
-    };
-    let movq = VQModel::new(&Weights::trainable(&params), &config)?;
-    let vars = params.vars();
-    let start_step = opt.steps();
-    let (mut first_loss, mut final_loss) = (f32::NAN, f32::NAN);
-    for step in start_step..opts.steps {
-        let x = image_batch(
-            opts.seed,
-            step * opts.batch as u64,
-            opts.batch,
-            opts.image_size,
-        )?;
-        let (loss, rec) = movq_loss(&movq, &x)?;
-        let grads = loss.backward()?;
-        opt.step(&vars, &grads)?;
-        let (l, r) = (loss.to_scalar::<f32>()?, rec.to_scalar::<f32>()?);
-        if step == start_step {
-            first_loss = l;
-        }
-        final_loss = l;
-        log(step + 1, l, r);
-        if (step + 1) % opts.checkpoint_every == 0 || step + 1 == opts.steps {
-            checkpoint::save(&ckpt, &params, &opt)?;
-        }
-    }
-    checkpoint::export_component(
-        &opts.out_dir.join("movq"),
-        &config_value,
-        &params.tensors(),
-        "diffusion_pytorch_model.safetensors",
-    )?;
-    Ok(TrainReport {
-        start_step,
-        final_loss,
-        first_loss,
-    })
+    run_loop(
+        opts,
+        |params| VQModel::new(&Weights::trainable(params), &config),
+        |movq, step| {
+            let x = image_batch(
+                opts.seed,
+                step * opts.batch as u64,
+                opts.batch,
+                opts.image_size,
+            )?;
+            movq_loss(movq, &x)
+        },
+        |params| {
+            checkpoint::export_component(
+                &opts.out_dir.join("movq"),
+                &config_value,
+                &params.tensors(),
+                "diffusion_pytorch_model.safetensors",
+            )
+        },
+        log,
+    )
 }

@@ -1,0 +1,186 @@
+//! Stage (a): a small CLIP (text and vision towers) trained contrastively on English and Russian
+//! captions of the synthetic world (symmetric InfoNCE with a learned temperature, as CLIP). The
+//! towers are diffusers/transformers' `CLIPTextModelWithProjection` and
+//! `CLIPVisionModelWithProjection`, so the prior pipeline loads them unchanged.
+
+use super::checkpoint;
+use super::shapes::training_example;
+use super::trainer::{parse_config, run_loop, TrainOptions, TrainReport};
+use crate::error::{Error, Result};
+use crate::loading::{ParamStore, Weights};
+use crate::models::clip::{
+    ClipTextConfig, ClipTextModelWithProjection, ClipVisionConfig, ClipVisionModelWithProjection,
+};
+use crate::tokenization::PromptTokenizer;
+use candle_core::{DType, Device, Tensor, D};
+use std::path::PathBuf;
+
+/// The text tower: the real CLIP BPE vocabulary (byte-level, so Russian works), 64 wide, 3 layers.
+pub const SMALL_CLIP_TEXT_CONFIG: &str = r#"{
+  "architectures": ["CLIPTextModelWithProjection"],
+  "model_type": "clip_text_model",
+  "vocab_size": 49408,
+  "hidden_size": 64,
+  "intermediate_size": 256,
+  "projection_dim": 64,
+  "num_hidden_layers": 3,
+  "num_attention_heads": 4,
+  "max_position_embeddings": 77,
+  "hidden_act": "quick_gelu",
+  "layer_norm_eps": 1e-05,
+  "bos_token_id": 49406,
+  "eos_token_id": 49407,
+  "pad_token_id": 49407
+}"#;
+
+/// The vision tower: 64×64 images in 8×8 patches, 64 wide, 3 layers.
+pub const SMALL_CLIP_VISION_CONFIG: &str = r#"{
+  "architectures": ["CLIPVisionModelWithProjection"],
+  "model_type": "clip_vision_model",
+  "hidden_size": 64,
+  "intermediate_size": 256,
+  "projection_dim": 64,
+  "num_hidden_layers": 3,
+  "num_attention_heads": 4,
+  "num_channels": 3,
+  "image_size": 64,
+  "patch_size": 8,
+  "hidden_act": "quick_gelu",
+  "layer_norm_eps": 1e-05
+}"#;
+
+const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
+const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_6, 0.275_777_1];
+
+/// Synthetic images as CLIP pixel values `(B, 3, S, S)` (`/255`, CLIP mean/std) and their
+/// captions: examples `first..first + batch`.
+pub fn clip_batch(
+    seed: u64,
+    first: u64,
+    batch: usize,
+    side: usize,
+) -> Result<(Tensor, Vec<String>)> {
+    let mut data = Vec::with_capacity(batch * 3 * side * side);
+    let mut captions = Vec::with_capacity(batch);
+    for i in 0..batch as u64 {
+        let ex = training_example(seed, first + i, side);
+        for c in 0..3 {
+            for p in 0..side * side {
+                data.push((ex.image[p * 3 + c] as f32 / 255.0 - CLIP_MEAN[c]) / CLIP_STD[c]);
+            }
+        }
+        captions.push(ex.caption);
+    }
+    Ok((
+        Tensor::from_vec(data, (batch, 3, side, side), &Device::Cpu)?,
+        captions,
+    ))
+}
+
+/// The two towers and CLIP's learned temperature (`logit_scale`, not part of either tower's
+/// state dict).
+pub struct Clip {
+    /// Text tower.
+    pub text: ClipTextModelWithProjection,
+    /// Vision tower.
+    pub vision: ClipVisionModelWithProjection,
+    /// `log(1/τ)`, initialised to log(1/0.07) as CLIP.
+    pub logit_scale: Tensor,
+}
+
+impl Clip {
+    /// Builds both towers (names prefixed `text.` / `vision.` in the store) and the temperature.
+    pub fn new(
+        params: &ParamStore,
+        text: &ClipTextConfig,
+        vision: &ClipVisionConfig,
+    ) -> Result<Self> {
+        let w = Weights::trainable(params);
+        let logit_scale = w.get(1, "logit_scale")?;
+        Ok(Self {
+            text: ClipTextModelWithProjection::new(&w.pp("text"), text)?,
+            vision: ClipVisionModelWithProjection::new(&w.pp("vision"), vision)?,
+            // A vector named like a norm scale starts at 1; shift it to log(1/0.07).
+            logit_scale: (logit_scale + ((1.0f64 / 0.07).ln() - 1.0))?,
+        })
+    }
+
+    /// Symmetric InfoNCE of a batch; returns `(loss, accuracy of image→text retrieval)`.
+    pub fn loss(&self, pixels: &Tensor, ids: &Tensor) -> Result<(Tensor, Tensor)> {
+        let img = self.vision.forward(pixels)?.image_embeds;
+        let txt = self.text.forward(ids, None)?.text_embeds;
+        let norm = |t: &Tensor| -> Result<Tensor> {
+            Ok(t.broadcast_div(&t.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?)?)
+        };
+        let (img, txt) = (norm(&img)?, norm(&txt)?);
+        let logits = img
+            .matmul(&txt.t()?)?
+            .broadcast_mul(&self.logit_scale.exp()?)?;
+        let b = logits.dim(0)?;
+        let targets = Tensor::arange(0u32, b as u32, logits.device())?;
+        let ce =
+            |l: &Tensor| -> Result<Tensor> { Ok(candle_nn::loss::cross_entropy(l, &targets)?) };
+        let loss = ((ce(&logits)? + ce(&logits.t()?.contiguous()?)?)? * 0.5)?;
+        let acc = logits
+            .argmax(D::Minus1)?
+            .eq(&targets)?
+            .to_dtype(DType::F32)?
+            .mean_all()?;
+        Ok((loss, acc))
+    }
+}
+
+/// Trains (or resumes) the CLIP towers and exports `out_dir/text_encoder/` and
+/// `out_dir/image_encoder/` (transformers layout, `model.safetensors`).
+pub fn train_clip(
+    opts: &TrainOptions,
+    tokenizer: &PromptTokenizer,
+    log: &mut dyn FnMut(u64, f32, f32),
+) -> Result<TrainReport> {
+    let text_value = parse_config(SMALL_CLIP_TEXT_CONFIG, "clip text")?;
+    let vision_value = parse_config(SMALL_CLIP_VISION_CONFIG, "clip vision")?;
+    let json_err = |what: &str| {
+        let path = PathBuf::from(format!("({what} config)"));
+        move |source| Error::Json { path, source }
+    };
+    let text_cfg: ClipTextConfig =
+        serde_json::from_value(text_value.clone()).map_err(json_err("clip text"))?;
+    let vision_cfg: ClipVisionConfig =
+        serde_json::from_value(vision_value.clone()).map_err(json_err("clip vision"))?;
+    run_loop(
+        opts,
+        |params| Clip::new(params, &text_cfg, &vision_cfg),
+        |clip, step| {
+            let (pixels, captions) = clip_batch(
+                opts.seed,
+                step * opts.batch as u64,
+                opts.batch,
+                opts.image_size,
+            )?;
+            let refs: Vec<&str> = captions.iter().map(String::as_str).collect();
+            let tok = tokenizer.encode(&refs, &Device::Cpu)?;
+            clip.loss(&pixels, &tok.input_ids)
+        },
+        |params| {
+            let all = params.tensors();
+            let part = |prefix: &str| {
+                all.iter()
+                    .filter_map(|(k, v)| k.strip_prefix(prefix).map(|n| (n.to_string(), v.clone())))
+                    .collect::<std::collections::HashMap<_, _>>()
+            };
+            checkpoint::export_component(
+                &opts.out_dir.join("text_encoder"),
+                &text_value,
+                &part("text."),
+                "model.safetensors",
+            )?;
+            checkpoint::export_component(
+                &opts.out_dir.join("image_encoder"),
+                &vision_value,
+                &part("vision."),
+                "model.safetensors",
+            )
+        },
+        log,
+    )
+}

@@ -1,0 +1,100 @@
+//! The training loop shared by every stage: parameters from a seed or a checkpoint, AdamW steps
+//! on a stage's loss, atomic checkpoints (parameters + optimizer state + step), and the export of
+//! the trained component when the run ends.
+
+use super::checkpoint;
+use super::optim::{AdamW, AdamWConfig};
+use crate::error::{Error, Result};
+use crate::loading::ParamStore;
+use candle_core::{Device, Tensor};
+use std::path::PathBuf;
+
+/// Options shared by the training stages.
+#[derive(Debug, Clone)]
+pub struct TrainOptions {
+    /// Total optimizer steps (a resumed run continues up to this count).
+    pub steps: u64,
+    /// Examples per step.
+    pub batch: usize,
+    /// Seed of the parameters and of the data.
+    pub seed: u64,
+    /// AdamW settings.
+    pub optim: AdamWConfig,
+    /// Where `checkpoint.safetensors` and the exported component go.
+    pub out_dir: PathBuf,
+    /// Checkpoint every this many steps (and at the end).
+    pub checkpoint_every: u64,
+    /// Image side of the synthetic world.
+    pub image_size: usize,
+}
+
+/// What a run did.
+#[derive(Debug, Clone)]
+pub struct TrainReport {
+    /// The step the run started from (0, or a checkpoint's).
+    pub start_step: u64,
+    /// The first step's total loss in this run.
+    pub first_loss: f32,
+    /// The last step's total loss.
+    pub final_loss: f32,
+}
+
+/// Parses a stage's `config.json` text.
+pub fn parse_config(json: &str, what: &str) -> Result<serde_json::Value> {
+    serde_json::from_str(json).map_err(|source| Error::Json {
+        path: PathBuf::from(format!("({what} config)")),
+        source,
+    })
+}
+
+/// Runs steps `start..opts.steps` of `loss(model, step) -> (loss, metric)`, where `model` is
+/// built from trainable parameters (fresh from the seed, or from `out_dir/checkpoint.safetensors`
+/// when it exists), then `export`s. `log(step, loss, metric)` sees every step.
+pub fn run_loop<M>(
+    opts: &TrainOptions,
+    build: impl FnOnce(&ParamStore) -> Result<M>,
+    mut loss: impl FnMut(&M, u64) -> Result<(Tensor, Tensor)>,
+    export: impl FnOnce(&ParamStore) -> Result<()>,
+    log: &mut dyn FnMut(u64, f32, f32),
+) -> Result<TrainReport> {
+    std::fs::create_dir_all(&opts.out_dir).map_err(|e| Error::io(&opts.out_dir, e))?;
+    let ckpt = opts.out_dir.join("checkpoint.safetensors");
+    let mut opt = AdamW::new(opts.optim);
+    let params = if ckpt.is_file() {
+        let (params, state) = checkpoint::load(&ckpt)?;
+        opt.load_state(&state)?;
+        ParamStore::with_init(opts.seed, params, &Device::Cpu)
+    } else {
+        ParamStore::new(opts.seed, &Device::Cpu)
+    };
+    let model = build(&params)?;
+    let vars = params.vars();
+    let start_step = opt.steps();
+    let (mut first_loss, mut final_loss) = (f32::NAN, f32::NAN);
+    for step in start_step..opts.steps {
+        let (l, metric) = loss(&model, step)?;
+        let grads = l.backward()?;
+        opt.step(&vars, &grads)?;
+        let (l, m) = (l.to_scalar::<f32>()?, metric.to_scalar::<f32>()?);
+        if !l.is_finite() {
+            return Err(Error::InvalidArgument(format!(
+                "the loss diverged at step {} ({l}); lower the learning rate",
+                step + 1
+            )));
+        }
+        if step == start_step {
+            first_loss = l;
+        }
+        final_loss = l;
+        log(step + 1, l, m);
+        if (step + 1) % opts.checkpoint_every == 0 || step + 1 == opts.steps {
+            checkpoint::save(&ckpt, &params, &opt)?;
+        }
+    }
+    export(&params)?;
+    Ok(TrainReport {
+        start_step,
+        first_loss,
+        final_loss,
+    })
+}
