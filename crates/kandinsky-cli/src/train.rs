@@ -6,6 +6,7 @@ use kandinsky::tokenization::PromptTokenizer;
 use kandinsky::training::clip::train_clip;
 use kandinsky::training::movq::{train_movq, SMALL_MOVQ_CONFIG};
 use kandinsky::training::optim::AdamWConfig;
+use kandinsky::training::prior::{train_prior, FrozenClip};
 use kandinsky::training::trainer::{TrainOptions, TrainReport};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -24,6 +25,18 @@ enum Stage {
     Clip {
         #[command(flatten)]
         args: StageArgs,
+        /// The CLIP BPE vocabulary (`vocab.json`, `merges.txt`).
+        #[arg(long, default_value = "fixtures/tokenizers/clip")]
+        tokenizer: PathBuf,
+    },
+    /// The diffusion prior (x0 prediction, cosine schedule, 10 % text dropout) against a trained
+    /// CLIP.
+    Prior {
+        #[command(flatten)]
+        args: StageArgs,
+        /// The CLIP stage's output directory (`text_encoder/`, `image_encoder/`).
+        #[arg(long)]
+        clip: PathBuf,
         /// The CLIP BPE vocabulary (`vocab.json`, `merges.txt`).
         #[arg(long, default_value = "fixtures/tokenizers/clip")]
         tokenizer: PathBuf,
@@ -137,6 +150,33 @@ pub fn run(a: &TrainArgs) -> Result<()> {
             let tok = clip_tokenizer(tokenizer)?;
             let r = train_clip(&opts, &tok, &mut s.logger("clip", "accuracy"))?;
             s.report("clip", &r, &["text_encoder", "image_encoder"]);
+        }
+        Stage::Prior {
+            args: s,
+            clip,
+            tokenizer,
+        } => {
+            let opts = s.options()?;
+            let d = candle_core::Device::Cpu;
+            let f32 = candle_core::DType::F32;
+            let context = || format!("loading the trained CLIP from {}", clip.display());
+            let frozen = FrozenClip {
+                text: kandinsky::models::clip::ClipTextModelWithProjection::load(
+                    &clip.join("text_encoder"),
+                    f32,
+                    &d,
+                )
+                .with_context(context)?,
+                vision: kandinsky::models::clip::ClipVisionModelWithProjection::load(
+                    &clip.join("image_encoder"),
+                    f32,
+                    &d,
+                )
+                .with_context(context)?,
+                tokenizer: clip_tokenizer(tokenizer)?,
+            };
+            let r = train_prior(&opts, &frozen, &mut s.logger("prior", "cosine to target"))?;
+            s.report("prior", &r, &["prior"]);
         }
     }
     Ok(())

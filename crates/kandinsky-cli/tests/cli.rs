@@ -859,3 +859,60 @@ fn train_clip_exports_towers_that_load() {
         "{err}"
     );
 }
+
+#[test]
+fn train_prior_against_a_trained_clip() {
+    let dir = tempfile::tempdir().unwrap();
+    let clip = dir.path().join("clip");
+    let tok = fixture("tokenizers/clip");
+    let res = bin()
+        .args(["train", "clip", "--out"])
+        .arg(&clip)
+        .args(["--steps", "1", "--batch", "2", "--tokenizer", &tok])
+        .output()
+        .unwrap();
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    let prior = dir.path().join("prior");
+    let res = bin()
+        .args(["train", "prior", "--out"])
+        .arg(&prior)
+        .arg("--clip")
+        .arg(&clip)
+        .args(["--steps", "2", "--batch", "4", "--tokenizer", &tok])
+        .output()
+        .unwrap();
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    kandinsky::models::transformers::prior_transformer::PriorTransformer::load(
+        &prior.join("prior"),
+        candle_core::DType::F32,
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    // Without a trained CLIP it says so.
+    let res = bin()
+        .args(["train", "prior", "--out"])
+        .arg(dir.path().join("p2"))
+        .args([
+            "--clip",
+            "/no/such/clip",
+            "--steps",
+            "1",
+            "--tokenizer",
+            &tok,
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert!(
+        !res.status.success() && err.contains("trained CLIP"),
+        "{err}"
+    );
+}

@@ -427,3 +427,88 @@ fn clip_loss_falls_on_a_fixed_batch() {
     assert!(last.0 < 0.5 * first, "loss {first} -> {}", last.0);
     assert!(last.1 >= 0.75, "accuracy {}", last.1);
 }
+
+/// The prior's x0 loss falls on a fixed batch (fixed timesteps and noise) against a frozen CLIP;
+/// every prior parameter except the data statistics gets a gradient, CLIP none.
+#[test]
+fn prior_loss_falls_on_a_fixed_batch() {
+    use kandinsky::models::transformers::prior_transformer::{
+        PriorTransformer, PriorTransformerConfig,
+    };
+    use kandinsky::training::clip::{Clip, SMALL_CLIP_TEXT_CONFIG, SMALL_CLIP_VISION_CONFIG};
+    use kandinsky::training::optim::{AdamW, AdamWConfig};
+    use kandinsky::training::prior::{embedding_stats, prior_loss, FrozenClip, SMALL_PRIOR_CONFIG};
+    use kandinsky::training::shapes::Rng;
+    use kandinsky::utils::torch_utils::TorchGenerator;
+    let mut text: serde_json::Value = serde_json::from_str(SMALL_CLIP_TEXT_CONFIG).unwrap();
+    let mut vision: serde_json::Value = serde_json::from_str(SMALL_CLIP_VISION_CONFIG).unwrap();
+    text["num_hidden_layers"] = 1.into();
+    vision["num_hidden_layers"] = 1.into();
+    vision["image_size"] = 32.into();
+    let clip_store = ParamStore::new(6, &Device::Cpu);
+    let clip = Clip::new(
+        &clip_store,
+        &serde_json::from_value(text).unwrap(),
+        &serde_json::from_value(vision).unwrap(),
+    )
+    .unwrap();
+    let frozen = FrozenClip {
+        text: clip.text,
+        vision: clip.vision,
+        tokenizer: clip_tokenizer(),
+    };
+    let mut config: serde_json::Value = serde_json::from_str(SMALL_PRIOR_CONFIG).unwrap();
+    config["num_layers"] = 2.into();
+    let config: PriorTransformerConfig = serde_json::from_value(config).unwrap();
+    let store = ParamStore::new(7, &Device::Cpu);
+    let prior = PriorTransformer::new(&Weights::trainable(&store), &config).unwrap();
+    let (mean, std) = embedding_stats(&frozen, 3, 64, 32).unwrap();
+    let cond = frozen.embed(3, 0, 8, 32, 0.0, &mut Rng::new(0)).unwrap();
+    let loss_at = |p: &PriorTransformer| {
+        prior_loss(
+            p,
+            &cond,
+            &mean,
+            &std,
+            &mut Rng::new(1),
+            &mut TorchGenerator::new(1),
+        )
+        .unwrap()
+    };
+    let (loss, _) = loss_at(&prior);
+    let grads = loss.backward().unwrap();
+    let dead: Vec<String> = store
+        .vars()
+        .into_iter()
+        .filter(|(_, v)| {
+            grads.get(v.as_tensor()).is_none_or(|g| {
+                g.abs()
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap()
+                    == 0.0
+            })
+        })
+        .map(|(n, _)| n)
+        .collect();
+    assert_eq!(dead, vec!["clip_mean".to_string(), "clip_std".to_string()]);
+    assert!(clip_store
+        .vars()
+        .iter()
+        .all(|(_, v)| grads.get(v.as_tensor()).is_none()));
+    let mut opt = AdamW::new(AdamWConfig {
+        lr: 2e-3,
+        ..Default::default()
+    });
+    let vars = store.vars();
+    let mut losses = Vec::new();
+    for _ in 0..40 {
+        let (loss, _) = loss_at(&prior);
+        losses.push(loss.to_scalar::<f32>().unwrap());
+        opt.step(&vars, &loss.backward().unwrap()).unwrap();
+    }
+    println!("prior loss {} -> {}", losses[0], losses[39]);
+    assert!(losses[39] < 0.3 * losses[0], "{losses:?}");
+}

@@ -7,5 +7,6 @@ pub mod checkpoint;
 pub mod clip;
 pub mod movq;
 pub mod optim;
+pub mod prior;
 pub mod shapes;
 pub mod trainer;

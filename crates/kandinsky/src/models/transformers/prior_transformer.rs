@@ -266,9 +266,34 @@ impl PriorTransformer {
         attention_mask: Option<&Tensor>,
     ) -> Result<Tensor> {
         let b = hidden_states.dim(0)?;
+        self.forward_timesteps(
+            hidden_states,
+            &vec![timestep; b],
+            proj_embedding,
+            encoder_hidden_states,
+            attention_mask,
+        )
+    }
+
+    /// [`Self::forward`] with one timestep per sample (training).
+    pub fn forward_timesteps(
+        &self,
+        hidden_states: &Tensor,
+        timesteps: &[f64],
+        proj_embedding: &Tensor,
+        encoder_hidden_states: Option<&Tensor>,
+        attention_mask: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let b = hidden_states.dim(0)?;
+        if timesteps.len() != b {
+            return Err(Error::InvalidArgument(format!(
+                "{} timesteps for a batch of {b}",
+                timesteps.len()
+            )));
+        }
         let inner = self.positional_embedding.dim(2)?;
         let dtype = hidden_states.dtype();
-        let t = timestep_embedding(&vec![timestep; b], inner, true, 0.0, hidden_states.device())?
+        let t = timestep_embedding(timesteps, inner, true, 0.0, hidden_states.device())?
             .to_dtype(dtype)?;
         let time = self.time_embedding.forward(&t)?;
         let proj_embedding = match &self.embedding_proj_norm {
