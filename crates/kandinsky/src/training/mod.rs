@@ -10,3 +10,4 @@ pub mod optim;
 pub mod prior;
 pub mod shapes;
 pub mod trainer;
+pub mod unet;

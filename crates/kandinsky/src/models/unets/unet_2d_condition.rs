@@ -521,8 +521,25 @@ impl UNet2DConditionModel {
         timestep: f64,
         cond: &UNetConditioning,
     ) -> Result<Tensor> {
+        let b = sample.dim(0)?;
+        self.forward_timesteps(sample, &vec![timestep; b], cond)
+    }
+
+    /// [`Self::forward`] with one timestep per sample (training).
+    pub fn forward_timesteps(
+        &self,
+        sample: &Tensor,
+        timesteps: &[f64],
+        cond: &UNetConditioning,
+    ) -> Result<Tensor> {
         let c = &self.config;
         let (b, _, h, w) = sample.dims4()?;
+        if timesteps.len() != b {
+            return Err(Error::InvalidArgument(format!(
+                "{} timesteps for a batch of {b}",
+                timesteps.len()
+            )));
+        }
         let factor = 1usize << (c.block_out_channels.len() - 1);
         if h % factor != 0 || w % factor != 0 {
             return Err(Error::InvalidArgument(format!(
@@ -540,7 +557,7 @@ impl UNet2DConditionModel {
         };
 
         let t_emb = timestep_embedding(
-            &vec![timestep; b],
+            timesteps,
             c.block_out_channels[0],
             c.flip_sin_to_cos,
             c.freq_shift,
