@@ -594,3 +594,55 @@ fn unet_loss_falls_on_a_fixed_batch() {
         assert!(losses[29] < 0.5 * losses[0], "{losses:?}");
     }
 }
+
+/// The small XLM-R vocabulary: the real pieces our captions use. Captions never seen while
+/// reducing tokenize to the same pieces as with the full 250,002-piece vocabulary, and the saved
+/// tokenizer loads through the production path.
+#[test]
+fn reduced_xlm_roberta_vocabulary_tokenizes_captions_like_the_full_one() {
+    use kandinsky::training::shapes::{eval_prompts, training_example, Language};
+    use kandinsky::training::tokenizer::{
+        reduce_vocabulary, save_xlm_roberta, xlm_roberta_tokenizer,
+    };
+    use std::io::Read;
+    let mut text = String::new();
+    flate2::read::GzDecoder::new(
+        std::fs::File::open(fixtures().join("tokenizers/xlm_roberta/pieces.tsv.gz")).unwrap(),
+    )
+    .read_to_string(&mut text)
+    .unwrap();
+    let full: Vec<(String, f64)> = text
+        .lines()
+        .map(|l| {
+            let (p, s) = l.rsplit_once('\t').unwrap();
+            (p.to_string(), s.parse().unwrap())
+        })
+        .collect();
+    let captions: Vec<String> = (0..4000)
+        .map(|i| training_example(0, i, 8).caption)
+        .collect();
+    let reduced = reduce_vocabulary(&full, &captions).unwrap();
+    println!("reduced vocabulary: {} pieces", reduced.len());
+    assert!(reduced.len() < 1500, "{}", reduced.len());
+    assert_eq!(reduced[0].0, "<s>");
+    assert_eq!(reduced.last().unwrap().0, "<mask>");
+    let full_tok = xlm_roberta_tokenizer(full).unwrap();
+    let small_tok = xlm_roberta_tokenizer(reduced).unwrap();
+    let mut unseen: Vec<String> = (0..500)
+        .map(|i| training_example(77, i, 8).caption)
+        .collect();
+    unseen.extend(eval_prompts(Language::En, 50).into_iter().map(|(_, c)| c));
+    unseen.extend(eval_prompts(Language::Ru, 50).into_iter().map(|(_, c)| c));
+    for c in &unseen {
+        let a = full_tok.encode(c.as_str(), true).unwrap();
+        let b = small_tok.encode(c.as_str(), true).unwrap();
+        assert_eq!(a.get_tokens(), b.get_tokens(), "{c}");
+        assert!(!b.get_ids().contains(&3), "{c}: <unk>");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    save_xlm_roberta(&small_tok, dir.path()).unwrap();
+    let tok = kandinsky::tokenization::PromptTokenizer::xlm_roberta_from_dir(dir.path()).unwrap();
+    let (ids, _) = tok.encode_one(&unseen[0]).unwrap();
+    let b = small_tok.encode(unseen[0].as_str(), true).unwrap();
+    assert_eq!(&ids[..b.get_ids().len()], b.get_ids());
+}

@@ -9,5 +9,6 @@ pub mod movq;
 pub mod optim;
 pub mod prior;
 pub mod shapes;
+pub mod tokenizer;
 pub mod trainer;
 pub mod unet;

@@ -1,0 +1,102 @@
+//! The small model's XLM-R tokenizer: the real XLM-R Unigram pieces reduced to those the
+//! synthetic world's captions use (plus every character in them), so the M-CLIP embedding table
+//! is a few hundred rows instead of 250,002. Viterbi over a subset that still contains the full
+//! vocabulary's best segmentation returns that segmentation, so captions tokenize exactly as with
+//! the real vocabulary (the test checks it).
+
+use crate::error::{Error, Result};
+use std::collections::BTreeSet;
+use std::path::Path;
+use tokenizers::models::unigram::Unigram;
+use tokenizers::pre_tokenizers::metaspace::{Metaspace, PrependScheme};
+use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::pre_tokenizers::whitespace::WhitespaceSplit;
+use tokenizers::processors::roberta::RobertaProcessing;
+use tokenizers::{AddedToken, Tokenizer};
+
+const SPECIALS: [&str; 4] = ["<s>", "<pad>", "</s>", "<unk>"];
+
+fn tok_err(e: impl std::fmt::Display) -> Error {
+    Error::InvalidArgument(format!("tokenizer: {e}"))
+}
+
+/// An XLM-R tokenizer over `vocab` (specials `<s> <pad> </s> <unk>` first, `<mask>` last), as
+/// transformers builds `XLMRobertaTokenizerFast`: whitespace split, metaspace with a prefix,
+/// `<s> … </s>` added by the post-processor.
+pub fn xlm_roberta_tokenizer(vocab: Vec<(String, f64)>) -> Result<Tokenizer> {
+    let n = vocab.len();
+    let mut tok = Tokenizer::new(Unigram::from(vocab, Some(3), false).map_err(tok_err)?);
+    tok.with_pre_tokenizer(Some(Sequence::new(vec![
+        WhitespaceSplit.into(),
+        Metaspace::new('▁', PrependScheme::Always, true).into(),
+    ])));
+    tok.with_post_processor(Some(RobertaProcessing::new(
+        ("</s>".to_string(), 2),
+        ("<s>".to_string(), 0),
+    )));
+    tok.add_special_tokens(
+        ["<s>", "<pad>", "</s>", "<unk>", "<mask>"].map(|t| AddedToken::from(t, true)),
+    )
+    .map_err(tok_err)?;
+    debug_assert_eq!(tok.get_vocab_size(true), n);
+    Ok(tok)
+}
+
+/// The pieces of `full` (the real XLM-R vocabulary, specials first, `<mask>` last) that the
+/// full tokenizer uses for `texts`, plus every single character (as `▁c` and `c`) appearing in
+/// them, in their original order.
+pub fn reduce_vocabulary(full: &[(String, f64)], texts: &[String]) -> Result<Vec<(String, f64)>> {
+    let tok = xlm_roberta_tokenizer(full.to_vec())?;
+    let mut keep: BTreeSet<u32> = (0..SPECIALS.len() as u32).collect();
+    let mut chars = BTreeSet::new();
+    for t in texts {
+        let enc = tok.encode(t.as_str(), false).map_err(tok_err)?;
+        keep.extend(enc.get_ids());
+        chars.extend(t.chars().filter(|c| !c.is_whitespace()));
+    }
+    for c in chars {
+        for piece in [c.to_string(), format!("▁{c}")] {
+            if let Some(id) = tok.token_to_id(&piece) {
+                keep.insert(id);
+            }
+        }
+    }
+    let mask = full.len() as u32 - 1;
+    keep.remove(&mask);
+    let mut out: Vec<(String, f64)> = keep
+        .into_iter()
+        .map(|id| full[id as usize].clone())
+        .collect();
+    out.push(full[mask as usize].clone());
+    Ok(out)
+}
+
+/// Writes `tokenizer.json` and transformers' `tokenizer_config.json` / `special_tokens_map.json`
+/// for an XLM-R tokenizer to `dir`.
+pub fn save_xlm_roberta(tok: &Tokenizer, dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    tok.save(dir.join("tokenizer.json"), true)
+        .map_err(tok_err)?;
+    let config = serde_json::json!({
+        "tokenizer_class": "XLMRobertaTokenizer",
+        "model_max_length": 512,
+        "bos_token": "<s>", "eos_token": "</s>", "sep_token": "</s>", "cls_token": "<s>",
+        "unk_token": "<unk>", "pad_token": "<pad>", "mask_token": "<mask>"
+    });
+    let specials = serde_json::json!({
+        "bos_token": "<s>", "eos_token": "</s>", "sep_token": "</s>", "cls_token": "<s>",
+        "unk_token": "<unk>", "pad_token": "<pad>", "mask_token": "<mask>"
+    });
+    for (name, v) in [
+        ("tokenizer_config.json", config),
+        ("special_tokens_map.json", specials),
+    ] {
+        let p = dir.join(name);
+        std::fs::write(
+            &p,
+            serde_json::to_string_pretty(&v).unwrap_or_default() + "\n",
+        )
+        .map_err(|e| Error::io(&p, e))?;
+    }
+    Ok(())
+}
