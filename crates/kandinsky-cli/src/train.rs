@@ -4,9 +4,11 @@
 use anyhow::{bail, Context, Result};
 use kandinsky::tokenization::PromptTokenizer;
 use kandinsky::training::clip::train_clip;
+use kandinsky::training::mclip::train_mclip;
 use kandinsky::training::movq::{train_movq, SMALL_MOVQ_CONFIG};
 use kandinsky::training::optim::AdamWConfig;
 use kandinsky::training::prior::{train_prior, FrozenClip};
+use kandinsky::training::tokenizer::read_pieces_tsv_gz;
 use kandinsky::training::trainer::{TrainOptions, TrainReport};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -28,6 +30,21 @@ enum Stage {
         /// The CLIP BPE vocabulary (`vocab.json`, `merges.txt`).
         #[arg(long, default_value = "fixtures/tokenizers/clip")]
         tokenizer: PathBuf,
+    },
+    /// The M-CLIP text encoder (XLM-R), distilled to the trained CLIP's text embeddings; also
+    /// writes its reduced XLM-R tokenizer.
+    Mclip {
+        #[command(flatten)]
+        args: StageArgs,
+        /// The CLIP stage's output directory (`text_encoder/`, `image_encoder/`).
+        #[arg(long)]
+        clip: PathBuf,
+        /// The CLIP BPE vocabulary (`vocab.json`, `merges.txt`).
+        #[arg(long, default_value = "fixtures/tokenizers/clip")]
+        tokenizer: PathBuf,
+        /// The real XLM-R pieces (`piece<TAB>score` lines, gzip).
+        #[arg(long, default_value = "fixtures/tokenizers/xlm_roberta/pieces.tsv.gz")]
+        pieces: PathBuf,
     },
     /// The diffusion prior (x0 prediction, cosine schedule, 10 % text dropout) against a trained
     /// CLIP.
@@ -134,6 +151,28 @@ fn clip_tokenizer(dir: &Path) -> Result<PromptTokenizer> {
     .with_context(|| format!("loading the CLIP vocabulary from {}", dir.display()))
 }
 
+/// The CLIP stage's towers, frozen, with their tokenizer.
+fn frozen_clip(clip: &Path, tokenizer: &Path) -> Result<FrozenClip> {
+    let d = candle_core::Device::Cpu;
+    let f32 = candle_core::DType::F32;
+    let context = || format!("loading the trained CLIP from {}", clip.display());
+    Ok(FrozenClip {
+        text: kandinsky::models::clip::ClipTextModelWithProjection::load(
+            &clip.join("text_encoder"),
+            f32,
+            &d,
+        )
+        .with_context(context)?,
+        vision: kandinsky::models::clip::ClipVisionModelWithProjection::load(
+            &clip.join("image_encoder"),
+            f32,
+            &d,
+        )
+        .with_context(context)?,
+        tokenizer: clip_tokenizer(tokenizer)?,
+    })
+}
+
 pub fn run(a: &TrainArgs) -> Result<()> {
     match &a.stage {
         Stage::Movq(s) => {
@@ -151,30 +190,31 @@ pub fn run(a: &TrainArgs) -> Result<()> {
             let r = train_clip(&opts, &tok, &mut s.logger("clip", "accuracy"))?;
             s.report("clip", &r, &["text_encoder", "image_encoder"]);
         }
+        Stage::Mclip {
+            args: s,
+            clip,
+            tokenizer,
+            pieces,
+        } => {
+            let opts = s.options()?;
+            let teacher = frozen_clip(clip, tokenizer)?;
+            let pieces = read_pieces_tsv_gz(pieces)
+                .with_context(|| format!("reading the XLM-R pieces {}", pieces.display()))?;
+            let r = train_mclip(
+                &opts,
+                &teacher,
+                &pieces,
+                &mut s.logger("mclip", "cosine to CLIP"),
+            )?;
+            s.report("mclip", &r, &["text_encoder", "tokenizer"]);
+        }
         Stage::Prior {
             args: s,
             clip,
             tokenizer,
         } => {
             let opts = s.options()?;
-            let d = candle_core::Device::Cpu;
-            let f32 = candle_core::DType::F32;
-            let context = || format!("loading the trained CLIP from {}", clip.display());
-            let frozen = FrozenClip {
-                text: kandinsky::models::clip::ClipTextModelWithProjection::load(
-                    &clip.join("text_encoder"),
-                    f32,
-                    &d,
-                )
-                .with_context(context)?,
-                vision: kandinsky::models::clip::ClipVisionModelWithProjection::load(
-                    &clip.join("image_encoder"),
-                    f32,
-                    &d,
-                )
-                .with_context(context)?,
-                tokenizer: clip_tokenizer(tokenizer)?,
-            };
+            let frozen = frozen_clip(clip, tokenizer)?;
             let r = train_prior(&opts, &frozen, &mut s.logger("prior", "cosine to target"))?;
             s.report("prior", &r, &["prior"]);
         }

@@ -916,3 +916,51 @@ fn train_prior_against_a_trained_clip() {
         "{err}"
     );
 }
+
+#[test]
+fn train_mclip_exports_an_encoder_and_tokenizer_that_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let clip = dir.path().join("clip");
+    let tok = fixture("tokenizers/clip");
+    let res = bin()
+        .args(["train", "clip", "--out"])
+        .arg(&clip)
+        .args(["--steps", "1", "--batch", "2", "--tokenizer", &tok])
+        .output()
+        .unwrap();
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    let out = dir.path().join("mclip");
+    let res = bin()
+        .args(["train", "mclip", "--out"])
+        .arg(&out)
+        .arg("--clip")
+        .arg(&clip)
+        .args([
+            "--steps",
+            "2",
+            "--batch",
+            "4",
+            "--tokenizer",
+            &tok,
+            "--pieces",
+        ])
+        .arg(fixture("tokenizers/xlm_roberta/pieces.tsv.gz"))
+        .output()
+        .unwrap();
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    kandinsky::pipelines::kandinsky::text_encoder::MultilingualClip::load(
+        &out.join("text_encoder"),
+        candle_core::DType::F32,
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    kandinsky::tokenization::PromptTokenizer::xlm_roberta_from_dir(&out.join("tokenizer")).unwrap();
+}

@@ -646,3 +646,96 @@ fn reduced_xlm_roberta_vocabulary_tokenizes_captions_like_the_full_one() {
     let b = small_tok.encode(unseen[0].as_str(), true).unwrap();
     assert_eq!(&ids[..b.get_ids().len()], b.get_ids());
 }
+
+/// M-CLIP distillation: the loss falls on a fixed batch of English and Russian captions; every
+/// parameter but XLM-R's pooler (part of the checkpoint, unused by `MultilingualCLIP`) gets a
+/// gradient.
+#[test]
+fn mclip_loss_falls_on_a_fixed_batch() {
+    use kandinsky::pipelines::kandinsky::text_encoder::{MClipConfig, MultilingualClip};
+    use kandinsky::training::clip::{Clip, SMALL_CLIP_TEXT_CONFIG, SMALL_CLIP_VISION_CONFIG};
+    use kandinsky::training::mclip::{mclip_loss, small_mclip_config};
+    use kandinsky::training::optim::{AdamW, AdamWConfig};
+    use kandinsky::training::prior::FrozenClip;
+    use kandinsky::training::shapes::training_example;
+    use kandinsky::training::tokenizer::{save_xlm_roberta, xlm_roberta_tokenizer};
+    let mut text: serde_json::Value = serde_json::from_str(SMALL_CLIP_TEXT_CONFIG).unwrap();
+    text["num_hidden_layers"] = 1.into();
+    let vision: serde_json::Value = serde_json::from_str(SMALL_CLIP_VISION_CONFIG).unwrap();
+    let clip_store = ParamStore::new(10, &Device::Cpu);
+    let clip = Clip::new(
+        &clip_store,
+        &serde_json::from_value(text).unwrap(),
+        &serde_json::from_value(vision).unwrap(),
+    )
+    .unwrap();
+    let teacher = FrozenClip {
+        text: clip.text,
+        vision: clip.vision,
+        tokenizer: clip_tokenizer(),
+    };
+    // The real XLM-R pieces, reduced to what these captions use.
+    let pieces: Vec<(String, f64)> = {
+        use std::io::Read;
+        let mut text = String::new();
+        flate2::read::GzDecoder::new(
+            std::fs::File::open(fixtures().join("tokenizers/xlm_roberta/pieces.tsv.gz")).unwrap(),
+        )
+        .read_to_string(&mut text)
+        .unwrap();
+        text.lines()
+            .map(|l| {
+                let (p, s) = l.rsplit_once('\t').unwrap();
+                (p.to_string(), s.parse().unwrap())
+            })
+            .collect()
+    };
+    let captions: Vec<String> = (0..8).map(|i| training_example(4, i, 8).caption).collect();
+    let vocab = kandinsky::training::tokenizer::reduce_vocabulary(&pieces, &captions).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    save_xlm_roberta(&xlm_roberta_tokenizer(vocab.clone()).unwrap(), dir.path()).unwrap();
+    let tok = kandinsky::tokenization::PromptTokenizer::xlm_roberta_from_dir(dir.path()).unwrap();
+    let mut config = small_mclip_config(vocab.len());
+    config["num_hidden_layers"] = 1.into();
+    let config: MClipConfig = serde_json::from_value(config).unwrap();
+    let store = ParamStore::new(11, &Device::Cpu);
+    let mclip = MultilingualClip::new(&Weights::trainable(&store), &config).unwrap();
+    let (loss, _) = mclip_loss(&mclip, &tok, &teacher, &captions).unwrap();
+    let grads = loss.backward().unwrap();
+    let dead: Vec<String> = store
+        .vars()
+        .into_iter()
+        .filter(|(_, v)| {
+            grads.get(v.as_tensor()).is_none_or(|g| {
+                g.abs()
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap()
+                    == 0.0
+            })
+        })
+        .map(|(n, _)| n)
+        .collect();
+    assert_eq!(
+        dead,
+        vec![
+            "transformer.pooler.dense.bias".to_string(),
+            "transformer.pooler.dense.weight".to_string()
+        ]
+    );
+    let mut opt = AdamW::new(AdamWConfig {
+        lr: 2e-3,
+        ..Default::default()
+    });
+    let vars = store.vars();
+    let mut losses = Vec::new();
+    for _ in 0..40 {
+        let (loss, _) = mclip_loss(&mclip, &tok, &teacher, &captions).unwrap();
+        losses.push(loss.to_scalar::<f32>().unwrap());
+        opt.step(&vars, &loss.backward().unwrap()).unwrap();
+    }
+    println!("mclip loss {} -> {}", losses[0], losses[39]);
+    assert!(losses[39] < 0.3 * losses[0], "{losses:?}");
+}

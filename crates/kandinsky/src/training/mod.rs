@@ -5,6 +5,7 @@
 pub mod analyser;
 pub mod checkpoint;
 pub mod clip;
+pub mod mclip;
 pub mod movq;
 pub mod optim;
 pub mod prior;

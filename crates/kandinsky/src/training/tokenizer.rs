@@ -20,6 +20,28 @@ fn tok_err(e: impl std::fmt::Display) -> Error {
     Error::InvalidArgument(format!("tokenizer: {e}"))
 }
 
+/// Reads a SentencePiece vocabulary as `piece<TAB>score` lines, gzip-compressed (how the repo
+/// ships the real XLM-R pieces).
+pub fn read_pieces_tsv_gz(path: &Path) -> Result<Vec<(String, f64)>> {
+    use std::io::Read;
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut text = String::new();
+    flate2::read::GzDecoder::new(file)
+        .read_to_string(&mut text)
+        .map_err(|e| Error::io(path, e))?;
+    text.lines()
+        .map(|l| {
+            let (p, s) = l
+                .rsplit_once('\t')
+                .ok_or_else(|| tok_err(format!("{}: bad line '{l}'", path.display())))?;
+            let score = s
+                .parse()
+                .map_err(|_| tok_err(format!("{}: bad score in '{l}'", path.display())))?;
+            Ok((p.to_string(), score))
+        })
+        .collect()
+}
+
 /// An XLM-R tokenizer over `vocab` (specials `<s> <pad> </s> <unk>` first, `<mask>` last), as
 /// transformers builds `XLMRobertaTokenizerFast`: whitespace split, metaspace with a prefix,
 /// `<s> … </s>` added by the post-processor.
