@@ -10,6 +10,7 @@ use kandinsky::training::optim::AdamWConfig;
 use kandinsky::training::prior::{train_prior, FrozenClip};
 use kandinsky::training::tokenizer::read_pieces_tsv_gz;
 use kandinsky::training::trainer::{TrainOptions, TrainReport};
+use kandinsky::training::unet::{train_unet, DecoderTeachers};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -45,6 +46,24 @@ enum Stage {
         /// The real XLM-R pieces (`piece<TAB>score` lines, gzip).
         #[arg(long, default_value = "fixtures/tokenizers/xlm_roberta/pieces.tsv.gz")]
         pieces: PathBuf,
+    },
+    /// The decoder UNet (`text_image` conditioning, ε prediction, 10 % unconditional), or with
+    /// `--inpaint` the 9-channel inpainting UNet (random rectangular masks), on MoVQ latents.
+    Unet {
+        #[command(flatten)]
+        args: StageArgs,
+        /// The MoVQ stage's output directory (`movq/`).
+        #[arg(long)]
+        movq: PathBuf,
+        /// The CLIP stage's output directory (`image_encoder/`).
+        #[arg(long)]
+        clip: PathBuf,
+        /// The M-CLIP stage's output directory (`text_encoder/`, `tokenizer/`).
+        #[arg(long)]
+        mclip: PathBuf,
+        /// Train the inpainting UNet instead.
+        #[arg(long)]
+        inpaint: bool,
     },
     /// The diffusion prior (x0 prediction, cosine schedule, 10 % text dropout) against a trained
     /// CLIP.
@@ -207,6 +226,40 @@ pub fn run(a: &TrainArgs) -> Result<()> {
                 &mut s.logger("mclip", "cosine to CLIP"),
             )?;
             s.report("mclip", &r, &["text_encoder", "tokenizer"]);
+        }
+        Stage::Unet {
+            args: s,
+            movq,
+            clip,
+            mclip,
+            inpaint,
+        } => {
+            let opts = s.options()?;
+            let d = candle_core::Device::Cpu;
+            let f32 = candle_core::DType::F32;
+            let teachers = DecoderTeachers {
+                movq: kandinsky::models::VQModel::load(&movq.join("movq"), f32, &d)
+                    .with_context(|| format!("loading the trained MoVQ from {}", movq.display()))?,
+                vision: kandinsky::models::clip::ClipVisionModelWithProjection::load(
+                    &clip.join("image_encoder"),
+                    f32,
+                    &d,
+                )
+                .with_context(|| format!("loading the trained CLIP from {}", clip.display()))?,
+                mclip: kandinsky::pipelines::kandinsky::text_encoder::MultilingualClip::load(
+                    &mclip.join("text_encoder"),
+                    f32,
+                    &d,
+                )
+                .with_context(|| format!("loading the trained M-CLIP from {}", mclip.display()))?,
+                tokenizer: PromptTokenizer::xlm_roberta_from_dir(&mclip.join("tokenizer"))
+                    .with_context(|| {
+                        format!("loading the M-CLIP tokenizer from {}", mclip.display())
+                    })?,
+            };
+            let name = if *inpaint { "unet-inpaint" } else { "unet" };
+            let r = train_unet(&opts, &teachers, *inpaint, &mut s.logger(name, "ε loss"))?;
+            s.report(name, &r, &["unet"]);
         }
         Stage::Prior {
             args: s,

@@ -964,3 +964,102 @@ fn train_mclip_exports_an_encoder_and_tokenizer_that_load() {
     .unwrap();
     kandinsky::tokenization::PromptTokenizer::xlm_roberta_from_dir(&out.join("tokenizer")).unwrap();
 }
+
+/// The decoder stages chain: MoVQ, CLIP and M-CLIP outputs feed the UNet and inpainting UNet.
+#[test]
+fn train_unet_and_inpainting_unet_on_trained_encoders() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |n: &str| dir.path().join(n).display().to_string();
+    let tok = fixture("tokenizers/clip");
+    let pieces = fixture("tokenizers/xlm_roberta/pieces.tsv.gz");
+    let runs: Vec<Vec<String>> = vec![
+        strings(&[
+            "train",
+            "movq",
+            "--out",
+            &p("movq"),
+            "--steps",
+            "1",
+            "--batch",
+            "1",
+        ]),
+        strings(&[
+            "train",
+            "clip",
+            "--out",
+            &p("clip"),
+            "--steps",
+            "1",
+            "--batch",
+            "2",
+            "--tokenizer",
+            &tok,
+        ]),
+        strings(&[
+            "train",
+            "mclip",
+            "--out",
+            &p("mclip"),
+            "--clip",
+            &p("clip"),
+            "--steps",
+            "1",
+            "--batch",
+            "2",
+            "--tokenizer",
+            &tok,
+            "--pieces",
+            &pieces,
+        ]),
+        strings(&[
+            "train",
+            "unet",
+            "--out",
+            &p("unet"),
+            "--movq",
+            &p("movq"),
+            "--clip",
+            &p("clip"),
+            "--mclip",
+            &p("mclip"),
+            "--steps",
+            "2",
+            "--batch",
+            "2",
+        ]),
+        strings(&[
+            "train",
+            "unet",
+            "--inpaint",
+            "--out",
+            &p("inpaint"),
+            "--movq",
+            &p("movq"),
+            "--clip",
+            &p("clip"),
+            "--mclip",
+            &p("mclip"),
+            "--steps",
+            "1",
+            "--batch",
+            "2",
+        ]),
+    ];
+    for args in runs {
+        let res = bin().args(&args).output().unwrap();
+        assert!(
+            res.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&res.stderr)
+        );
+    }
+    for (d, ch) in [("unet", 4), ("inpaint", 9)] {
+        let unet = kandinsky::models::UNet2DConditionModel::load(
+            &dir.path().join(d).join("unet"),
+            candle_core::DType::F32,
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
+        assert_eq!(unet.config().in_channels, ch);
+    }
+}

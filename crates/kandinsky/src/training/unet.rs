@@ -85,3 +85,126 @@ pub fn unet_loss(
     };
     Ok((total, eps_loss))
 }
+
+/// The frozen models the decoder learns from: the MoVQ (latents), CLIP's vision tower (image
+/// embeddings) and M-CLIP with its tokenizer (text conditioning).
+pub struct DecoderTeachers {
+    /// The trained MoVQ.
+    pub movq: crate::models::VQModel,
+    /// CLIP's vision tower.
+    pub vision: crate::models::clip::ClipVisionModelWithProjection,
+    /// M-CLIP.
+    pub mclip: crate::pipelines::kandinsky::text_encoder::MultilingualClip,
+    /// M-CLIP's tokenizer.
+    pub tokenizer: crate::tokenization::PromptTokenizer,
+}
+
+/// Fraction of examples whose conditioning is replaced by the pipelines' unconditional one (the
+/// zero-image CLIP embedding and M-CLIP of `""`), so classifier-free guidance works.
+pub const COND_DROPOUT: f32 = 0.1;
+
+impl DecoderTeachers {
+    /// Latents `(B, 4, h, w)`, conditioning (with dropout from `rng`) and, for inpainting, the
+    /// extra inputs `(masked latents, keep-mask)` of random rectangles, for examples
+    /// `first..first + batch`.
+    pub fn batch(
+        &self,
+        seed: u64,
+        first: u64,
+        batch: usize,
+        side: usize,
+        inpaint: bool,
+        rng: &mut Rng,
+    ) -> Result<(Tensor, UNetCond, Option<Tensor>)> {
+        let images = super::movq::image_batch(seed, first, batch, side)?;
+        let (pixels, captions) = super::clip::clip_batch(seed, first, batch, side)?;
+        let x0 = self.movq.encode(&images)?.detach();
+        let drop: Vec<bool> = (0..batch).map(|_| rng.unit() < COND_DROPOUT).collect();
+        let captions: Vec<String> = captions
+            .into_iter()
+            .zip(&drop)
+            .map(|(c, d)| if *d { String::new() } else { c })
+            .collect();
+        let zero = Tensor::zeros((1, 3, side, side), candle_core::DType::F32, &Device::Cpu)?;
+        let zero_embed = self.vision.forward(&zero)?.image_embeds;
+        let img = self.vision.forward(&pixels)?.image_embeds;
+        let rows: Vec<Tensor> = (0..batch)
+            .map(|i| {
+                if drop[i] {
+                    Ok(zero_embed.clone())
+                } else {
+                    img.narrow(0, i, 1)
+                }
+            })
+            .collect::<candle_core::Result<_>>()?;
+        let img = Tensor::cat(&rows, 0)?.detach();
+        let refs: Vec<&str> = captions.iter().map(String::as_str).collect();
+        let tok = self.tokenizer.encode(&refs, &Device::Cpu)?;
+        let (txt, hidden) = self.mclip.forward(&tok.input_ids, &tok.attention_mask)?;
+        let extra = if inpaint {
+            let (_, _, h, w) = x0.dims4()?;
+            let mut keep = vec![1f32; batch * h * w];
+            for b in 0..batch {
+                // A random rectangle to repaint (0 = repaint in the model's convention).
+                let (rh, rw) = (1 + rng.below(h), 1 + rng.below(w));
+                let (y0, x0_) = (rng.below(h - rh + 1), rng.below(w - rw + 1));
+                for y in y0..y0 + rh {
+                    for x in x0_..x0_ + rw {
+                        keep[(b * h + y) * w + x] = 0.0;
+                    }
+                }
+            }
+            let mask = Tensor::from_vec(keep, (batch, 1, h, w), &Device::Cpu)?;
+            let masked = x0.broadcast_mul(&mask)?;
+            Some(Tensor::cat(&[masked, mask], 1)?)
+        } else {
+            None
+        };
+        Ok((x0, (img, txt.detach(), hidden.detach()), extra))
+    }
+}
+
+/// Trains (or resumes) the decoder UNet (`in_channels` 4) or the inpainting UNet (9) and exports
+/// `out_dir/unet/`.
+pub fn train_unet(
+    opts: &super::trainer::TrainOptions,
+    teachers: &DecoderTeachers,
+    inpaint: bool,
+    log: &mut dyn FnMut(u64, f32, f32),
+) -> Result<super::trainer::TrainReport> {
+    let mut value = super::trainer::parse_config(SMALL_UNET_CONFIG, "unet")?;
+    if inpaint {
+        value["in_channels"] = 9.into();
+    }
+    let config: crate::models::UNet2DConditionConfig = serde_json::from_value(value.clone())
+        .map_err(|source| crate::error::Error::Json {
+            path: std::path::PathBuf::from("(unet config)"),
+            source,
+        })?;
+    super::trainer::run_loop(
+        opts,
+        |params| UNet2DConditionModel::new(&crate::loading::Weights::trainable(params), &config),
+        |unet, step| {
+            let mut rng = Rng::new(opts.seed ^ 0x0e7 ^ step.wrapping_mul(0x1000_0001));
+            let mut generator = TorchGenerator::new(opts.seed ^ step.wrapping_mul(104_729));
+            let (x0, cond, extra) = teachers.batch(
+                opts.seed,
+                step * opts.batch as u64,
+                opts.batch,
+                opts.image_size,
+                inpaint,
+                &mut rng,
+            )?;
+            unet_loss(unet, &x0, &cond, extra.as_ref(), &mut rng, &mut generator)
+        },
+        |params| {
+            super::checkpoint::export_component(
+                &opts.out_dir.join("unet"),
+                &value,
+                &params.tensors(),
+                "diffusion_pytorch_model.safetensors",
+            )
+        },
+        log,
+    )
+}
