@@ -65,6 +65,19 @@ enum Stage {
         #[arg(long)]
         inpaint: bool,
     },
+    /// Assemble the stage outputs under `--runs` (clip/, mclip/, movq/, prior/, unet/,
+    /// inpaint/) into diffusers model directories: OUT/prior, OUT/decoder, OUT/decoder-inpaint.
+    Assemble {
+        /// The directory holding the stages' output directories.
+        #[arg(long)]
+        runs: PathBuf,
+        /// Where to write the model directories.
+        #[arg(long)]
+        out: PathBuf,
+        /// The CLIP BPE vocabulary (`vocab.json`, `merges.txt`).
+        #[arg(long, default_value = "fixtures/tokenizers/clip")]
+        tokenizer: PathBuf,
+    },
     /// The diffusion prior (x0 prediction, cosine schedule, 10 % text dropout) against a trained
     /// CLIP.
     Prior {
@@ -260,6 +273,18 @@ pub fn run(a: &TrainArgs) -> Result<()> {
             let name = if *inpaint { "unet-inpaint" } else { "unet" };
             let r = train_unet(&opts, &teachers, *inpaint, &mut s.logger(name, "ε loss"))?;
             s.report(name, &r, &["unet"]);
+        }
+        Stage::Assemble {
+            runs,
+            out,
+            tokenizer,
+        } => {
+            kandinsky::training::assemble::assemble(runs, tokenizer, out)
+                .with_context(|| format!("assembling the model from {}", runs.display()))?;
+            println!(
+                "wrote {0}/prior, {0}/decoder, {0}/decoder-inpaint",
+                out.display()
+            );
         }
         Stage::Prior {
             args: s,

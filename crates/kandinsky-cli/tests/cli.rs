@@ -1062,4 +1062,84 @@ fn train_unet_and_inpainting_unet_on_trained_encoders() {
         .unwrap();
         assert_eq!(unet.config().in_channels, ch);
     }
+    // The prior, then the assembled model directories generate through the ordinary commands.
+    let more: Vec<Vec<String>> = vec![
+        strings(&[
+            "train",
+            "prior",
+            "--out",
+            &p("prior"),
+            "--clip",
+            &p("clip"),
+            "--steps",
+            "1",
+            "--batch",
+            "2",
+            "--tokenizer",
+            &tok,
+        ]),
+        strings(&[
+            "train",
+            "assemble",
+            "--runs",
+            &p(""),
+            "--out",
+            &p("model"),
+            "--tokenizer",
+            &tok,
+        ]),
+    ];
+    for args in more {
+        let res = bin().args(&args).output().unwrap();
+        assert!(
+            res.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&res.stderr)
+        );
+    }
+    let model = |d: &str| dir.path().join("model").join(d).display().to_string();
+    let out = dir.path().join("gen.png");
+    let common = strings(&[
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--steps",
+        "3",
+        "--prior-steps",
+        "2",
+        "--seed",
+        "1",
+    ]);
+    let mut g = strings(&[
+        "generate",
+        "--prompt",
+        "a small red circle on the left on a blue background",
+    ]);
+    g.extend(strings(&[
+        "--model",
+        &model("decoder"),
+        "--prior",
+        &model("prior"),
+    ]));
+    g.extend(common.clone());
+    run_ok(&g, &out);
+    assert_eq!(image::open(&out).unwrap().width(), 64);
+    let mut i = strings(&[
+        "inpaint",
+        "--prompt",
+        "большой зелёный треугольник сверху, фон белый",
+        "--image",
+    ]);
+    i.push(fixture("images/drawing_64x64.png"));
+    i.push("--mask".into());
+    i.push(fixture("images/mask_64x64.png"));
+    i.extend(strings(&[
+        "--model",
+        &model("decoder-inpaint"),
+        "--prior",
+        &model("prior"),
+    ]));
+    i.extend(common);
+    run_ok(&i, &dir.path().join("inp.png"));
 }

@@ -3,6 +3,7 @@
 //! module per stage.
 
 pub mod analyser;
+pub mod assemble;
 pub mod checkpoint;
 pub mod clip;
 pub mod mclip;
