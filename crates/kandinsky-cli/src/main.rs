@@ -2,6 +2,7 @@
 
 mod bench;
 mod decode;
+mod eval;
 mod generate;
 mod train;
 
@@ -33,6 +34,8 @@ enum Command {
     Outpaint(generate::OutpaintArgs),
     /// ControlNet depth (2.2): follow a hint image, from noise or from an image.
     Controlnet(generate::ControlnetArgs),
+    /// Evaluate a model (`eval shapes`: our small model on held-out shape prompts).
+    Eval(eval::EvalArgs),
     /// Train a stage of our small Kandinsky on the synthetic shapes world (resumable).
     Train(train::TrainArgs),
     /// Decode a latent to a PNG with a MoVQ model (the last stage of every pipeline).
@@ -51,6 +54,7 @@ fn main() -> std::process::ExitCode {
         Command::Outpaint(args) => generate::run_outpaint(&args),
         Command::Controlnet(args) => generate::run_controlnet(&args),
         Command::Train(args) => train::run(&args),
+        Command::Eval(args) => eval::run(&args),
         Command::Variations(args) => generate::run_variations(&args),
     };
     match result {

@@ -1142,4 +1142,37 @@ fn train_unet_and_inpainting_unet_on_trained_encoders() {
     ]));
     i.extend(common);
     run_ok(&i, &dir.path().join("inp.png"));
+    // The evaluation runs on the assembled model and prints its table.
+    let res = bin()
+        .args([
+            "eval",
+            "shapes",
+            "--model",
+            &model("decoder"),
+            "--prior",
+            &model("prior"),
+        ])
+        .args([
+            "--n",
+            "4",
+            "--batch",
+            "2",
+            "--steps",
+            "2",
+            "--prior-steps",
+            "2",
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&res.stdout);
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    assert!(
+        stdout.contains("| real images (analyser ceiling) | 8 | 100.0 %"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("generated, Russian"), "{stdout}");
 }

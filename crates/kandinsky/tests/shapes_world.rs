@@ -83,3 +83,55 @@ fn analyser_reads_rendered_scenes() {
     println!("wrong of {n} (background, colour, shape, position, size): {wrong:?}");
     assert_eq!(wrong, [0; 5]);
 }
+
+#[test]
+fn frechet_distance_and_eigen_decomposition() {
+    use kandinsky::training::eval::{frechet_distance, symmetric_eigen};
+    // 1-D: means 1 and 3, variances 2 and 8: (1-3)² + (√2-√8)² = 6.
+    let d = frechet_distance(&[vec![0.0], vec![2.0]], &[vec![1.0], vec![5.0]]).unwrap();
+    assert!((d - 6.0).abs() < 1e-9, "{d}");
+    // A set against itself.
+    let a: Vec<Vec<f64>> = (0..50)
+        .map(|i| {
+            (0..4)
+                .map(|j| ((i * 7 + j * 13) % 11) as f64 + j as f64 * 0.5)
+                .collect()
+        })
+        .collect();
+    assert!(frechet_distance(&a, &a).unwrap().abs() < 1e-8);
+    // A shifted copy: only the mean term.
+    let b: Vec<Vec<f64>> = a
+        .iter()
+        .map(|r| r.iter().map(|x| x + 1.0).collect())
+        .collect();
+    assert!((frechet_distance(&a, &b).unwrap() - 4.0).abs() < 1e-8);
+    let (w, v) = symmetric_eigen(&[vec![2.0, 1.0], vec![1.0, 2.0]]);
+    let mut w2 = w.clone();
+    w2.sort_by(f64::total_cmp);
+    assert!(
+        (w2[0] - 1.0).abs() < 1e-12 && (w2[1] - 3.0).abs() < 1e-12,
+        "{w:?}"
+    );
+    assert!((v[0][0].abs() - 0.5f64.sqrt()).abs() < 1e-12);
+}
+
+/// The analyser's ceiling on the evaluation scenes themselves.
+#[test]
+fn real_images_of_held_out_scenes_score_perfectly() {
+    use kandinsky::training::eval::score;
+    use kandinsky::training::shapes::{Rng, Scene};
+    let scenes: Vec<Scene> = Scene::all().into_iter().filter(|s| s.held_out()).collect();
+    let mut rng = Rng::new(5);
+    let images: Vec<Vec<u8>> = scenes.iter().map(|s| s.render(64, &mut rng)).collect();
+    let acc = score(&images, &scenes, 64);
+    assert_eq!(acc.n, scenes.len());
+    for v in [
+        acc.background,
+        acc.colour,
+        acc.shape,
+        acc.position,
+        acc.size,
+    ] {
+        assert_eq!(v, 1.0, "{acc:?}");
+    }
+}

@@ -6,6 +6,7 @@ pub mod analyser;
 pub mod assemble;
 pub mod checkpoint;
 pub mod clip;
+pub mod eval;
 pub mod mclip;
 pub mod movq;
 pub mod optim;
