@@ -1,6 +1,8 @@
 //! `kandinsky eval shapes`: scores images generated for held-out prompts with the deterministic
 //! pixel analyser, and measures the Fréchet distance between generated and real images in a CLIP
 //! image-embedding space.
+// Dense numeric code over small matrices: index loops read like the formulas.
+#![allow(clippy::needless_range_loop)]
 
 use super::analyser::{analyse, Score};
 use crate::error::{Error, Result};
