@@ -533,6 +533,28 @@ pub trait Scheduler {
     fn uses_learned_variance(&self) -> bool;
 }
 
+/// `_threshold_sample` (dynamic thresholding, DDPM and DPM-Solver): per sample,
+/// `s = clamp(quantile(|x|, ratio), 1, max)`, `x = clamp(x, -s, s) / s`.
+pub(crate) fn threshold_sample(x: &Tensor, ratio: f64, max: f64) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let b = dims[0];
+    let flat = x.to_dtype(candle_core::DType::F32)?.reshape((b, ()))?;
+    let rows: Vec<Vec<f32>> = flat.to_vec2()?;
+    let mut out = Vec::with_capacity(flat.elem_count());
+    for row in rows {
+        let mut abs: Vec<f32> = row.iter().map(|v| v.abs()).collect();
+        abs.sort_by(|a, b| a.total_cmp(b));
+        let pos = ratio as f32 * (abs.len() - 1) as f32;
+        let lo = pos.floor() as usize;
+        let hi = (lo + 1).min(abs.len() - 1);
+        let frac = pos - lo as f32;
+        let q = abs[lo] + (abs[hi] - abs[lo]) * frac;
+        let s = q.clamp(1.0, max as f32);
+        out.extend(row.iter().map(|v| v.clamp(-s, s) / s));
+    }
+    Ok(Tensor::from_vec(out, dims, x.device())?.to_dtype(x.dtype())?)
+}
+
 /// `√ᾱ_t x0 + √(1-ᾱ_t) noise` with f32 coefficients.
 pub(crate) fn add_noise_with(
     alphas_cumprod: &[f32],

@@ -234,26 +234,13 @@ impl DpmSolverMultistepScheduler {
         }
     }
 
-    /// `_threshold_sample`: per sample, `s = clamp(quantile(|x|, ratio), 1, max)`,
-    /// `x = clamp(x, -s, s) / s` (as `DDPMScheduler`).
+    /// `_threshold_sample` with this config's ratio and maximum.
     fn threshold(&self, x: &Tensor) -> Result<Tensor> {
-        let dims = x.dims().to_vec();
-        let b = dims[0];
-        let flat = x.to_dtype(DType::F32)?.reshape((b, ()))?;
-        let rows: Vec<Vec<f32>> = flat.to_vec2()?;
-        let mut out = Vec::with_capacity(flat.elem_count());
-        for row in rows {
-            let mut abs: Vec<f32> = row.iter().map(|v| v.abs()).collect();
-            abs.sort_by(|a, b| a.total_cmp(b));
-            let pos = self.config.dynamic_thresholding_ratio as f32 * (abs.len() - 1) as f32;
-            let lo = pos.floor() as usize;
-            let hi = (lo + 1).min(abs.len() - 1);
-            let frac = pos - lo as f32;
-            let q = abs[lo] + (abs[hi] - abs[lo]) * frac;
-            let s = q.clamp(1.0, self.config.sample_max_value as f32);
-            out.extend(row.iter().map(|v| v.clamp(-s, s) / s));
-        }
-        Ok(Tensor::from_vec(out, dims, x.device())?.to_dtype(x.dtype())?)
+        super::threshold_sample(
+            x,
+            self.config.dynamic_thresholding_ratio,
+            self.config.sample_max_value,
+        )
     }
 
     /// `convert_model_output` for DPM-Solver++: the data (x0) prediction at step `i`.
