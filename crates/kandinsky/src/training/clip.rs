@@ -4,7 +4,7 @@
 //! `CLIPVisionModelWithProjection`, so the prior pipeline loads them unchanged.
 
 use super::checkpoint;
-use super::shapes::training_example;
+use super::shapes::{planar_batch, training_examples, Example};
 use super::trainer::{parse_config, run_loop, TrainOptions, TrainReport};
 use crate::error::{Error, Result};
 use crate::loading::{ParamStore, Weights};
@@ -60,21 +60,18 @@ pub fn clip_batch(
     batch: usize,
     side: usize,
 ) -> Result<(Tensor, Vec<String>)> {
-    let mut data = Vec::with_capacity(batch * 3 * side * side);
-    let mut captions = Vec::with_capacity(batch);
-    for i in 0..batch as u64 {
-        let ex = training_example(seed, first + i, side);
-        for c in 0..3 {
-            for p in 0..side * side {
-                data.push((ex.image[p * 3 + c] as f32 / 255.0 - CLIP_MEAN[c]) / CLIP_STD[c]);
-            }
-        }
-        captions.push(ex.caption);
-    }
+    let examples = training_examples(seed, first, batch, side);
     Ok((
-        Tensor::from_vec(data, (batch, 3, side, side), &Device::Cpu)?,
-        captions,
+        clip_pixels(&examples, side)?,
+        examples.into_iter().map(|e| e.caption).collect(),
     ))
+}
+
+/// The examples' images as CLIP pixel values (`/255`, CLIP mean/std), `(B, 3, S, S)`.
+pub fn clip_pixels(examples: &[Example], side: usize) -> Result<Tensor> {
+    planar_batch(examples, side, |c, v| {
+        (v as f32 / 255.0 - CLIP_MEAN[c]) / CLIP_STD[c]
+    })
 }
 
 /// The two towers and CLIP's learned temperature (`logit_scale`, not part of either tower's

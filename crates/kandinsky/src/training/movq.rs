@@ -4,12 +4,12 @@
 //! commitment loss keeps the two close.
 
 use super::checkpoint;
-use super::shapes::training_example;
+use super::shapes::{planar_batch, training_examples, Example};
 use super::trainer::{parse_config, run_loop, TrainOptions, TrainReport};
 use crate::error::{Error, Result};
 use crate::loading::Weights;
 use crate::models::{VQModel, VQModelConfig};
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use std::path::PathBuf;
 
 /// The MoVQ of our small Kandinsky: 64×64 images, 3 levels (16×16×4 latents), a 256-entry
@@ -37,20 +37,12 @@ pub const SMALL_MOVQ_CONFIG: &str = r#"{
 
 /// A batch of synthetic images `(B, 3, S, S)` in [-1, 1]: examples `first..first + batch`.
 pub fn image_batch(seed: u64, first: u64, batch: usize, side: usize) -> Result<Tensor> {
-    let mut data = Vec::with_capacity(batch * 3 * side * side);
-    for i in 0..batch as u64 {
-        let ex = training_example(seed, first + i, side);
-        for c in 0..3 {
-            for p in 0..side * side {
-                data.push(ex.image[p * 3 + c] as f32 / 127.5 - 1.0);
-            }
-        }
-    }
-    Ok(Tensor::from_vec(
-        data,
-        (batch, 3, side, side),
-        &Device::Cpu,
-    )?)
+    image_tensor(&training_examples(seed, first, batch, side), side)
+}
+
+/// The examples' images in [-1, 1] (`x / 127.5 - 1`), `(B, 3, S, S)`.
+pub fn image_tensor(examples: &[Example], side: usize) -> Result<Tensor> {
+    planar_batch(examples, side, |_, v| v as f32 / 127.5 - 1.0)
 }
 
 /// `(total, reconstruction)` losses of one batch.

@@ -447,3 +447,31 @@ pub fn eval_prompts(lang: Language, n: usize) -> Vec<(Scene, String)> {
         })
         .collect()
 }
+
+/// Training examples `first..first + batch` (see [`training_example`]).
+pub fn training_examples(seed: u64, first: u64, batch: usize, side: usize) -> Vec<Example> {
+    (0..batch as u64)
+        .map(|i| training_example(seed, first + i, side))
+        .collect()
+}
+
+/// The examples' images as a `(B, 3, S, S)` tensor, each byte mapped by `f(channel, value)`.
+pub fn planar_batch(
+    examples: &[Example],
+    side: usize,
+    f: impl Fn(usize, u8) -> f32,
+) -> crate::Result<candle_core::Tensor> {
+    let mut data = Vec::with_capacity(examples.len() * 3 * side * side);
+    for ex in examples {
+        for c in 0..3 {
+            for p in 0..side * side {
+                data.push(f(c, ex.image[p * 3 + c]));
+            }
+        }
+    }
+    Ok(candle_core::Tensor::from_vec(
+        data,
+        (examples.len(), 3, side, side),
+        &candle_core::Device::Cpu,
+    )?)
+}

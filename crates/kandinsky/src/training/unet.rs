@@ -116,8 +116,11 @@ impl DecoderTeachers {
         inpaint: bool,
         rng: &mut Rng,
     ) -> Result<(Tensor, UNetCond, Option<Tensor>)> {
-        let images = super::movq::image_batch(seed, first, batch, side)?;
-        let (pixels, captions) = super::clip::clip_batch(seed, first, batch, side)?;
+        // Render once; the MoVQ and CLIP views are two normalisations of the same pixels.
+        let examples = super::shapes::training_examples(seed, first, batch, side);
+        let images = super::movq::image_tensor(&examples, side)?;
+        let pixels = super::clip::clip_pixels(&examples, side)?;
+        let captions: Vec<String> = examples.into_iter().map(|e| e.caption).collect();
         let x0 = self.movq.encode(&images)?.detach();
         let drop: Vec<bool> = (0..batch).map(|_| rng.unit() < COND_DROPOUT).collect();
         let captions: Vec<String> = captions
@@ -125,8 +128,8 @@ impl DecoderTeachers {
             .zip(&drop)
             .map(|(c, d)| if *d { String::new() } else { c })
             .collect();
-        let zero = Tensor::zeros((1, 3, side, side), candle_core::DType::F32, &Device::Cpu)?;
-        let zero_embed = self.vision.forward(&zero)?.image_embeds;
+        // The pipelines' unconditional image embedding (cached by the vision tower).
+        let zero_embed = self.vision.zero_image_embeds()?;
         let img = self.vision.forward(&pixels)?.image_embeds;
         let rows: Vec<Tensor> = (0..batch)
             .map(|i| {
