@@ -17,12 +17,16 @@ fn dead_params(store: &ParamStore, outputs: &[Tensor]) -> Vec<String> {
         loss = (loss + (o * r).unwrap().sum_all().unwrap()).unwrap();
     }
     let grads = loss.backward().unwrap();
+    without_gradient(store, &grads)
+}
+
+/// The parameters whose gradient is missing or all zero.
+fn without_gradient(store: &ParamStore, grads: &candle_core::backprop::GradStore) -> Vec<String> {
     store
         .vars()
         .into_iter()
-        .filter(|(_, v)| match grads.get(v.as_tensor()) {
-            None => true,
-            Some(g) => {
+        .filter(|(_, v)| {
+            grads.get(v.as_tensor()).is_none_or(|g| {
                 g.abs()
                     .unwrap()
                     .sum_all()
@@ -30,7 +34,7 @@ fn dead_params(store: &ParamStore, outputs: &[Tensor]) -> Vec<String> {
                     .to_scalar::<f32>()
                     .unwrap()
                     == 0.0
-            }
+            })
         })
         .map(|(n, _)| n)
         .collect()
@@ -256,22 +260,7 @@ fn movq_loss_falls_on_a_fixed_batch() {
     let x = image_batch(5, 0, 4, 16).unwrap();
     let (loss, _) = movq_loss(&movq, &x).unwrap();
     let grads = loss.backward().unwrap();
-    let dead: Vec<String> = store
-        .vars()
-        .into_iter()
-        .filter(|(_, v)| {
-            grads.get(v.as_tensor()).is_none_or(|g| {
-                g.abs()
-                    .unwrap()
-                    .sum_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap()
-                    == 0.0
-            })
-        })
-        .map(|(n, _)| n)
-        .collect();
+    let dead = without_gradient(&store, &grads);
     assert!(dead.is_empty(), "no gradient for {dead:?}");
     let mut opt = AdamW::new(AdamWConfig {
         lr: 2e-3,
@@ -390,22 +379,7 @@ fn clip_loss_falls_on_a_fixed_batch() {
     let (loss, _) = clip.loss(&pixels, &ids).unwrap();
     let dead = {
         let grads = loss.backward().unwrap();
-        store
-            .vars()
-            .into_iter()
-            .filter(|(_, v)| {
-                grads.get(v.as_tensor()).is_none_or(|g| {
-                    g.abs()
-                        .unwrap()
-                        .sum_all()
-                        .unwrap()
-                        .to_scalar::<f32>()
-                        .unwrap()
-                        == 0.0
-                })
-            })
-            .map(|(n, _)| n)
-            .collect::<Vec<_>>()
+        without_gradient(&store, &grads)
     };
     assert!(dead.is_empty(), "no gradient for {dead:?}");
     let mut opt = AdamW::new(AdamWConfig {
@@ -477,22 +451,7 @@ fn prior_loss_falls_on_a_fixed_batch() {
     };
     let (loss, _) = loss_at(&prior);
     let grads = loss.backward().unwrap();
-    let dead: Vec<String> = store
-        .vars()
-        .into_iter()
-        .filter(|(_, v)| {
-            grads.get(v.as_tensor()).is_none_or(|g| {
-                g.abs()
-                    .unwrap()
-                    .sum_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap()
-                    == 0.0
-            })
-        })
-        .map(|(n, _)| n)
-        .collect();
+    let dead = without_gradient(&store, &grads);
     assert_eq!(dead, vec!["clip_mean".to_string(), "clip_std".to_string()]);
     assert!(clip_store
         .vars()
@@ -556,22 +515,7 @@ fn unet_loss_falls_on_a_fixed_batch() {
         };
         let (loss, _) = loss_at(&unet);
         let grads = loss.backward().unwrap();
-        let dead: Vec<String> = store
-            .vars()
-            .into_iter()
-            .filter(|(_, v)| {
-                grads.get(v.as_tensor()).is_none_or(|g| {
-                    g.abs()
-                        .unwrap()
-                        .sum_all()
-                        .unwrap()
-                        .to_scalar::<f32>()
-                        .unwrap()
-                        == 0.0
-                })
-            })
-            .map(|(n, _)| n)
-            .collect();
+        let dead = without_gradient(&store, &grads);
         assert!(
             dead.is_empty(),
             "in {in_channels}: no gradient for {dead:?}"
@@ -604,20 +548,10 @@ fn reduced_xlm_roberta_vocabulary_tokenizes_captions_like_the_full_one() {
     use kandinsky::training::tokenizer::{
         reduce_vocabulary, save_xlm_roberta, xlm_roberta_tokenizer,
     };
-    use std::io::Read;
-    let mut text = String::new();
-    flate2::read::GzDecoder::new(
-        std::fs::File::open(fixtures().join("tokenizers/xlm_roberta/pieces.tsv.gz")).unwrap(),
+    let full = kandinsky::training::tokenizer::read_pieces_tsv_gz(
+        &fixtures().join("tokenizers/xlm_roberta/pieces.tsv.gz"),
     )
-    .read_to_string(&mut text)
     .unwrap();
-    let full: Vec<(String, f64)> = text
-        .lines()
-        .map(|l| {
-            let (p, s) = l.rsplit_once('\t').unwrap();
-            (p.to_string(), s.parse().unwrap())
-        })
-        .collect();
     let captions: Vec<String> = (0..4000)
         .map(|i| training_example(0, i, 8).caption)
         .collect();
@@ -675,21 +609,10 @@ fn mclip_loss_falls_on_a_fixed_batch() {
         tokenizer: clip_tokenizer(),
     };
     // The real XLM-R pieces, reduced to what these captions use.
-    let pieces: Vec<(String, f64)> = {
-        use std::io::Read;
-        let mut text = String::new();
-        flate2::read::GzDecoder::new(
-            std::fs::File::open(fixtures().join("tokenizers/xlm_roberta/pieces.tsv.gz")).unwrap(),
-        )
-        .read_to_string(&mut text)
-        .unwrap();
-        text.lines()
-            .map(|l| {
-                let (p, s) = l.rsplit_once('\t').unwrap();
-                (p.to_string(), s.parse().unwrap())
-            })
-            .collect()
-    };
+    let pieces: Vec<(String, f64)> = kandinsky::training::tokenizer::read_pieces_tsv_gz(
+        &fixtures().join("tokenizers/xlm_roberta/pieces.tsv.gz"),
+    )
+    .unwrap();
     let captions: Vec<String> = (0..8).map(|i| training_example(4, i, 8).caption).collect();
     let vocab = kandinsky::training::tokenizer::reduce_vocabulary(&pieces, &captions).unwrap();
     let dir = tempfile::tempdir().unwrap();
@@ -702,22 +625,7 @@ fn mclip_loss_falls_on_a_fixed_batch() {
     let mclip = MultilingualClip::new(&Weights::trainable(&store), &config).unwrap();
     let (loss, _) = mclip_loss(&mclip, &tok, &teacher, &captions).unwrap();
     let grads = loss.backward().unwrap();
-    let dead: Vec<String> = store
-        .vars()
-        .into_iter()
-        .filter(|(_, v)| {
-            grads.get(v.as_tensor()).is_none_or(|g| {
-                g.abs()
-                    .unwrap()
-                    .sum_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap()
-                    == 0.0
-            })
-        })
-        .map(|(n, _)| n)
-        .collect();
+    let dead = without_gradient(&store, &grads);
     assert_eq!(
         dead,
         vec![
