@@ -71,32 +71,7 @@ fn run(version: &str) {
                 .call(&prompts, None, &emb, &neg, dp, &mut g, None, &mut |_, _| {})
                 .unwrap(),
         };
-        let ours = ((img * 0.5).unwrap() + 0.5)
-            .unwrap()
-            .clamp(0f32, 1f32)
-            .unwrap()
-            .permute((0, 2, 3, 1))
-            .unwrap();
-        let want = &reference[name];
-        assert_eq!(ours.dims(), want.dims(), "{version} {name}");
-        let diff = (ours - want)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap();
-        let diff = diff.to_scalar::<f32>().unwrap();
-        println!(
-            "{version} {name}: max pixel difference {:.3e} ({:.3}/255)",
-            diff,
-            diff * 255.0
-        );
-        assert!(
-            diff <= 2.0 / 255.0,
-            "{version} {name}: max pixel difference {diff}"
-        );
+        assert_matches(img, &reference[name], &format!("{version} {name}"));
     }
 }
 
@@ -179,26 +154,7 @@ fn mixing_and_variations_match_diffusers() {
             )
             .unwrap()
         };
-        let ours = ((img * 0.5).unwrap() + 0.5)
-            .unwrap()
-            .clamp(0f32, 1f32)
-            .unwrap()
-            .permute((0, 2, 3, 1))
-            .unwrap();
-        let diff = (ours - &reference[&name])
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap();
-        let diff = diff.to_scalar::<f32>().unwrap();
-        println!(
-            "{name}: max pixel difference {diff:.3e} ({:.3}/255)",
-            diff * 255.0
-        );
-        assert!(diff <= 2.0 / 255.0, "{name}: max pixel difference {diff}");
+        assert_matches(img, &reference[&name], &name);
     }
 }
 
@@ -266,29 +222,7 @@ fn img2img(version: &str) {
                 )
                 .unwrap(),
         };
-        let ours = ((img * 0.5).unwrap() + 0.5)
-            .unwrap()
-            .clamp(0f32, 1f32)
-            .unwrap()
-            .permute((0, 2, 3, 1))
-            .unwrap();
-        let diff = (ours - &reference[name])
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap();
-        let diff = diff.to_scalar::<f32>().unwrap();
-        println!(
-            "{version} img2img {name}: max pixel difference {diff:.3e} ({:.3}/255)",
-            diff * 255.0
-        );
-        assert!(
-            diff <= 2.0 / 255.0,
-            "{version} img2img {name}: max pixel difference {diff}"
-        );
+        assert_matches(img, &reference[name], &format!("{version} img2img {name}"));
     }
 }
 
