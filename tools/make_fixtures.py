@@ -1191,7 +1191,76 @@ def make_real_shapes():
         f.write("\n")
 
 
+SMALL_MODEL = os.path.join(ROOT, "..", "models", "small")
+# name, mode, prompt, seed: the CLI's defaults otherwise (64x64, 100 decoder and 25 prior steps,
+# guidance 4 and 4, the models' own schedulers).
+SMALL_MODEL_CASES = [
+    ("t2i_en", "generate", "a small red circle on the left on a blue background", 1),
+    ("t2i_ru", "generate", "большой зелёный треугольник сверху, фон белый", 2),
+    ("inpaint", "inpaint", "a large yellow square in the centre on a purple background", 3),
+]
+
+
+def make_small_model():
+    """Loads our trained small model (models/small, written by `kandinsky train assemble`) with
+    diffusers' own pipelines, unchanged on disk, and writes what they generate for a few prompts;
+    the Rust CLI test `small_model_matches_diffusers` runs the CLI's defaults on the same cases.
+    Rerun after retraining: `VENV/bin/python tools/make_fixtures.py small_model`."""
+    import numpy as np
+    from PIL import Image
+    from diffusers import (KandinskyCombinedPipeline, KandinskyInpaintCombinedPipeline,
+                           KandinskyInpaintPipeline, KandinskyPipeline, KandinskyPriorPipeline)
+
+    out_dir = os.path.join(ROOT, "small_model")
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.makedirs(out_dir)
+    # The weights are stored fp16; diffusers would otherwise keep them fp16, which its CPU
+    # pipelines do not support. Our CLI also computes in f32.
+    f32 = dict(torch_dtype=torch.float32)
+    prior = KandinskyPriorPipeline.from_pretrained(os.path.join(SMALL_MODEL, "prior"), **f32)
+    dec = KandinskyPipeline.from_pretrained(os.path.join(SMALL_MODEL, "decoder"), **f32)
+    inp = KandinskyInpaintPipeline.from_pretrained(os.path.join(SMALL_MODEL, "decoder-inpaint"), **f32)
+    parts = dict(prior_prior=prior.prior, prior_image_encoder=prior.image_encoder,
+                 prior_text_encoder=prior.text_encoder, prior_tokenizer=prior.tokenizer,
+                 prior_scheduler=prior.scheduler, prior_image_processor=prior.image_processor)
+    pipes = {
+        "generate": KandinskyCombinedPipeline(text_encoder=dec.text_encoder, tokenizer=dec.tokenizer, unet=dec.unet,
+                                              scheduler=dec.scheduler, movq=dec.movq, **parts),
+        "inpaint": KandinskyInpaintCombinedPipeline(text_encoder=inp.text_encoder, tokenizer=inp.tokenizer,
+                                                    unet=inp.unet, scheduler=inp.scheduler, movq=inp.movq, **parts),
+    }
+    # The inpainting input: a blue circle on a purple background, the circle's box masked.
+    yy, xx = np.mgrid[:64, :64]
+    img = np.zeros((64, 64, 3), np.uint8) + np.array([140, 60, 190], np.uint8)
+    img[(yy - 32) ** 2 + (xx - 32) ** 2 < 14 ** 2] = [40, 80, 220]
+    Image.fromarray(img).save(os.path.join(out_dir, "inpaint_image.png"))
+    mask = np.zeros((64, 64), np.uint8)
+    mask[16:48, 16:48] = 255
+    Image.fromarray(mask, "L").save(os.path.join(out_dir, "inpaint_mask.png"))
+    out, cases = {}, []
+    for name, mode, prompt, seed in SMALL_MODEL_CASES:
+        pipe = pipes[mode]
+        pipe.set_progress_bar_config(disable=True)
+        extra = {}
+        if mode == "inpaint":
+            extra = dict(image=Image.open(os.path.join(out_dir, "inpaint_image.png")).convert("RGB"),
+                         mask_image=Image.open(os.path.join(out_dir, "inpaint_mask.png")))
+        gen = torch.Generator("cpu").manual_seed(seed)
+        images = pipe(prompt=prompt, num_inference_steps=100, prior_num_inference_steps=25, guidance_scale=4.0,
+                      prior_guidance_scale=4.0, height=64, width=64, generator=gen, output_type="np",
+                      **extra).images
+        out[name] = torch.from_numpy(np.ascontiguousarray(images))
+        cases.append(dict(name=name, mode=mode, prompt=prompt, seed=seed))
+    save_images(os.path.join(out_dir, "references.safetensors"), out)
+    with open(os.path.join(out_dir, "cases.json"), "w") as f:
+        json.dump(cases, f, ensure_ascii=False, indent=1)
+    print("small-model references written")
+
+
 if __name__ == "__main__":
+    if sys.argv[1:] == ["small_model"]:
+        make_small_model()
+        sys.exit(0)
     for d in ["unet", "movq", "formats", "encoders", "tokenizers", "images", "rng", "schedulers", "pipelines"]:
         shutil.rmtree(os.path.join(ROOT, d), ignore_errors=True)
     make_unets()
@@ -1210,4 +1279,5 @@ if __name__ == "__main__":
     make_controlnet()
     make_extras()
     make_real_shapes()
+    make_small_model()
     os.system(f"du -sh {ROOT}")

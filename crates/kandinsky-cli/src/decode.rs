@@ -10,8 +10,9 @@ use std::path::PathBuf;
 #[derive(clap::Args)]
 pub struct DecodeArgs {
     /// A `movq/` component directory, or a model directory (or hub id) containing `movq/`.
+    /// Default: the small model's (`models/small/decoder`).
     #[arg(long)]
-    movq: String,
+    movq: Option<String>,
     /// A safetensors file holding the latent `(B, 4, h, w)` (first tensor, or the one named
     /// `latents`). Without it, a standard-normal latent is drawn from `--seed`.
     #[arg(long)]
@@ -51,7 +52,10 @@ fn random_latent(seed: u64, side: usize) -> Result<Tensor> {
 }
 
 pub fn run(args: &DecodeArgs) -> Result<()> {
-    let dir = resolve_model_dir(&args.movq)?;
+    let dir = match &args.movq {
+        Some(m) => resolve_model_dir(m)?,
+        None => crate::generate::small_model("decoder")?,
+    };
     let dir = if dir.join("config.json").is_file() {
         dir
     } else {

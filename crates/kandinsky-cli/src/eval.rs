@@ -30,12 +30,12 @@ enum What {
 
 #[derive(clap::Args)]
 struct ShapesArgs {
-    /// The 2.1-style decoder directory (`KandinskyPipeline`).
+    /// The 2.1-style decoder directory (`KandinskyPipeline`); default `models/small/decoder`.
     #[arg(long)]
-    model: String,
-    /// The prior directory.
+    model: Option<String>,
+    /// The prior directory; default `models/small/prior`.
     #[arg(long)]
-    prior: String,
+    prior: Option<String>,
     /// Prompts per language.
     #[arg(long, default_value_t = 200)]
     n: usize,
@@ -57,6 +57,10 @@ struct ShapesArgs {
     /// Prompts generated together.
     #[arg(long, default_value_t = 20)]
     batch: usize,
+    /// Diagnostic: condition the decoder on the CLIP image embedding of a real render of each
+    /// scene instead of the prior's sample, which measures the decoder alone.
+    #[arg(long)]
+    oracle: bool,
 }
 
 const SIDE: usize = 64;
@@ -81,8 +85,14 @@ pub fn run(a: &EvalArgs) -> Result<()> {
         bail!("--n must be at least 2, --batch and --steps at least 1, --prior-steps at least 2");
     }
     let device = Device::Cpu;
-    let prior_dir = resolve_model_dir(&s.prior)?;
-    let model_dir = resolve_model_dir(&s.model)?;
+    let prior_dir = match &s.prior {
+        Some(p) => resolve_model_dir(p)?,
+        None => crate::generate::small_model("prior")?,
+    };
+    let model_dir = match &s.model {
+        Some(m) => resolve_model_dir(m)?,
+        None => crate::generate::small_model("decoder")?,
+    };
     let prior = KandinskyPriorPipeline::load(&prior_dir, DType::F32, &device)
         .with_context(|| format!("loading the prior from {}", prior_dir.display()))?;
     let decoder = KandinskyPipeline::load(&model_dir, DType::F32, &device)
@@ -105,6 +115,12 @@ pub fn run(a: &EvalArgs) -> Result<()> {
         let mut gen = TorchGenerator::new(s.seed);
         let mut images = Vec::new();
         let mut scenes = Vec::new();
+        let mut rng = Rng::new(s.seed ^ lang as u64);
+        let real: Vec<Vec<u8>> = prompts
+            .iter()
+            .map(|(sc, _)| sc.render(SIDE, &mut rng))
+            .collect();
+        let (mut cos_sum, mut cos_n) = (0.0, 0usize);
         for (i, chunk) in prompts.chunks(s.batch).enumerate() {
             let texts: Vec<String> = chunk.iter().map(|(_, t)| t.clone()).collect();
             let params = PriorParams {
@@ -113,6 +129,16 @@ pub fn run(a: &EvalArgs) -> Result<()> {
                 num_images_per_prompt: 1,
             };
             let (emb, neg) = prior.call(&texts, None, params, &mut gen, None, &mut |_, _| {})?;
+            let truth = real[i * s.batch..i * s.batch + chunk.len()]
+                .iter()
+                .map(|rgb| prior.embed_image(SIDE, SIDE, rgb))
+                .collect::<kandinsky::Result<Vec<_>>>()?;
+            let truth = candle_core::Tensor::cat(&truth, 0)?;
+            let cos = (&emb * &truth)?.sum(1)?
+                / (emb.sqr()?.sum(1)?.sqrt()? * truth.sqr()?.sum(1)?.sqrt()?)?;
+            cos_sum += cos?.sum_all()?.to_scalar::<f32>()? as f64;
+            cos_n += chunk.len();
+            let emb = if s.oracle { truth } else { emb };
             let dp = DecoderParams {
                 height: SIDE,
                 width: SIDE,
@@ -127,8 +153,10 @@ pub fn run(a: &EvalArgs) -> Result<()> {
             eprint!("\r{name}: {}/{}", ((i + 1) * s.batch).min(s.n), s.n);
         }
         eprintln!();
-        let mut rng = Rng::new(s.seed ^ lang as u64);
-        let real: Vec<Vec<u8>> = scenes.iter().map(|sc| sc.render(SIDE, &mut rng)).collect();
+        eprintln!(
+            "{name}: mean cosine between the prior's embedding and the real image's: {:.3}",
+            cos_sum / cos_n as f64
+        );
         let fa: Vec<Vec<f64>> = images.iter().map(|i| embed(i)).collect::<Result<_>>()?;
         let fb: Vec<Vec<f64>> = real.iter().map(|i| embed(i)).collect::<Result<_>>()?;
         let fd = frechet_distance(&fa, &fb)?;

@@ -9,7 +9,7 @@ use kandinsky::image_io::{
     extend_canvas, load_hint, numbered_path, prepare_image, read_rgb8, save_png, to_rgb8,
 };
 use kandinsky::loading::{component_dir, preset, read_tensor, resolve_model_dir, ModelIndex};
-use kandinsky::models::VQModelConfig;
+use kandinsky::models::{UNet2DConditionConfig, VQModelConfig};
 use kandinsky::pipelines::kandinsky::pipeline_kandinsky::KandinskyPipeline;
 use kandinsky::pipelines::kandinsky::pipeline_kandinsky_inpaint::prepare_mask_and_masked_image;
 use kandinsky::pipelines::kandinsky::pipeline_kandinsky_prior::{
@@ -54,17 +54,21 @@ impl SchedulerChoice {
 pub struct CommonArgs {
     /// Decoder model: a directory in diffusers layout, a hub id in the Hugging Face cache, or a
     /// preset (kandinsky-2-1, kandinsky-2-1-inpaint, kandinsky-2-2, kandinsky-2-2-inpaint,
-    /// kandinsky-2-2-controlnet-depth).
+    /// kandinsky-2-2-controlnet-depth). Default: our small model shipped in `models/small`
+    /// (its `decoder`, or `decoder-inpaint` for inpainting and outpainting).
     #[arg(long)]
-    model: String,
-    /// Prior model: a directory or a hub id; a preset's own prior when omitted.
+    model: Option<String>,
+    /// Prior model: a directory or a hub id; a preset's own prior when omitted, and
+    /// `models/small/prior` when `--model` is omitted too.
     #[arg(long)]
     prior: Option<String>,
     /// Image width in pixels (rounded up to a multiple of 64; inpainting and ControlNet need a
-    /// multiple of 64). Default 512.
+    /// multiple of 64). Default: the decoder's native size (UNet `sample_size` × the MoVQ
+    /// factor: 512 for Kandinsky 2.1/2.2, 64 for the small model), or 512 when its config has
+    /// none.
     #[arg(long)]
     width: Option<usize>,
-    /// Image height in pixels (as `--width`). Default 512.
+    /// Image height in pixels (as `--width`).
     #[arg(long)]
     height: Option<usize>,
     /// Decoder steps.
@@ -350,21 +354,53 @@ fn progress(stage: &'static str) -> impl FnMut(usize, usize) {
     }
 }
 
-/// The model and prior directories: `--model` as a directory, a hub id or a preset name.
-fn model_dirs(a: &CommonArgs) -> Result<(PathBuf, PathBuf)> {
-    let named = preset(&a.model).filter(|_| !Path::new(&a.model).is_dir());
-    let model = named.map_or(a.model.as_str(), |p| p.decoder);
+/// Where our small model lives: `models/small` of this repository (found at build time, so
+/// the binary works offline from any directory of the checkout).
+pub const SMALL_MODEL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../models/small");
+
+/// A component directory of the small model (`prior`, `decoder`, `decoder-inpaint`), checked to
+/// exist.
+pub fn small_model(part: &str) -> Result<PathBuf> {
+    let dir = Path::new(SMALL_MODEL).join(part);
+    if !dir.join("model_index.json").is_file() {
+        bail!(
+            "the default model is missing ({} has no model_index.json); pass --model and --prior, or restore models/small",
+            dir.display()
+        );
+    }
+    Ok(dir)
+}
+
+/// The model and prior directories: `--model` as a directory, a hub id or a preset name, or
+/// the small model when it is omitted.
+fn model_dirs(a: &CommonArgs, family: Family) -> Result<(PathBuf, PathBuf)> {
+    let Some(model) = &a.model else {
+        let decoder = match family {
+            Family::Plain => "decoder",
+            Family::Inpaint => "decoder-inpaint",
+            Family::Controlnet => bail!(
+                "there is no default ControlNet model (the small model is 2.1-style); pass --model kandinsky-2-2-controlnet-depth or a directory"
+            ),
+        };
+        let prior = match &a.prior {
+            Some(p) => resolve_model_dir(p)?,
+            None => small_model("prior")?,
+        };
+        return Ok((small_model(decoder)?, prior));
+    };
+    let named = preset(model).filter(|_| !Path::new(model).is_dir());
+    let model = named.map_or(model.as_str(), |p| p.decoder);
     let prior = match (&a.prior, named) {
         (Some(p), _) => p.as_str(),
         (None, Some(p)) => p.prior,
-        (None, None) => bail!("--prior is required unless --model is a preset name"),
+        (None, None) => bail!("--prior is required unless --model is a preset name or omitted"),
     };
     Ok((resolve_model_dir(model)?, resolve_model_dir(prior)?))
 }
 
 fn run_job(a: &CommonArgs, job: Job, family: Family) -> Result<()> {
     validate(a)?;
-    let (model_dir, prior_dir) = model_dirs(a)?;
+    let (model_dir, prior_dir) = model_dirs(a, family)?;
     let index = ModelIndex::load(&model_dir)?;
     let (found, v21) = family_of(&index.class_name).with_context(|| {
         format!(
@@ -395,7 +431,11 @@ fn run_job(a: &CommonArgs, job: Job, family: Family) -> Result<()> {
             }
             (w, h)
         }
-        None => (a.width.unwrap_or(512), a.height.unwrap_or(512)),
+        None => {
+            let unet = UNet2DConditionConfig::load(&component_dir(&model_dir, "unet")?)?;
+            let native = unet.sample_size.map_or(512, |s| s * f);
+            (a.width.unwrap_or(native), a.height.unwrap_or(native))
+        }
     };
     if latent_size(height, f) * latent_size(width, f) > MAX_LATENT_PIXELS {
         bail!(
@@ -526,8 +566,12 @@ fn run_job(a: &CommonArgs, job: Job, family: Family) -> Result<()> {
         a.prior_steps,
         a.guidance,
         a.prior_guidance,
-        a.model,
-        a.prior.as_deref().unwrap_or("(preset)"),
+        a.model.as_deref().unwrap_or("small (models/small)"),
+        a.prior.as_deref().unwrap_or(if a.model.is_some() {
+            "(preset)"
+        } else {
+            "small (models/small/prior)"
+        }),
     );
     let rgb = to_rgb8(&images)?;
     for (i, (w, h, pixels)) in rgb.iter().enumerate() {

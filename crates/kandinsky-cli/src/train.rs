@@ -64,6 +64,14 @@ enum Stage {
         /// Train the inpainting UNet instead.
         #[arg(long)]
         inpaint: bool,
+        /// Training examples whose teacher outputs (latents, embeddings) are computed once and
+        /// then drawn from with fresh noise.
+        #[arg(long, default_value_t = 8192)]
+        pool: usize,
+        /// With `--inpaint`: start from this trained text-to-image UNet stage (its `unet/`),
+        /// `conv_in` widened with zeros for the extra inputs.
+        #[arg(long)]
+        init: Option<PathBuf>,
     },
     /// Assemble the stage outputs under `--runs` (clip/, mclip/, movq/, prior/, unet/,
     /// inpaint/) into diffusers model directories: OUT/prior, OUT/decoder, OUT/decoder-inpaint.
@@ -116,6 +124,9 @@ struct StageArgs {
     /// Print the loss every this many steps.
     #[arg(long, default_value_t = 10)]
     log_every: u64,
+    /// Decay the learning rate linearly to zero over this many final steps (0: constant).
+    #[arg(long, default_value_t = 0)]
+    lr_decay_steps: u64,
 }
 
 impl StageArgs {
@@ -137,6 +148,8 @@ impl StageArgs {
             out_dir: self.out.clone(),
             checkpoint_every: self.checkpoint_every,
             image_size: 64,
+            lr_decay_steps: self.lr_decay_steps.min(self.steps),
+            init: Default::default(),
         })
     }
 
@@ -246,8 +259,22 @@ pub fn run(a: &TrainArgs) -> Result<()> {
             clip,
             mclip,
             inpaint,
+            pool,
+            init,
         } => {
-            let opts = s.options()?;
+            let mut opts = s.options()?;
+            if *pool == 0 {
+                bail!("--pool must be at least 1");
+            }
+            if let Some(init) = init {
+                if !*inpaint {
+                    bail!("--init is for --inpaint (it widens a text-to-image UNet)");
+                }
+                opts.init = kandinsky::training::unet::inpaint_init(&init.join("unet"))
+                    .with_context(|| {
+                        format!("loading the UNet to start from, {}", init.display())
+                    })?;
+            }
             let d = candle_core::Device::Cpu;
             let f32 = candle_core::DType::F32;
             let teachers = DecoderTeachers {
@@ -271,7 +298,14 @@ pub fn run(a: &TrainArgs) -> Result<()> {
                     })?,
             };
             let name = if *inpaint { "unet-inpaint" } else { "unet" };
-            let r = train_unet(&opts, &teachers, *inpaint, &mut s.logger(name, "ε loss"))?;
+            let started = Instant::now();
+            let pool = teachers.pool(opts.seed, *pool, opts.image_size)?;
+            eprintln!(
+                "{name}: teacher outputs for {} examples in {:.0}s",
+                pool.len(),
+                started.elapsed().as_secs_f64()
+            );
+            let r = train_unet(&opts, &pool, *inpaint, &mut s.logger(name, "ε loss"))?;
             s.report(name, &r, &["unet"]);
         }
         Stage::Assemble {

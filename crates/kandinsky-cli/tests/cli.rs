@@ -1026,6 +1026,8 @@ fn train_unet_and_inpainting_unet_on_trained_encoders() {
             "2",
             "--batch",
             "2",
+            "--pool",
+            "3",
         ]),
         strings(&[
             "train",
@@ -1043,6 +1045,10 @@ fn train_unet_and_inpainting_unet_on_trained_encoders() {
             "1",
             "--batch",
             "2",
+            "--pool",
+            "3",
+            "--init",
+            &p("unet"),
         ]),
     ];
     for args in runs {
@@ -1062,6 +1068,29 @@ fn train_unet_and_inpainting_unet_on_trained_encoders() {
         .unwrap();
         assert_eq!(unet.config().in_channels, ch);
     }
+    // The inpainting UNet started from the text-to-image one: one small step away from it.
+    let weights = |d: &str| {
+        candle_core::safetensors::load(
+            dir.path()
+                .join(d)
+                .join("unet/diffusion_pytorch_model.safetensors"),
+            &candle_core::Device::Cpu,
+        )
+        .unwrap()
+    };
+    let (base, inpaint) = (weights("unet"), weights("inpaint"));
+    let w = "conv_out.weight";
+    let diff = (&inpaint[w] - &base[w]).unwrap().abs().unwrap();
+    let max_diff = diff.max_all().unwrap().to_scalar::<f32>().unwrap();
+    let scale = base[w]
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(max_diff < 0.1 * scale, "{max_diff} vs {scale}");
+    assert_eq!(inpaint["conv_in.weight"].dims(), &[64, 9, 3, 3]);
     // The prior, then the assembled model directories generate through the ordinary commands.
     let more: Vec<Vec<String>> = vec![
         strings(&[

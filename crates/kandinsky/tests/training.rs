@@ -196,6 +196,8 @@ fn tiny_opts(dir: &std::path::Path, steps: u64) -> kandinsky::training::trainer:
         out_dir: dir.to_path_buf(),
         checkpoint_every: 2,
         image_size: 16,
+        lr_decay_steps: 0,
+        init: Default::default(),
     }
 }
 
@@ -249,6 +251,35 @@ fn movq_training_is_deterministic_and_resumes_exactly() {
 
 /// The loss falls on a fixed batch, and every MoVQ parameter (codebook included, through the
 /// codebook loss) gets a gradient from the training loss.
+#[test]
+fn standardised_movq_latents_have_unit_variance_and_decode_the_same() {
+    use kandinsky::models::{VQModel, VQModelConfig};
+    use kandinsky::training::movq::{image_batch, latent_scale, standardise_latents};
+    let config = VQModelConfig::load(&fixtures().join("movq/dummy")).unwrap();
+    let store = ParamStore::new(3, &Device::Cpu);
+    let movq = VQModel::new(&Weights::trainable(&store), &config).unwrap();
+    let k = latent_scale(&movq, 0, 32).unwrap();
+    assert!(k.is_finite() && (k - 1.0).abs() > 0.05, "scale {k}");
+    let mut tensors = store.tensors();
+    standardise_latents(&mut tensors, k).unwrap();
+    let scaled_store = ParamStore::with_init(3, tensors, &Device::Cpu);
+    let scaled = VQModel::new(&Weights::trainable(&scaled_store), &config).unwrap();
+    let k2 = latent_scale(&scaled, 0, 32).unwrap();
+    assert!((k2 - 1.0).abs() < 1e-4, "scale after standardising {k2}");
+    let x = image_batch(5, 0, 2, 32).unwrap();
+    let (z, zs) = (movq.encode(&x).unwrap(), scaled.encode(&x).unwrap());
+    assert!(common::errors(&zs, &(&z * k).unwrap()).0 < 1e-5);
+    for force in [true, false] {
+        let a = movq.decode(&z, force).unwrap();
+        let b = scaled.decode(&zs, force).unwrap();
+        let r = common::errors(&b, &a).0;
+        assert!(
+            r < 1e-4,
+            "decode (force_not_quantize {force}) moved by rel L2 {r}"
+        );
+    }
+}
+
 #[test]
 fn movq_loss_falls_on_a_fixed_batch() {
     use kandinsky::models::{VQModel, VQModelConfig};

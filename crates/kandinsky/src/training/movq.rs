@@ -58,6 +58,51 @@ pub fn movq_loss(movq: &VQModel, x: &Tensor) -> Result<(Tensor, Tensor)> {
     Ok((total, rec))
 }
 
+/// `1 / std` of the quantised latents of 256 held-aside training images (a stream of their own,
+/// so the value depends only on the weights and the seed), or 1 when they are constant.
+pub fn latent_scale(movq: &VQModel, seed: u64, side: usize) -> Result<f64> {
+    let (mut sum, mut sum_sq, mut n) = (0f64, 0f64, 0usize);
+    for chunk in 0..8u64 {
+        let x = image_batch(seed ^ 0x1a7e_5ca1e, chunk * 32, 32, side)?;
+        let zq = movq.quantizer().lookup(&movq.encode(&x)?.detach())?;
+        let v: Vec<f32> = zq.flatten_all()?.to_vec1()?;
+        n += v.len();
+        for x in v {
+            sum += x as f64;
+            sum_sq += (x as f64) * (x as f64);
+        }
+    }
+    let mean = sum / n as f64;
+    let std = (sum_sq / n as f64 - mean * mean).max(0.0).sqrt();
+    Ok(if std > 1e-6 { 1.0 / std } else { 1.0 })
+}
+
+/// Multiplies the MoVQ's latent space by `k` without changing what it computes: the encoder's
+/// `quant_conv` and the codebook scale up, and every layer that reads the latent
+/// (`post_quant_conv` and the decoder's SpatialNorm `conv_y`/`conv_b`) scales its weights down.
+/// Kandinsky's pipelines have no latent scaling factor, so this is how the diffusion model gets
+/// unit-variance latents (the same role as Stable Diffusion's `scaling_factor`).
+pub fn standardise_latents(
+    tensors: &mut std::collections::HashMap<String, Tensor>,
+    k: f64,
+) -> Result<()> {
+    for (name, t) in tensors.iter_mut() {
+        let up = matches!(
+            name.as_str(),
+            "quant_conv.weight" | "quant_conv.bias" | "quantize.embedding.weight"
+        );
+        let down = name == "post_quant_conv.weight"
+            || (name.starts_with("decoder.")
+                && (name.ends_with("conv_y.weight") || name.ends_with("conv_b.weight")));
+        if up {
+            *t = (&*t * k)?;
+        } else if down {
+            *t = (&*t / k)?;
+        }
+    }
+    Ok(())
+}
+
 /// Trains (or resumes training of) the MoVQ and exports `out_dir/movq/`.
 pub fn train_movq(
     opts: &TrainOptions,
@@ -83,10 +128,14 @@ pub fn train_movq(
             movq_loss(movq, &x)
         },
         |params| {
+            let movq = VQModel::new(&Weights::trainable(params), &config)?;
+            let scale = latent_scale(&movq, opts.seed, opts.image_size)?;
+            let mut tensors = params.tensors();
+            standardise_latents(&mut tensors, scale)?;
             checkpoint::export_component(
                 &opts.out_dir.join("movq"),
                 &config_value,
-                &params.tensors(),
+                &tensors,
                 "diffusion_pytorch_model.safetensors",
             )
         },

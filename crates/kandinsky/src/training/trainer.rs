@@ -26,6 +26,24 @@ pub struct TrainOptions {
     pub checkpoint_every: u64,
     /// Image side of the synthetic world.
     pub image_size: usize,
+    /// The learning rate falls linearly to zero over this many final steps (0: constant), which
+    /// settles the weights the way an EMA would.
+    pub lr_decay_steps: u64,
+    /// Parameters to start from when there is no checkpoint (fine-tuning); the rest are drawn
+    /// from the seed.
+    pub init: std::collections::HashMap<String, Tensor>,
+}
+
+impl TrainOptions {
+    /// The learning rate of step `step` (0-based).
+    pub fn lr_at(&self, step: u64) -> f64 {
+        let left = self.steps.saturating_sub(step);
+        if self.lr_decay_steps == 0 || left >= self.lr_decay_steps {
+            self.optim.lr
+        } else {
+            self.optim.lr * left as f64 / self.lr_decay_steps as f64
+        }
+    }
 }
 
 /// What a run did.
@@ -65,7 +83,7 @@ pub fn run_loop<M>(
         opt.load_state(&state)?;
         ParamStore::with_init(opts.seed, params, &Device::Cpu)
     } else {
-        ParamStore::new(opts.seed, &Device::Cpu)
+        ParamStore::with_init(opts.seed, opts.init.clone(), &Device::Cpu)
     };
     let model = build(&params)?;
     let vars = params.vars();
@@ -74,6 +92,7 @@ pub fn run_loop<M>(
     for step in start_step..opts.steps {
         let (l, metric) = loss(&model, step)?;
         let grads = l.backward()?;
+        opt.config.lr = opts.lr_at(step);
         opt.step(&vars, &grads)?;
         let (l, m) = (l.to_scalar::<f32>()?, metric.to_scalar::<f32>()?);
         if !l.is_finite() {

@@ -103,47 +103,105 @@ pub struct DecoderTeachers {
 /// zero-image CLIP embedding and M-CLIP of `""`), so classifier-free guidance works.
 pub const COND_DROPOUT: f32 = 0.1;
 
+/// Examples teachers process at once while building a pool (fixed, so the pool does not depend on
+/// how it is built).
+const POOL_CHUNK: usize = 64;
+
 impl DecoderTeachers {
-    /// Latents `(B, 4, h, w)`, conditioning (with dropout from `rng`) and, for inpainting, the
-    /// extra inputs `(masked latents, keep-mask)` of random rectangles, for examples
-    /// `first..first + batch`.
+    /// Runs the teachers once over training examples `0..size`: their quantised latents (what the
+    /// MoVQ decoder was trained on), CLIP image embeddings and M-CLIP text conditioning, plus the
+    /// pipelines' unconditional inputs. Training then draws from this pool with fresh noise each
+    /// step, so the frozen teachers cost nothing per step.
+    pub fn pool(&self, seed: u64, size: usize, side: usize) -> Result<DecoderPool> {
+        let (mut latents, mut imgs, mut txts, mut hiddens) = (vec![], vec![], vec![], vec![]);
+        for first in (0..size).step_by(POOL_CHUNK) {
+            let n = POOL_CHUNK.min(size - first);
+            let examples = super::shapes::training_examples(seed, first as u64, n, side);
+            let images = super::movq::image_tensor(&examples, side)?;
+            let z = self.movq.encode(&images)?;
+            latents.push(self.movq.quantizer().lookup(&z)?.detach());
+            let pixels = super::clip::clip_pixels(&examples, side)?;
+            imgs.push(self.vision.forward(&pixels)?.image_embeds.detach());
+            let captions: Vec<&str> = examples.iter().map(|e| e.caption.as_str()).collect();
+            let (txt, hidden) = self.text(&captions)?;
+            txts.push(txt);
+            hiddens.push(hidden);
+        }
+        let (txt, hidden) = self.text(&[""])?;
+        Ok(DecoderPool {
+            latents: Tensor::cat(&latents, 0)?.contiguous()?,
+            image_embeds: Tensor::cat(&imgs, 0)?,
+            text_embeds: Tensor::cat(&txts, 0)?,
+            hidden: Tensor::cat(&hiddens, 0)?,
+            uncond: (self.vision.zero_image_embeds()?.detach(), txt, hidden),
+        })
+    }
+
+    fn text(&self, captions: &[&str]) -> Result<(Tensor, Tensor)> {
+        let tok = self.tokenizer.encode(captions, &Device::Cpu)?;
+        let (txt, hidden) = self.mclip.forward(&tok.input_ids, &tok.attention_mask)?;
+        Ok((txt.detach(), hidden.detach()))
+    }
+}
+
+/// The teachers' outputs for a fixed set of training examples (see [`DecoderTeachers::pool`]).
+pub struct DecoderPool {
+    latents: Tensor,
+    image_embeds: Tensor,
+    text_embeds: Tensor,
+    hidden: Tensor,
+    uncond: UNetCond,
+}
+
+impl DecoderPool {
+    /// Examples in the pool.
+    pub fn len(&self) -> usize {
+        self.latents.dim(0).unwrap_or(0)
+    }
+
+    /// Whether the pool is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// A batch drawn from the pool with `rng`: latents `(B, 4, h, w)`, conditioning (with
+    /// [`COND_DROPOUT`] of it replaced by the unconditional inputs) and, for inpainting, the extra
+    /// inputs `(masked latents, keep-mask)` of random rectangles.
     pub fn batch(
         &self,
-        seed: u64,
-        first: u64,
         batch: usize,
-        side: usize,
         inpaint: bool,
         rng: &mut Rng,
     ) -> Result<(Tensor, UNetCond, Option<Tensor>)> {
-        // Render once; the MoVQ and CLIP views are two normalisations of the same pixels.
-        let examples = super::shapes::training_examples(seed, first, batch, side);
-        let images = super::movq::image_tensor(&examples, side)?;
-        let pixels = super::clip::clip_pixels(&examples, side)?;
-        let captions: Vec<String> = examples.into_iter().map(|e| e.caption).collect();
-        let x0 = self.movq.encode(&images)?.detach();
+        if self.is_empty() {
+            return Err(crate::error::Error::InvalidArgument(
+                "the training pool is empty".into(),
+            ));
+        }
+        let idx: Vec<u32> = (0..batch).map(|_| rng.below(self.len()) as u32).collect();
         let drop: Vec<bool> = (0..batch).map(|_| rng.unit() < COND_DROPOUT).collect();
-        let captions: Vec<String> = captions
-            .into_iter()
-            .zip(&drop)
-            .map(|(c, d)| if *d { String::new() } else { c })
-            .collect();
-        // The pipelines' unconditional image embedding (cached by the vision tower).
-        let zero_embed = self.vision.zero_image_embeds()?;
-        let img = self.vision.forward(&pixels)?.image_embeds;
-        let rows: Vec<Tensor> = (0..batch)
-            .map(|i| {
-                if drop[i] {
-                    Ok(zero_embed.clone())
-                } else {
-                    img.narrow(0, i, 1)
-                }
-            })
-            .collect::<candle_core::Result<_>>()?;
-        let img = Tensor::cat(&rows, 0)?.detach();
-        let refs: Vec<&str> = captions.iter().map(String::as_str).collect();
-        let tok = self.tokenizer.encode(&refs, &Device::Cpu)?;
-        let (txt, hidden) = self.mclip.forward(&tok.input_ids, &tok.attention_mask)?;
+        let x0 = self
+            .latents
+            .index_select(&Tensor::new(idx.as_slice(), &Device::Cpu)?, 0)?;
+        let pick = |pool: &Tensor, uncond: &Tensor| -> Result<Tensor> {
+            let rows: Vec<Tensor> = idx
+                .iter()
+                .zip(&drop)
+                .map(|(&i, &d)| {
+                    if d {
+                        Ok(uncond.clone())
+                    } else {
+                        pool.narrow(0, i as usize, 1)
+                    }
+                })
+                .collect::<candle_core::Result<_>>()?;
+            Ok(Tensor::cat(&rows, 0)?)
+        };
+        let cond = (
+            pick(&self.image_embeds, &self.uncond.0)?,
+            pick(&self.text_embeds, &self.uncond.1)?,
+            pick(&self.hidden, &self.uncond.2)?,
+        );
         let extra = if inpaint {
             let (_, _, h, w) = x0.dims4()?;
             let mut keep = vec![1f32; batch * h * w];
@@ -163,15 +221,40 @@ impl DecoderTeachers {
         } else {
             None
         };
-        Ok((x0, (img, txt.detach(), hidden.detach()), extra))
+        Ok((x0, cond, extra))
     }
+}
+
+/// Starting weights for the inpainting UNet from a trained text-to-image UNet directory, as
+/// Kandinsky's inpainting model was initialised: every tensor copied, and `conv_in` widened from
+/// 4 to 9 input channels with zeros for the masked-image latents and the mask, so training starts
+/// from the text-to-image model's behaviour.
+pub fn inpaint_init(
+    unet_dir: &std::path::Path,
+) -> Result<std::collections::HashMap<String, Tensor>> {
+    let store = crate::loading::WeightStore::from_dir(unet_dir)?;
+    let shapes = store.shapes();
+    let weights = crate::loading::Weights::from_store(store, candle_core::DType::F32, &Device::Cpu);
+    let mut out = std::collections::HashMap::new();
+    for (name, shape) in shapes {
+        let t = weights.get(shape.as_slice(), &name)?;
+        let t = if name == "conv_in.weight" {
+            let (o, i, kh, kw) = t.dims4()?;
+            let zeros = Tensor::zeros((o, 9 - i, kh, kw), t.dtype(), t.device())?;
+            Tensor::cat(&[&t, &zeros], 1)?
+        } else {
+            t
+        };
+        out.insert(name, t);
+    }
+    Ok(out)
 }
 
 /// Trains (or resumes) the decoder UNet (`in_channels` 4) or the inpainting UNet (9) and exports
 /// `out_dir/unet/`.
 pub fn train_unet(
     opts: &super::trainer::TrainOptions,
-    teachers: &DecoderTeachers,
+    pool: &DecoderPool,
     inpaint: bool,
     log: &mut dyn FnMut(u64, f32, f32),
 ) -> Result<super::trainer::TrainReport> {
@@ -190,14 +273,7 @@ pub fn train_unet(
         |unet, step| {
             let mut rng = Rng::new(opts.seed ^ 0x0e7 ^ step.wrapping_mul(0x1000_0001));
             let mut generator = TorchGenerator::new(opts.seed ^ step.wrapping_mul(104_729));
-            let (x0, cond, extra) = teachers.batch(
-                opts.seed,
-                step * opts.batch as u64,
-                opts.batch,
-                opts.image_size,
-                inpaint,
-                &mut rng,
-            )?;
+            let (x0, cond, extra) = pool.batch(opts.batch, inpaint, &mut rng)?;
             unet_loss(unet, &x0, &cond, extra.as_ref(), &mut rng, &mut generator)
         },
         |params| {

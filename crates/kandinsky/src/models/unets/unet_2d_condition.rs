@@ -210,6 +210,9 @@ pub struct UNet2DConditionConfig {
     /// Must be null.
     #[serde(default)]
     pub cross_attention_norm: Option<String>,
+    /// Latent side the model was trained at (`null` in diffusers' test dummies).
+    #[serde(default)]
+    pub sample_size: Option<usize>,
 }
 
 impl UNet2DConditionConfig {
