@@ -68,6 +68,10 @@ enum Stage {
         /// then drawn from with fresh noise.
         #[arg(long, default_value_t = 8192)]
         pool: usize,
+        /// Weight the ε loss per timestep by `min(1/ᾱ_t, CAP)` (the v-prediction loss, capped),
+        /// normalised to mean 1; 0 keeps the plain ε loss.
+        #[arg(long, default_value_t = 0.0)]
+        v_weight_cap: f64,
         /// With `--inpaint`: start from this trained text-to-image UNet stage (its `unet/`),
         /// `conv_in` widened with zeros for the extra inputs.
         #[arg(long)]
@@ -260,11 +264,15 @@ pub fn run(a: &TrainArgs) -> Result<()> {
             mclip,
             inpaint,
             pool,
+            v_weight_cap,
             init,
         } => {
             let mut opts = s.options()?;
             if *pool == 0 {
                 bail!("--pool must be at least 1");
+            }
+            if !(v_weight_cap.is_finite() && *v_weight_cap >= 0.0) {
+                bail!("--v-weight-cap must be 0 or a positive number");
             }
             if let Some(init) = init {
                 if !*inpaint {
@@ -305,7 +313,13 @@ pub fn run(a: &TrainArgs) -> Result<()> {
                 pool.len(),
                 started.elapsed().as_secs_f64()
             );
-            let r = train_unet(&opts, &pool, *inpaint, &mut s.logger(name, "ε loss"))?;
+            let r = train_unet(
+                &opts,
+                &pool,
+                *inpaint,
+                *v_weight_cap,
+                &mut s.logger(name, "ε loss"),
+            )?;
             s.report(name, &r, &["unet"]);
         }
         Stage::Assemble {

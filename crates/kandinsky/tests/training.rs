@@ -506,6 +506,35 @@ fn prior_loss_falls_on_a_fixed_batch() {
 /// The UNet's ε loss falls on a fixed batch (fixed timesteps and noise), for the text-to-image and
 /// the 9-channel inpainting variants; every parameter gets a gradient from the training loss.
 #[test]
+fn timestep_weights_are_the_capped_v_loss_weights() {
+    use kandinsky::training::unet::timestep_weights;
+    // Kandinsky 2.1's linear β schedule.
+    let mut prod = 1f64;
+    let ac: Vec<f32> = (0..1000)
+        .map(|i| {
+            prod *= 1.0 - (0.00085 + (0.012 - 0.00085) * i as f64 / 999.0);
+            prod as f32
+        })
+        .collect();
+    assert!(timestep_weights(&ac, 0.0).iter().all(|&w| w == 1.0));
+    for cap in [50.0, 1e9] {
+        let w = timestep_weights(&ac, cap);
+        let mean = w.iter().map(|&x| x as f64).sum::<f64>() / 1000.0;
+        assert!((mean - 1.0).abs() < 1e-5, "mean {mean}");
+        assert!(w.windows(2).all(|p| p[1] >= p[0]), "not monotone");
+        // Uncapped, w_t ∝ 1/ᾱ_t: ratios follow ᾱ.
+        let (s, t) = (100, 600);
+        if cap > 1e6 {
+            let r = (w[t] / w[s]) as f64 / (ac[s] / ac[t]) as f64;
+            assert!((r - 1.0).abs() < 1e-4, "ratio {r}");
+        } else {
+            assert_eq!(w[999], w[990], "the cap flattens the noisiest steps");
+            assert!(w[999] / w[0] > 40.0 && w[999] / w[0] < 50.5);
+        }
+    }
+}
+
+#[test]
 fn unet_loss_falls_on_a_fixed_batch() {
     use kandinsky::models::{UNet2DConditionConfig, UNet2DConditionModel};
     use kandinsky::training::optim::{AdamW, AdamWConfig};
@@ -539,6 +568,7 @@ fn unet_loss_falls_on_a_fixed_batch() {
                 &x0,
                 &cond,
                 extra.as_ref(),
+                50.0,
                 &mut Rng::new(1),
                 &mut TorchGenerator::new(2),
             )

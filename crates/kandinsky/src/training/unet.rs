@@ -39,14 +39,34 @@ pub const SMALL_UNET_CONFIG: &str = r#"{
 /// encoder_hidden_states)`.
 pub type UNetCond = (Tensor, Tensor, Tensor);
 
-/// The ε loss (plus the variance-channel target) of one batch of clean latents `x0 (B, 4, h, w)`;
-/// for inpainting, `extra = (masked image latents, mask)` is concatenated to the noisy input.
-/// Returns `(total loss, ε loss)`.
+/// Per-timestep weights of the ε loss: `min(1/ᾱ_t, cap)` normalised to mean 1 over the 1000
+/// training timesteps, or all 1 when `cap` is 0. `1/ᾱ_t = 1 + 1/SNR_t` turns the ε loss into
+/// the v-prediction loss (`‖v̂ − v‖² = ‖ε̂ − ε‖² / ᾱ_t`) while the model still predicts ε, as the
+/// pipelines expect. Plain ε loss hardly trains the noisiest steps, where an ε error is
+/// amplified `√((1−ᾱ)/ᾱ)` times in the predicted image and which decide the global layout and
+/// colours; the cap bounds the variance those rare, heavy samples add.
+pub fn timestep_weights(alphas_cumprod: &[f32], cap: f64) -> Vec<f32> {
+    if cap <= 0.0 {
+        return vec![1.0; alphas_cumprod.len()];
+    }
+    let w: Vec<f64> = alphas_cumprod
+        .iter()
+        .map(|&a| (1.0 / a as f64).min(cap))
+        .collect();
+    let mean = w.iter().sum::<f64>() / w.len() as f64;
+    w.iter().map(|x| (x / mean) as f32).collect()
+}
+
+/// The ε loss, weighted per timestep by [`timestep_weights`] with `weight_cap`, plus the
+/// variance-channel target, of one batch of clean latents `x0 (B, 4, h, w)`; for inpainting,
+/// `extra = (masked image latents, mask)` is concatenated to the noisy input. Returns
+/// `(total loss, unweighted ε loss)`.
 pub fn unet_loss(
     unet: &UNet2DConditionModel,
     x0: &Tensor,
     cond: &UNetCond,
     extra: Option<&Tensor>,
+    weight_cap: f64,
     rng: &mut Rng,
     generator: &mut TorchGenerator,
 ) -> Result<(Tensor, Tensor)> {
@@ -75,13 +95,17 @@ pub fn unet_loss(
     let tf: Vec<f64> = ts.iter().map(|&t| t as f64).collect();
     let out = unet.forward_timesteps(&input, &tf, &cond)?;
     let eps = out.narrow(1, 0, c)?;
-    let eps_loss = (eps - noise)?.sqr()?.mean_all()?;
+    let per_example = (eps - noise)?.sqr()?.flatten_from(1)?.mean(1)?;
+    let eps_loss = per_example.mean_all()?;
+    let tw = timestep_weights(&ac, weight_cap);
+    let w: Vec<f32> = ts.iter().map(|&t| tw[t]).collect();
+    let weighted = (per_example * Tensor::from_vec(w, b, &Device::Cpu)?)?.mean_all()?;
     let total = if out.dim(1)? > c {
         let v = out.narrow(1, c, out.dim(1)? - c)?;
         let var_loss = (v + 1.0)?.sqr()?.mean_all()?;
-        (&eps_loss + (var_loss * 0.1)?)?
+        (weighted + (var_loss * 0.1)?)?
     } else {
-        eps_loss.clone()
+        weighted
     };
     Ok((total, eps_loss))
 }
@@ -256,6 +280,7 @@ pub fn train_unet(
     opts: &super::trainer::TrainOptions,
     pool: &DecoderPool,
     inpaint: bool,
+    weight_cap: f64,
     log: &mut dyn FnMut(u64, f32, f32),
 ) -> Result<super::trainer::TrainReport> {
     let mut value = super::trainer::parse_config(SMALL_UNET_CONFIG, "unet")?;
@@ -274,7 +299,15 @@ pub fn train_unet(
             let mut rng = Rng::new(opts.seed ^ 0x0e7 ^ step.wrapping_mul(0x1000_0001));
             let mut generator = TorchGenerator::new(opts.seed ^ step.wrapping_mul(104_729));
             let (x0, cond, extra) = pool.batch(opts.batch, inpaint, &mut rng)?;
-            unet_loss(unet, &x0, &cond, extra.as_ref(), &mut rng, &mut generator)
+            unet_loss(
+                unet,
+                &x0,
+                &cond,
+                extra.as_ref(),
+                weight_cap,
+                &mut rng,
+                &mut generator,
+            )
         },
         |params| {
             super::checkpoint::export_component(
