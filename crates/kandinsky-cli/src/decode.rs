@@ -3,7 +3,7 @@
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 use kandinsky::image_io::{numbered_path, save_png, to_rgb8};
-use kandinsky::loading::{component_dir, resolve_model_dir};
+use kandinsky::loading::component_dir;
 use kandinsky::models::VQModel;
 use std::path::PathBuf;
 
@@ -52,10 +52,7 @@ fn random_latent(seed: u64, side: usize) -> Result<Tensor> {
 }
 
 pub fn run(args: &DecodeArgs) -> Result<()> {
-    let dir = match &args.movq {
-        Some(m) => resolve_model_dir(m)?,
-        None => crate::generate::small_model("decoder")?,
-    };
+    let dir = crate::generate::given_or_small(args.movq.as_deref(), "decoder")?;
     let dir = if dir.join("config.json").is_file() {
         dir
     } else {

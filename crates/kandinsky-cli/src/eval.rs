@@ -6,7 +6,6 @@
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use kandinsky::image_io::to_rgb8;
-use kandinsky::loading::resolve_model_dir;
 use kandinsky::pipelines::kandinsky::pipeline_kandinsky::KandinskyPipeline;
 use kandinsky::pipelines::kandinsky::pipeline_kandinsky_prior::{
     KandinskyPriorPipeline, PriorParams,
@@ -85,20 +84,13 @@ pub fn run(a: &EvalArgs) -> Result<()> {
         bail!("--n must be at least 2, --batch and --steps at least 1, --prior-steps at least 2");
     }
     let device = Device::Cpu;
-    let prior_dir = match &s.prior {
-        Some(p) => resolve_model_dir(p)?,
-        None => crate::generate::small_model("prior")?,
-    };
-    let model_dir = match &s.model {
-        Some(m) => resolve_model_dir(m)?,
-        None => crate::generate::small_model("decoder")?,
-    };
+    let prior_dir = crate::generate::given_or_small(s.prior.as_deref(), "prior")?;
+    let model_dir = crate::generate::given_or_small(s.model.as_deref(), "decoder")?;
     let prior = KandinskyPriorPipeline::load(&prior_dir, DType::F32, &device)
         .with_context(|| format!("loading the prior from {}", prior_dir.display()))?;
     let decoder = KandinskyPipeline::load(&model_dir, DType::F32, &device)
         .with_context(|| format!("loading the decoder from {}", model_dir.display()))?;
-    let embed = |rgb: &[u8]| -> Result<Vec<f64>> {
-        let e = prior.embed_image(SIDE, SIDE, rgb)?;
+    let features = |e: &candle_core::Tensor| -> Result<Vec<f64>> {
         Ok(e.flatten_all()?
             .to_vec1::<f32>()?
             .into_iter()
@@ -120,6 +112,12 @@ pub fn run(a: &EvalArgs) -> Result<()> {
             .iter()
             .map(|(sc, _)| sc.render(SIDE, &mut rng))
             .collect();
+        // The real renders' CLIP embeddings: the prior's reference, the oracle's conditioning
+        // and the Fréchet distance's second set.
+        let real_emb = real
+            .iter()
+            .map(|rgb| prior.embed_image(SIDE, SIDE, rgb))
+            .collect::<kandinsky::Result<Vec<_>>>()?;
         let (mut cos_sum, mut cos_n) = (0.0, 0usize);
         for (i, chunk) in prompts.chunks(s.batch).enumerate() {
             let texts: Vec<String> = chunk.iter().map(|(_, t)| t.clone()).collect();
@@ -129,11 +127,8 @@ pub fn run(a: &EvalArgs) -> Result<()> {
                 num_images_per_prompt: 1,
             };
             let (emb, neg) = prior.call(&texts, None, params, &mut gen, None, &mut |_, _| {})?;
-            let truth = real[i * s.batch..i * s.batch + chunk.len()]
-                .iter()
-                .map(|rgb| prior.embed_image(SIDE, SIDE, rgb))
-                .collect::<kandinsky::Result<Vec<_>>>()?;
-            let truth = candle_core::Tensor::cat(&truth, 0)?;
+            let truth =
+                candle_core::Tensor::cat(&real_emb[i * s.batch..i * s.batch + chunk.len()], 0)?;
             let cos = (&emb * &truth)?.sum(1)?
                 / (emb.sqr()?.sum(1)?.sqrt()? * truth.sqr()?.sum(1)?.sqrt()?)?;
             cos_sum += cos?.sum_all()?.to_scalar::<f32>()? as f64;
@@ -157,8 +152,11 @@ pub fn run(a: &EvalArgs) -> Result<()> {
             "{name}: mean cosine between the prior's embedding and the real image's: {:.3}",
             cos_sum / cos_n as f64
         );
-        let fa: Vec<Vec<f64>> = images.iter().map(|i| embed(i)).collect::<Result<_>>()?;
-        let fb: Vec<Vec<f64>> = real.iter().map(|i| embed(i)).collect::<Result<_>>()?;
+        let fa: Vec<Vec<f64>> = images
+            .iter()
+            .map(|rgb| features(&prior.embed_image(SIDE, SIDE, rgb)?))
+            .collect::<Result<_>>()?;
+        let fb: Vec<Vec<f64>> = real_emb.iter().map(features).collect::<Result<_>>()?;
         let fd = frechet_distance(&fa, &fb)?;
         rows.push(row(name, &score(&images, &scenes, SIDE), Some(fd)));
         all_real.extend(real.into_iter().zip(scenes));

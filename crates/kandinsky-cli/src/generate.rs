@@ -371,6 +371,14 @@ pub fn small_model(part: &str) -> Result<PathBuf> {
     Ok(dir)
 }
 
+/// `given` resolved as a directory or hub id, or the small model's `part` when it is omitted.
+pub fn given_or_small(given: Option<&str>, part: &str) -> Result<PathBuf> {
+    match given {
+        Some(g) => Ok(resolve_model_dir(g)?),
+        None => small_model(part),
+    }
+}
+
 /// The model and prior directories: `--model` as a directory, a hub id or a preset name, or
 /// the small model when it is omitted.
 fn model_dirs(a: &CommonArgs, family: Family) -> Result<(PathBuf, PathBuf)> {
@@ -382,10 +390,7 @@ fn model_dirs(a: &CommonArgs, family: Family) -> Result<(PathBuf, PathBuf)> {
                 "there is no default ControlNet model (the small model is 2.1-style); pass --model kandinsky-2-2-controlnet-depth or a directory"
             ),
         };
-        let prior = match &a.prior {
-            Some(p) => resolve_model_dir(p)?,
-            None => small_model("prior")?,
-        };
+        let prior = given_or_small(a.prior.as_deref(), "prior")?;
         return Ok((small_model(decoder)?, prior));
     };
     let named = preset(model).filter(|_| !Path::new(model).is_dir());
