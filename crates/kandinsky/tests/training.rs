@@ -366,6 +366,28 @@ fn clip_tokenizer() -> kandinsky::tokenization::PromptTokenizer {
 }
 
 /// Every caption of the synthetic world fits CLIP's 77 tokens (Russian costs ~2 tokens a letter).
+/// A randomly initialised CLIP (towers from these configs, parameters from `seed`) with the real
+/// BPE, as the frozen teacher of the prior and M-CLIP stages, and the store of its parameters.
+fn random_frozen_clip(
+    seed: u64,
+    text: serde_json::Value,
+    vision: serde_json::Value,
+) -> (kandinsky::training::prior::FrozenClip, ParamStore) {
+    let store = ParamStore::new(seed, &Device::Cpu);
+    let clip = kandinsky::training::clip::Clip::new(
+        &store,
+        &serde_json::from_value(text).unwrap(),
+        &serde_json::from_value(vision).unwrap(),
+    )
+    .unwrap();
+    let frozen = kandinsky::training::prior::FrozenClip {
+        text: clip.text,
+        vision: clip.vision,
+        tokenizer: clip_tokenizer(),
+    };
+    (frozen, store)
+}
+
 #[test]
 fn captions_fit_the_clip_context() {
     let tok = clip_tokenizer();
@@ -440,9 +462,9 @@ fn prior_loss_falls_on_a_fixed_batch() {
     use kandinsky::models::transformers::prior_transformer::{
         PriorTransformer, PriorTransformerConfig,
     };
-    use kandinsky::training::clip::{Clip, SMALL_CLIP_TEXT_CONFIG, SMALL_CLIP_VISION_CONFIG};
+    use kandinsky::training::clip::{SMALL_CLIP_TEXT_CONFIG, SMALL_CLIP_VISION_CONFIG};
     use kandinsky::training::optim::{AdamW, AdamWConfig};
-    use kandinsky::training::prior::{embedding_stats, prior_loss, FrozenClip, SMALL_PRIOR_CONFIG};
+    use kandinsky::training::prior::{embedding_stats, prior_loss, SMALL_PRIOR_CONFIG};
     use kandinsky::training::shapes::Rng;
     use kandinsky::utils::torch_utils::TorchGenerator;
     let mut text: serde_json::Value = serde_json::from_str(SMALL_CLIP_TEXT_CONFIG).unwrap();
@@ -450,18 +472,7 @@ fn prior_loss_falls_on_a_fixed_batch() {
     text["num_hidden_layers"] = 1.into();
     vision["num_hidden_layers"] = 1.into();
     vision["image_size"] = 32.into();
-    let clip_store = ParamStore::new(6, &Device::Cpu);
-    let clip = Clip::new(
-        &clip_store,
-        &serde_json::from_value(text).unwrap(),
-        &serde_json::from_value(vision).unwrap(),
-    )
-    .unwrap();
-    let frozen = FrozenClip {
-        text: clip.text,
-        vision: clip.vision,
-        tokenizer: clip_tokenizer(),
-    };
+    let (frozen, clip_store) = random_frozen_clip(6, text, vision);
     let mut config: serde_json::Value = serde_json::from_str(SMALL_PRIOR_CONFIG).unwrap();
     config["num_layers"] = 2.into();
     let config: PriorTransformerConfig = serde_json::from_value(config).unwrap();
@@ -648,27 +659,15 @@ fn reduced_xlm_roberta_vocabulary_tokenizes_captions_like_the_full_one() {
 #[test]
 fn mclip_loss_falls_on_a_fixed_batch() {
     use kandinsky::pipelines::kandinsky::text_encoder::{MClipConfig, MultilingualClip};
-    use kandinsky::training::clip::{Clip, SMALL_CLIP_TEXT_CONFIG, SMALL_CLIP_VISION_CONFIG};
+    use kandinsky::training::clip::{SMALL_CLIP_TEXT_CONFIG, SMALL_CLIP_VISION_CONFIG};
     use kandinsky::training::mclip::{mclip_loss, small_mclip_config};
     use kandinsky::training::optim::{AdamW, AdamWConfig};
-    use kandinsky::training::prior::FrozenClip;
     use kandinsky::training::shapes::training_example;
     use kandinsky::training::tokenizer::{save_xlm_roberta, xlm_roberta_tokenizer};
     let mut text: serde_json::Value = serde_json::from_str(SMALL_CLIP_TEXT_CONFIG).unwrap();
     text["num_hidden_layers"] = 1.into();
     let vision: serde_json::Value = serde_json::from_str(SMALL_CLIP_VISION_CONFIG).unwrap();
-    let clip_store = ParamStore::new(10, &Device::Cpu);
-    let clip = Clip::new(
-        &clip_store,
-        &serde_json::from_value(text).unwrap(),
-        &serde_json::from_value(vision).unwrap(),
-    )
-    .unwrap();
-    let teacher = FrozenClip {
-        text: clip.text,
-        vision: clip.vision,
-        tokenizer: clip_tokenizer(),
-    };
+    let (teacher, _) = random_frozen_clip(10, text, vision);
     // The real XLM-R pieces, reduced to what these captions use.
     let pieces: Vec<(String, f64)> = kandinsky::training::tokenizer::read_pieces_tsv_gz(
         &fixtures().join("tokenizers/xlm_roberta/pieces.tsv.gz"),
