@@ -2,7 +2,9 @@
 //! the pixel analyser reading every attribute back from rendered images.
 
 use kandinsky::training::analyser::analyse;
-use kandinsky::training::shapes::{eval_prompts, training_example, Language, Scene};
+use kandinsky::training::shapes::{
+    eval_prompts, grouped_example, training_example, Language, Scene,
+};
 
 #[test]
 fn examples_are_a_pure_function_of_seed_and_index() {
@@ -40,6 +42,39 @@ fn captions_come_in_english_and_russian() {
         }
     }
     assert_eq!((en, ru), (100, 100));
+}
+
+/// CLIP's contrastive batches: groups share the colour pair and vary the layout, no scene is held
+/// out, and each example is reproducible on its own.
+#[test]
+fn grouped_examples_share_colours_within_a_group_only() {
+    let group = 8;
+    let examples: Vec<_> = (0..256).map(|i| grouped_example(5, i, 32, group)).collect();
+    let mut layouts_differ = 0;
+    for chunk in examples.chunks(group as usize) {
+        let first = chunk[0].scene;
+        for e in chunk {
+            assert_eq!(
+                (e.scene.colour, e.scene.background),
+                (first.colour, first.background)
+            );
+            assert!(!e.scene.held_out());
+        }
+        let layouts: std::collections::HashSet<_> = chunk
+            .iter()
+            .map(|e| (e.scene.shape, e.scene.position, e.scene.size))
+            .collect();
+        layouts_differ += (layouts.len() > 1) as usize;
+    }
+    assert_eq!(layouts_differ, 256 / group as usize);
+    let pairs: std::collections::HashSet<_> = examples
+        .iter()
+        .map(|e| (e.scene.colour, e.scene.background))
+        .collect();
+    assert!(pairs.len() > 20, "only {} colour pairs", pairs.len());
+    let again = grouped_example(5, 77, 32, group);
+    assert_eq!(again.image, examples[77].image);
+    assert_eq!(again.caption, examples[77].caption);
 }
 
 #[test]

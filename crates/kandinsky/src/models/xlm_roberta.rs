@@ -183,6 +183,11 @@ impl XlmRobertaModel {
         })
     }
 
+    /// The token embedding matrix `(vocab_size, hidden)` (`embeddings.word_embeddings.weight`).
+    pub fn word_embeddings(&self) -> &Tensor {
+        &self.word_embeddings
+    }
+
     /// `last_hidden_state (B, L, hidden)` for ids `(B, L)` and the tokenizer mask `(B, L)`.
     pub fn forward(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
         let (b, n) = input_ids.dims2()?;

@@ -4,7 +4,7 @@
 //! `CLIPVisionModelWithProjection`, so the prior pipeline loads them unchanged.
 
 use super::checkpoint;
-use super::shapes::{planar_batch, training_examples, Example};
+use super::shapes::{grouped_example, planar_batch, training_examples, Example};
 use super::trainer::{parse_config, run_loop, TrainOptions, TrainReport};
 use crate::error::{Error, Result};
 use crate::loading::{ParamStore, Weights};
@@ -51,6 +51,9 @@ pub const SMALL_CLIP_VISION_CONFIG: &str = r#"{
 
 const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
 const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_6, 0.275_777_1];
+
+/// Examples per colour group in a contrastive batch (see [`grouped_example`]).
+pub const CLIP_GROUP: u64 = 8;
 
 /// Synthetic images as CLIP pixel values `(B, 3, S, S)` (`/255`, CLIP mean/std) and their
 /// captions: examples `first..first + batch`.
@@ -148,12 +151,12 @@ pub fn train_clip(
         opts,
         |params| Clip::new(params, &text_cfg, &vision_cfg),
         |clip, step| {
-            let (pixels, captions) = clip_batch(
-                opts.seed,
-                step * opts.batch as u64,
-                opts.batch,
-                opts.image_size,
-            )?;
+            let first = step * opts.batch as u64;
+            let examples: Vec<Example> = (first..first + opts.batch as u64)
+                .map(|i| grouped_example(opts.seed, i, opts.image_size, CLIP_GROUP))
+                .collect();
+            let pixels = clip_pixels(&examples, opts.image_size)?;
+            let captions: Vec<String> = examples.into_iter().map(|e| e.caption).collect();
             let refs: Vec<&str> = captions.iter().map(String::as_str).collect();
             let tok = tokenizer.encode(&refs, &Device::Cpu)?;
             clip.loss(&pixels, &tok.input_ids)

@@ -39,8 +39,19 @@ pub fn small_mclip_config(vocab_size: usize) -> serde_json::Value {
     })
 }
 
-/// The distillation loss of a batch of captions: MSE between M-CLIP's and CLIP's text
-/// embeddings, and their mean cosine similarity.
+/// Weight of the token loss against the distillation MSE.
+pub const TOKEN_LOSS_WEIGHT: f64 = 0.01;
+
+/// The loss of a batch of captions: MSE between M-CLIP's and CLIP's text embeddings, plus
+/// [`TOKEN_LOSS_WEIGHT`] × the cross-entropy of reading every real token back from its last
+/// hidden state through the tied word embeddings; and the embeddings' mean cosine similarity.
+///
+/// The decoder UNet attends to M-CLIP's token states, not only to the pooled embedding. The real
+/// M-CLIP's XLM-R was pretrained as a masked language model, so its token states carry the words;
+/// distillation alone keeps only what CLIP's pooled embedding keeps, and the small CLIP's pooled
+/// embedding dropped the position words (a linear probe read position at chance from the mean
+/// token state), so the decoder could not learn where to draw. The tied read-out adds no
+/// parameter to the exported model.
 pub fn mclip_loss(
     mclip: &MultilingualClip,
     tokenizer: &PromptTokenizer,
@@ -55,9 +66,26 @@ pub fn mclip_loss(
         .text_embeds
         .detach();
     let s = tokenizer.encode(&refs, &Device::Cpu)?;
-    let (pred, _) = mclip.forward(&s.input_ids, &s.attention_mask)?;
+    let (pred, hidden) = mclip.forward(&s.input_ids, &s.attention_mask)?;
     let cos = cosine(&pred.detach(), &target)?;
-    Ok(((pred - target)?.sqr()?.mean_all()?, cos))
+    let distill = (pred - target)?.sqr()?.mean_all()?;
+    let (b, l, d) = hidden.dims3()?;
+    let logits = hidden
+        .reshape((b * l, d))?
+        .matmul(&mclip.transformer().word_embeddings().t()?)?;
+    // Padding positions are left out: the pipelines mask them everywhere.
+    let mask = s
+        .attention_mask
+        .flatten_all()?
+        .to_dtype(candle_core::DType::F32)?;
+    let log_p = candle_nn::ops::log_softmax(&logits, candle_core::D::Minus1)?;
+    let ids = s
+        .input_ids
+        .flatten_all()?
+        .to_dtype(candle_core::DType::U32)?;
+    let nll = log_p.gather(&ids.unsqueeze(1)?, 1)?.squeeze(1)?.neg()?;
+    let token = ((nll * &mask)?.sum_all()? / mask.sum_all()?)?;
+    Ok(((distill + (token * TOKEN_LOSS_WEIGHT)?)?, cos))
 }
 
 /// Trains (or resumes) M-CLIP against a frozen CLIP and exports `out_dir/text_encoder/` and

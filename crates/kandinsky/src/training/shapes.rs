@@ -420,19 +420,51 @@ pub fn training_example(seed: u64, index: u64, side: usize) -> Example {
             break s;
         }
     };
+    example(scene, index, side, &mut rng)
+}
+
+/// Renders and captions `scene` as example `index` (English at even indices, Russian at odd).
+fn example(scene: Scene, index: u64, side: usize, rng: &mut Rng) -> Example {
     let language = if index.is_multiple_of(2) {
         Language::En
     } else {
         Language::Ru
     };
-    let image = scene.render(side, &mut rng);
-    let caption = scene.caption(language, &mut rng);
+    let image = scene.render(side, rng);
+    let caption = scene.caption(language, rng);
     Example {
         scene,
         image,
         caption,
         language,
     }
+}
+
+/// The `index`-th example of the contrastive (CLIP) dataset with `seed`: examples come in groups
+/// of `group` consecutive indices that share the object and background colours (drawn per group)
+/// and differ in shape, position and size. With random scenes, the colour pair alone tells almost
+/// every pair of a batch apart, so CLIP learned colours and hardly anything else (position at
+/// chance); a group makes the other attributes the only way to tell its members apart. Each
+/// scene's distribution is the same as [`training_example`]'s. A pure function of
+/// `(seed, index, side, group)`.
+pub fn grouped_example(seed: u64, index: u64, side: usize, group: u64) -> Example {
+    let group = group.max(1);
+    let mut colours = Rng::new(splitmix64(seed ^ splitmix64(index / group) ^ 0xc010_u64));
+    let pair = Scene::random(&mut colours);
+    let mut rng = Rng::new(splitmix64(seed ^ splitmix64(index)));
+    // Every colour pair has non-held-out layouts (30 layouts, each held out with p = 1/10), so
+    // this ends; the bound only guards against an unlucky hash.
+    let scene = (0..1000)
+        .map(|_| Scene {
+            colour: pair.colour,
+            background: pair.background,
+            ..Scene::random(&mut rng)
+        })
+        .find(|s| !s.held_out());
+    let Some(scene) = scene else {
+        return training_example(seed, index, side);
+    };
+    example(scene, index, side, &mut rng)
 }
 
 /// Evaluation prompts: `n` captions in `lang` of held-out scenes (cycling through them with

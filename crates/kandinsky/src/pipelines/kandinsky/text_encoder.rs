@@ -56,6 +56,11 @@ impl MultilingualClip {
         Self::new(&Weights::from_dir(dir, dtype, device)?, &c)
     }
 
+    /// The XLM-R encoder.
+    pub fn transformer(&self) -> &XlmRobertaModel {
+        &self.transformer
+    }
+
     /// Returns `(prompt_embeds (B, num_dims), last_hidden_state (B, L, hidden))`.
     pub fn forward(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Result<(Tensor, Tensor)> {
         let embs = self.transformer.forward(input_ids, attention_mask)?;
