@@ -365,7 +365,6 @@ fn clip_tokenizer() -> kandinsky::tokenization::PromptTokenizer {
     .unwrap()
 }
 
-/// Every caption of the synthetic world fits CLIP's 77 tokens (Russian costs ~2 tokens a letter).
 /// A randomly initialised CLIP (towers from these configs, parameters from `seed`) with the real
 /// BPE, as the frozen teacher of the prior and M-CLIP stages, and the store of its parameters.
 fn random_frozen_clip(
@@ -388,6 +387,7 @@ fn random_frozen_clip(
     (frozen, store)
 }
 
+/// Every caption of the synthetic world fits CLIP's 77 tokens (Russian costs ~2 tokens a letter).
 #[test]
 fn captions_fit_the_clip_context() {
     let tok = clip_tokenizer();

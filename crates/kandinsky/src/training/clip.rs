@@ -63,7 +63,11 @@ pub fn clip_batch(
     batch: usize,
     side: usize,
 ) -> Result<(Tensor, Vec<String>)> {
-    let examples = training_examples(seed, first, batch, side);
+    pixels_and_captions(training_examples(seed, first, batch, side), side)
+}
+
+/// The examples as CLIP pixel values and their captions.
+fn pixels_and_captions(examples: Vec<Example>, side: usize) -> Result<(Tensor, Vec<String>)> {
     Ok((
         clip_pixels(&examples, side)?,
         examples.into_iter().map(|e| e.caption).collect(),
@@ -152,11 +156,10 @@ pub fn train_clip(
         |params| Clip::new(params, &text_cfg, &vision_cfg),
         |clip, step| {
             let first = step * opts.batch as u64;
-            let examples: Vec<Example> = (first..first + opts.batch as u64)
+            let examples = (first..first + opts.batch as u64)
                 .map(|i| grouped_example(opts.seed, i, opts.image_size, CLIP_GROUP))
                 .collect();
-            let pixels = clip_pixels(&examples, opts.image_size)?;
-            let captions: Vec<String> = examples.into_iter().map(|e| e.caption).collect();
+            let (pixels, captions) = pixels_and_captions(examples, opts.image_size)?;
             let refs: Vec<&str> = captions.iter().map(String::as_str).collect();
             let tok = tokenizer.encode(&refs, &Device::Cpu)?;
             clip.loss(&pixels, &tok.input_ids)
