@@ -5,7 +5,7 @@
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
-use kandinsky::image_io::to_rgb8;
+use kandinsky::image_io::{save_png, to_rgb8};
 use kandinsky::pipelines::kandinsky::pipeline_kandinsky::KandinskyPipeline;
 use kandinsky::pipelines::kandinsky::pipeline_kandinsky_prior::{
     KandinskyPriorPipeline, PriorParams,
@@ -60,6 +60,10 @@ struct ShapesArgs {
     /// scene instead of the prior's sample, which measures the decoder alone.
     #[arg(long)]
     oracle: bool,
+    /// Also write every generated image to this directory as `en-000.png`, `ru-000.png`, …,
+    /// with its prompt in the PNG's `parameters` text.
+    #[arg(long)]
+    save: Option<std::path::PathBuf>,
 }
 
 const SIDE: usize = 64;
@@ -83,6 +87,9 @@ pub fn run(a: &EvalArgs) -> Result<()> {
     if s.n < 2 || s.batch == 0 || s.steps == 0 || s.prior_steps < 2 {
         bail!("--n must be at least 2, --batch and --steps at least 1, --prior-steps at least 2");
     }
+    if let Some(dir) = &s.save {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
     let device = Device::Cpu;
     let prior_dir = crate::generate::given_or_small(s.prior.as_deref(), "prior")?;
     let model_dir = crate::generate::given_or_small(s.model.as_deref(), "decoder")?;
@@ -99,9 +106,9 @@ pub fn run(a: &EvalArgs) -> Result<()> {
     };
     let mut rows = Vec::new();
     let mut all_real: Vec<(Vec<u8>, Scene)> = Vec::new();
-    for (lang, name) in [
-        (Language::En, "generated, English"),
-        (Language::Ru, "generated, Russian"),
+    for (lang, name, tag) in [
+        (Language::En, "generated, English", "en"),
+        (Language::Ru, "generated, Russian", "ru"),
     ] {
         let prompts = eval_prompts(lang, s.n);
         let mut gen = TorchGenerator::new(s.seed);
@@ -141,7 +148,11 @@ pub fn run(a: &EvalArgs) -> Result<()> {
                 guidance_scale: s.guidance,
             };
             let out = decoder.call(&texts, None, &emb, &neg, dp, &mut gen, None, &mut |_, _| {})?;
-            for (_, _, rgb) in to_rgb8(&out)? {
+            for ((_, _, rgb), text) in to_rgb8(&out)?.into_iter().zip(&texts) {
+                if let Some(dir) = &s.save {
+                    let path = dir.join(format!("{tag}-{:03}.png", images.len()));
+                    save_png(&path, SIDE, SIDE, &rgb, &[("parameters", text)])?;
+                }
                 images.push(rgb);
             }
             scenes.extend(chunk.iter().map(|(sc, _)| *sc));

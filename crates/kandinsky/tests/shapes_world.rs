@@ -119,6 +119,46 @@ fn analyser_reads_rendered_scenes() {
     assert_eq!(wrong, [0; 5]);
 }
 
+/// Generated images drift off the palette and carry specks: the analyser reads the object against
+/// the measured background and keeps its largest region. The palette-relative analyser read most
+/// of these as one image-filling object.
+#[test]
+fn analyser_ignores_background_drift_and_specks() {
+    use kandinsky::training::shapes::{Rng, COLOURS};
+    let n: usize = 500;
+    let mut rng = Rng::new(5);
+    let mut wrong = [0usize; 5];
+    for i in 0..n {
+        let e = training_example(12, i as u64, 64);
+        let mut img = e.image.clone();
+        let bg = e.scene.background.rgb();
+        // A per-image drift of the background of up to ±30 per channel (RGB distance up to 52).
+        let drift: Vec<i32> = (0..3).map(|_| rng.below(61) as i32 - 30).collect();
+        for p in img.chunks_mut(3) {
+            if p.iter().zip(bg).all(|(a, b)| a.abs_diff(b) < 8) {
+                for c in 0..3 {
+                    p[c] = (p[c] as i32 + drift[c]).clamp(0, 255) as u8;
+                }
+            }
+        }
+        // 20 isolated specks of random palette colours.
+        for _ in 0..20 {
+            let (x, y) = (rng.below(64), rng.below(64));
+            let c = COLOURS[rng.below(COLOURS.len())].rgb();
+            img[(y * 64 + x) * 3..(y * 64 + x) * 3 + 3].copy_from_slice(&c);
+        }
+        let s = analyse(&img, 64).score(&e.scene);
+        for (k, ok) in [s.background, s.colour, s.shape, s.position, s.size]
+            .into_iter()
+            .enumerate()
+        {
+            wrong[k] += usize::from(!ok);
+        }
+    }
+    println!("wrong of {n} (background, colour, shape, position, size): {wrong:?}");
+    assert_eq!(wrong, [0; 5]);
+}
+
 #[test]
 fn frechet_distance_and_eigen_decomposition() {
     use kandinsky::training::eval::{frechet_distance, symmetric_eigen};
