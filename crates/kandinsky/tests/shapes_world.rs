@@ -1,7 +1,7 @@
 //! The synthetic world: reproducible examples, captions in both languages, held-out scenes, and
 //! the pixel analyser reading every attribute back from rendered images.
 
-use kandinsky::training::analyser::analyse;
+use kandinsky::training::analyser::{analyse, Score};
 use kandinsky::training::shapes::{
     eval_prompts, grouped_example, training_example, Language, Scene,
 };
@@ -91,6 +91,11 @@ fn held_out_scenes_are_about_a_tenth_and_only_in_eval_prompts() {
     assert!((0..2000).all(|i| !training_example(3, i, 64).scene.held_out()));
 }
 
+/// A score's attributes in the order background, colour, shape, position, size.
+fn attributes(s: &Score) -> [bool; 5] {
+    [s.background, s.colour, s.shape, s.position, s.size]
+}
+
 /// The analyser's ceiling: on real dataset images it should read everything right.
 #[test]
 fn analyser_reads_rendered_scenes() {
@@ -99,10 +104,7 @@ fn analyser_reads_rendered_scenes() {
     for i in 0..n {
         let e = training_example(11, i, 64);
         let s = analyse(&e.image, 64).score(&e.scene);
-        for (k, ok) in [s.background, s.colour, s.shape, s.position, s.size]
-            .into_iter()
-            .enumerate()
-        {
+        for (k, ok) in attributes(&s).into_iter().enumerate() {
             if !ok {
                 wrong[k] += 1;
                 if wrong[k] <= 3 {
@@ -148,10 +150,7 @@ fn analyser_ignores_background_drift_and_specks() {
             img[(y * 64 + x) * 3..(y * 64 + x) * 3 + 3].copy_from_slice(&c);
         }
         let s = analyse(&img, 64).score(&e.scene);
-        for (k, ok) in [s.background, s.colour, s.shape, s.position, s.size]
-            .into_iter()
-            .enumerate()
-        {
+        for (k, ok) in attributes(&s).into_iter().enumerate() {
             wrong[k] += usize::from(!ok);
         }
     }

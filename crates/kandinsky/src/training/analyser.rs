@@ -5,6 +5,10 @@
 
 use super::shapes::{Colour, Position, Scene, Shape, Size, COLOURS, POSITIONS};
 
+/// RGB distance from the background beyond which a pixel is object: about half the closest
+/// distance between two palette colours.
+const OBJECT_DISTANCE: f32 = 50.0;
+
 /// What the analyser reads from an image; `None` where it cannot decide (e.g. no object).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Reading {
@@ -76,10 +80,13 @@ pub fn analyse(image: &[u8], side: usize) -> Reading {
     };
     // Object pixels: far from the *measured* background, not from its palette colour, since a
     // decoder's colours drift off the palette; a 3×3 box blur first, so that a grainy background
-    // does not light up pixel by pixel (half the closest palette distance is ~50).
+    // does not light up pixel by pixel.
     let blurred = box_blur3(image, side);
     let dist = |p: [f32; 3], q: [f32; 3]| (0..3).map(|i| (p[i] - q[i]).powi(2)).sum::<f32>().sqrt();
-    let far: Vec<bool> = blurred.iter().map(|p| dist(*p, bg_rgb) > 50.0).collect();
+    let far: Vec<bool> = blurred
+        .iter()
+        .map(|p| dist(*p, bg_rgb) > OBJECT_DISTANCE)
+        .collect();
     // The object is the largest 4-connected region of them; stray specks are not the object. Its
     // outline is then read from the unblurred pixels within 2 px of that region, since the blur
     // eats thin parts such as a small triangle's apex (again its largest region, so that a speck
@@ -92,7 +99,7 @@ pub fn analyse(image: &[u8], side: usize) -> Reading {
     let outline: Vec<bool> = (0..side * side)
         .map(|i| {
             let (x, y) = (i % side, i / side);
-            dist(px(x, y), bg_rgb) > 50.0 && near_region(x, y)
+            dist(px(x, y), bg_rgb) > OBJECT_DISTANCE && near_region(x, y)
         })
         .collect();
     let mask = largest_component(&outline, side);
