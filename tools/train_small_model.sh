@@ -20,11 +20,10 @@ $K train movq  --out "$RUNS/movq"  --steps 400  --batch 4  --lr 2e-3 --log-every
 $K train prior --out "$RUNS/prior" --clip "$RUNS/clip" --steps 800 --lr-decay-steps 200 --batch 64 --log-every 100
 # The decoder UNet: the ε loss weighted towards the noisy steps (capped v-loss weights), which
 # decide layout and colours. Three phases (warm restarts of the learning rate at steps 2600 and
-# 5000), as the shipped model was trained: it was still improving at the end of each.
-for STEPS in 2600 5000 6400; do
-  $K train unet --out "$RUNS/unet" --movq "$RUNS/movq" --clip "$RUNS/clip" --mclip "$RUNS/mclip" \
-      --batch 16 --lr 5e-4 --log-every 100 --steps $STEPS --lr-decay-steps 600 --v-weight-cap 50
-done
+# 5000; one run, so the teachers' pool is built once): it was still improving at the end of each.
+$K train unet --out "$RUNS/unet" --movq "$RUNS/movq" --clip "$RUNS/clip" --mclip "$RUNS/mclip" \
+    --batch 16 --lr 5e-4 --log-every 100 --steps 6400 --lr-restarts 2600,5000 --lr-decay-steps 600 \
+    --v-weight-cap 50
 $K train unet --inpaint --init "$RUNS/unet" --out "$RUNS/inpaint" --movq "$RUNS/movq" --clip "$RUNS/clip" \
     --mclip "$RUNS/mclip" --steps 400 --batch 16 --lr 5e-4 --lr-decay-steps 150 --v-weight-cap 50 --log-every 100
 $K train assemble --runs "$RUNS" --out "$MODEL"

@@ -131,6 +131,10 @@ struct StageArgs {
     /// Decay the learning rate linearly to zero over this many final steps (0: constant).
     #[arg(long, default_value_t = 0)]
     lr_decay_steps: u64,
+    /// Restart the learning rate at these steps (comma-separated, ascending); each phase ends
+    /// with its own `--lr-decay-steps` decay.
+    #[arg(long, value_delimiter = ',')]
+    lr_restarts: Vec<u64>,
 }
 
 impl StageArgs {
@@ -140,6 +144,15 @@ impl StageArgs {
         }
         if !(self.lr.is_finite() && self.lr > 0.0) {
             bail!("--lr must be a positive number, got {}", self.lr);
+        }
+        if self.lr_restarts.windows(2).any(|w| w[0] >= w[1])
+            || self.lr_restarts.iter().any(|&r| r == 0 || r >= self.steps)
+        {
+            bail!(
+                "--lr-restarts must be ascending steps between 1 and --steps ({}), got {:?}",
+                self.steps,
+                self.lr_restarts
+            );
         }
         Ok(TrainOptions {
             steps: self.steps,
@@ -153,6 +166,7 @@ impl StageArgs {
             checkpoint_every: self.checkpoint_every,
             image_size: 64,
             lr_decay_steps: self.lr_decay_steps.min(self.steps),
+            lr_restarts: self.lr_restarts.clone(),
             init: Default::default(),
         })
     }

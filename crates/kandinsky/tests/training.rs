@@ -197,6 +197,7 @@ fn tiny_opts(dir: &std::path::Path, steps: u64) -> kandinsky::training::trainer:
         checkpoint_every: 2,
         image_size: 16,
         lr_decay_steps: 0,
+        lr_restarts: Vec::new(),
         init: Default::default(),
     }
 }

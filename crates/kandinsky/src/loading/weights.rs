@@ -263,6 +263,19 @@ impl ParamStore {
         }
     }
 
+    /// Starts the parameter `name` from `value` unless a checkpoint already holds it (a resumed
+    /// run keeps its trained value) or it has been created already.
+    pub fn init_if_absent(&self, name: &str, value: Tensor) -> Result<()> {
+        let mut g = self
+            .inner
+            .lock()
+            .map_err(|_| Error::InvalidArgument("parameter store poisoned".into()))?;
+        if !g.vars.contains_key(name) {
+            g.init.entry(name.to_string()).or_insert(value);
+        }
+        Ok(())
+    }
+
     /// Every variable created so far, by name.
     pub fn vars(&self) -> Vec<(String, candle_core::Var)> {
         self.inner
