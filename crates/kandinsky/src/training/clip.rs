@@ -81,7 +81,8 @@ pub fn clip_pixels(examples: &[Example], side: usize) -> Result<Tensor> {
     })
 }
 
-/// The vision tower's starting position embeddings: zero for the class token, and for the patch
+/// The vision tower's starting position embeddings: for the class token those of the off-grid
+/// cell `(-1, -1)`, and for the patch
 /// at grid cell `(y, x)` sines and cosines of `y` (first half of the width) and of `x` (second
 /// half) at frequencies from π/grid (whose cosine is one monotone ramp across the image) up to π. With random
 /// starting embeddings CLIP still told positions apart at chance after 2,000 steps, and after
@@ -92,9 +93,14 @@ pub fn patch_position_init(c: &ClipVisionConfig) -> Result<Tensor> {
     let d = c.hidden_size;
     let quarter = d / 4;
     let mut data = vec![0f32; (1 + grid * grid) * d];
-    for y in 0..grid {
-        for x in 0..grid {
-            let row = &mut data[(1 + y * grid + x) * d..][..d];
+    // The class token gets the off-grid cell (-1, -1): a zero row would leave it constant (its
+    // embedding starts as all ones), so `pre_layrnorm` would zero it and layer 0's queries and
+    // keys of it would get no gradient.
+    let cells = std::iter::once((-1.0, -1.0))
+        .chain((0..grid * grid).map(|i| ((i / grid) as f64, (i % grid) as f64)));
+    for (index, (y, x)) in cells.enumerate() {
+        {
+            let row = &mut data[index * d..][..d];
             for k in 0..quarter {
                 let t = if quarter > 1 {
                     k as f64 / (quarter - 1) as f64
@@ -103,7 +109,7 @@ pub fn patch_position_init(c: &ClipVisionConfig) -> Result<Tensor> {
                 };
                 let omega = std::f64::consts::PI / grid as f64 * (grid as f64).powf(t);
                 for (axis, v) in [(0, y), (1, x)] {
-                    let a = v as f64 * omega;
+                    let a = v * omega;
                     row[axis * 2 * quarter + k] = a.sin() as f32;
                     row[axis * 2 * quarter + quarter + k] = a.cos() as f32;
                 }
@@ -235,7 +241,10 @@ mod tests {
         let grid = cfg.image_size / cfg.patch_size;
         let half = cfg.hidden_size / 2;
         assert_eq!(e.len(), 1 + grid * grid);
-        assert!(e[0].iter().all(|&v| v == 0.0), "class token");
+        assert!(
+            (1..e.len()).all(|i| e[i] != e[0]),
+            "class token differs from every patch"
+        );
         let cell = |y: usize, x: usize| &e[1 + y * grid + x];
         for y in 0..grid {
             for x in 0..grid {
