@@ -81,38 +81,41 @@ pub fn clip_pixels(examples: &[Example], side: usize) -> Result<Tensor> {
     })
 }
 
-/// The vision tower's starting position embeddings: for the class token those of the off-grid
-/// cell `(-1, -1)`, and for the patch
-/// at grid cell `(y, x)` sines and cosines of `y` (first half of the width) and of `x` (second
-/// half) at frequencies from π/grid (whose cosine is one monotone ramp across the image) up to π. With random
-/// starting embeddings CLIP still told positions apart at chance after 2,000 steps, and after
-/// 3,000 it only knew `x − y` (left read as bottom, right as top); a 2-D layout from the start
-/// makes "which axis" free to learn. The embeddings stay trainable, as CLIP's.
+/// The name of the vision tower's position embeddings in the CLIP training store.
+const VISION_POSITIONS: &str = "vision.vision_model.embeddings.position_embedding.weight";
+
+/// The vision tower's starting position embeddings: for the patch at grid cell `(y, x)`, sines
+/// and cosines of `y` (first half of the width) and of `x` (second half) at frequencies from
+/// π/grid (whose cosine is one monotone ramp across the image) up to π; for the class token, those
+/// of the off-grid cell `(-1, -1)`. With random starting embeddings CLIP still told positions
+/// apart at chance after 2,000 steps, and after 3,000 it only knew `x − y` (left read as bottom,
+/// right as top); a 2-D layout from the start makes "which axis" free to learn. The embeddings
+/// stay trainable, as CLIP's.
 pub fn patch_position_init(c: &ClipVisionConfig) -> Result<Tensor> {
     let grid = c.image_size / c.patch_size;
     let d = c.hidden_size;
     let quarter = d / 4;
-    let mut data = vec![0f32; (1 + grid * grid) * d];
-    // The class token gets the off-grid cell (-1, -1): a zero row would leave it constant (its
-    // embedding starts as all ones), so `pre_layrnorm` would zero it and layer 0's queries and
-    // keys of it would get no gradient.
+    let omegas: Vec<f64> = (0..quarter)
+        .map(|k| {
+            let t = if quarter > 1 {
+                k as f64 / (quarter - 1) as f64
+            } else {
+                0.0
+            };
+            std::f64::consts::PI / grid as f64 * (grid as f64).powf(t)
+        })
+        .collect();
+    // A zero class-token row would leave that token constant (its embedding starts as all ones),
+    // so `pre_layrnorm` would zero it and layer 0's queries and keys of it get no gradient.
     let cells = std::iter::once((-1.0, -1.0))
         .chain((0..grid * grid).map(|i| ((i / grid) as f64, (i % grid) as f64)));
-    for (index, (y, x)) in cells.enumerate() {
-        {
-            let row = &mut data[index * d..][..d];
-            for k in 0..quarter {
-                let t = if quarter > 1 {
-                    k as f64 / (quarter - 1) as f64
-                } else {
-                    0.0
-                };
-                let omega = std::f64::consts::PI / grid as f64 * (grid as f64).powf(t);
-                for (axis, v) in [(0, y), (1, x)] {
-                    let a = v * omega;
-                    row[axis * 2 * quarter + k] = a.sin() as f32;
-                    row[axis * 2 * quarter + quarter + k] = a.cos() as f32;
-                }
+    let mut data = vec![0f32; (1 + grid * grid) * d];
+    for (row, (y, x)) in data.chunks_exact_mut(d).zip(cells) {
+        for (k, omega) in omegas.iter().enumerate() {
+            for (axis, v) in [(0, y), (1, x)] {
+                let a = v * omega;
+                row[axis * 2 * quarter + k] = a.sin() as f32;
+                row[axis * 2 * quarter + quarter + k] = a.cos() as f32;
             }
         }
     }
@@ -137,10 +140,7 @@ impl Clip {
         text: &ClipTextConfig,
         vision: &ClipVisionConfig,
     ) -> Result<Self> {
-        params.init_if_absent(
-            "vision.vision_model.embeddings.position_embedding.weight",
-            patch_position_init(vision)?,
-        )?;
+        params.init_if_absent(VISION_POSITIONS, patch_position_init(vision)?)?;
         let w = Weights::trainable(params);
         let logit_scale = w.get(1, "logit_scale")?;
         Ok(Self {
@@ -265,7 +265,7 @@ mod tests {
 
     #[test]
     fn a_checkpoint_keeps_its_position_embeddings() {
-        let name = "vision.vision_model.embeddings.position_embedding.weight";
+        let name = VISION_POSITIONS;
         let trained = Tensor::full(0.5f32, (65, 64), &Device::Cpu).unwrap();
         let init = [(name.to_string(), trained)].into_iter().collect();
         let params = ParamStore::with_init(0, init, &Device::Cpu);
