@@ -20,6 +20,13 @@ pub struct TrainArgs {
     stage: Stage,
 }
 
+impl TrainArgs {
+    /// Whether the stage splits its work over threads of its own (the decoder UNets).
+    pub fn runs_threads(&self) -> bool {
+        matches!(self.stage, Stage::Unet { .. })
+    }
+}
+
 #[derive(clap::Subcommand)]
 enum Stage {
     /// The MoVQ autoencoder (reconstruction + VQ codebook/commitment losses).

@@ -546,34 +546,53 @@ fn timestep_weights_are_the_capped_v_loss_weights() {
     }
 }
 
+/// The small UNet's architecture at two levels and half the width (fresh parameters, seed 8),
+/// with a batch of 4 random clean latents, conditioning and (for 9 input channels) inpainting
+/// inputs.
+#[allow(clippy::type_complexity)]
+fn tiny_unet_batch(
+    in_channels: usize,
+) -> (
+    ParamStore,
+    kandinsky::models::UNet2DConditionModel,
+    Tensor,
+    kandinsky::training::unet::UNetCond,
+    Option<Tensor>,
+) {
+    let d = &Device::Cpu;
+    let mut config: serde_json::Value =
+        serde_json::from_str(kandinsky::training::unet::SMALL_UNET_CONFIG).unwrap();
+    config["block_out_channels"] = serde_json::json!([32, 64]);
+    config["down_block_types"] =
+        serde_json::json!(["ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"]);
+    config["up_block_types"] =
+        serde_json::json!(["SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"]);
+    config["attention_head_dim"] = 16.into();
+    config["in_channels"] = in_channels.into();
+    let config = serde_json::from_value(config).unwrap();
+    let store = ParamStore::new(8, d);
+    let unet =
+        kandinsky::models::UNet2DConditionModel::new(&Weights::trainable(&store), &config).unwrap();
+    let mut g = kandinsky::utils::torch_utils::TorchGenerator::new(9);
+    let x0 = g.randn((4, 4, 8, 8), d).unwrap();
+    let cond = (
+        g.randn((4, 64), d).unwrap(),
+        g.randn((4, 64), d).unwrap(),
+        g.randn((4, 7, 64), d).unwrap(),
+    );
+    let extra = (in_channels == 9).then(|| g.randn((4, 5, 8, 8), d).unwrap());
+    (store, unet, x0, cond, extra)
+}
+
 #[test]
 fn unet_loss_falls_on_a_fixed_batch() {
-    use kandinsky::models::{UNet2DConditionConfig, UNet2DConditionModel};
+    use kandinsky::models::UNet2DConditionModel;
     use kandinsky::training::optim::{AdamW, AdamWConfig};
     use kandinsky::training::shapes::Rng;
-    use kandinsky::training::unet::{unet_loss, SMALL_UNET_CONFIG};
+    use kandinsky::training::unet::unet_loss;
     use kandinsky::utils::torch_utils::TorchGenerator;
-    let d = &Device::Cpu;
     for in_channels in [4usize, 9] {
-        let mut config: serde_json::Value = serde_json::from_str(SMALL_UNET_CONFIG).unwrap();
-        config["block_out_channels"] = serde_json::json!([32, 64]);
-        config["down_block_types"] =
-            serde_json::json!(["ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"]);
-        config["up_block_types"] =
-            serde_json::json!(["SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"]);
-        config["attention_head_dim"] = 16.into();
-        config["in_channels"] = in_channels.into();
-        let config: UNet2DConditionConfig = serde_json::from_value(config).unwrap();
-        let store = ParamStore::new(8, d);
-        let unet = UNet2DConditionModel::new(&Weights::trainable(&store), &config).unwrap();
-        let mut g = TorchGenerator::new(9);
-        let x0 = g.randn((4, 4, 8, 8), d).unwrap();
-        let cond = (
-            g.randn((4, 64), d).unwrap(),
-            g.randn((4, 64), d).unwrap(),
-            g.randn((4, 7, 64), d).unwrap(),
-        );
-        let extra = (in_channels == 9).then(|| g.randn((4, 5, 8, 8), d).unwrap());
+        let (store, unet, x0, cond, extra) = tiny_unet_batch(in_channels);
         let loss_at = |u: &UNet2DConditionModel| {
             unet_loss(
                 u,
@@ -609,6 +628,72 @@ fn unet_loss_falls_on_a_fixed_batch() {
             losses[0], losses[29]
         );
         assert!(losses[29] < 0.5 * losses[0], "{losses:?}");
+    }
+}
+
+/// The decoder's batch split into parts on threads ([`kandinsky::training::unet::GRAD_PARTS`])
+/// gives the whole batch's loss and gradients, also for uneven parts, and the same bits twice.
+#[test]
+fn unet_gradients_in_parts_equal_the_whole_batch() {
+    use kandinsky::training::shapes::Rng;
+    use kandinsky::training::unet::NoisyBatch;
+    use kandinsky::utils::torch_utils::TorchGenerator;
+    let (store, unet, x0, cond, _) = tiny_unet_batch(4);
+    let vars = store.vars();
+    let batch = NoisyBatch::new(
+        &x0,
+        &cond,
+        None,
+        &mut Rng::new(1),
+        &mut TorchGenerator::new(2),
+    )
+    .unwrap();
+    let (whole, loss, metric) = batch.grads(&unet, &vars, 1, 50.0).unwrap();
+    let max_abs = |t: &Tensor| {
+        t.abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    };
+    // Some gradients are rounding noise around zero (a conv bias right before a GroupNorm):
+    // those are held to a floor set by the largest gradient of the model.
+    let floor = vars
+        .iter()
+        .map(|(_, v)| max_abs(whole.get(v.as_tensor()).unwrap()))
+        .fold(0f32, f32::max)
+        * 1e-6;
+    for parts in [2, 3, 4] {
+        let (split, l, m) = batch.grads(&unet, &vars, parts, 50.0).unwrap();
+        assert!(
+            (l - loss).abs() <= 1e-5 * loss,
+            "{parts} parts: loss {l} vs {loss}"
+        );
+        assert!(
+            (m - metric).abs() <= 1e-5 * metric,
+            "{parts} parts: ε {m} vs {metric}"
+        );
+        for (name, var) in &vars {
+            let a = whole.get(var.as_tensor()).unwrap();
+            let b = split.get(var.as_tensor()).unwrap();
+            let (scale, diff) = (max_abs(a), max_abs(&(a - b).unwrap()));
+            assert!(
+                diff <= 1e-4 * scale + floor,
+                "{parts} parts, {name}: {diff} of {scale}"
+            );
+        }
+    }
+    let (again, _, _) = batch.grads(&unet, &vars, 2, 50.0).unwrap();
+    let (first, _, _) = batch.grads(&unet, &vars, 2, 50.0).unwrap();
+    for (name, var) in &vars {
+        let (a, b) = (
+            first.get(var.as_tensor()).unwrap(),
+            again.get(var.as_tensor()).unwrap(),
+        );
+        let same = a.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+            == b.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert!(same, "{name}: two runs of the same split differ");
     }
 }
 

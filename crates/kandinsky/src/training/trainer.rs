@@ -6,7 +6,8 @@ use super::checkpoint;
 use super::optim::{AdamW, AdamWConfig};
 use crate::error::{Error, Result};
 use crate::loading::ParamStore;
-use candle_core::{Device, Tensor};
+use candle_core::backprop::GradStore;
+use candle_core::{Device, Tensor, Var};
 use std::path::PathBuf;
 
 /// Options shared by the training stages.
@@ -86,6 +87,27 @@ pub fn run_loop<M>(
     export: impl FnOnce(&ParamStore) -> Result<()>,
     log: &mut dyn FnMut(u64, f32, f32),
 ) -> Result<TrainReport> {
+    run_loop_grads(
+        opts,
+        build,
+        |model, _, step| {
+            let (l, metric) = loss(model, step)?;
+            Ok((l.backward()?, l.to_scalar()?, metric.to_scalar()?))
+        },
+        export,
+        log,
+    )
+}
+
+/// [`run_loop`] for stages that compute a step's gradients themselves (for example in parts on
+/// several threads): `grads(model, vars, step) -> (gradients, loss, metric)`.
+pub fn run_loop_grads<M>(
+    opts: &TrainOptions,
+    build: impl FnOnce(&ParamStore) -> Result<M>,
+    mut grads: impl FnMut(&M, &[(String, Var)], u64) -> Result<(GradStore, f32, f32)>,
+    export: impl FnOnce(&ParamStore) -> Result<()>,
+    log: &mut dyn FnMut(u64, f32, f32),
+) -> Result<TrainReport> {
     std::fs::create_dir_all(&opts.out_dir).map_err(|e| Error::io(&opts.out_dir, e))?;
     let ckpt = opts.out_dir.join("checkpoint.safetensors");
     let mut opt = AdamW::new(opts.optim);
@@ -101,11 +123,9 @@ pub fn run_loop<M>(
     let start_step = opt.steps();
     let (mut first_loss, mut final_loss) = (f32::NAN, f32::NAN);
     for step in start_step..opts.steps {
-        let (l, metric) = loss(&model, step)?;
-        let grads = l.backward()?;
+        let (g, l, m) = grads(&model, &vars, step)?;
         opt.config.lr = opts.lr_at(step);
-        opt.step(&vars, &grads)?;
-        let (l, m) = (l.to_scalar::<f32>()?, metric.to_scalar::<f32>()?);
+        opt.step(&vars, &g)?;
         if !l.is_finite() {
             return Err(Error::InvalidArgument(format!(
                 "the loss diverged at step {} ({l}); lower the learning rate",

@@ -11,6 +11,7 @@ use crate::error::Result;
 use crate::models::{UNet2DConditionModel, UNetConditioning};
 use crate::schedulers::{alphas_cumprod, linspace_f32};
 use crate::utils::torch_utils::TorchGenerator;
+use candle_core::backprop::GradStore;
 use candle_core::{Device, Tensor};
 
 /// The small 2.1-style UNet for 16×16×4 latents: 3 levels (64, 128, 128 channels), attention at
@@ -57,10 +58,153 @@ pub fn timestep_weights(alphas_cumprod: &[f32], cap: f64) -> Vec<f32> {
     w.iter().map(|x| (x / mean) as f32).collect()
 }
 
-/// The ε loss, weighted per timestep by [`timestep_weights`] with `weight_cap`, plus the
-/// variance-channel target, of one batch of clean latents `x0 (B, 4, h, w)`; for inpainting,
-/// `extra = (masked image latents, mask)` is concatenated to the noisy input. Returns
-/// `(total loss, unweighted ε loss)`.
+/// The batch of every decoder training step is split into this many equal row ranges, each run
+/// forward and backward on its own thread and the gradients summed. Candle's CPU ops hardly use a
+/// second core at this model's size (a step takes as long with `CANDLE_NUM_THREADS=1`), so two
+/// halves on two threads nearly halve the step time. The split is part of the recipe, not of the
+/// machine, so the trained weights do not depend on the core count.
+pub const GRAD_PARTS: usize = 2;
+
+/// One drawn training batch: the noisy UNet input, the noise, the timesteps and the conditioning.
+pub struct NoisyBatch {
+    input: Tensor,
+    noise: Tensor,
+    ts: Vec<usize>,
+    cond: UNetCond,
+}
+
+impl NoisyBatch {
+    /// Noises clean latents `x0 (B, 4, h, w)` at timesteps drawn with `rng` and noise drawn with
+    /// `generator`; for inpainting, `extra = (masked image latents, mask)` is concatenated to the
+    /// noisy input.
+    pub fn new(
+        x0: &Tensor,
+        cond: &UNetCond,
+        extra: Option<&Tensor>,
+        rng: &mut Rng,
+        generator: &mut TorchGenerator,
+    ) -> Result<Self> {
+        let b = x0.dim(0)?;
+        let ac = alphas_cumprod(&linspace_f32(0.00085, 0.012, 1000));
+        let ts: Vec<usize> = (0..b).map(|_| rng.below(1000)).collect();
+        let col = |f: &dyn Fn(usize) -> f32| -> Result<Tensor> {
+            let v: Vec<f32> = ts.iter().map(|&t| f(t)).collect();
+            Ok(Tensor::from_vec(v, (b, 1, 1, 1), &Device::Cpu)?)
+        };
+        let sa = col(&|t| ac[t].sqrt())?;
+        let sb = col(&|t| (1.0 - ac[t]).sqrt())?;
+        let noise = generator.randn(x0.shape(), &Device::Cpu)?;
+        let xt = (x0.broadcast_mul(&sa)? + noise.broadcast_mul(&sb)?)?;
+        let input = match extra {
+            Some(e) => Tensor::cat(&[&xt, e], 1)?,
+            None => xt,
+        };
+        Ok(Self {
+            input,
+            noise,
+            ts,
+            cond: cond.clone(),
+        })
+    }
+
+    /// The ε loss, weighted per timestep by [`timestep_weights`] with `weight_cap`, plus the
+    /// variance-channel target, of the batch's `rows`, scaled by their share of the batch so
+    /// that the losses (and gradients) of disjoint row ranges sum to the whole batch's. Returns
+    /// `(total loss, unweighted ε loss)`, both so scaled.
+    pub fn loss(
+        &self,
+        unet: &UNet2DConditionModel,
+        rows: std::ops::Range<usize>,
+        weight_cap: f64,
+    ) -> Result<(Tensor, Tensor)> {
+        let (start, n) = (rows.start, rows.len());
+        let share = n as f64 / self.ts.len() as f64;
+        let c = self.noise.dim(1)?;
+        let ts = &self.ts[rows];
+        let (img, txt, hidden) = &self.cond;
+        let (img, txt, hidden) = (
+            img.narrow(0, start, n)?,
+            txt.narrow(0, start, n)?,
+            hidden.narrow(0, start, n)?,
+        );
+        let cond = UNetConditioning {
+            image_embeds: Some(&img),
+            text_embeds: Some(&txt),
+            encoder_hidden_states: Some(&hidden),
+            hint: None,
+        };
+        let tf: Vec<f64> = ts.iter().map(|&t| t as f64).collect();
+        let input = self.input.narrow(0, start, n)?;
+        let out = unet.forward_timesteps(&input, &tf, &cond)?;
+        let eps = out.narrow(1, 0, c)?;
+        let noise = self.noise.narrow(0, start, n)?;
+        let per_example = (eps - noise)?.sqr()?.flatten_from(1)?.mean(1)?;
+        let eps_loss = (per_example.mean_all()? * share)?;
+        let ac = alphas_cumprod(&linspace_f32(0.00085, 0.012, 1000));
+        let tw = timestep_weights(&ac, weight_cap);
+        let w: Vec<f32> = ts.iter().map(|&t| tw[t]).collect();
+        let weighted = (per_example * Tensor::from_vec(w, n, &Device::Cpu)?)?.mean_all()?;
+        let total = if out.dim(1)? > c {
+            let v = out.narrow(1, c, out.dim(1)? - c)?;
+            let var_loss = (v + 1.0)?.sqr()?.mean_all()?;
+            (weighted + (var_loss * 0.1)?)?
+        } else {
+            weighted
+        };
+        Ok(((total * share)?, eps_loss))
+    }
+
+    /// The gradients of the whole batch's [`NoisyBatch::loss`] with respect to `vars`, computed
+    /// in `parts` row ranges on as many threads and summed in part order (so deterministic), with
+    /// the summed total and ε losses.
+    pub fn grads(
+        &self,
+        unet: &UNet2DConditionModel,
+        vars: &[(String, candle_core::Var)],
+        parts: usize,
+        weight_cap: f64,
+    ) -> Result<(GradStore, f32, f32)> {
+        let b = self.ts.len();
+        let parts = parts.clamp(1, b.max(1));
+        let ranges: Vec<_> = (0..parts)
+            .map(|p| p * b / parts..(p + 1) * b / parts)
+            .collect();
+        let part = |rows: std::ops::Range<usize>| -> Result<(GradStore, f32, f32)> {
+            let (l, m) = self.loss(unet, rows, weight_cap)?;
+            Ok((l.backward()?, l.to_scalar::<f32>()?, m.to_scalar::<f32>()?))
+        };
+        let mut results = std::thread::scope(|s| {
+            let handles: Vec<_> = ranges[1..]
+                .iter()
+                .map(|r| s.spawn(|| part(r.clone())))
+                .collect();
+            let mut results = vec![part(ranges[0].clone())];
+            for h in handles {
+                results.push(h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)));
+            }
+            results
+        })
+        .into_iter()
+        .collect::<Result<Vec<_>>>()?;
+        let (mut grads, mut loss, mut metric) = results.remove(0);
+        for (g, l, m) in &results {
+            loss += l;
+            metric += m;
+            for (_, var) in vars {
+                if let Some(other) = g.get(var.as_tensor()) {
+                    let sum = match grads.get(var.as_tensor()) {
+                        Some(mine) => (mine + other)?,
+                        None => other.clone(),
+                    };
+                    grads.insert(var.as_tensor(), sum);
+                }
+            }
+        }
+        Ok((grads, loss, metric))
+    }
+}
+
+/// The loss of [`NoisyBatch::loss`] over a whole batch in one piece (see [`NoisyBatch::new`]).
 pub fn unet_loss(
     unet: &UNet2DConditionModel,
     x0: &Tensor,
@@ -70,44 +214,7 @@ pub fn unet_loss(
     rng: &mut Rng,
     generator: &mut TorchGenerator,
 ) -> Result<(Tensor, Tensor)> {
-    let (b, c, _, _) = x0.dims4()?;
-    let ac = alphas_cumprod(&linspace_f32(0.00085, 0.012, 1000));
-    let ts: Vec<usize> = (0..b).map(|_| rng.below(1000)).collect();
-    let col = |f: &dyn Fn(usize) -> f32| -> Result<Tensor> {
-        let v: Vec<f32> = ts.iter().map(|&t| f(t)).collect();
-        Ok(Tensor::from_vec(v, (b, 1, 1, 1), &Device::Cpu)?)
-    };
-    let sa = col(&|t| ac[t].sqrt())?;
-    let sb = col(&|t| (1.0 - ac[t]).sqrt())?;
-    let noise = generator.randn(x0.shape(), &Device::Cpu)?;
-    let xt = (x0.broadcast_mul(&sa)? + noise.broadcast_mul(&sb)?)?;
-    let input = match extra {
-        Some(e) => Tensor::cat(&[&xt, e], 1)?,
-        None => xt,
-    };
-    let (img, txt, hidden) = cond;
-    let cond = UNetConditioning {
-        image_embeds: Some(img),
-        text_embeds: Some(txt),
-        encoder_hidden_states: Some(hidden),
-        hint: None,
-    };
-    let tf: Vec<f64> = ts.iter().map(|&t| t as f64).collect();
-    let out = unet.forward_timesteps(&input, &tf, &cond)?;
-    let eps = out.narrow(1, 0, c)?;
-    let per_example = (eps - noise)?.sqr()?.flatten_from(1)?.mean(1)?;
-    let eps_loss = per_example.mean_all()?;
-    let tw = timestep_weights(&ac, weight_cap);
-    let w: Vec<f32> = ts.iter().map(|&t| tw[t]).collect();
-    let weighted = (per_example * Tensor::from_vec(w, b, &Device::Cpu)?)?.mean_all()?;
-    let total = if out.dim(1)? > c {
-        let v = out.narrow(1, c, out.dim(1)? - c)?;
-        let var_loss = (v + 1.0)?.sqr()?.mean_all()?;
-        (weighted + (var_loss * 0.1)?)?
-    } else {
-        weighted
-    };
-    Ok((total, eps_loss))
+    NoisyBatch::new(x0, cond, extra, rng, generator)?.loss(unet, 0..x0.dim(0)?, weight_cap)
 }
 
 /// The frozen models the decoder learns from: the MoVQ (latents), CLIP's vision tower (image
@@ -136,20 +243,47 @@ impl DecoderTeachers {
     /// MoVQ decoder was trained on), CLIP image embeddings and M-CLIP text conditioning, plus the
     /// pipelines' unconditional inputs. Training then draws from this pool with fresh noise each
     /// step, so the frozen teachers cost nothing per step.
+    /// The chunks are shared out over [`GRAD_PARTS`] threads (each chunk's outputs do not depend
+    /// on which thread computed it).
     pub fn pool(&self, seed: u64, size: usize, side: usize) -> Result<DecoderPool> {
-        let (mut latents, mut imgs, mut txts, mut hiddens) = (vec![], vec![], vec![], vec![]);
-        for first in (0..size).step_by(POOL_CHUNK) {
+        let chunk = |first: usize| -> Result<[Tensor; 4]> {
             let n = POOL_CHUNK.min(size - first);
             let examples = super::shapes::training_examples(seed, first as u64, n, side);
             let images = super::movq::image_tensor(&examples, side)?;
             let z = self.movq.encode(&images)?;
-            latents.push(self.movq.quantizer().lookup(&z)?.detach());
+            let latents = self.movq.quantizer().lookup(&z)?.detach();
             let pixels = super::clip::clip_pixels(&examples, side)?;
-            imgs.push(self.vision.forward(&pixels)?.image_embeds.detach());
+            let img = self.vision.forward(&pixels)?.image_embeds.detach();
             let captions: Vec<&str> = examples.iter().map(|e| e.caption.as_str()).collect();
             let (txt, hidden) = self.text(&captions)?;
-            txts.push(txt);
-            hiddens.push(hidden);
+            Ok([latents, img, txt, hidden])
+        };
+        let firsts: Vec<usize> = (0..size).step_by(POOL_CHUNK).collect();
+        let worker = |w: usize| -> Result<Vec<[Tensor; 4]>> {
+            firsts
+                .iter()
+                .skip(w)
+                .step_by(GRAD_PARTS)
+                .map(|&f| chunk(f))
+                .collect()
+        };
+        let per_worker = std::thread::scope(|s| {
+            let handles: Vec<_> = (1..GRAD_PARTS)
+                .map(|w| s.spawn(move || worker(w)))
+                .collect();
+            let mut all = vec![worker(0)];
+            for h in handles {
+                all.push(h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)));
+            }
+            all.into_iter().collect::<Result<Vec<_>>>()
+        })?;
+        let (mut latents, mut imgs, mut txts, mut hiddens) = (vec![], vec![], vec![], vec![]);
+        for i in 0..firsts.len() {
+            let [l, im, t, h] = per_worker[i % GRAD_PARTS][i / GRAD_PARTS].clone();
+            latents.push(l);
+            imgs.push(im);
+            txts.push(t);
+            hiddens.push(h);
         }
         let (txt, hidden) = self.text(&[""])?;
         Ok(DecoderPool {
@@ -292,22 +426,15 @@ pub fn train_unet(
             path: std::path::PathBuf::from("(unet config)"),
             source,
         })?;
-    super::trainer::run_loop(
+    super::trainer::run_loop_grads(
         opts,
         |params| UNet2DConditionModel::new(&crate::loading::Weights::trainable(params), &config),
-        |unet, step| {
+        |unet, vars, step| {
             let mut rng = Rng::new(opts.seed ^ 0x0e7 ^ step.wrapping_mul(0x1000_0001));
             let mut generator = TorchGenerator::new(opts.seed ^ step.wrapping_mul(104_729));
             let (x0, cond, extra) = pool.batch(opts.batch, inpaint, &mut rng)?;
-            unet_loss(
-                unet,
-                &x0,
-                &cond,
-                extra.as_ref(),
-                weight_cap,
-                &mut rng,
-                &mut generator,
-            )
+            NoisyBatch::new(&x0, &cond, extra.as_ref(), &mut rng, &mut generator)?
+                .grads(unet, vars, GRAD_PARTS, weight_cap)
         },
         |params| {
             super::checkpoint::export_component(
