@@ -200,6 +200,15 @@ impl StageArgs {
             .iter()
             .map(|d| self.out.join(d).display().to_string())
             .collect();
+        if r.start_step >= self.steps {
+            // A re-run of a finished stage (the recipe after an interruption) only re-exports.
+            println!(
+                "{stage}: already trained to step {}; exported {}",
+                r.start_step,
+                dirs.join(", ")
+            );
+            return;
+        }
         println!(
             "{stage}: steps {}..{}, loss {:.5} -> {:.5}; exported {}",
             r.start_step,
