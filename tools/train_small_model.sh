@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Trains our small Kandinsky end to end on the synthetic shapes world and assembles the diffusers
 # model directories (the default model lives in models/small). Every stage resumes from its
-# checkpoint, so the script can be re-run after an interruption. About 2 hours on the 2-core
+# checkpoint, so the script can be re-run after an interruption. Just under 2 hours on the 2-core
 # development machine. Usage: tools/train_small_model.sh [RUNS_DIR] [MODEL_DIR]
 # Stages that do not depend on each other run side by side, one core each, with their output in
 # RUNS_DIR/<stage>.log: at these model sizes candle's CPU ops hardly use a second core (a CLIP
