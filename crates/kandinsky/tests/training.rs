@@ -644,11 +644,12 @@ fn unet_gradients_in_parts_equal_the_whole_batch() {
         &x0,
         &cond,
         None,
+        50.0,
         &mut Rng::new(1),
         &mut TorchGenerator::new(2),
     )
     .unwrap();
-    let (whole, loss, metric) = batch.grads(&unet, &vars, 1, 50.0).unwrap();
+    let (whole, loss, metric) = batch.grads(&unet, &vars, 1).unwrap();
     let max_abs = |t: &Tensor| {
         t.abs()
             .unwrap()
@@ -665,7 +666,7 @@ fn unet_gradients_in_parts_equal_the_whole_batch() {
         .fold(0f32, f32::max)
         * 1e-6;
     for parts in [2, 3, 4] {
-        let (split, l, m) = batch.grads(&unet, &vars, parts, 50.0).unwrap();
+        let (split, l, m) = batch.grads(&unet, &vars, parts).unwrap();
         assert!(
             (l - loss).abs() <= 1e-5 * loss,
             "{parts} parts: loss {l} vs {loss}"
@@ -684,8 +685,8 @@ fn unet_gradients_in_parts_equal_the_whole_batch() {
             );
         }
     }
-    let (again, _, _) = batch.grads(&unet, &vars, 2, 50.0).unwrap();
-    let (first, _, _) = batch.grads(&unet, &vars, 2, 50.0).unwrap();
+    let (again, _, _) = batch.grads(&unet, &vars, 2).unwrap();
+    let (first, _, _) = batch.grads(&unet, &vars, 2).unwrap();
     for (name, var) in &vars {
         let (a, b) = (
             first.get(var.as_tensor()).unwrap(),

@@ -70,17 +70,34 @@ pub struct NoisyBatch {
     input: Tensor,
     noise: Tensor,
     ts: Vec<usize>,
+    /// Each example's loss weight, [`timestep_weights`] at its timestep.
+    weights: Vec<f32>,
     cond: UNetCond,
+}
+
+/// Runs `f(0)` on this thread and `f(1)`, …, `f(n − 1)` on threads of their own, and returns
+/// the results in that order (a panic in a thread is raised again here).
+fn on_threads<T: Send>(n: usize, f: impl Fn(usize) -> T + Sync) -> Vec<T> {
+    std::thread::scope(|s| {
+        let f = &f;
+        let handles: Vec<_> = (1..n).map(|i| s.spawn(move || f(i))).collect();
+        let mut out = vec![f(0)];
+        for h in handles {
+            out.push(h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)));
+        }
+        out
+    })
 }
 
 impl NoisyBatch {
     /// Noises clean latents `x0 (B, 4, h, w)` at timesteps drawn with `rng` and noise drawn with
-    /// `generator`; for inpainting, `extra = (masked image latents, mask)` is concatenated to the
-    /// noisy input.
+    /// `generator`, the ε loss weighted per timestep by [`timestep_weights`] with `weight_cap`;
+    /// for inpainting, `extra = (masked image latents, mask)` is concatenated to the noisy input.
     pub fn new(
         x0: &Tensor,
         cond: &UNetCond,
         extra: Option<&Tensor>,
+        weight_cap: f64,
         rng: &mut Rng,
         generator: &mut TorchGenerator,
     ) -> Result<Self> {
@@ -99,28 +116,28 @@ impl NoisyBatch {
             Some(e) => Tensor::cat(&[&xt, e], 1)?,
             None => xt,
         };
+        let tw = timestep_weights(&ac, weight_cap);
         Ok(Self {
             input,
             noise,
+            weights: ts.iter().map(|&t| tw[t]).collect(),
             ts,
             cond: cond.clone(),
         })
     }
 
-    /// The ε loss, weighted per timestep by [`timestep_weights`] with `weight_cap`, plus the
-    /// variance-channel target, of the batch's `rows`, scaled by their share of the batch so
-    /// that the losses (and gradients) of disjoint row ranges sum to the whole batch's. Returns
-    /// `(total loss, unweighted ε loss)`, both so scaled.
+    /// The weighted ε loss plus the variance-channel target of the batch's `rows`, scaled by
+    /// their share of the batch so that the losses (and gradients) of disjoint row ranges sum to
+    /// the whole batch's. Returns `(total loss, unweighted ε loss)`, both so scaled.
     pub fn loss(
         &self,
         unet: &UNet2DConditionModel,
         rows: std::ops::Range<usize>,
-        weight_cap: f64,
     ) -> Result<(Tensor, Tensor)> {
         let (start, n) = (rows.start, rows.len());
         let share = n as f64 / self.ts.len() as f64;
         let c = self.noise.dim(1)?;
-        let ts = &self.ts[rows];
+        let ts = &self.ts[rows.clone()];
         let (img, txt, hidden) = &self.cond;
         let (img, txt, hidden) = (
             img.narrow(0, start, n)?,
@@ -140,10 +157,8 @@ impl NoisyBatch {
         let noise = self.noise.narrow(0, start, n)?;
         let per_example = (eps - noise)?.sqr()?.flatten_from(1)?.mean(1)?;
         let eps_loss = (per_example.mean_all()? * share)?;
-        let ac = alphas_cumprod(&linspace_f32(0.00085, 0.012, 1000));
-        let tw = timestep_weights(&ac, weight_cap);
-        let w: Vec<f32> = ts.iter().map(|&t| tw[t]).collect();
-        let weighted = (per_example * Tensor::from_vec(w, n, &Device::Cpu)?)?.mean_all()?;
+        let w = Tensor::new(&self.weights[rows], &Device::Cpu)?;
+        let weighted = (per_example * w)?.mean_all()?;
         let total = if out.dim(1)? > c {
             let v = out.narrow(1, c, out.dim(1)? - c)?;
             let var_loss = (v + 1.0)?.sqr()?.mean_all()?;
@@ -162,27 +177,15 @@ impl NoisyBatch {
         unet: &UNet2DConditionModel,
         vars: &[(String, candle_core::Var)],
         parts: usize,
-        weight_cap: f64,
     ) -> Result<(GradStore, f32, f32)> {
         let b = self.ts.len();
         let parts = parts.clamp(1, b.max(1));
         let ranges: Vec<_> = (0..parts)
             .map(|p| p * b / parts..(p + 1) * b / parts)
             .collect();
-        let part = |rows: std::ops::Range<usize>| -> Result<(GradStore, f32, f32)> {
-            let (l, m) = self.loss(unet, rows, weight_cap)?;
+        let mut results = on_threads(parts, |p| -> Result<(GradStore, f32, f32)> {
+            let (l, m) = self.loss(unet, ranges[p].clone())?;
             Ok((l.backward()?, l.to_scalar::<f32>()?, m.to_scalar::<f32>()?))
-        };
-        let mut results = std::thread::scope(|s| {
-            let handles: Vec<_> = ranges[1..]
-                .iter()
-                .map(|r| s.spawn(|| part(r.clone())))
-                .collect();
-            let mut results = vec![part(ranges[0].clone())];
-            for h in handles {
-                results.push(h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)));
-            }
-            results
         })
         .into_iter()
         .collect::<Result<Vec<_>>>()?;
@@ -214,7 +217,7 @@ pub fn unet_loss(
     rng: &mut Rng,
     generator: &mut TorchGenerator,
 ) -> Result<(Tensor, Tensor)> {
-    NoisyBatch::new(x0, cond, extra, rng, generator)?.loss(unet, 0..x0.dim(0)?, weight_cap)
+    NoisyBatch::new(x0, cond, extra, weight_cap, rng, generator)?.loss(unet, 0..x0.dim(0)?)
 }
 
 /// The frozen models the decoder learns from: the MoVQ (latents), CLIP's vision tower (image
@@ -243,6 +246,7 @@ impl DecoderTeachers {
     /// MoVQ decoder was trained on), CLIP image embeddings and M-CLIP text conditioning, plus the
     /// pipelines' unconditional inputs. Training then draws from this pool with fresh noise each
     /// step, so the frozen teachers cost nothing per step.
+    ///
     /// The chunks are shared out over [`GRAD_PARTS`] threads (each chunk's outputs do not depend
     /// on which thread computed it).
     pub fn pool(&self, seed: u64, size: usize, side: usize) -> Result<DecoderPool> {
@@ -259,24 +263,16 @@ impl DecoderTeachers {
             Ok([latents, img, txt, hidden])
         };
         let firsts: Vec<usize> = (0..size).step_by(POOL_CHUNK).collect();
-        let worker = |w: usize| -> Result<Vec<[Tensor; 4]>> {
+        let per_worker = on_threads(GRAD_PARTS, |w| -> Result<Vec<[Tensor; 4]>> {
             firsts
                 .iter()
                 .skip(w)
                 .step_by(GRAD_PARTS)
                 .map(|&f| chunk(f))
                 .collect()
-        };
-        let per_worker = std::thread::scope(|s| {
-            let handles: Vec<_> = (1..GRAD_PARTS)
-                .map(|w| s.spawn(move || worker(w)))
-                .collect();
-            let mut all = vec![worker(0)];
-            for h in handles {
-                all.push(h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)));
-            }
-            all.into_iter().collect::<Result<Vec<_>>>()
-        })?;
+        })
+        .into_iter()
+        .collect::<Result<Vec<_>>>()?;
         let (mut latents, mut imgs, mut txts, mut hiddens) = (vec![], vec![], vec![], vec![]);
         for i in 0..firsts.len() {
             let [l, im, t, h] = per_worker[i % GRAD_PARTS][i / GRAD_PARTS].clone();
@@ -433,8 +429,15 @@ pub fn train_unet(
             let mut rng = Rng::new(opts.seed ^ 0x0e7 ^ step.wrapping_mul(0x1000_0001));
             let mut generator = TorchGenerator::new(opts.seed ^ step.wrapping_mul(104_729));
             let (x0, cond, extra) = pool.batch(opts.batch, inpaint, &mut rng)?;
-            NoisyBatch::new(&x0, &cond, extra.as_ref(), &mut rng, &mut generator)?
-                .grads(unet, vars, GRAD_PARTS, weight_cap)
+            NoisyBatch::new(
+                &x0,
+                &cond,
+                extra.as_ref(),
+                weight_cap,
+                &mut rng,
+                &mut generator,
+            )?
+            .grads(unet, vars, GRAD_PARTS)
         },
         |params| {
             super::checkpoint::export_component(
