@@ -10,7 +10,7 @@ use kandinsky::training::optim::AdamWConfig;
 use kandinsky::training::prior::{train_prior, FrozenClip};
 use kandinsky::training::tokenizer::read_pieces_tsv_gz;
 use kandinsky::training::trainer::{TrainOptions, TrainReport};
-use kandinsky::training::unet::{train_unet, DecoderTeachers};
+use kandinsky::training::unet::{train_unet, DecoderPool, DecoderTeachers};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -83,6 +83,13 @@ enum Stage {
         /// `conv_in` widened with zeros for the extra inputs.
         #[arg(long)]
         init: Option<PathBuf>,
+        /// Keep the teachers' outputs in this file: reused when it was written from the same
+        /// teacher files (by content), seed, `--pool` and image size, otherwise built and
+        /// written there. The recipe shares one between the UNet and the inpainting UNet, which
+        /// draw from the same pool. (It records inputs, not the program: after changing the
+        /// training code, delete it.)
+        #[arg(long)]
+        pool_cache: Option<PathBuf>,
     },
     /// Assemble the stage outputs under `--runs` (clip/, mclip/, movq/, prior/, unet/,
     /// inpaint/) into diffusers model directories: OUT/prior, OUT/decoder, OUT/decoder-inpaint.
@@ -296,6 +303,7 @@ pub fn run(a: &TrainArgs) -> Result<()> {
             pool,
             v_weight_cap,
             init,
+            pool_cache,
         } => {
             let mut opts = s.options()?;
             if *pool == 0 {
@@ -337,12 +345,49 @@ pub fn run(a: &TrainArgs) -> Result<()> {
             };
             let name = if *inpaint { "unet-inpaint" } else { "unet" };
             let started = Instant::now();
-            let pool = teachers.pool(opts.seed, *pool, opts.image_size)?;
-            eprintln!(
-                "{name}: teacher outputs for {} examples in {:.0}s",
-                pool.len(),
-                started.elapsed().as_secs_f64()
+            let key = format!(
+                "seed {} pool {} side {} teachers {}",
+                opts.seed,
+                pool,
+                opts.image_size,
+                fingerprint(&[
+                    movq.join("movq"),
+                    clip.join("image_encoder"),
+                    mclip.join("text_encoder"),
+                    mclip.join("tokenizer"),
+                ])?
             );
+            let cached = match pool_cache {
+                Some(path) => DecoderPool::load(path, &key)
+                    .with_context(|| format!("reading the teachers' pool {}", path.display()))?,
+                None => None,
+            };
+            let pool = match cached {
+                Some(p) => {
+                    eprintln!(
+                        "{name}: teacher outputs for {} examples reused from {}",
+                        p.len(),
+                        pool_cache
+                            .as_ref()
+                            .map_or(String::new(), |c| c.display().to_string())
+                    );
+                    p
+                }
+                None => {
+                    let p = teachers.pool(opts.seed, *pool, opts.image_size)?;
+                    eprintln!(
+                        "{name}: teacher outputs for {} examples in {:.0}s",
+                        p.len(),
+                        started.elapsed().as_secs_f64()
+                    );
+                    if let Some(path) = pool_cache {
+                        p.save(path, &key).with_context(|| {
+                            format!("writing the teachers' pool {}", path.display())
+                        })?;
+                    }
+                    p
+                }
+            };
             let r = train_unet(
                 &opts,
                 &pool,
@@ -376,4 +421,28 @@ pub fn run(a: &TrainArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// FNV-1a (64-bit) over the names and contents of the files in `dirs`, in name order: what the
+/// teachers' pool was computed from.
+fn fingerprint(dirs: &[PathBuf]) -> Result<String> {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut eat = |bytes: &[u8]| {
+        for &b in bytes {
+            h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+        }
+    };
+    for dir in dirs {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+            .with_context(|| format!("reading {}", dir.display()))?
+            .map(|e| e.map(|e| e.path()))
+            .collect::<std::io::Result<_>>()
+            .with_context(|| format!("reading {}", dir.display()))?;
+        files.sort();
+        for f in files.iter().filter(|f| f.is_file()) {
+            eat(f.file_name().map_or(&[][..], |n| n.as_encoded_bytes()));
+            eat(&std::fs::read(f).with_context(|| format!("reading {}", f.display()))?);
+        }
+    }
+    Ok(format!("{h:016x}"))
 }

@@ -1028,6 +1028,8 @@ fn train_unet_and_inpainting_unet_on_trained_encoders() {
             "2",
             "--pool",
             "3",
+            "--pool-cache",
+            &p("pool.safetensors"),
         ]),
         strings(&[
             "train",
@@ -1051,14 +1053,46 @@ fn train_unet_and_inpainting_unet_on_trained_encoders() {
             &p("unet"),
         ]),
     ];
-    for args in runs {
-        let res = bin().args(&args).output().unwrap();
-        assert!(
-            res.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&res.stderr)
-        );
+    let mut logs = vec![];
+    for args in &runs {
+        let res = bin().args(args).output().unwrap();
+        let log = String::from_utf8_lossy(&res.stderr).to_string();
+        assert!(res.status.success(), "{args:?}: {log}");
+        logs.push(log);
     }
+    // The UNet wrote the teachers' pool; the inpainting UNet (same teachers, seed and size) reused
+    // it and trained to the same bits as with a freshly built pool; another size is not reused.
+    assert!(
+        logs[3].contains("teacher outputs for 3 examples in"),
+        "{}",
+        logs[3]
+    );
+    let mut cached = runs[4].clone();
+    cached.extend(strings(&["--pool-cache", &p("pool.safetensors")]));
+    let mut cached_out = cached.clone();
+    cached_out[4] = p("inpaint-cached");
+    let res = bin().args(&cached_out).output().unwrap();
+    let log = String::from_utf8_lossy(&res.stderr);
+    assert!(res.status.success() && log.contains("reused from"), "{log}");
+    let inpaint_weights = |d: &str| {
+        std::fs::read(
+            dir.path()
+                .join(d)
+                .join("unet/diffusion_pytorch_model.safetensors"),
+        )
+        .unwrap()
+    };
+    assert!(inpaint_weights("inpaint") == inpaint_weights("inpaint-cached"));
+    let mut other = cached.clone();
+    other[4] = p("inpaint-other");
+    let at = other.iter().position(|a| a == "--pool").unwrap();
+    other[at + 1] = "2".into();
+    let res = bin().args(&other).output().unwrap();
+    let log = String::from_utf8_lossy(&res.stderr);
+    assert!(
+        res.status.success() && log.contains("teacher outputs for 2 examples in"),
+        "{log}"
+    );
     for (d, ch) in [("unet", 4), ("inpaint", 9)] {
         let unet = kandinsky::models::UNet2DConditionModel::load(
             &dir.path().join(d).join("unet"),

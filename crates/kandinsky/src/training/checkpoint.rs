@@ -59,7 +59,7 @@ pub fn export_component(
     write_atomic(&dir.join(weights_file), params)
 }
 
-fn write_atomic(path: &Path, tensors: &HashMap<String, Tensor>) -> Result<()> {
+pub(crate) fn write_atomic(path: &Path, tensors: &HashMap<String, Tensor>) -> Result<()> {
     let tmp = path.with_extension("tmp");
     candle_core::safetensors::save(tensors, &tmp).map_err(|e| Error::InvalidWeights {
         path: tmp.clone(),

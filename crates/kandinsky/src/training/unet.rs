@@ -307,7 +307,75 @@ pub struct DecoderPool {
     uncond: UNetCond,
 }
 
+/// Name of the tensor holding a saved pool's key (its bytes as `u8`).
+const POOL_KEY: &str = "pool_key";
+
 impl DecoderPool {
+    fn named(&self) -> [(&'static str, &Tensor); 7] {
+        [
+            ("latents", &self.latents),
+            ("image_embeds", &self.image_embeds),
+            ("text_embeds", &self.text_embeds),
+            ("hidden", &self.hidden),
+            ("uncond_image_embeds", &self.uncond.0),
+            ("uncond_text_embeds", &self.uncond.1),
+            ("uncond_hidden", &self.uncond.2),
+        ]
+    }
+
+    /// Writes the pool to `path` (safetensors, atomically) under `key`, a description of
+    /// everything it was built from, so that [`DecoderPool::load`] can tell a stale file.
+    pub fn save(&self, path: &std::path::Path, key: &str) -> Result<()> {
+        let mut tensors: std::collections::HashMap<String, Tensor> = self
+            .named()
+            .into_iter()
+            .map(|(n, t)| (n.to_string(), t.clone()))
+            .collect();
+        let bytes = key.as_bytes().to_vec();
+        let n = bytes.len();
+        tensors.insert(POOL_KEY.into(), Tensor::from_vec(bytes, n, &Device::Cpu)?);
+        super::checkpoint::write_atomic(path, &tensors)
+    }
+
+    /// Reads a pool written by [`DecoderPool::save`]: `None` when `path` does not exist or was
+    /// saved under another key (built from other teachers or settings).
+    pub fn load(path: &std::path::Path, key: &str) -> Result<Option<Self>> {
+        if !path.exists() {
+            return Ok(None);
+        }
+        let mut t = candle_core::safetensors::load(path, &Device::Cpu).map_err(|e| {
+            crate::error::Error::InvalidWeights {
+                path: path.to_path_buf(),
+                message: e.to_string(),
+            }
+        })?;
+        let saved_key = match t.get(POOL_KEY) {
+            Some(k) => k.to_vec1::<u8>()?,
+            None => return Ok(None),
+        };
+        if saved_key != key.as_bytes() {
+            return Ok(None);
+        }
+        let mut take = |name: &str| {
+            t.remove(name)
+                .ok_or_else(|| crate::error::Error::MissingTensor {
+                    name: name.to_string(),
+                    files: path.display().to_string(),
+                })
+        };
+        Ok(Some(Self {
+            latents: take("latents")?,
+            image_embeds: take("image_embeds")?,
+            text_embeds: take("text_embeds")?,
+            hidden: take("hidden")?,
+            uncond: (
+                take("uncond_image_embeds")?,
+                take("uncond_text_embeds")?,
+                take("uncond_hidden")?,
+            ),
+        }))
+    }
+
     /// Examples in the pool.
     pub fn len(&self) -> usize {
         self.latents.dim(0).unwrap_or(0)
