@@ -30,7 +30,7 @@ $K train clip  --out "$RUNS/clip"  --steps 2000 --batch 64 --lr-decay-steps 400 
 $K train clip  --out "$RUNS/clip"  --steps 3000 --batch 64 --lr-decay-steps 400 --log-every 100
 # The prior needs only CLIP: it trains beside M-CLIP and the first ~40 minutes of the UNet. Two
 # phases (a warm restart at step 800): at 800 steps its samples were the bottleneck of the whole
-# model (mean cosine to the real image's embedding 0.937 English, 0.909 Russian; 0.966 / 0.961
+# model (mean cosine to the real image's embedding 0.937 English, 0.909 Russian; 0.966 / 0.960
 # at 2400), while the decoder given real image embeddings already got colours and positions right.
 $K train prior --out "$RUNS/prior" --clip "$RUNS/clip" --steps 2400 --lr-restarts 800 --lr-decay-steps 200 \
     --batch 64 --log-every 100 > "$RUNS/prior.log" 2>&1 &

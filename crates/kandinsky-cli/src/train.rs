@@ -344,43 +344,46 @@ pub fn run(a: &TrainArgs) -> Result<()> {
                     })?,
             };
             let name = if *inpaint { "unet-inpaint" } else { "unet" };
-            let started = Instant::now();
-            let key = format!(
-                "seed {} pool {} side {} teachers {}",
-                opts.seed,
-                pool,
-                opts.image_size,
-                fingerprint(&[
-                    movq.join("movq"),
-                    clip.join("image_encoder"),
-                    mclip.join("text_encoder"),
-                    mclip.join("tokenizer"),
-                ])?
-            );
-            let cached = match pool_cache {
-                Some(path) => DecoderPool::load(path, &key)
-                    .with_context(|| format!("reading the teachers' pool {}", path.display()))?,
+            // The pool is only keyed (its teachers' files read and hashed) when it is cached.
+            let cache = match pool_cache {
+                Some(path) => {
+                    let key = format!(
+                        "seed {} pool {} side {} teachers {}",
+                        opts.seed,
+                        pool,
+                        opts.image_size,
+                        fingerprint(&[
+                            movq.join("movq"),
+                            clip.join("image_encoder"),
+                            mclip.join("text_encoder"),
+                            mclip.join("tokenizer"),
+                        ])?
+                    );
+                    let cached = DecoderPool::load(path, &key).with_context(|| {
+                        format!("reading the teachers' pool {}", path.display())
+                    })?;
+                    Some((path, key, cached))
+                }
                 None => None,
             };
-            let pool = match cached {
-                Some(p) => {
+            let pool = match cache {
+                Some((path, _, Some(p))) => {
                     eprintln!(
                         "{name}: teacher outputs for {} examples reused from {}",
                         p.len(),
-                        pool_cache
-                            .as_ref()
-                            .map_or(String::new(), |c| c.display().to_string())
+                        path.display()
                     );
                     p
                 }
-                None => {
+                cache => {
+                    let started = Instant::now();
                     let p = teachers.pool(opts.seed, *pool, opts.image_size)?;
                     eprintln!(
                         "{name}: teacher outputs for {} examples in {:.0}s",
                         p.len(),
                         started.elapsed().as_secs_f64()
                     );
-                    if let Some(path) = pool_cache {
+                    if let Some((path, key, _)) = cache {
                         p.save(path, &key).with_context(|| {
                             format!("writing the teachers' pool {}", path.display())
                         })?;

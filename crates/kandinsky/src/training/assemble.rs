@@ -3,7 +3,7 @@
 //! (`decoder-inpaint/`) — with fp16 weights (the loaders upcast) to keep the model small.
 
 use crate::error::{Error, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use serde_json::json;
 use std::collections::HashMap;
 use std::path::Path;
@@ -25,11 +25,7 @@ fn copy_component(src: &Path, dst: &Path, weights: &str) -> Result<()> {
     let cfg = src.join("config.json");
     std::fs::copy(&cfg, dst.join("config.json")).map_err(|e| Error::io(&cfg, e))?;
     let w = src.join(weights);
-    let tensors =
-        candle_core::safetensors::load(&w, &Device::Cpu).map_err(|e| Error::InvalidWeights {
-            path: w.clone(),
-            message: e.to_string(),
-        })?;
+    let tensors = super::checkpoint::read_all(&w)?;
     let half: HashMap<String, Tensor> = tensors
         .into_iter()
         .map(|(k, t)| Ok((k, t.to_dtype(DType::F16)?)))

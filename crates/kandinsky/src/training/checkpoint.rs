@@ -20,13 +20,17 @@ pub fn save(path: &Path, params: &ParamStore, opt: &AdamW) -> Result<()> {
     write_atomic(path, &all)
 }
 
+/// Reads every tensor of a safetensors file.
+pub(crate) fn read_all(path: &Path) -> Result<HashMap<String, Tensor>> {
+    candle_core::safetensors::load(path, &Device::Cpu).map_err(|e| Error::InvalidWeights {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })
+}
+
 /// Reads a checkpoint: `(parameters by name, everything else)`.
 pub fn load(path: &Path) -> Result<(HashMap<String, Tensor>, HashMap<String, Tensor>)> {
-    let all =
-        candle_core::safetensors::load(path, &Device::Cpu).map_err(|e| Error::InvalidWeights {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        })?;
+    let all = read_all(path)?;
     let (mut params, mut rest) = (HashMap::new(), HashMap::new());
     for (k, t) in all {
         match k.strip_prefix(PARAM_PREFIX) {

@@ -310,25 +310,36 @@ pub struct DecoderPool {
 /// Name of the tensor holding a saved pool's key (its bytes as `u8`).
 const POOL_KEY: &str = "pool_key";
 
+/// Names of a saved pool's tensors, in the order of [`DecoderPool::tensors`].
+const POOL_TENSORS: [&str; 7] = [
+    "latents",
+    "image_embeds",
+    "text_embeds",
+    "hidden",
+    "uncond_image_embeds",
+    "uncond_text_embeds",
+    "uncond_hidden",
+];
+
 impl DecoderPool {
-    fn named(&self) -> [(&'static str, &Tensor); 7] {
+    fn tensors(&self) -> [&Tensor; 7] {
         [
-            ("latents", &self.latents),
-            ("image_embeds", &self.image_embeds),
-            ("text_embeds", &self.text_embeds),
-            ("hidden", &self.hidden),
-            ("uncond_image_embeds", &self.uncond.0),
-            ("uncond_text_embeds", &self.uncond.1),
-            ("uncond_hidden", &self.uncond.2),
+            &self.latents,
+            &self.image_embeds,
+            &self.text_embeds,
+            &self.hidden,
+            &self.uncond.0,
+            &self.uncond.1,
+            &self.uncond.2,
         ]
     }
 
     /// Writes the pool to `path` (safetensors, atomically) under `key`, a description of
     /// everything it was built from, so that [`DecoderPool::load`] can tell a stale file.
     pub fn save(&self, path: &std::path::Path, key: &str) -> Result<()> {
-        let mut tensors: std::collections::HashMap<String, Tensor> = self
-            .named()
-            .into_iter()
+        let mut tensors: std::collections::HashMap<String, Tensor> = POOL_TENSORS
+            .iter()
+            .zip(self.tensors())
             .map(|(n, t)| (n.to_string(), t.clone()))
             .collect();
         let bytes = key.as_bytes().to_vec();
@@ -343,18 +354,10 @@ impl DecoderPool {
         if !path.exists() {
             return Ok(None);
         }
-        let mut t = candle_core::safetensors::load(path, &Device::Cpu).map_err(|e| {
-            crate::error::Error::InvalidWeights {
-                path: path.to_path_buf(),
-                message: e.to_string(),
-            }
-        })?;
-        let saved_key = match t.get(POOL_KEY) {
-            Some(k) => k.to_vec1::<u8>()?,
-            None => return Ok(None),
-        };
-        if saved_key != key.as_bytes() {
-            return Ok(None);
+        let mut t = super::checkpoint::read_all(path)?;
+        match t.get(POOL_KEY) {
+            Some(k) if k.to_vec1::<u8>()? == key.as_bytes() => {}
+            _ => return Ok(None),
         }
         let mut take = |name: &str| {
             t.remove(name)
@@ -363,16 +366,13 @@ impl DecoderPool {
                     files: path.display().to_string(),
                 })
         };
+        let [latents, image_embeds, text_embeds, hidden, ui, ut, uh] = POOL_TENSORS.map(&mut take);
         Ok(Some(Self {
-            latents: take("latents")?,
-            image_embeds: take("image_embeds")?,
-            text_embeds: take("text_embeds")?,
-            hidden: take("hidden")?,
-            uncond: (
-                take("uncond_image_embeds")?,
-                take("uncond_text_embeds")?,
-                take("uncond_hidden")?,
-            ),
+            latents: latents?,
+            image_embeds: image_embeds?,
+            text_embeds: text_embeds?,
+            hidden: hidden?,
+            uncond: (ui?, ut?, uh?),
         }))
     }
 
