@@ -1,10 +1,11 @@
 //! `kandinsky decode`: MoVQ latent → PNG.
 
 use anyhow::{Context, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use kandinsky::image_io::{numbered_path, save_png, to_rgb8};
-use kandinsky::loading::component_dir;
+use kandinsky::loading::{component_dir, given_or_small};
 use kandinsky::models::VQModel;
+use kandinsky::utils::torch_utils::TorchGenerator;
 use std::path::PathBuf;
 
 #[derive(clap::Args)]
@@ -14,7 +15,8 @@ pub struct DecodeArgs {
     #[arg(long)]
     movq: Option<String>,
     /// A safetensors file holding the latent `(B, 4, h, w)` (first tensor, or the one named
-    /// `latents`). Without it, a standard-normal latent is drawn from `--seed`.
+    /// `latents`). Without it, a standard-normal latent is drawn from `--seed` with the
+    /// torch-compatible generator (`torch.randn` of `torch.Generator().manual_seed(seed)`).
     #[arg(long)]
     latents: Option<PathBuf>,
     /// Latent side when no `--latents` is given (image side = 8 × this for the real MoVQ).
@@ -28,31 +30,8 @@ pub struct DecodeArgs {
     output: PathBuf,
 }
 
-fn random_latent(seed: u64, side: usize) -> Result<Tensor> {
-    // A small, dependency-free Gaussian source (SplitMix64 + Box–Muller); the torch-compatible
-    // generator arrives with the pipelines.
-    let mut state = seed;
-    let mut next = || {
-        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
-    };
-    let n = 4 * side * side;
-    let mut v = Vec::with_capacity(n);
-    while v.len() < n {
-        let (u1, u2) = (1.0 - next(), next());
-        let r = (-2.0 * u1.ln()).sqrt();
-        v.push((r * (std::f64::consts::TAU * u2).cos()) as f32);
-        v.push((r * (std::f64::consts::TAU * u2).sin()) as f32);
-    }
-    v.truncate(n);
-    Ok(Tensor::from_vec(v, (1, 4, side, side), &Device::Cpu)?)
-}
-
 pub fn run(args: &DecodeArgs) -> Result<()> {
-    let dir = crate::generate::given_or_small(args.movq.as_deref(), "decoder")?;
+    let dir = given_or_small(args.movq.as_deref(), "decoder")?;
     let dir = if dir.join("config.json").is_file() {
         dir
     } else {
@@ -73,7 +52,8 @@ pub fn run(args: &DecodeArgs) -> Result<()> {
         }
         None => {
             anyhow::ensure!(args.latent_size > 0, "--latent-size must be positive");
-            random_latent(args.seed, args.latent_size)?
+            let shape = vec![1, 4, args.latent_size, args.latent_size];
+            TorchGenerator::new(args.seed).randn(shape, &Device::Cpu)?
         }
     };
     anyhow::ensure!(
@@ -83,10 +63,15 @@ pub fn run(args: &DecodeArgs) -> Result<()> {
     );
     let images = movq.decode(&latents.to_dtype(DType::F32)?, true)?;
     let rgb = to_rgb8(&images)?;
-    for (i, (w, h, pixels)) in rgb.iter().enumerate() {
+    for (i, image) in rgb.iter().enumerate() {
         let path = numbered_path(&args.output, i, rgb.len());
-        save_png(&path, *w, *h, pixels, &[])?;
-        println!("wrote {} ({w}x{h})", path.display());
+        save_png(&path, image, &[])?;
+        println!(
+            "wrote {} ({}x{})",
+            path.display(),
+            image.width,
+            image.height
+        );
     }
     Ok(())
 }

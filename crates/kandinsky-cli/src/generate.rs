@@ -1,24 +1,19 @@
-//! Every generation mode: an image embedding from the prior stage (a prompt, a prompt started from
-//! an image's embedding, a weighted mix of prompts and images, or one image), then the decoder
-//! (from noise, from a noised image, inpainting, or ControlNet). Stages load one after the other;
-//! the prior and its encoders are dropped before the decoder is loaded.
+//! Every generation mode: flags → a library [`Request`], the progress bar, PNG writing. The
+//! pipeline itself (model kinds, sizes, stages) is `kandinsky::pipelines::auto_pipeline`.
 
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Tensor};
-use kandinsky::image_io::{
-    extend_canvas, load_hint, numbered_path, prepare_image, read_rgb8, save_png, to_rgb8,
+use candle_core::{Device, Tensor};
+use kandinsky::image_io::{numbered_path, read_rgb8, save_png, Margins, Rgb8};
+use kandinsky::loading::{
+    given_or_small, read_tensor, resolve_pipeline_dirs, small_model_dirs, PipelineDirs,
 };
-use kandinsky::loading::{component_dir, preset, read_tensor, resolve_model_dir, ModelIndex};
-use kandinsky::models::{UNet2DConditionConfig, VQModelConfig};
-use kandinsky::pipelines::kandinsky::pipeline_kandinsky::KandinskyPipeline;
-use kandinsky::pipelines::kandinsky::pipeline_kandinsky_inpaint::prepare_mask_and_masked_image;
-use kandinsky::pipelines::kandinsky::pipeline_kandinsky_prior::{
-    KandinskyPriorPipeline, MixInput, PriorParams,
+use kandinsky::pipelines::auto_pipeline::{
+    AutoPipeline, Controlnet, ControlnetImage, DecoderKind, GenerationParams, ImageToImage,
+    Inpainting, LoadOptions, Mixing, Mode, Outpainting, Prompt, Request, Stage, TextToImage,
+    Variations, Version,
 };
-use kandinsky::pipelines::kandinsky2_2::pipeline_kandinsky2_2::{
-    latent_size, DecoderParams, KandinskyV22Pipeline,
-};
-use kandinsky::schedulers::SchedulerConfig;
+use kandinsky::pipelines::kandinsky::pipeline_kandinsky_prior::MixInput;
+use kandinsky::schedulers::SchedulerClass;
 use kandinsky::utils::torch_utils::TorchGenerator;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -39,12 +34,12 @@ pub enum SchedulerChoice {
 }
 
 impl SchedulerChoice {
-    fn class_name(self) -> Option<&'static str> {
+    fn class(self) -> Option<SchedulerClass> {
         match self {
             SchedulerChoice::Default => None,
-            SchedulerChoice::Ddim => Some("DDIMScheduler"),
-            SchedulerChoice::Ddpm => Some("DDPMScheduler"),
-            SchedulerChoice::DpmPlusPlus2M => Some("DPMSolverMultistepScheduler"),
+            SchedulerChoice::Ddim => Some(SchedulerClass::Ddim),
+            SchedulerChoice::Ddpm => Some(SchedulerClass::Ddpm),
+            SchedulerChoice::DpmPlusPlus2M => Some(SchedulerClass::DpmSolverMultistep),
         }
     }
 }
@@ -220,130 +215,33 @@ pub struct ControlnetArgs {
     prior_strength: Option<f64>,
 }
 
-/// The largest latent area per image we agree to allocate: the real UNet's attention at its first
-/// SimpleCrossAttn level holds (h/2·w/2)² scores per head.
-const MAX_LATENT_PIXELS: usize = 192 * 192;
-
-/// An RGB8 image read from a file.
-type Rgb8 = (usize, usize, Vec<u8>);
-
-/// What the prior stage does.
-enum PriorStage {
-    Text {
-        prompt: String,
-        negative: Option<String>,
-    },
-    /// 2.2 emb2emb: the prompt, starting from an image's CLIP embedding.
-    FromImage {
-        prompt: String,
-        negative: Option<String>,
-        image: Rgb8,
-        strength: f64,
-    },
-    Mix(Vec<(MixInput, f64)>),
-}
-
-/// Where the decoder starts and what it is conditioned on.
-enum DecoderStart {
-    Noise,
-    Image {
-        image: PathBuf,
-        strength: f64,
-    },
-    Inpaint {
-        image: Rgb8,
-        mask: Rgb8,
-    },
-    Controlnet {
-        hint: PathBuf,
-        image: Option<(PathBuf, f64)>,
-    },
-}
-
-/// The decoder pipeline classes a mode accepts.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Family {
-    /// `KandinskyPipeline` (2.1) / `KandinskyV22Pipeline` (2.2): text-to-image and image-to-image.
-    Plain,
-    /// `KandinskyInpaintPipeline` / `KandinskyV22InpaintPipeline`.
-    Inpaint,
-    /// `KandinskyV22ControlnetPipeline`.
-    Controlnet,
-}
-
-/// `(family, is 2.1)` of a decoder's `model_index.json` class.
-fn family_of(class: &str) -> Option<(Family, bool)> {
-    Some(match class {
-        "KandinskyPipeline" | "KandinskyImg2ImgPipeline" => (Family::Plain, true),
-        "KandinskyV22Pipeline" | "KandinskyV22Img2ImgPipeline" => (Family::Plain, false),
-        "KandinskyInpaintPipeline" => (Family::Inpaint, true),
-        "KandinskyV22InpaintPipeline" => (Family::Inpaint, false),
-        "KandinskyV22ControlnetPipeline" | "KandinskyV22ControlnetImg2ImgPipeline" => {
-            (Family::Controlnet, false)
-        }
-        _ => return None,
-    })
-}
-
-struct Job {
-    prior: PriorStage,
-    start: DecoderStart,
-    /// The 2.1 decoder's M-CLIP prompt ("" for mixing and variations, as diffusers).
-    decoder_prompt: String,
-    /// The first lines of the PNG's `parameters` text.
-    record: String,
-    /// Output size when the mode fixes it (outpainting's canvas).
-    size: Option<(usize, usize)>,
-}
-
-fn validate(a: &CommonArgs) -> Result<()> {
-    for (name, v) in [("--steps", a.steps), ("--num-images", a.num_images)] {
-        if v == 0 {
-            bail!("{name} must be at least 1");
-        }
-    }
-    if a.prior_steps < 2 {
-        bail!("--prior-steps must be at least 2 (the prior scheduler spaces steps over 0..999)");
-    }
-    for (name, g) in [
-        ("--guidance", a.guidance),
-        ("--prior-guidance", a.prior_guidance),
-    ] {
-        if !g.is_finite() || g < 0.0 {
-            bail!("{name} must be a finite number ≥ 0, got {g}");
-        }
-    }
-    if a.width == Some(0) || a.height == Some(0) {
-        bail!("--width and --height must be positive");
-    }
-    if let Some(dir) = a.output.parent().filter(|p| !p.as_os_str().is_empty()) {
-        if !dir.is_dir() {
-            bail!("output directory {} does not exist", dir.display());
-        }
-    }
-    Ok(())
-}
-
-fn check_strength(name: &str, s: f64) -> Result<()> {
-    if !(s > 0.0 && s <= 1.0) {
-        bail!("{name} must be in (0, 1], got {s}");
-    }
-    Ok(())
-}
-
 fn read_image(path: &Path, what: &str) -> Result<Rgb8> {
     read_rgb8(path).with_context(|| format!("reading the {what}"))
 }
 
-fn progress(stage: &'static str) -> impl FnMut(usize, usize) {
-    let start = Instant::now();
-    move |i, n| {
+fn read_latents(path: Option<&Path>) -> Result<Option<Tensor>> {
+    Ok(path.map(|p| read_tensor(p, &Device::Cpu)).transpose()?)
+}
+
+/// A progress bar on stderr, restarted for each stage.
+fn progress_bar() -> impl FnMut(Stage, usize, usize) {
+    let mut current = None;
+    let mut start = Instant::now();
+    move |stage, i, n| {
+        if current != Some(stage) {
+            current = Some(stage);
+            start = Instant::now();
+        }
+        let name = match stage {
+            Stage::Prior => "prior",
+            Stage::Decoder => "decoder",
+        };
         let elapsed = start.elapsed().as_secs_f64();
         let eta = elapsed / i as f64 * (n - i) as f64;
         let width = 30;
         let done = width * i / n;
         eprint!(
-            "\r{stage:>8} [{}{}] {i}/{n} {elapsed:.1}s, ETA {eta:.1}s ",
+            "\r{name:>8} [{}{}] {i}/{n} {elapsed:.1}s, ETA {eta:.1}s ",
             "#".repeat(done),
             "-".repeat(width - done)
         );
@@ -354,148 +252,53 @@ fn progress(stage: &'static str) -> impl FnMut(usize, usize) {
     }
 }
 
-/// Where our small model lives: `models/small` of this repository (found at build time, so
-/// the binary works offline from any directory of the checkout).
-pub const SMALL_MODEL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../models/small");
-
-/// A component directory of the small model (`prior`, `decoder`, `decoder-inpaint`), checked to
-/// exist.
-pub fn small_model(part: &str) -> Result<PathBuf> {
-    let dir = Path::new(SMALL_MODEL).join(part);
-    if !dir.join("model_index.json").is_file() {
-        bail!(
-            "the default model is missing ({} has no model_index.json); pass --model and --prior, or restore models/small",
-            dir.display()
-        );
-    }
-    Ok(dir)
-}
-
-/// `given` resolved as a directory or hub id, or the small model's `part` when it is omitted.
-pub fn given_or_small(given: Option<&str>, part: &str) -> Result<PathBuf> {
-    match given {
-        Some(g) => Ok(resolve_model_dir(g)?),
-        None => small_model(part),
-    }
-}
-
 /// The model and prior directories: `--model` as a directory, a hub id or a preset name, or
 /// the small model when it is omitted.
-fn model_dirs(a: &CommonArgs, family: Family) -> Result<(PathBuf, PathBuf)> {
+fn model_dirs(a: &CommonArgs, kind: DecoderKind) -> Result<PipelineDirs> {
     let Some(model) = &a.model else {
-        let decoder = match family {
-            Family::Plain => "decoder",
-            Family::Inpaint => "decoder-inpaint",
-            Family::Controlnet => bail!(
+        if kind == DecoderKind::Controlnet {
+            bail!(
                 "there is no default ControlNet model (the small model is 2.1-style); pass --model kandinsky-2-2-controlnet-depth or a directory"
-            ),
-        };
-        let prior = given_or_small(a.prior.as_deref(), "prior")?;
-        return Ok((small_model(decoder)?, prior));
+            );
+        }
+        let mut dirs = small_model_dirs(kind == DecoderKind::Inpaint)?;
+        dirs.prior = given_or_small(a.prior.as_deref(), "prior")?;
+        return Ok(dirs);
     };
-    let named = preset(model).filter(|_| !Path::new(model).is_dir());
-    let model = named.map_or(model.as_str(), |p| p.decoder);
-    let prior = match (&a.prior, named) {
-        (Some(p), _) => p.as_str(),
-        (None, Some(p)) => p.prior,
-        (None, None) => bail!("--prior is required unless --model is a preset name or omitted"),
-    };
-    Ok((resolve_model_dir(model)?, resolve_model_dir(prior)?))
+    resolve_pipeline_dirs(model, a.prior.as_deref())?
+        .context("--prior is required unless --model is a preset name or omitted")
 }
 
-fn run_job(a: &CommonArgs, job: Job, family: Family) -> Result<()> {
-    validate(a)?;
-    let (model_dir, prior_dir) = model_dirs(a, family)?;
-    let index = ModelIndex::load(&model_dir)?;
-    let (found, v21) = family_of(&index.class_name).with_context(|| {
-        format!(
-            "{} holds a '{}' pipeline, not a Kandinsky decoder",
-            model_dir.display(),
-            index.class_name
-        )
-    })?;
-    if found != family {
-        let need = match family {
-            Family::Plain => "a text-to-image decoder (KandinskyPipeline or KandinskyV22Pipeline, e.g. kandinsky-2-2)",
-            Family::Inpaint => "an inpainting decoder (KandinskyInpaintPipeline or KandinskyV22InpaintPipeline, e.g. kandinsky-2-2-inpaint)",
-            Family::Controlnet => "a ControlNet decoder (KandinskyV22ControlnetPipeline, e.g. kandinsky-2-2-controlnet-depth)",
-        };
-        bail!(
-            "{} holds a '{}' pipeline; this mode needs {need}",
-            model_dir.display(),
-            index.class_name
-        );
-    }
-    // Everything that can be checked is checked before the (slow) prior runs.
-    let movq_config = VQModelConfig::load(&component_dir(&model_dir, "movq")?)?;
-    let f = 1usize << movq_config.block_out_channels.len().saturating_sub(1);
-    let (width, height) = match job.size {
-        Some((w, h)) => {
-            if a.width.is_some_and(|x| x != w) || a.height.is_some_and(|x| x != h) {
-                bail!("the output size of outpainting is the image plus the margins ({w}x{h}); do not pass --width/--height");
-            }
-            (w, h)
-        }
-        None => {
-            let unet = UNet2DConditionConfig::load(&component_dir(&model_dir, "unet")?)?;
-            let native = unet.sample_size.map_or(512, |s| s * f);
-            (a.width.unwrap_or(native), a.height.unwrap_or(native))
-        }
-    };
-    if latent_size(height, f) * latent_size(width, f) > MAX_LATENT_PIXELS {
-        bail!(
-            "{width}x{height} is too large: its activations would not fit in memory on this machine (at most {}x{} pixels with this MoVQ)",
-            192 * f,
-            192 * f
-        );
-    }
-    let grid = f * f;
-    if matches!(
-        job.start,
-        DecoderStart::Inpaint { .. } | DecoderStart::Controlnet { .. }
-    ) && (!width.is_multiple_of(grid) || !height.is_multiple_of(grid))
-    {
-        bail!(
-            "{width}x{height}: this mode needs a width and height that are multiples of {grid} (try {}x{})",
-            width.div_ceil(grid) * grid,
-            height.div_ceil(grid) * grid
-        );
-    }
-    let decoder_config = match a.scheduler.class_name() {
-        None => None,
-        Some(class) => {
-            let path = component_dir(&model_dir, "scheduler")?.join("scheduler_config.json");
-            // `Class.from_config(model_scheduler.config)`: the model's betas, the keys the new
-            // class takes, its own defaults for the rest.
-            Some(kandinsky::schedulers::with_class(
-                &SchedulerConfig::load(&path)?,
-                class,
-            )?)
-        }
-    };
-    let device = Device::Cpu;
-    let prior_latents = a
-        .prior_latents
-        .as_deref()
-        .map(|p| read_tensor(p, &device))
-        .transpose()?;
-    let latents = a
-        .latents
-        .as_deref()
-        .map(|p| read_tensor(p, &device))
-        .transpose()?;
-    if prior_latents.is_some() && !matches!(job.prior, PriorStage::Text { .. }) {
-        bail!("--prior-latents applies to modes whose prior samples one prompt from noise (not mix, variations or --prior-strength)");
-    }
-    if latents.is_some()
-        && matches!(
-            job.start,
-            DecoderStart::Image { .. } | DecoderStart::Controlnet { image: Some(_), .. }
-        )
-    {
-        bail!("--latents does not apply to image-to-image (the start is the noised image)");
-    }
+/// The mode's request, and the first lines of the PNG's `parameters` text.
+struct Job {
+    mode: Mode,
+    record: String,
+}
 
+fn run_job(a: &CommonArgs, job: Job) -> Result<()> {
+    if let Some(dir) = a.output.parent().filter(|p| !p.as_os_str().is_empty()) {
+        if !dir.is_dir() {
+            bail!("output directory {} does not exist", dir.display());
+        }
+    }
+    let dirs = model_dirs(a, job.mode.decoder_kind())?;
+    let mut pipe =
+        AutoPipeline::from_pretrained(&dirs.decoder, &dirs.prior, LoadOptions::default())?;
+    let request = Request {
+        mode: job.mode,
+        params: GenerationParams {
+            width: a.width,
+            height: a.height,
+            steps: a.steps,
+            prior_steps: a.prior_steps,
+            guidance: a.guidance,
+            prior_guidance: a.prior_guidance,
+            num_images: a.num_images,
+            scheduler: a.scheduler.class(),
+        },
+    };
+    // Everything that can be checked is checked before the (slow) prior runs.
+    let plan = pipe.check(&request)?;
     let seed = a.seed.unwrap_or_else(|| {
         let t = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -504,73 +307,21 @@ fn run_job(a: &CommonArgs, job: Job, family: Family) -> Result<()> {
     });
     eprintln!("seed {seed}");
     let mut generator = TorchGenerator::new(seed);
-    let params = PriorParams {
-        steps: a.prior_steps,
-        guidance_scale: a.prior_guidance,
-        num_images_per_prompt: a.num_images,
-    };
-    let (image_embeds, negative_embeds) = {
-        let prior = KandinskyPriorPipeline::load(&prior_dir, DType::F32, &device)
-            .with_context(|| format!("loading the prior from {}", prior_dir.display()))?;
-        let mut bar = progress("prior");
-        match &job.prior {
-            PriorStage::Text { prompt, negative } => prior.call(
-                std::slice::from_ref(prompt),
-                negative.as_deref(),
-                params,
-                &mut generator,
-                prior_latents,
-                &mut bar,
-            )?,
-            PriorStage::FromImage {
-                prompt,
-                negative,
-                image,
-                strength,
-            } => prior.emb2emb(
-                std::slice::from_ref(prompt),
-                negative.as_deref(),
-                (image.0, image.1, &image.2),
-                *strength,
-                params,
-                &mut generator,
-                &mut bar,
-            )?,
-            PriorStage::Mix(inputs) => {
-                prior.interpolate(inputs, params, "", None, &mut generator, &mut bar)?
-            }
-        }
-    };
-    let dp = DecoderParams {
-        height,
-        width,
-        steps: a.steps,
-        guidance_scale: a.guidance,
-    };
-    let images = decode(
-        &model_dir,
-        v21,
-        &job,
-        dp,
-        decoder_config,
-        (&image_embeds, &negative_embeds),
-        latents,
-        &mut generator,
-    )?;
-    let sampler = match a.scheduler {
-        SchedulerChoice::Default if v21 => "DDIM (model default)",
-        SchedulerChoice::Default => "DDPM (model default)",
-        SchedulerChoice::Ddim => "DDIM",
-        SchedulerChoice::Ddpm => "DDPM",
-        SchedulerChoice::DpmPlusPlus2M => "DPM++ 2M",
+    let images = pipe.generate(request, &mut generator, &mut progress_bar())?;
+    let sampler = match (a.scheduler.class(), pipe.info().version) {
+        (None, Version::V2_1) => "DDIM (model default)",
+        (None, Version::V2_2) => "DDPM (model default)",
+        (Some(class), _) => class.display_name(),
     };
     let parameters = format!(
-        "{}\nSteps: {}, Prior steps: {}, CFG scale: {}, Prior CFG scale: {}, Seed: {seed}, Size: {width}x{height}, Model: {}, Prior: {}, Sampler: {sampler}",
+        "{}\nSteps: {}, Prior steps: {}, CFG scale: {}, Prior CFG scale: {}, Seed: {seed}, Size: {}x{}, Model: {}, Prior: {}, Sampler: {sampler}",
         job.record,
         a.steps,
         a.prior_steps,
         a.guidance,
         a.prior_guidance,
+        plan.width,
+        plan.height,
         a.model.as_deref().unwrap_or("small (models/small)"),
         a.prior.as_deref().unwrap_or(if a.model.is_some() {
             "(preset)"
@@ -578,104 +329,17 @@ fn run_job(a: &CommonArgs, job: Job, family: Family) -> Result<()> {
             "small (models/small/prior)"
         }),
     );
-    let rgb = to_rgb8(&images)?;
-    for (i, (w, h, pixels)) in rgb.iter().enumerate() {
-        let path = numbered_path(&a.output, i, rgb.len());
-        save_png(&path, *w, *h, pixels, &[("parameters", &parameters)])?;
-        println!("wrote {} ({w}x{h})", path.display());
+    for (i, image) in images.iter().enumerate() {
+        let path = numbered_path(&a.output, i, images.len());
+        save_png(&path, image, &[("parameters", &parameters)])?;
+        println!(
+            "wrote {} ({}x{})",
+            path.display(),
+            image.width,
+            image.height
+        );
     }
     Ok(())
-}
-
-#[allow(clippy::too_many_arguments)]
-fn decode(
-    model_dir: &Path,
-    v21: bool,
-    job: &Job,
-    dp: DecoderParams,
-    scheduler: Option<SchedulerConfig>,
-    (embeds, negative): (&Tensor, &Tensor),
-    latents: Option<Tensor>,
-    generator: &mut TorchGenerator,
-) -> Result<Tensor> {
-    let device = Device::Cpu;
-    let context = || format!("loading the decoder from {}", model_dir.display());
-    let mut bar = progress("decoder");
-    let inpaint_inputs = |image: &Rgb8, mask: &Rgb8| {
-        prepare_mask_and_masked_image(
-            (image.0, image.1, &image.2),
-            (mask.0, mask.1, &mask.2),
-            dp.width,
-            dp.height,
-            &device,
-        )
-    };
-    if v21 {
-        // As diffusers' combined pipelines: the decoder's M-CLIP sees the prompt ("" for mixing),
-        // and its unconditional text is "" (a negative prompt acts through the prior).
-        let mut d =
-            KandinskyPipeline::load(model_dir, DType::F32, &device).with_context(context)?;
-        if let Some(s) = scheduler {
-            d.set_scheduler(s);
-        }
-        let prompts = vec![job.decoder_prompt.clone()];
-        return Ok(match &job.start {
-            DecoderStart::Noise => d.call(
-                &prompts, None, embeds, negative, dp, generator, latents, &mut bar,
-            )?,
-            DecoderStart::Image { image, strength } => {
-                let image = prepare_image(image, dp.width, dp.height, d.scale_factor(), &device)?;
-                d.img2img(
-                    &prompts, None, &image, embeds, negative, dp, *strength, generator, &mut bar,
-                )?
-            }
-            DecoderStart::Inpaint { image, mask } => {
-                let (mask, image) = inpaint_inputs(image, mask)?;
-                d.inpaint(
-                    &prompts, None, &image, &mask, embeds, negative, dp, generator, latents,
-                    &mut bar,
-                )?
-            }
-            DecoderStart::Controlnet { .. } => unreachable!("ControlNet decoders are 2.2"),
-        });
-    }
-    let mut d = KandinskyV22Pipeline::load(model_dir, DType::F32, &device).with_context(context)?;
-    if let Some(s) = scheduler {
-        d.set_scheduler(s);
-    }
-    Ok(match &job.start {
-        DecoderStart::Noise => d.call(embeds, negative, dp, generator, latents, &mut bar)?,
-        DecoderStart::Image { image, strength } => {
-            let image = prepare_image(image, dp.width, dp.height, d.scale_factor(), &device)?;
-            d.img2img(&image, embeds, negative, dp, *strength, generator, &mut bar)?
-        }
-        DecoderStart::Inpaint { image, mask } => {
-            let (mask, image) = inpaint_inputs(image, mask)?;
-            d.inpaint(
-                &image, &mask, embeds, negative, dp, generator, latents, &mut bar,
-            )?
-        }
-        DecoderStart::Controlnet { hint, image } => {
-            let hint = load_hint(hint, dp.width, dp.height, &device)?;
-            let image = match image {
-                Some((path, strength)) => Some((
-                    prepare_image(path, dp.width, dp.height, d.scale_factor(), &device)?,
-                    *strength,
-                )),
-                None => None,
-            };
-            d.controlnet(
-                &hint,
-                image.as_ref().map(|(i, s)| (i, *s)),
-                embeds,
-                negative,
-                dp,
-                generator,
-                latents,
-                &mut bar,
-            )?
-        }
-    })
 }
 
 fn record(p: &PromptArgs) -> String {
@@ -686,151 +350,177 @@ fn record(p: &PromptArgs) -> String {
     )
 }
 
-fn text_stage(p: &PromptArgs) -> PriorStage {
-    PriorStage::Text {
+fn prompt(p: &PromptArgs) -> Prompt {
+    Prompt {
         prompt: p.prompt.clone(),
-        negative: p.negative_prompt.clone(),
+        negative_prompt: p.negative_prompt.clone(),
     }
 }
 
-/// The prior stage of a mode with a starting image: emb2emb when `--prior-strength` is given.
-fn prior_from(
-    p: &PromptArgs,
-    image: Option<&Path>,
-    prior_strength: Option<f64>,
-) -> Result<PriorStage> {
-    match (prior_strength, image) {
-        (None, _) => Ok(text_stage(p)),
-        (Some(_), None) => bail!("--prior-strength needs --image"),
-        (Some(s), Some(path)) => {
-            check_strength("--prior-strength", s)?;
-            Ok(PriorStage::FromImage {
-                prompt: p.prompt.clone(),
-                negative: p.negative_prompt.clone(),
-                image: read_image(path, "image")?,
-                strength: s,
-            })
-        }
-    }
+/// `--latents` for the modes that start from noise.
+fn latents(a: &CommonArgs) -> Result<Option<Tensor>> {
+    read_latents(a.latents.as_deref())
 }
+
+/// `--prior-latents` for the modes whose prior samples one prompt from noise.
+fn prior_latents(a: &CommonArgs) -> Result<Option<Tensor>> {
+    read_latents(a.prior_latents.as_deref())
+}
+
+/// Refuses a flag the mode has no use for.
+fn refuse(given: bool, message: &str) -> Result<()> {
+    if given {
+        bail!("{message}");
+    }
+    Ok(())
+}
+
+const NO_PRIOR_LATENTS: &str = "--prior-latents applies to modes whose prior samples one prompt from noise (not mix, variations or --prior-strength)";
+const NO_LATENTS: &str =
+    "--latents does not apply to image-to-image (the start is the noised image)";
 
 pub fn run(a: &GenerateArgs) -> Result<()> {
-    let job = Job {
-        prior: text_stage(&a.prompt),
-        start: DecoderStart::Noise,
-        decoder_prompt: a.prompt.prompt.clone(),
-        record: record(&a.prompt),
-        size: None,
+    let mode = TextToImage {
+        prompt: prompt(&a.prompt),
+        latents: latents(&a.common)?,
+        prior_latents: prior_latents(&a.common)?,
     };
-    run_job(&a.common, job, Family::Plain)
+    let record = record(&a.prompt);
+    run_job(
+        &a.common,
+        Job {
+            mode: mode.into(),
+            record,
+        },
+    )
 }
 
 pub fn run_img2img(a: &Img2ImgArgs) -> Result<()> {
-    check_strength("--strength", a.strength)?;
+    refuse(a.common.latents.is_some(), NO_LATENTS)?;
+    refuse(
+        a.prior_strength.is_some() && a.common.prior_latents.is_some(),
+        NO_PRIOR_LATENTS,
+    )?;
     if !a.image.is_file() {
         bail!("image {} not found", a.image.display());
     }
-    let job = Job {
-        prior: prior_from(&a.prompt, Some(&a.image), a.prior_strength)?,
-        start: DecoderStart::Image {
-            image: a.image.clone(),
-            strength: a.strength,
-        },
-        decoder_prompt: a.prompt.prompt.clone(),
-        record: format!(
-            "{}\nImage: {}, Strength: {}{}",
-            record(&a.prompt),
-            a.image.display(),
-            a.strength,
-            a.prior_strength
-                .map_or(String::new(), |s| format!(", Prior strength: {s}"))
-        ),
-        size: None,
+    let mode = ImageToImage {
+        prompt: prompt(&a.prompt),
+        image: read_image(&a.image, "image")?,
+        strength: a.strength,
+        prior_strength: a.prior_strength,
+        prior_latents: prior_latents(&a.common)?,
     };
-    run_job(&a.common, job, Family::Plain)
+    let record = format!(
+        "{}\nImage: {}, Strength: {}{}",
+        record(&a.prompt),
+        a.image.display(),
+        a.strength,
+        a.prior_strength
+            .map_or(String::new(), |s| format!(", Prior strength: {s}"))
+    );
+    run_job(
+        &a.common,
+        Job {
+            mode: mode.into(),
+            record,
+        },
+    )
 }
 
 pub fn run_inpaint(a: &InpaintArgs) -> Result<()> {
-    let image = read_image(&a.image, "image")?;
-    let mask = read_image(&a.mask, "mask")?;
-    if (image.0, image.1) != (mask.0, mask.1) {
-        bail!(
-            "the mask is {}x{} but the image is {}x{}: they must have the same size",
-            mask.0,
-            mask.1,
-            image.0,
-            image.1
-        );
-    }
-    let job = Job {
-        prior: text_stage(&a.prompt),
-        start: DecoderStart::Inpaint { image, mask },
-        decoder_prompt: a.prompt.prompt.clone(),
-        record: format!(
-            "{}\nImage: {}, Mask: {}",
-            record(&a.prompt),
-            a.image.display(),
-            a.mask.display()
-        ),
-        size: None,
+    let mode = Inpainting {
+        prompt: prompt(&a.prompt),
+        image: read_image(&a.image, "image")?,
+        mask: read_image(&a.mask, "mask")?,
+        latents: latents(&a.common)?,
+        prior_latents: prior_latents(&a.common)?,
     };
-    run_job(&a.common, job, Family::Inpaint)
+    let record = format!(
+        "{}\nImage: {}, Mask: {}",
+        record(&a.prompt),
+        a.image.display(),
+        a.mask.display()
+    );
+    run_job(
+        &a.common,
+        Job {
+            mode: mode.into(),
+            record,
+        },
+    )
 }
 
 pub fn run_outpaint(a: &OutpaintArgs) -> Result<()> {
-    if a.left + a.right + a.top + a.bottom == 0 {
-        bail!("give at least one margin to extend: --left, --right, --top or --bottom");
-    }
-    let (w, h, rgb) = read_image(&a.image, "image")?;
-    let (cw, ch, canvas, mask) = extend_canvas((w, h, &rgb), a.left, a.top, a.right, a.bottom);
-    let job = Job {
-        prior: text_stage(&a.prompt),
-        start: DecoderStart::Inpaint {
-            image: (cw, ch, canvas),
-            mask: (cw, ch, mask),
+    let mode = Outpainting {
+        prompt: prompt(&a.prompt),
+        image: read_image(&a.image, "image")?,
+        margins: Margins {
+            left: a.left,
+            top: a.top,
+            right: a.right,
+            bottom: a.bottom,
         },
-        decoder_prompt: a.prompt.prompt.clone(),
-        record: format!(
-            "{}\nImage: {}, Outpaint: left {} right {} top {} bottom {}",
-            record(&a.prompt),
-            a.image.display(),
-            a.left,
-            a.right,
-            a.top,
-            a.bottom
-        ),
-        size: Some((cw, ch)),
+        latents: latents(&a.common)?,
+        prior_latents: prior_latents(&a.common)?,
     };
-    run_job(&a.common, job, Family::Inpaint)
+    let record = format!(
+        "{}\nImage: {}, Outpaint: left {} right {} top {} bottom {}",
+        record(&a.prompt),
+        a.image.display(),
+        a.left,
+        a.right,
+        a.top,
+        a.bottom
+    );
+    run_job(
+        &a.common,
+        Job {
+            mode: mode.into(),
+            record,
+        },
+    )
 }
 
 pub fn run_controlnet(a: &ControlnetArgs) -> Result<()> {
+    if a.prior_strength.is_some() && a.image.is_none() {
+        bail!("--prior-strength needs --image");
+    }
+    refuse(a.image.is_some() && a.common.latents.is_some(), NO_LATENTS)?;
+    refuse(
+        a.prior_strength.is_some() && a.common.prior_latents.is_some(),
+        NO_PRIOR_LATENTS,
+    )?;
     if !a.hint.is_file() {
         bail!("hint image {} not found", a.hint.display());
     }
-    read_image(&a.hint, "hint")?;
     let image = match &a.image {
-        Some(path) => {
-            check_strength("--strength", a.strength)?;
-            read_image(path, "image")?;
-            Some((path.clone(), a.strength))
-        }
+        Some(path) => Some(ControlnetImage {
+            image: read_image(path, "image")?,
+            strength: a.strength,
+            prior_strength: a.prior_strength,
+        }),
         None => None,
     };
-    let job = Job {
-        prior: prior_from(&a.prompt, a.image.as_deref(), a.prior_strength)?,
-        start: DecoderStart::Controlnet {
-            hint: a.hint.clone(),
-            image,
-        },
-        decoder_prompt: a.prompt.prompt.clone(),
-        record: format!("{}\nHint: {}", record(&a.prompt), a.hint.display()),
-        size: None,
+    let mode = Controlnet {
+        prompt: prompt(&a.prompt),
+        hint: read_image(&a.hint, "hint")?,
+        image,
+        latents: latents(&a.common)?,
+        prior_latents: prior_latents(&a.common)?,
     };
-    run_job(&a.common, job, Family::Controlnet)
+    let record = format!("{}\nHint: {}", record(&a.prompt), a.hint.display());
+    run_job(
+        &a.common,
+        Job {
+            mode: mode.into(),
+            record,
+        },
+    )
 }
 
 pub fn run_mix(a: &MixArgs) -> Result<()> {
+    refuse(a.common.prior_latents.is_some(), NO_PRIOR_LATENTS)?;
     if a.inputs.len() != a.weights.len() {
         bail!(
             "{} --input values but {} --weight values: give one weight per input",
@@ -840,36 +530,40 @@ pub fn run_mix(a: &MixArgs) -> Result<()> {
     }
     let mut inputs = Vec::new();
     for (input, &w) in a.inputs.iter().zip(&a.weights) {
-        if !w.is_finite() {
-            bail!("--weight {w} is not a finite number");
-        }
         let path = Path::new(input);
         let item = if path.is_file() {
-            let (w, h, rgb) = read_image(path, "mix input")?;
-            MixInput::Image(w, h, rgb)
+            MixInput::Image(read_image(path, "mix input")?)
         } else {
             MixInput::Text(input.clone())
         };
         inputs.push((item, w));
     }
-    let job = Job {
-        prior: PriorStage::Mix(inputs),
-        start: DecoderStart::Noise,
-        decoder_prompt: String::new(),
-        record: format!("Mix: {:?} with weights {:?}", a.inputs, a.weights),
-        size: None,
+    let mode = Mixing {
+        inputs,
+        latents: latents(&a.common)?,
     };
-    run_job(&a.common, job, Family::Plain)
+    let record = format!("Mix: {:?} with weights {:?}", a.inputs, a.weights);
+    run_job(
+        &a.common,
+        Job {
+            mode: mode.into(),
+            record,
+        },
+    )
 }
 
 pub fn run_variations(a: &VariationsArgs) -> Result<()> {
-    let (w, h, rgb) = read_image(&a.image, "image")?;
-    let job = Job {
-        prior: PriorStage::Mix(vec![(MixInput::Image(w, h, rgb), 1.0)]),
-        start: DecoderStart::Noise,
-        decoder_prompt: String::new(),
-        record: format!("Variations of {}", a.image.display()),
-        size: None,
+    refuse(a.common.prior_latents.is_some(), NO_PRIOR_LATENTS)?;
+    let mode = Variations {
+        image: read_image(&a.image, "image")?,
+        latents: latents(&a.common)?,
     };
-    run_job(&a.common, job, Family::Plain)
+    let record = format!("Variations of {}", a.image.display());
+    run_job(
+        &a.common,
+        Job {
+            mode: mode.into(),
+            record,
+        },
+    )
 }

@@ -2,16 +2,15 @@
 //! world, resumable from `OUT/checkpoint.safetensors`, logging loss and progress.
 
 use anyhow::{bail, Context, Result};
-use kandinsky::tokenization::PromptTokenizer;
-use kandinsky::training::clip::train_clip;
-use kandinsky::training::mclip::train_mclip;
-use kandinsky::training::movq::{train_movq, SMALL_MOVQ_CONFIG};
-use kandinsky::training::optim::AdamWConfig;
-use kandinsky::training::prior::{train_prior, FrozenClip};
-use kandinsky::training::tokenizer::read_pieces_tsv_gz;
-use kandinsky::training::trainer::{TrainOptions, TrainReport};
-use kandinsky::training::unet::{train_unet, DecoderPool, DecoderTeachers};
-use std::path::{Path, PathBuf};
+use kandinsky_train::clip::train_clip;
+use kandinsky_train::mclip::train_mclip;
+use kandinsky_train::movq::{train_movq, SMALL_MOVQ_CONFIG};
+use kandinsky_train::optim::AdamWConfig;
+use kandinsky_train::prior::{clip_tokenizer, train_prior, FrozenClip};
+use kandinsky_train::tokenizer::read_pieces_tsv_gz;
+use kandinsky_train::trainer::{TrainOptions, TrainReport};
+use kandinsky_train::unet::{cached_pool, train_unet, DecoderTeachers, PoolOrigin};
+use std::path::PathBuf;
 use std::time::Instant;
 
 #[derive(clap::Args)]
@@ -227,38 +226,6 @@ impl StageArgs {
     }
 }
 
-fn clip_tokenizer(dir: &Path) -> Result<PromptTokenizer> {
-    PromptTokenizer::clip_from_files(
-        &dir.join("vocab.json"),
-        &dir.join("merges.txt"),
-        "<|endoftext|>",
-        77,
-    )
-    .with_context(|| format!("loading the CLIP vocabulary from {}", dir.display()))
-}
-
-/// The CLIP stage's towers, frozen, with their tokenizer.
-fn frozen_clip(clip: &Path, tokenizer: &Path) -> Result<FrozenClip> {
-    let d = candle_core::Device::Cpu;
-    let f32 = candle_core::DType::F32;
-    let context = || format!("loading the trained CLIP from {}", clip.display());
-    Ok(FrozenClip {
-        text: kandinsky::models::clip::ClipTextModelWithProjection::load(
-            &clip.join("text_encoder"),
-            f32,
-            &d,
-        )
-        .with_context(context)?,
-        vision: kandinsky::models::clip::ClipVisionModelWithProjection::load(
-            &clip.join("image_encoder"),
-            f32,
-            &d,
-        )
-        .with_context(context)?,
-        tokenizer: clip_tokenizer(tokenizer)?,
-    })
-}
-
 pub fn run(a: &TrainArgs) -> Result<()> {
     match &a.stage {
         Stage::Movq(s) => {
@@ -283,7 +250,7 @@ pub fn run(a: &TrainArgs) -> Result<()> {
             pieces,
         } => {
             let opts = s.options()?;
-            let teacher = frozen_clip(clip, tokenizer)?;
+            let teacher = FrozenClip::load(clip, tokenizer)?;
             let pieces = read_pieces_tsv_gz(pieces)
                 .with_context(|| format!("reading the XLM-R pieces {}", pieces.display()))?;
             let r = train_mclip(
@@ -316,81 +283,34 @@ pub fn run(a: &TrainArgs) -> Result<()> {
                 if !*inpaint {
                     bail!("--init is for --inpaint (it widens a text-to-image UNet)");
                 }
-                opts.init = kandinsky::training::unet::inpaint_init(&init.join("unet"))
-                    .with_context(|| {
+                opts.init =
+                    kandinsky_train::unet::inpaint_init(&init.join("unet")).with_context(|| {
                         format!("loading the UNet to start from, {}", init.display())
                     })?;
             }
-            let d = candle_core::Device::Cpu;
-            let f32 = candle_core::DType::F32;
-            let teachers = DecoderTeachers {
-                movq: kandinsky::models::VQModel::load(&movq.join("movq"), f32, &d)
-                    .with_context(|| format!("loading the trained MoVQ from {}", movq.display()))?,
-                vision: kandinsky::models::clip::ClipVisionModelWithProjection::load(
-                    &clip.join("image_encoder"),
-                    f32,
-                    &d,
-                )
-                .with_context(|| format!("loading the trained CLIP from {}", clip.display()))?,
-                mclip: kandinsky::pipelines::kandinsky::text_encoder::MultilingualClip::load(
-                    &mclip.join("text_encoder"),
-                    f32,
-                    &d,
-                )
-                .with_context(|| format!("loading the trained M-CLIP from {}", mclip.display()))?,
-                tokenizer: PromptTokenizer::xlm_roberta_from_dir(&mclip.join("tokenizer"))
-                    .with_context(|| {
-                        format!("loading the M-CLIP tokenizer from {}", mclip.display())
-                    })?,
-            };
+            let teachers = DecoderTeachers::load(movq, clip, mclip)?;
             let name = if *inpaint { "unet-inpaint" } else { "unet" };
-            // The pool is only keyed (its teachers' files read and hashed) when it is cached.
-            let cache = match pool_cache {
-                Some(path) => {
-                    let key = format!(
-                        "seed {} pool {} side {} teachers {}",
-                        opts.seed,
-                        pool,
-                        opts.image_size,
-                        fingerprint(&[
-                            movq.join("movq"),
-                            clip.join("image_encoder"),
-                            mclip.join("text_encoder"),
-                            mclip.join("tokenizer"),
-                        ])?
-                    );
-                    let cached = DecoderPool::load(path, &key).with_context(|| {
-                        format!("reading the teachers' pool {}", path.display())
-                    })?;
-                    Some((path, key, cached))
-                }
-                None => None,
-            };
-            let pool = match cache {
-                Some((path, _, Some(p))) => {
-                    eprintln!(
-                        "{name}: teacher outputs for {} examples reused from {}",
-                        p.len(),
-                        path.display()
-                    );
-                    p
-                }
-                cache => {
-                    let started = Instant::now();
-                    let p = teachers.pool(opts.seed, *pool, opts.image_size)?;
-                    eprintln!(
-                        "{name}: teacher outputs for {} examples in {:.0}s",
-                        p.len(),
-                        started.elapsed().as_secs_f64()
-                    );
-                    if let Some((path, key, _)) = cache {
-                        p.save(path, &key).with_context(|| {
-                            format!("writing the teachers' pool {}", path.display())
-                        })?;
-                    }
-                    p
-                }
-            };
+            let dirs = [
+                movq.join("movq"),
+                clip.join("image_encoder"),
+                mclip.join("text_encoder"),
+                mclip.join("tokenizer"),
+            ];
+            let settings = (opts.seed, *pool, opts.image_size);
+            let (pool, origin) = cached_pool(&teachers, &dirs, settings, pool_cache.as_deref())?;
+            match origin {
+                PoolOrigin::Reused => eprintln!(
+                    "{name}: teacher outputs for {} examples reused from {}",
+                    pool.len(),
+                    pool_cache
+                        .as_deref()
+                        .map_or(String::new(), |p| p.display().to_string())
+                ),
+                PoolOrigin::Built(seconds) => eprintln!(
+                    "{name}: teacher outputs for {} examples in {seconds:.0}s",
+                    pool.len()
+                ),
+            }
             let r = train_unet(
                 &opts,
                 &pool,
@@ -405,7 +325,7 @@ pub fn run(a: &TrainArgs) -> Result<()> {
             out,
             tokenizer,
         } => {
-            kandinsky::training::assemble::assemble(runs, tokenizer, out)
+            kandinsky_train::assemble::assemble(runs, tokenizer, out)
                 .with_context(|| format!("assembling the model from {}", runs.display()))?;
             println!(
                 "wrote {0}/prior, {0}/decoder, {0}/decoder-inpaint",
@@ -418,34 +338,10 @@ pub fn run(a: &TrainArgs) -> Result<()> {
             tokenizer,
         } => {
             let opts = s.options()?;
-            let frozen = frozen_clip(clip, tokenizer)?;
+            let frozen = FrozenClip::load(clip, tokenizer)?;
             let r = train_prior(&opts, &frozen, &mut s.logger("prior", "cosine to target"))?;
             s.report("prior", &r, &["prior"]);
         }
     }
     Ok(())
-}
-
-/// FNV-1a (64-bit) over the names and contents of the files in `dirs`, in name order: what the
-/// teachers' pool was computed from.
-fn fingerprint(dirs: &[PathBuf]) -> Result<String> {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    let mut eat = |bytes: &[u8]| {
-        for &b in bytes {
-            h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
-        }
-    };
-    for dir in dirs {
-        let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-            .with_context(|| format!("reading {}", dir.display()))?
-            .map(|e| e.map(|e| e.path()))
-            .collect::<std::io::Result<_>>()
-            .with_context(|| format!("reading {}", dir.display()))?;
-        files.sort();
-        for f in files.iter().filter(|f| f.is_file()) {
-            eat(f.file_name().map_or(&[][..], |n| n.as_encoded_bytes()));
-            eat(&std::fs::read(f).with_context(|| format!("reading {}", f.display()))?);
-        }
-    }
-    Ok(format!("{h:016x}"))
 }

@@ -91,6 +91,18 @@ pub enum Error {
         /// What went wrong.
         message: String,
     },
+    /// A failure inside one stage of a pipeline, with what the stage was doing.
+    #[error("{what}: {error}")]
+    Stage {
+        /// What failed, e.g. "loading the prior from models/small/prior".
+        what: String,
+        /// The underlying error (in the message, not a `source`, so that a chain printer does
+        /// not repeat it).
+        error: Box<Error>,
+    },
+    /// The caller's cancellation flag was set; the run stopped between two steps.
+    #[error("cancelled")]
+    Cancelled,
     /// An error from the tensor library.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
@@ -100,14 +112,24 @@ pub enum Error {
 pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
-    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+    /// An I/O error on `path`.
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {
             path: path.into(),
             source,
         }
     }
 
-    pub(crate) fn unsupported(key: impl Into<String>, value: impl std::fmt::Debug) -> Self {
+    /// Wraps the error with what was being done, e.g. "loading the prior from DIR".
+    pub fn within(self, what: impl Into<String>) -> Self {
+        Error::Stage {
+            what: what.into(),
+            error: Box::new(self),
+        }
+    }
+
+    /// An unsupported config value.
+    pub fn unsupported(key: impl Into<String>, value: impl std::fmt::Debug) -> Self {
         Error::UnsupportedConfig {
             key: key.into(),
             value: format!("{value:?}"),

@@ -4,37 +4,60 @@ use crate::error::{Error, Result};
 use candle_core::{DType, Device, Tensor};
 use std::path::Path;
 
-/// Reads an image file (PNG or JPEG) as RGB8: `(width, height, HWC bytes)`.
-pub fn read_rgb8(path: &Path) -> Result<(usize, usize, Vec<u8>)> {
+/// An 8-bit RGB image: `width × height` pixels, row-major HWC bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rgb8 {
+    /// Width in pixels.
+    pub width: usize,
+    /// Height in pixels.
+    pub height: usize,
+    /// `width · height · 3` bytes, row by row, R G B per pixel.
+    pub data: Vec<u8>,
+}
+
+impl Rgb8 {
+    /// An image from its bytes, checked to hold `width · height` RGB pixels.
+    pub fn new(width: usize, height: usize, data: Vec<u8>) -> Result<Self> {
+        if width == 0 || height == 0 || data.len() != width * height * 3 {
+            return Err(Error::InvalidArgument(format!(
+                "image buffer of {} bytes does not match {width}x{height} RGB",
+                data.len()
+            )));
+        }
+        Ok(Self {
+            width,
+            height,
+            data,
+        })
+    }
+}
+
+/// Reads an image file (PNG or JPEG) as RGB8.
+pub fn read_rgb8(path: &Path) -> Result<Rgb8> {
     let img = image::open(path)
         .map_err(|e| Error::Image {
             path: path.to_path_buf(),
             message: e.to_string(),
         })?
         .to_rgb8();
-    Ok((img.width() as usize, img.height() as usize, img.into_raw()))
-}
-
-/// Reads an image file as RGB `(1, 3, H, W)` f32 in [-1, 1] (`x / 127.5 - 1`).
-pub fn load_image(path: &Path, device: &Device) -> Result<Tensor> {
-    let (w, h, rgb) = read_rgb8(path)?;
-    let t = Tensor::from_vec(rgb, (h, w, 3), device)?
-        .permute((2, 0, 1))?
-        .to_dtype(DType::F32)?;
-    Ok(((t / 127.5)? - 1.0)?.unsqueeze(0)?)
+    Ok(Rgb8 {
+        width: img.width() as usize,
+        height: img.height() as usize,
+        data: img.into_raw(),
+    })
 }
 
 /// diffusers' `VaeImageProcessor.preprocess` for the img2img pipelines: the size rounded down to a
 /// multiple of `scale_factor`, Pillow bicubic resize with `reducing_gap=1` when the image differs,
 /// then `x/127.5 - 1`: `(1, 3, H, W)`.
 pub fn prepare_image(
-    path: &Path,
+    image: &Rgb8,
     width: usize,
     height: usize,
     scale_factor: usize,
     device: &Device,
 ) -> Result<Tensor> {
-    let (w, h, rgb) = read_rgb8(path)?;
+    let (w, h) = (image.width, image.height);
     let (tw, th) = (width - width % scale_factor, height - height % scale_factor);
     if tw == 0 || th == 0 {
         return Err(Error::InvalidArgument(format!(
@@ -42,12 +65,12 @@ pub fn prepare_image(
         )));
     }
     let rgb = if (w, h) == (tw, th) {
-        rgb
+        image.data.clone()
     } else {
         crate::image_processor::resize_rgb8_reducing_gap(
             w,
             h,
-            &rgb,
+            &image.data,
             tw,
             th,
             crate::image_processor::Filter::Bicubic,
@@ -62,14 +85,18 @@ pub fn prepare_image(
 
 /// diffusers' post-processing of a decoded image `(B, 3, H, W)` in [-1, 1]:
 /// `round(clamp(x·0.5 + 0.5, 0, 1) · 255)` as `u8`, one HWC buffer per image.
-pub fn to_rgb8(images: &Tensor) -> Result<Vec<(usize, usize, Vec<u8>)>> {
+pub fn to_rgb8(images: &Tensor) -> Result<Vec<Rgb8>> {
     let (b, _, h, w) = images.dims4()?;
     let x = ((images.to_dtype(DType::F32)? * 0.5)? + 0.5)?.clamp(0f32, 1f32)?;
     let x = (x * 255.0)?.round()?.permute((0, 2, 3, 1))?;
     let mut out = Vec::with_capacity(b);
     for i in 0..b {
         let v: Vec<f32> = x.get(i)?.flatten_all()?.to_vec1()?;
-        out.push((w, h, v.into_iter().map(|p| p as u8).collect()));
+        out.push(Rgb8 {
+            width: w,
+            height: h,
+            data: v.into_iter().map(|p| p as u8).collect(),
+        });
     }
     Ok(out)
 }
@@ -77,13 +104,8 @@ pub fn to_rgb8(images: &Tensor) -> Result<Vec<(usize, usize, Vec<u8>)>> {
 /// Writes an RGB8 buffer as PNG, with optional `tEXt` chunks (keyword, text) such as the
 /// A1111-style `parameters` record. The file appears only when complete (written to a temporary
 /// name in the same directory, then renamed), so a failure leaves nothing half-written.
-pub fn save_png(
-    path: &Path,
-    width: usize,
-    height: usize,
-    rgb: &[u8],
-    text: &[(&str, &str)],
-) -> Result<()> {
+pub fn save_png(path: &Path, image: &Rgb8, text: &[(&str, &str)]) -> Result<()> {
+    let (width, height, rgb) = (image.width, image.height, &image.data);
     if rgb.len() != width * height * 3 {
         return Err(Error::InvalidArgument(format!(
             "pixel buffer does not match {width}x{height}"
@@ -140,15 +162,20 @@ pub fn numbered_path(path: &Path, index: usize, count: usize) -> std::path::Path
     }
 }
 
-/// A ControlNet hint from an image file (e.g. a depth map; grey levels become 3 equal channels):
+/// A ControlNet hint from an image (e.g. a depth map; grey levels become 3 equal channels):
 /// resized to `width × height` (Pillow bicubic) when it differs, `/255`, `(1, 3, H, W)` in [0, 1]
 /// — the recipe of diffusers' ControlNet examples.
-pub fn load_hint(path: &Path, width: usize, height: usize, device: &Device) -> Result<Tensor> {
-    let (w, h, rgb) = read_rgb8(path)?;
-    let rgb = if (w, h) == (width, height) {
-        rgb
+pub fn prepare_hint(image: &Rgb8, width: usize, height: usize, device: &Device) -> Result<Tensor> {
+    let rgb = if (image.width, image.height) == (width, height) {
+        image.data.clone()
     } else {
-        crate::image_processor::resize_bicubic_rgb8(w, h, &rgb, width, height)
+        crate::image_processor::resize_bicubic_rgb8(
+            image.width,
+            image.height,
+            &image.data,
+            width,
+            height,
+        )
     };
     let t = Tensor::from_vec(rgb, (height, width, 3), device)?
         .permute((2, 0, 1))?
@@ -159,15 +186,15 @@ pub fn load_hint(path: &Path, width: usize, height: usize, device: &Device) -> R
 /// Outpainting's canvas: the RGB8 image placed at `(left, top)` of a canvas grown by the given
 /// margins, the new area filled by repeating the image's edge pixels (so the MoVQ encoder sees no
 /// hard border), and a mask that is white (repaint) exactly on the new area. Returns
-/// `(width, height, canvas, mask)`, both RGB8.
-pub fn extend_canvas(
-    image: (usize, usize, &[u8]),
-    left: usize,
-    top: usize,
-    right: usize,
-    bottom: usize,
-) -> (usize, usize, Vec<u8>, Vec<u8>) {
-    let (w, h, rgb) = image;
+/// `(canvas, mask)`.
+pub fn extend_canvas(image: &Rgb8, margins: Margins) -> (Rgb8, Rgb8) {
+    let Margins {
+        left,
+        top,
+        right,
+        bottom,
+    } = margins;
+    let (w, h, rgb) = (image.width, image.height, &image.data);
     let (cw, ch) = (w + left + right, h + top + bottom);
     let mut canvas = Vec::with_capacity(cw * ch * 3);
     let mut mask = Vec::with_capacity(cw * ch * 3);
@@ -180,5 +207,23 @@ pub fn extend_canvas(
             mask.extend_from_slice(&[if inside { 0 } else { 255 }; 3]);
         }
     }
-    (cw, ch, canvas, mask)
+    let image = |data| Rgb8 {
+        width: cw,
+        height: ch,
+        data,
+    };
+    (image(canvas), image(mask))
+}
+
+/// Outpainting's margins in pixels.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Margins {
+    /// Pixels added on the left.
+    pub left: usize,
+    /// Pixels added on top.
+    pub top: usize,
+    /// Pixels added on the right.
+    pub right: usize,
+    /// Pixels added at the bottom.
+    pub bottom: usize,
 }

@@ -13,7 +13,6 @@ pub mod ops;
 pub mod pipelines;
 pub mod schedulers;
 pub mod tokenization;
-pub mod training;
 pub mod utils;
 
 pub use error::{Error, Result};

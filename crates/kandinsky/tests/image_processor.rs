@@ -96,9 +96,9 @@ fn pillow_resize_with_reducing_gap_matches() {
             Filter::Lanczos
         };
         let gap = gap.parse::<f64>().ok();
-        let (iw, ih, rgb) =
+        let img =
             kandinsky::image_io::read_rgb8(&fixtures().join(format!("images/{name}.png"))).unwrap();
-        let ours = resize_rgb8_reducing_gap(iw, ih, &rgb, w, h, filter, gap);
+        let ours = resize_rgb8_reducing_gap(img.width, img.height, &img.data, w, h, filter, gap);
         let want: Vec<u8> = want.flatten_all().unwrap().to_vec1().unwrap();
         let differing = ours.iter().zip(&want).filter(|(a, b)| a != b).count();
         assert_eq!(ours.len(), want.len(), "{key}");

@@ -6,13 +6,13 @@ mod common;
 
 use candle_core::{DType, Device};
 use common::{fixtures, load_io};
+use kandinsky::image_io::{read_rgb8, Rgb8};
+use kandinsky::pipelines::decoder::DecoderParams;
 use kandinsky::pipelines::kandinsky::pipeline_kandinsky::KandinskyPipeline;
 use kandinsky::pipelines::kandinsky::pipeline_kandinsky_prior::{
     KandinskyPriorPipeline, PriorParams,
 };
-use kandinsky::pipelines::kandinsky2_2::pipeline_kandinsky2_2::{
-    DecoderParams, KandinskyV22Pipeline,
-};
+use kandinsky::pipelines::kandinsky2_2::pipeline_kandinsky2_2::KandinskyV22Pipeline;
 use kandinsky::utils::torch_utils::TorchGenerator;
 
 enum Decoder {
@@ -112,8 +112,7 @@ fn mixing_and_variations_match_diffusers() {
             .map(|(item, w)| {
                 let item = item.as_str().unwrap();
                 let input = if item.ends_with(".png") {
-                    let img = image::open(fixtures().join(item)).unwrap().to_rgb8();
-                    MixInput::Image(img.width() as usize, img.height() as usize, img.into_raw())
+                    MixInput::Image(rgb8(item))
                 } else {
                     MixInput::Text(item.to_string())
                 };
@@ -193,9 +192,9 @@ fn img2img(version: &str) {
         let (emb, neg) = prior
             .call(&prompts, negative, params, &mut g, None, &mut |_, _| {})
             .unwrap();
-        let path = fixtures().join(case["image"].as_str().unwrap());
+        let image = rgb8(case["image"].as_str().unwrap());
         let image =
-            kandinsky::image_io::prepare_image(&path, width, height, 2, &Device::Cpu).unwrap();
+            kandinsky::image_io::prepare_image(&image, width, height, 2, &Device::Cpu).unwrap();
         let steps = case["steps"].as_u64().unwrap() as usize;
         let dp = DecoderParams {
             height,
@@ -262,15 +261,15 @@ fn assert_matches(img: candle_core::Tensor, want: &candle_core::Tensor, label: &
     assert!(diff <= 2.0 / 255.0, "{label}: max pixel difference {diff}");
 }
 
-fn rgb8(rel: &str) -> (usize, usize, Vec<u8>) {
-    kandinsky::image_io::read_rgb8(&fixtures().join(rel)).unwrap()
+fn rgb8(rel: &str) -> Rgb8 {
+    read_rgb8(&fixtures().join(rel)).unwrap()
 }
 
 /// `KandinskyInpaintCombinedPipeline` / `KandinskyV22InpaintCombinedPipeline` with one generator:
 /// a mask at the image size, a non-square output (image bicubic- and mask Lanczos-resized), no
 /// CFG with 2 images, and an outpainting canvas.
 fn inpaint(version: &str) {
-    use kandinsky::pipelines::kandinsky::pipeline_kandinsky_inpaint::prepare_mask_and_masked_image;
+    use kandinsky::pipelines::decoder::prepare_mask_and_masked_image;
     let dir = fixtures().join("pipelines");
     let cases: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("e2e_inpaint.json")).unwrap())
@@ -312,16 +311,11 @@ fn inpaint(version: &str) {
             steps: case["steps"].as_u64().unwrap() as usize,
             guidance_scale: case["guidance"].as_f64().unwrap(),
         };
-        let (iw, ih, image) = rgb8(case["image"].as_str().unwrap());
-        let (mw, mh, mask) = rgb8(case["mask"].as_str().unwrap());
-        let (mask, image) = prepare_mask_and_masked_image(
-            (iw, ih, &image),
-            (mw, mh, &mask),
-            dp.width,
-            dp.height,
-            &Device::Cpu,
-        )
-        .unwrap();
+        let image = rgb8(case["image"].as_str().unwrap());
+        let mask = rgb8(case["mask"].as_str().unwrap());
+        let (mask, image) =
+            prepare_mask_and_masked_image(&image, &mask, dp.width, dp.height, &Device::Cpu)
+                .unwrap();
         let img = match &decoder {
             Decoder::V22(d) => d
                 .inpaint(&image, &mask, &emb, &neg, dp, &mut g, None, &mut |_, _| {})
@@ -383,18 +377,15 @@ fn controlnet_and_emb2emb_match_diffusers() {
         let start = case["image"].as_str().map(rgb8);
         let (emb, neg) = match case["prior_strength"].as_f64() {
             None => prior.call(&prompts, negative, params, &mut g, None, &mut |_, _| {}),
-            Some(s) => {
-                let (w, h, rgb) = start.as_ref().unwrap();
-                prior.emb2emb(
-                    &prompts,
-                    negative,
-                    (*w, *h, rgb),
-                    s,
-                    params,
-                    &mut g,
-                    &mut |_, _| {},
-                )
-            }
+            Some(s) => prior.emb2emb(
+                &prompts,
+                negative,
+                start.as_ref().unwrap(),
+                s,
+                params,
+                &mut g,
+                &mut |_, _| {},
+            ),
         }
         .unwrap();
         let dp = DecoderParams {
@@ -403,22 +394,16 @@ fn controlnet_and_emb2emb_match_diffusers() {
             steps: case["steps"].as_u64().unwrap() as usize,
             guidance_scale: case["guidance"].as_f64().unwrap(),
         };
-        let hint = kandinsky::image_io::load_hint(
-            &fixtures().join(case["hint"].as_str().unwrap()),
+        let hint = kandinsky::image_io::prepare_hint(
+            &rgb8(case["hint"].as_str().unwrap()),
             dp.width,
             dp.height,
             &Device::Cpu,
         )
         .unwrap();
         let image = case["image"].as_str().map(|p| {
-            kandinsky::image_io::prepare_image(
-                &fixtures().join(p),
-                dp.width,
-                dp.height,
-                8,
-                &Device::Cpu,
-            )
-            .unwrap()
+            kandinsky::image_io::prepare_image(&rgb8(p), dp.width, dp.height, 8, &Device::Cpu)
+                .unwrap()
         });
         let init = image
             .as_ref()

@@ -6,7 +6,9 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use common::{assert_close, errors, fixtures, load_io};
-use kandinsky::schedulers::{from_config, with_class, SchedulerConfig, DPM_SOLVER_MULTISTEP};
+use kandinsky::schedulers::{
+    from_config, with_class, SchedulerConfig, VarianceType, DPM_SOLVER_MULTISTEP,
+};
 use kandinsky::utils::torch_utils::TorchGenerator;
 use std::collections::HashMap;
 
@@ -225,7 +227,7 @@ fn dpm_solver_from_a_model_scheduler_config_matches_diffusers_from_config() {
     // 2.1's `ddpm_scheduler/` (learned_range): diffusers' DPM-Solver keeps `model_output[:, :3]`,
     // which fails with 4-channel latents; here it is refused up front.
     let learned = with_class(&config("ddpm_2_1_learned"), DPM_SOLVER_MULTISTEP).unwrap();
-    assert_eq!(learned.variance_type.as_deref(), Some("learned_range"));
+    assert_eq!(learned.variance_type, Some(VarianceType::LearnedRange));
     assert!(from_config(&learned).is_err());
 }
 

@@ -145,6 +145,67 @@ pub fn preset(name: &str) -> Option<Preset> {
     PRESETS.iter().copied().find(|p| p.name == name)
 }
 
+/// Where our small model lives: `models/small` of this repository (found at build time, so
+/// binaries work offline from any directory of the checkout).
+pub const SMALL_MODEL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../models/small");
+
+/// A component directory of the small model (`prior`, `decoder`, `decoder-inpaint`), checked to
+/// exist.
+pub fn small_model_dir(part: &str) -> Result<PathBuf> {
+    let dir = Path::new(SMALL_MODEL).join(part);
+    if !dir.join("model_index.json").is_file() {
+        return Err(Error::NotFound {
+            what: "the default model (pass a model and a prior, or restore models/small)".into(),
+            path: dir.join("model_index.json"),
+        });
+    }
+    Ok(dir)
+}
+
+/// A decoder directory and the prior directory that goes with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PipelineDirs {
+    /// The decoder model directory.
+    pub decoder: PathBuf,
+    /// The prior model directory.
+    pub prior: PathBuf,
+}
+
+/// The small model's prior and its decoder (`decoder-inpaint` when `inpaint`).
+pub fn small_model_dirs(inpaint: bool) -> Result<PipelineDirs> {
+    Ok(PipelineDirs {
+        decoder: small_model_dir(if inpaint {
+            "decoder-inpaint"
+        } else {
+            "decoder"
+        })?,
+        prior: small_model_dir("prior")?,
+    })
+}
+
+/// `given` resolved as a directory or hub id, or the small model's `part` when it is omitted.
+pub fn given_or_small(given: Option<&str>, part: &str) -> Result<PathBuf> {
+    match given {
+        Some(g) => resolve_model_dir(g),
+        None => small_model_dir(part),
+    }
+}
+
+/// The decoder and prior directories of a model given as a directory, a hub id in the cache or a
+/// preset name (whose prior is used when `prior` is `None`); `None` when a directory or hub id
+/// comes without a prior.
+pub fn resolve_pipeline_dirs(model: &str, prior: Option<&str>) -> Result<Option<PipelineDirs>> {
+    let named = preset(model).filter(|_| !Path::new(model).is_dir());
+    let decoder = named.map_or(model, |p| p.decoder);
+    let Some(prior) = prior.or(named.map(|p| p.prior)) else {
+        return Ok(None);
+    };
+    Ok(Some(PipelineDirs {
+        decoder: resolve_model_dir(decoder)?,
+        prior: resolve_model_dir(prior)?,
+    }))
+}
+
 /// Reads one tensor from a safetensors file (e.g. user-supplied `latents`): the file's only
 /// tensor, or the one named `latents`.
 pub fn read_tensor(path: &Path, device: &candle_core::Device) -> Result<candle_core::Tensor> {

@@ -338,10 +338,7 @@ fn init_param(seed: u64, name: &str, shape: &Shape, device: &Device) -> Result<T
     }
     let fan_in: usize = dims[1..].iter().product();
     let std = 1.0 / (fan_in as f64).sqrt();
-    let mut state = seed
-        ^ name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-            (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
-        });
+    let mut state = seed ^ crate::utils::fnv1a(crate::utils::FNV1A_OFFSET, name.as_bytes());
     let mut next = || {
         state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
         let mut z = state;

@@ -1,6 +1,9 @@
 //! diffusers `schedulers/scheduling_ddim.py`: `DDIMScheduler` with `eta = 0` (the 2.1 default).
 
-use super::{add_noise_with, alphas_cumprod, betas, spaced_timesteps, Scheduler, SchedulerConfig};
+use super::{
+    add_noise_with, alphas_cumprod, betas, spaced_timesteps, PredictionType, Scheduler,
+    SchedulerConfig,
+};
 use crate::error::{Error, Result};
 use crate::utils::torch_utils::TorchGenerator;
 use candle_core::Tensor;
@@ -18,10 +21,10 @@ pub struct DdimScheduler {
 impl DdimScheduler {
     /// Builds the scheduler.
     pub fn new(config: &SchedulerConfig) -> Result<Self> {
-        if config.prediction_type != "epsilon" {
+        if config.prediction_type != PredictionType::Epsilon {
             return Err(Error::unsupported(
                 "prediction_type",
-                &config.prediction_type,
+                config.prediction_type.as_str(),
             ));
         }
         if config.thresholding {

@@ -1,7 +1,10 @@
 //! diffusers `schedulers/scheduling_ddpm.py`: `DDPMScheduler` (the 2.2 default; `learned_range`
 //! with dynamic thresholding is the 2.1 `ddpm_scheduler/`).
 
-use super::{add_noise_with, alphas_cumprod, betas, spaced_timesteps, Scheduler, SchedulerConfig};
+use super::{
+    add_noise_with, alphas_cumprod, betas, spaced_timesteps, PredictionType, Scheduler,
+    SchedulerConfig, VarianceType,
+};
 use crate::error::{Error, Result};
 use crate::utils::torch_utils::TorchGenerator;
 use candle_core::Tensor;
@@ -26,17 +29,24 @@ pub struct DdpmScheduler {
 impl DdpmScheduler {
     /// Builds the scheduler (`variance_type` defaults to `fixed_small`).
     pub fn new(config: &SchedulerConfig) -> Result<Self> {
-        let variance = match config.variance_type.as_deref().unwrap_or("fixed_small") {
-            "fixed_small" => Variance::FixedSmall,
-            "fixed_small_log" => Variance::FixedSmallLog,
-            "fixed_large" => Variance::FixedLarge,
-            "learned_range" => Variance::LearnedRange,
-            other => return Err(Error::unsupported("variance_type", other)),
+        let variance = match config
+            .variance_type
+            .as_ref()
+            .unwrap_or(&VarianceType::FixedSmall)
+        {
+            VarianceType::FixedSmall => Variance::FixedSmall,
+            VarianceType::FixedSmallLog => Variance::FixedSmallLog,
+            VarianceType::FixedLarge => Variance::FixedLarge,
+            VarianceType::LearnedRange => Variance::LearnedRange,
+            other => return Err(Error::unsupported("variance_type", other.as_str())),
         };
-        if config.prediction_type != "epsilon" && config.prediction_type != "sample" {
+        if !matches!(
+            config.prediction_type,
+            PredictionType::Epsilon | PredictionType::Sample
+        ) {
             return Err(Error::unsupported(
                 "prediction_type",
-                &config.prediction_type,
+                config.prediction_type.as_str(),
             ));
         }
         let t = config.num_train_timesteps;
@@ -98,7 +108,7 @@ impl Scheduler for DdpmScheduler {
         let b_prev = 1.0 - a_prev;
         let cur_alpha = a_t / a_prev;
         let cur_beta = 1.0 - cur_alpha;
-        let mut x0 = if self.config.prediction_type == "epsilon" {
+        let mut x0 = if self.config.prediction_type == PredictionType::Epsilon {
             ((sample - (&eps * b_t.sqrt() as f64)?)? / a_t.sqrt() as f64)?
         } else {
             eps.clone()

@@ -11,7 +11,10 @@
 //! computed in the order torch's 0-d float32 tensors compute it. The tensor updates are f32.
 //! DPM-Solver++ is deterministic: the generator is never used.
 
-use super::{alphas_cumprod, betas, Scheduler, SchedulerConfig};
+use super::{
+    alphas_cumprod, betas, AlgorithmType, FinalSigmasType, PredictionType, Scheduler,
+    SchedulerConfig, SolverType, TimestepSpacing, VarianceType,
+};
 use crate::error::{Error, Result};
 use crate::utils::torch_utils::TorchGenerator;
 use candle_core::{DType, Tensor};
@@ -65,39 +68,48 @@ impl DpmSolverMultistepScheduler {
     /// are `UnsupportedConfig` errors.
     pub fn new(config: &SchedulerConfig) -> Result<Self> {
         let c = config;
-        if !matches!(c.algorithm_type.as_str(), "dpmsolver++" | "deis") {
+        if !matches!(
+            c.algorithm_type,
+            AlgorithmType::DpmSolverPlusPlus | AlgorithmType::Deis
+        ) {
             // diffusers rewrites "deis" to "dpmsolver++".
-            return Err(Error::unsupported("algorithm_type", &c.algorithm_type));
+            return Err(Error::unsupported(
+                "algorithm_type",
+                c.algorithm_type.as_str(),
+            ));
         }
         if !matches!(
-            c.solver_type.as_str(),
-            "midpoint" | "logrho" | "bh1" | "bh2"
+            c.solver_type,
+            SolverType::Midpoint | SolverType::Logrho | SolverType::Bh1 | SolverType::Bh2
         ) {
             // diffusers rewrites "logrho" / "bh1" / "bh2" to "midpoint".
-            return Err(Error::unsupported("solver_type", &c.solver_type));
+            return Err(Error::unsupported("solver_type", c.solver_type.as_str()));
         }
         if !(1..=2).contains(&c.solver_order) {
             return Err(Error::unsupported("solver_order", c.solver_order));
         }
-        if !matches!(
-            c.prediction_type.as_str(),
-            "epsilon" | "sample" | "v_prediction"
-        ) {
-            return Err(Error::unsupported("prediction_type", &c.prediction_type));
+        if let PredictionType::Other(p) = &c.prediction_type {
+            return Err(Error::unsupported("prediction_type", p));
         }
-        if !matches!(c.final_sigmas_type.as_deref(), Some("zero" | "sigma_min")) {
+        if !matches!(
+            c.final_sigmas_type,
+            Some(FinalSigmasType::Zero | FinalSigmasType::SigmaMin)
+        ) {
             return Err(Error::unsupported(
                 "final_sigmas_type",
-                &c.final_sigmas_type,
+                c.final_sigmas_type.as_ref().map(|f| f.as_str()),
             ));
         }
         // diffusers keeps only `model_output[:, :3]` for learned variances, which cannot work
         // with 4-channel latents (it fails there too).
         if matches!(
-            c.variance_type.as_deref(),
-            Some("learned" | "learned_range")
+            c.variance_type,
+            Some(VarianceType::Learned | VarianceType::LearnedRange)
         ) {
-            return Err(Error::unsupported("variance_type", &c.variance_type));
+            return Err(Error::unsupported(
+                "variance_type",
+                c.variance_type.as_ref().map(|v| v.as_str()),
+            ));
         }
         for (key, on) in [
             ("use_karras_sigmas", c.use_karras_sigmas),
@@ -163,10 +175,10 @@ impl DpmSolverMultistepScheduler {
             )));
         }
         let last = self.last_timestep;
-        let ts: Vec<i64> = match c.timestep_spacing.as_str() {
+        let ts: Vec<i64> = match &c.timestep_spacing {
             // np.linspace(0, last - 1, n + 1).round()[::-1][:-1]: y_i = i * ((last-1)/n), the
             // endpoint exactly last - 1; round half to even.
-            "linspace" => {
+            TimestepSpacing::Linspace => {
                 let stop = (last - 1) as f64;
                 let step = stop / n as f64;
                 (1..=n)
@@ -178,7 +190,7 @@ impl DpmSolverMultistepScheduler {
                     .collect()
             }
             // step_ratio = last // (n + 1); (arange(0, n + 1) * step_ratio)[::-1][:-1] + offset.
-            "leading" => {
+            TimestepSpacing::Leading => {
                 let ratio = last / (n + 1);
                 (1..=n)
                     .rev()
@@ -187,7 +199,7 @@ impl DpmSolverMultistepScheduler {
             }
             // np.arange(last, 0, -t / n).round() - 1, with numpy's float arange: length
             // ceil((0 - last) / -ratio), values start + i * ((start - ratio) - start).
-            "trailing" => {
+            TimestepSpacing::Trailing => {
                 let step = -(t as f64 / n as f64);
                 let start = last as f64;
                 let len = ((0.0 - start) / step).ceil().max(0.0) as usize;
@@ -203,7 +215,7 @@ impl DpmSolverMultistepScheduler {
                     })
                     .collect()
             }
-            other => return Err(Error::unsupported("timestep_spacing", other)),
+            other => return Err(Error::unsupported("timestep_spacing", other.as_str())),
         };
         ts.into_iter()
             .map(|x| {
@@ -211,7 +223,7 @@ impl DpmSolverMultistepScheduler {
                     Error::InvalidArgument(format!(
                         "{} spacing gives the negative timestep {x} for {n} steps (as diffusers \
                          computes it); choose another number of steps",
-                        c.timestep_spacing
+                        c.timestep_spacing.as_str()
                     ))
                 })
             })
@@ -251,13 +263,19 @@ impl DpmSolverMultistepScheduler {
         i: usize,
     ) -> Result<Tensor> {
         let (alpha_t, sigma_t) = alpha_sigma(self.sigmas[i]);
-        let x0 = match self.config.prediction_type.as_str() {
+        let x0 = match &self.config.prediction_type {
             // (sample - sigma_t * model_output) / alpha_t
-            "epsilon" => div_scalar(&(sample - scale(model_output, sigma_t)?)?, alpha_t)?,
-            "sample" => model_output.clone(),
+            PredictionType::Epsilon => {
+                div_scalar(&(sample - scale(model_output, sigma_t)?)?, alpha_t)?
+            }
+            PredictionType::Sample => model_output.clone(),
             // alpha_t * sample - sigma_t * model_output
-            "v_prediction" => (scale(sample, alpha_t)? - scale(model_output, sigma_t)?)?,
-            other => return Err(Error::unsupported("prediction_type", other)),
+            PredictionType::VPrediction => {
+                (scale(sample, alpha_t)? - scale(model_output, sigma_t)?)?
+            }
+            PredictionType::Other(other) => {
+                return Err(Error::unsupported("prediction_type", other))
+            }
         };
         if self.config.thresholding {
             self.threshold(&x0)
@@ -276,10 +294,12 @@ impl Scheduler for DpmSolverMultistepScheduler {
             .iter()
             .map(|&t| self.train_sigmas[t.min(last_train)])
             .collect();
-        sigmas.push(match self.config.final_sigmas_type.as_deref() {
-            Some("sigma_min") => self.train_sigmas[0],
-            _ => 0.0,
-        });
+        sigmas.push(
+            match self.config.final_sigmas_type.as_ref().map(|f| f.as_str()) {
+                Some("sigma_min") => self.train_sigmas[0],
+                _ => 0.0,
+            },
+        );
         self.num_inference_steps = Some(ts.len());
         self.timesteps = ts;
         self.sigmas = sigmas;
@@ -317,7 +337,7 @@ impl Scheduler for DpmSolverMultistepScheduler {
             )));
         }
         let solver_order = self.config.solver_order;
-        let final_zero = self.config.final_sigmas_type.as_deref() == Some("zero");
+        let final_zero = self.config.final_sigmas_type == Some(FinalSigmasType::Zero);
         let lower_order_final = i == n - 1
             && (self.config.euler_at_final
                 || (self.config.lower_order_final && n < 15)

@@ -1,7 +1,10 @@
 //! diffusers `schedulers/scheduling_unclip.py`: `UnCLIPScheduler`, the prior's sampler (cosine
 //! schedule, x0 prediction clipped to ±10, `fixed_small_log` variance).
 
-use super::{add_noise_with, alphas_cumprod, betas_for_alpha_bar, Scheduler, SchedulerConfig};
+use super::{
+    add_noise_with, alphas_cumprod, betas_for_alpha_bar, PredictionType, Scheduler,
+    SchedulerConfig, VarianceType,
+};
 use crate::error::{Error, Result};
 use crate::utils::torch_utils::TorchGenerator;
 use candle_core::Tensor;
@@ -18,14 +21,21 @@ pub struct UnClipScheduler {
 impl UnClipScheduler {
     /// Builds the scheduler.
     pub fn new(config: &SchedulerConfig) -> Result<Self> {
-        match config.variance_type.as_deref().unwrap_or("fixed_small_log") {
-            "fixed_small_log" => {}
-            other => return Err(Error::unsupported("variance_type", other)),
+        match config
+            .variance_type
+            .as_ref()
+            .unwrap_or(&VarianceType::FixedSmallLog)
+        {
+            VarianceType::FixedSmallLog => {}
+            other => return Err(Error::unsupported("variance_type", other.as_str())),
         }
-        if config.prediction_type != "sample" && config.prediction_type != "epsilon" {
+        if !matches!(
+            config.prediction_type,
+            PredictionType::Epsilon | PredictionType::Sample
+        ) {
             return Err(Error::unsupported(
                 "prediction_type",
-                &config.prediction_type,
+                config.prediction_type.as_str(),
             ));
         }
         let betas = betas_for_alpha_bar(config.num_train_timesteps);
@@ -85,7 +95,7 @@ impl Scheduler for UnClipScheduler {
             let beta = 1.0 - a_t / a_prev;
             (beta, 1.0 - beta)
         };
-        let mut x0 = if self.config.prediction_type == "epsilon" {
+        let mut x0 = if self.config.prediction_type == PredictionType::Epsilon {
             ((sample - (model_output * b_t.sqrt() as f64)?)? / a_t.sqrt() as f64)?
         } else {
             model_output.clone()

@@ -4,8 +4,9 @@
 use super::text_encoder::MultilingualClip;
 use crate::error::{Error, Result};
 use crate::loading::component_dir;
-use crate::models::{UNet2DConditionModel, UNetConditioning, VQModel};
-use crate::pipelines::kandinsky2_2::pipeline_kandinsky2_2::{denoise, DecoderParams, Init};
+use crate::models::{UNetConditioning, VQModel};
+use crate::pipelines::decoder::{DecoderCore, DecoderParams, DecoderRun, Init};
+use crate::pipelines::CancelFlag;
 use crate::schedulers::SchedulerConfig;
 use crate::tokenization::PromptTokenizer;
 use crate::utils::torch_utils::TorchGenerator;
@@ -16,10 +17,7 @@ use std::path::Path;
 pub struct KandinskyPipeline {
     text_encoder: MultilingualClip,
     tokenizer: PromptTokenizer,
-    unet: UNet2DConditionModel,
-    movq: VQModel,
-    scheduler: SchedulerConfig,
-    device: Device,
+    core: DecoderCore,
 }
 
 impl KandinskyPipeline {
@@ -32,28 +30,38 @@ impl KandinskyPipeline {
                 device,
             )?,
             tokenizer: PromptTokenizer::xlm_roberta_from_dir(&component_dir(dir, "tokenizer")?)?,
-            unet: UNet2DConditionModel::load(&component_dir(dir, "unet")?, dtype, device)?,
-            movq: VQModel::load(&component_dir(dir, "movq")?, dtype, device)?,
-            scheduler: SchedulerConfig::load(
-                &component_dir(dir, "scheduler")?.join("scheduler_config.json"),
-            )?,
-            device: device.clone(),
+            core: DecoderCore::load(dir, dtype, device)?,
         })
     }
 
     /// Pixels per latent pixel of the MoVQ.
     pub fn scale_factor(&self) -> usize {
-        self.movq.scale_factor()
+        self.core.movq.scale_factor()
     }
 
     /// The MoVQ (image ⇄ latent).
     pub fn movq(&self) -> &VQModel {
-        &self.movq
+        &self.core.movq
     }
 
     /// Replaces the scheduler configuration.
     pub fn set_scheduler(&mut self, config: SchedulerConfig) {
-        self.scheduler = config;
+        self.core.scheduler = config;
+    }
+
+    /// A flag that, once set, stops the next denoising step with [`Error::Cancelled`].
+    pub fn set_cancel_flag(&mut self, flag: CancelFlag) {
+        self.core.cancel = Some(flag);
+    }
+
+    /// The inpainting start (2.1 does not re-impose the known region).
+    pub(crate) fn mask_init(
+        &self,
+        image: &Tensor,
+        mask: &Tensor,
+        latents: Option<Tensor>,
+    ) -> Result<Init> {
+        self.core.mask_init(image, mask, false, latents)
     }
 
     /// `_encode_prompt`: `(prompt_embeds, hidden_states)`, unconditional rows first under CFG.
@@ -65,7 +73,7 @@ impl KandinskyPipeline {
     ) -> Result<(Tensor, Tensor)> {
         let encode = |texts: &[String]| -> Result<(Tensor, Tensor)> {
             let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
-            let tok = self.tokenizer.encode(&refs, &self.device)?;
+            let tok = self.tokenizer.encode(&refs, &self.core.device)?;
             self.text_encoder
                 .forward(&tok.input_ids, &tok.attention_mask)
         };
@@ -95,17 +103,9 @@ impl KandinskyPipeline {
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<Tensor> {
         let b = image_embeds.dim(0)?;
-        let init = Init::from_image(&self.movq, image, b, strength, true)?;
-        self.run(
-            prompts,
-            negative_prompt,
-            image_embeds,
-            negative_image_embeds,
-            params,
-            generator,
-            init,
-            progress,
-        )
+        let init = self.core.image_init(image, b, strength, true)?;
+        let run = DecoderRun::new((image_embeds, negative_image_embeds), params, init);
+        self.run((prompts, negative_prompt), run, generator, progress)
     }
 
     /// `__call__` up to the decoded image `(B, 3, H, W)` in [-1, 1]. `prompts` has one entry per
@@ -122,31 +122,24 @@ impl KandinskyPipeline {
         latents: Option<Tensor>,
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<Tensor> {
-        self.run(
-            prompts,
-            negative_prompt,
-            image_embeds,
-            negative_image_embeds,
+        let run = DecoderRun::new(
+            (image_embeds, negative_image_embeds),
             params,
-            generator,
             Init::Noise(latents),
-            progress,
-        )
+        );
+        self.run((prompts, negative_prompt), run, generator, progress)
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// The decoder run of every 2.1 mode: the M-CLIP encoding of `(prompts, negative_prompt)`
+    /// joins the image embeddings as the UNet's condition.
     pub(crate) fn run(
         &self,
-        prompts: &[String],
-        negative_prompt: Option<&str>,
-        image_embeds: &Tensor,
-        negative_image_embeds: &Tensor,
-        params: DecoderParams,
+        (prompts, negative_prompt): (&[String], Option<&str>),
+        run: DecoderRun,
         generator: &mut TorchGenerator,
-        init: Init,
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<Tensor> {
-        let b = image_embeds.dim(0)?;
+        let b = run.batch()?;
         if prompts.is_empty() || b % prompts.len() != 0 {
             return Err(Error::InvalidArgument(format!(
                 "{} prompts for {b} image embeddings",
@@ -154,31 +147,15 @@ impl KandinskyPipeline {
             )));
         }
         let prompts: Vec<String> = prompts.iter().cycle().take(b).cloned().collect();
-        let cfg = params.guidance_scale > 1.0;
+        let cfg = run.params.guidance_scale > 1.0;
         let (text_embeds, hidden) = self.encode_prompt(&prompts, cfg, negative_prompt)?;
-        let image = if cfg {
-            Tensor::cat(&[negative_image_embeds, image_embeds], 0)?
-        } else {
-            image_embeds.clone()
-        };
+        let image = run.image_condition()?;
         let cond = UNetConditioning {
             image_embeds: Some(&image),
             text_embeds: Some(&text_embeds),
             encoder_hidden_states: Some(&hidden),
             hint: None,
         };
-        let x = denoise(
-            &self.unet,
-            &self.movq,
-            &self.scheduler,
-            &cond,
-            b,
-            params,
-            generator,
-            init,
-            &self.device,
-            progress,
-        )?;
-        self.movq.decode(&x, true)
+        self.core.run(&cond, run, generator, progress)
     }
 }

@@ -3,11 +3,12 @@
 //! image embedding with the diffusion prior, plus the zero-image negative embedding.
 
 use crate::error::{Error, Result};
+use crate::image_io::Rgb8;
 use crate::image_processor::ClipImageProcessor;
 use crate::loading::component_dir;
 use crate::models::clip::{ClipTextModelWithProjection, ClipVisionModelWithProjection};
 use crate::models::transformers::prior_transformer::PriorTransformer;
-use crate::pipelines::prepare_latents;
+use crate::pipelines::{check_cancelled, prepare_latents, CancelFlag};
 use crate::schedulers::{from_config, SchedulerConfig};
 use crate::tokenization::PromptTokenizer;
 use crate::utils::torch_utils::TorchGenerator;
@@ -23,6 +24,7 @@ pub struct KandinskyPriorPipeline {
     image_processor: ClipImageProcessor,
     scheduler: SchedulerConfig,
     device: Device,
+    cancel: Option<CancelFlag>,
 }
 
 /// One input of [`KandinskyPriorPipeline::interpolate`].
@@ -30,8 +32,8 @@ pub struct KandinskyPriorPipeline {
 pub enum MixInput {
     /// A prompt: its embedding is sampled with the prior.
     Text(String),
-    /// An RGB8 image (`width`, `height`, HWC bytes): its CLIP image embedding.
-    Image(usize, usize, Vec<u8>),
+    /// An image: its CLIP image embedding.
+    Image(Rgb8),
 }
 
 /// `(image_embeds, negative_image_embeds)`, each `(B, E)`.
@@ -87,7 +89,13 @@ impl KandinskyPriorPipeline {
                 &component_dir(dir, "scheduler")?.join("scheduler_config.json"),
             )?,
             device: device.clone(),
+            cancel: None,
         })
+    }
+
+    /// A flag that, once set, stops the next sampling step with [`Error::Cancelled`].
+    pub fn set_cancel_flag(&mut self, flag: CancelFlag) {
+        self.cancel = Some(flag);
     }
 
     /// The CLIP image encoder (for variations and mixing).
@@ -141,7 +149,9 @@ impl KandinskyPriorPipeline {
                     )?
                     .0
                 }
-                MixInput::Image(w, h, rgb) => self.embed_image(*w, *h, rgb)?.repeat((n, 1))?,
+                MixInput::Image(image) => self
+                    .embed_image(image.width, image.height, &image.data)?
+                    .repeat((n, 1))?,
             };
             let emb = (emb * *weight)?;
             acc = Some(match acc {
@@ -295,6 +305,7 @@ impl KandinskyPriorPipeline {
         }
         .to_dtype(embeds.dtype())?;
         for (i, &t) in ts.iter().enumerate() {
+            check_cancelled(self.cancel.as_ref())?;
             let input = if cfg {
                 Tensor::cat(&[&x, &x], 0)?
             } else {

@@ -3,8 +3,9 @@
 //! `KandinskyV22ControlnetImg2ImgPipeline` (a ControlNet-depth decoder: the UNet's `image_hint`
 //! embedding reads a hint image, e.g. a depth map).
 
-use super::pipeline_kandinsky2_2::{DecoderParams, Init, KandinskyV22Pipeline};
-use crate::error::Result;
+use super::pipeline_kandinsky2_2::KandinskyV22Pipeline;
+use crate::error::{Error, Result};
+use crate::pipelines::decoder::{DecoderParams, DecoderRun, Init};
 use crate::utils::torch_utils::TorchGenerator;
 use candle_core::Tensor;
 
@@ -28,23 +29,15 @@ impl KandinskyV22Pipeline {
         let b = image_embeds.dim(0)?;
         let init =
             match (image, latents) {
-                (Some(_), Some(_)) => return Err(crate::error::Error::InvalidArgument(
+                (Some(_), Some(_)) => return Err(Error::InvalidArgument(
                     "latents cannot be given for image-to-image (the start is the noised image)"
                         .into(),
                 )),
-                (Some((image, strength)), None) => {
-                    Init::from_image(self.movq(), image, b, strength, false)?
-                }
+                (Some((image, strength)), None) => self.image_init(image, b, strength)?,
                 (None, latents) => Init::Noise(latents),
             };
-        self.run(
-            image_embeds,
-            negative_image_embeds,
-            params,
-            generator,
-            init,
-            Some(hint),
-            progress,
-        )
+        let mut run = DecoderRun::new((image_embeds, negative_image_embeds), params, init);
+        run.hint = Some(hint);
+        self.run(run, generator, progress)
     }
 }

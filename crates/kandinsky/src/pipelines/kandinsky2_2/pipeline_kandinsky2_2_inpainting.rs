@@ -1,9 +1,10 @@
 //! diffusers `pipelines/kandinsky2_2/pipeline_kandinsky2_2_inpainting.py`:
 //! `KandinskyV22InpaintPipeline`. Masks are prepared as in 2.1
-//! ([`crate::pipelines::kandinsky::pipeline_kandinsky_inpaint::prepare_mask_and_masked_image`]).
+//! ([`crate::pipelines::decoder::prepare_mask_and_masked_image`]).
 
-use super::pipeline_kandinsky2_2::{DecoderParams, Init, KandinskyV22Pipeline};
+use super::pipeline_kandinsky2_2::KandinskyV22Pipeline;
 use crate::error::Result;
+use crate::pipelines::decoder::{DecoderParams, DecoderRun};
 use crate::utils::torch_utils::TorchGenerator;
 use candle_core::Tensor;
 
@@ -23,15 +24,8 @@ impl KandinskyV22Pipeline {
         latents: Option<Tensor>,
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<Tensor> {
-        let init = Init::from_mask(self.movq(), image, mask, true, latents)?;
-        self.run(
-            image_embeds,
-            negative_image_embeds,
-            params,
-            generator,
-            init,
-            None,
-            progress,
-        )
+        let init = self.mask_init(image, mask, latents)?;
+        let run = DecoderRun::new((image_embeds, negative_image_embeds), params, init);
+        self.run(run, generator, progress)
     }
 }

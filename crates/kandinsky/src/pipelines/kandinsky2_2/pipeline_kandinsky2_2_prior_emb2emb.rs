@@ -3,13 +3,14 @@
 //! of noise (works with the 2.1 prior too: the networks are the same kind).
 
 use crate::error::Result;
+use crate::image_io::Rgb8;
 use crate::pipelines::kandinsky::pipeline_kandinsky_prior::{
     repeat_interleave, KandinskyPriorPipeline, PriorInit, PriorOutput, PriorParams,
 };
 use crate::utils::torch_utils::TorchGenerator;
 
 impl KandinskyPriorPipeline {
-    /// `__call__(prompt, image, strength)`: the CLIP image embedding of an RGB8 image (repeated per
+    /// `__call__(prompt, image, strength)`: the CLIP image embedding of an image (repeated per
     /// image), noised to the timestep `strength` selects with the prior's scheduler, then denoised
     /// for the rest of the schedule with the prompt. As diffusers, the embedding goes in
     /// unnormalised although the prior samples in its normalised space (diffusers' defaults:
@@ -19,15 +20,14 @@ impl KandinskyPriorPipeline {
         &self,
         prompts: &[String],
         negative_prompt: Option<&str>,
-        image: (usize, usize, &[u8]),
+        image: &Rgb8,
         strength: f64,
         params: PriorParams,
         generator: &mut TorchGenerator,
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<PriorOutput> {
-        let (w, h, rgb) = image;
-        let embeds =
-            repeat_interleave(&self.embed_image(w, h, rgb)?, params.num_images_per_prompt)?;
+        let embeds = self.embed_image(image.width, image.height, &image.data)?;
+        let embeds = repeat_interleave(&embeds, params.num_images_per_prompt)?;
         self.sample(
             prompts,
             negative_prompt,

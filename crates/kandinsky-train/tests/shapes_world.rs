@@ -1,10 +1,8 @@
 //! The synthetic world: reproducible examples, captions in both languages, held-out scenes, and
 //! the pixel analyser reading every attribute back from rendered images.
 
-use kandinsky::training::analyser::{analyse, Score};
-use kandinsky::training::shapes::{
-    eval_prompts, grouped_example, training_example, Language, Scene,
-};
+use kandinsky_train::analyser::{analyse, Score};
+use kandinsky_train::shapes::{eval_prompts, grouped_example, training_example, Language, Scene};
 
 #[test]
 fn examples_are_a_pure_function_of_seed_and_index() {
@@ -126,7 +124,7 @@ fn analyser_reads_rendered_scenes() {
 /// of these as one image-filling object.
 #[test]
 fn analyser_ignores_background_drift_and_specks() {
-    use kandinsky::training::shapes::{Rng, COLOURS};
+    use kandinsky_train::shapes::{Rng, COLOURS};
     let n: usize = 500;
     let mut rng = Rng::new(5);
     let mut wrong = [0usize; 5];
@@ -160,7 +158,7 @@ fn analyser_ignores_background_drift_and_specks() {
 
 #[test]
 fn frechet_distance_and_eigen_decomposition() {
-    use kandinsky::training::eval::{frechet_distance, symmetric_eigen};
+    use kandinsky_train::eval::{frechet_distance, symmetric_eigen};
     // 1-D: means 1 and 3, variances 2 and 8: (1-3)² + (√2-√8)² = 6.
     let d = frechet_distance(&[vec![0.0], vec![2.0]], &[vec![1.0], vec![5.0]]).unwrap();
     assert!((d - 6.0).abs() < 1e-9, "{d}");
@@ -192,8 +190,8 @@ fn frechet_distance_and_eigen_decomposition() {
 /// The analyser's ceiling on the evaluation scenes themselves.
 #[test]
 fn real_images_of_held_out_scenes_score_perfectly() {
-    use kandinsky::training::eval::score;
-    use kandinsky::training::shapes::{Rng, Scene};
+    use kandinsky_train::eval::score;
+    use kandinsky_train::shapes::{Rng, Scene};
     let scenes: Vec<Scene> = Scene::all().into_iter().filter(|s| s.held_out()).collect();
     let mut rng = Rng::new(5);
     let images: Vec<Vec<u8>> = scenes.iter().map(|s| s.render(64, &mut rng)).collect();

@@ -2,6 +2,7 @@
 //! parameter it uses (candle's fused softmax / layer_norm / rms_norm have no backward and would
 //! silently cut them), and parameters are created deterministically from the seed.
 
+#[path = "../../kandinsky/tests/common/mod.rs"]
 mod common;
 
 use candle_core::{DType, Device, Tensor};
@@ -184,12 +185,12 @@ const TINY_MOVQ: &str = r#"{
   "num_vq_embeddings": 16, "vq_embed_dim": 4, "sample_size": 16
 }"#;
 
-fn tiny_opts(dir: &std::path::Path, steps: u64) -> kandinsky::training::trainer::TrainOptions {
-    kandinsky::training::trainer::TrainOptions {
+fn tiny_opts(dir: &std::path::Path, steps: u64) -> kandinsky_train::trainer::TrainOptions {
+    kandinsky_train::trainer::TrainOptions {
         steps,
         batch: 2,
         seed: 1,
-        optim: kandinsky::training::optim::AdamWConfig {
+        optim: kandinsky_train::optim::AdamWConfig {
             lr: 2e-3,
             ..Default::default()
         },
@@ -232,7 +233,7 @@ fn assert_same_weights(
 /// the checkpoint gives the same weights as 4 uninterrupted steps.
 #[test]
 fn movq_training_is_deterministic_and_resumes_exactly() {
-    use kandinsky::training::movq::train_movq;
+    use kandinsky_train::movq::train_movq;
     let tmp = tempfile::tempdir().unwrap();
     let (a, b, c) = (
         tmp.path().join("a"),
@@ -255,7 +256,7 @@ fn movq_training_is_deterministic_and_resumes_exactly() {
 #[test]
 fn standardised_movq_latents_have_unit_variance_and_decode_the_same() {
     use kandinsky::models::{VQModel, VQModelConfig};
-    use kandinsky::training::movq::{image_batch, latent_scale, standardise_latents};
+    use kandinsky_train::movq::{image_batch, latent_scale, standardise_latents};
     let config = VQModelConfig::load(&fixtures().join("movq/dummy")).unwrap();
     let store = ParamStore::new(3, &Device::Cpu);
     let movq = VQModel::new(&Weights::trainable(&store), &config).unwrap();
@@ -284,8 +285,8 @@ fn standardised_movq_latents_have_unit_variance_and_decode_the_same() {
 #[test]
 fn movq_loss_falls_on_a_fixed_batch() {
     use kandinsky::models::{VQModel, VQModelConfig};
-    use kandinsky::training::movq::{image_batch, movq_loss};
-    use kandinsky::training::optim::{AdamW, AdamWConfig};
+    use kandinsky_train::movq::{image_batch, movq_loss};
+    use kandinsky_train::optim::{AdamW, AdamWConfig};
     let config: VQModelConfig = serde_json::from_str(TINY_MOVQ).unwrap();
     let store = ParamStore::new(3, &Device::Cpu);
     let movq = VQModel::new(&Weights::trainable(&store), &config).unwrap();
@@ -372,15 +373,15 @@ fn random_frozen_clip(
     seed: u64,
     text: serde_json::Value,
     vision: serde_json::Value,
-) -> (kandinsky::training::prior::FrozenClip, ParamStore) {
+) -> (kandinsky_train::prior::FrozenClip, ParamStore) {
     let store = ParamStore::new(seed, &Device::Cpu);
-    let clip = kandinsky::training::clip::Clip::new(
+    let clip = kandinsky_train::clip::Clip::new(
         &store,
         &serde_json::from_value(text).unwrap(),
         &serde_json::from_value(vision).unwrap(),
     )
     .unwrap();
-    let frozen = kandinsky::training::prior::FrozenClip {
+    let frozen = kandinsky_train::prior::FrozenClip {
         text: clip.text,
         vision: clip.vision,
         tokenizer: clip_tokenizer(),
@@ -394,7 +395,7 @@ fn captions_fit_the_clip_context() {
     let tok = clip_tokenizer();
     let mut longest = 0;
     for i in 0..3000 {
-        let e = kandinsky::training::shapes::training_example(9, i, 16);
+        let e = kandinsky_train::shapes::training_example(9, i, 16);
         let (_, mask) = tok.encode_one(&e.caption).unwrap();
         let n = mask.iter().filter(|m| **m == 1).count();
         longest = longest.max(n);
@@ -407,10 +408,10 @@ fn captions_fit_the_clip_context() {
 /// both towers (and the temperature) gets a gradient.
 #[test]
 fn clip_loss_falls_on_a_fixed_batch() {
-    use kandinsky::training::clip::{
+    use kandinsky_train::clip::{
         clip_batch, Clip, SMALL_CLIP_TEXT_CONFIG, SMALL_CLIP_VISION_CONFIG,
     };
-    use kandinsky::training::optim::{AdamW, AdamWConfig};
+    use kandinsky_train::optim::{AdamW, AdamWConfig};
     let mut text: serde_json::Value = serde_json::from_str(SMALL_CLIP_TEXT_CONFIG).unwrap();
     let mut vision: serde_json::Value = serde_json::from_str(SMALL_CLIP_VISION_CONFIG).unwrap();
     // Narrower and shallower than the real recipe, to keep the test fast.
@@ -463,11 +464,11 @@ fn prior_loss_falls_on_a_fixed_batch() {
     use kandinsky::models::transformers::prior_transformer::{
         PriorTransformer, PriorTransformerConfig,
     };
-    use kandinsky::training::clip::{SMALL_CLIP_TEXT_CONFIG, SMALL_CLIP_VISION_CONFIG};
-    use kandinsky::training::optim::{AdamW, AdamWConfig};
-    use kandinsky::training::prior::{embedding_stats, prior_loss, SMALL_PRIOR_CONFIG};
-    use kandinsky::training::shapes::Rng;
     use kandinsky::utils::torch_utils::TorchGenerator;
+    use kandinsky_train::clip::{SMALL_CLIP_TEXT_CONFIG, SMALL_CLIP_VISION_CONFIG};
+    use kandinsky_train::optim::{AdamW, AdamWConfig};
+    use kandinsky_train::prior::{embedding_stats, prior_loss, SMALL_PRIOR_CONFIG};
+    use kandinsky_train::shapes::Rng;
     let mut text: serde_json::Value = serde_json::from_str(SMALL_CLIP_TEXT_CONFIG).unwrap();
     let mut vision: serde_json::Value = serde_json::from_str(SMALL_CLIP_VISION_CONFIG).unwrap();
     text["num_hidden_layers"] = 1.into();
@@ -519,7 +520,7 @@ fn prior_loss_falls_on_a_fixed_batch() {
 /// the 9-channel inpainting variants; every parameter gets a gradient from the training loss.
 #[test]
 fn timestep_weights_are_the_capped_v_loss_weights() {
-    use kandinsky::training::unet::timestep_weights;
+    use kandinsky_train::unet::timestep_weights;
     // Kandinsky 2.1's linear β schedule.
     let mut prod = 1f64;
     let ac: Vec<f32> = (0..1000)
@@ -556,12 +557,12 @@ fn tiny_unet_batch(
     ParamStore,
     kandinsky::models::UNet2DConditionModel,
     Tensor,
-    kandinsky::training::unet::UNetCond,
+    kandinsky_train::unet::UNetCond,
     Option<Tensor>,
 ) {
     let d = &Device::Cpu;
     let mut config: serde_json::Value =
-        serde_json::from_str(kandinsky::training::unet::SMALL_UNET_CONFIG).unwrap();
+        serde_json::from_str(kandinsky_train::unet::SMALL_UNET_CONFIG).unwrap();
     config["block_out_channels"] = serde_json::json!([32, 64]);
     config["down_block_types"] =
         serde_json::json!(["ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"]);
@@ -587,10 +588,10 @@ fn tiny_unet_batch(
 #[test]
 fn unet_loss_falls_on_a_fixed_batch() {
     use kandinsky::models::UNet2DConditionModel;
-    use kandinsky::training::optim::{AdamW, AdamWConfig};
-    use kandinsky::training::shapes::Rng;
-    use kandinsky::training::unet::unet_loss;
     use kandinsky::utils::torch_utils::TorchGenerator;
+    use kandinsky_train::optim::{AdamW, AdamWConfig};
+    use kandinsky_train::shapes::Rng;
+    use kandinsky_train::unet::unet_loss;
     for in_channels in [4usize, 9] {
         let (store, unet, x0, cond, extra) = tiny_unet_batch(in_channels);
         let loss_at = |u: &UNet2DConditionModel| {
@@ -631,13 +632,13 @@ fn unet_loss_falls_on_a_fixed_batch() {
     }
 }
 
-/// The decoder's batch split into parts on threads ([`kandinsky::training::unet::GRAD_PARTS`])
+/// The decoder's batch split into parts on threads ([`kandinsky_train::unet::GRAD_PARTS`])
 /// gives the whole batch's loss and gradients, also for uneven parts, and the same bits twice.
 #[test]
 fn unet_gradients_in_parts_equal_the_whole_batch() {
-    use kandinsky::training::shapes::Rng;
-    use kandinsky::training::unet::NoisyBatch;
     use kandinsky::utils::torch_utils::TorchGenerator;
+    use kandinsky_train::shapes::Rng;
+    use kandinsky_train::unet::NoisyBatch;
     let (store, unet, x0, cond, _) = tiny_unet_batch(4);
     let vars = store.vars();
     let batch = NoisyBatch::new(
@@ -703,11 +704,9 @@ fn unet_gradients_in_parts_equal_the_whole_batch() {
 /// tokenizer loads through the production path.
 #[test]
 fn reduced_xlm_roberta_vocabulary_tokenizes_captions_like_the_full_one() {
-    use kandinsky::training::shapes::{eval_prompts, training_example, Language};
-    use kandinsky::training::tokenizer::{
-        reduce_vocabulary, save_xlm_roberta, xlm_roberta_tokenizer,
-    };
-    let full = kandinsky::training::tokenizer::read_pieces_tsv_gz(
+    use kandinsky_train::shapes::{eval_prompts, training_example, Language};
+    use kandinsky_train::tokenizer::{reduce_vocabulary, save_xlm_roberta, xlm_roberta_tokenizer};
+    let full = kandinsky_train::tokenizer::read_pieces_tsv_gz(
         &fixtures().join("tokenizers/xlm_roberta/pieces.tsv.gz"),
     )
     .unwrap();
@@ -746,22 +745,22 @@ fn reduced_xlm_roberta_vocabulary_tokenizes_captions_like_the_full_one() {
 #[test]
 fn mclip_loss_falls_on_a_fixed_batch() {
     use kandinsky::pipelines::kandinsky::text_encoder::{MClipConfig, MultilingualClip};
-    use kandinsky::training::clip::{SMALL_CLIP_TEXT_CONFIG, SMALL_CLIP_VISION_CONFIG};
-    use kandinsky::training::mclip::{mclip_loss, small_mclip_config};
-    use kandinsky::training::optim::{AdamW, AdamWConfig};
-    use kandinsky::training::shapes::training_example;
-    use kandinsky::training::tokenizer::{save_xlm_roberta, xlm_roberta_tokenizer};
+    use kandinsky_train::clip::{SMALL_CLIP_TEXT_CONFIG, SMALL_CLIP_VISION_CONFIG};
+    use kandinsky_train::mclip::{mclip_loss, small_mclip_config};
+    use kandinsky_train::optim::{AdamW, AdamWConfig};
+    use kandinsky_train::shapes::training_example;
+    use kandinsky_train::tokenizer::{save_xlm_roberta, xlm_roberta_tokenizer};
     let mut text: serde_json::Value = serde_json::from_str(SMALL_CLIP_TEXT_CONFIG).unwrap();
     text["num_hidden_layers"] = 1.into();
     let vision: serde_json::Value = serde_json::from_str(SMALL_CLIP_VISION_CONFIG).unwrap();
     let (teacher, _) = random_frozen_clip(10, text, vision);
     // The real XLM-R pieces, reduced to what these captions use.
-    let pieces: Vec<(String, f64)> = kandinsky::training::tokenizer::read_pieces_tsv_gz(
+    let pieces: Vec<(String, f64)> = kandinsky_train::tokenizer::read_pieces_tsv_gz(
         &fixtures().join("tokenizers/xlm_roberta/pieces.tsv.gz"),
     )
     .unwrap();
     let captions: Vec<String> = (0..8).map(|i| training_example(4, i, 8).caption).collect();
-    let vocab = kandinsky::training::tokenizer::reduce_vocabulary(&pieces, &captions).unwrap();
+    let vocab = kandinsky_train::tokenizer::reduce_vocabulary(&pieces, &captions).unwrap();
     let dir = tempfile::tempdir().unwrap();
     save_xlm_roberta(&xlm_roberta_tokenizer(vocab.clone()).unwrap(), dir.path()).unwrap();
     let tok = kandinsky::tokenization::PromptTokenizer::xlm_roberta_from_dir(dir.path()).unwrap();

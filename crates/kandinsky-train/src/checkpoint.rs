@@ -3,9 +3,9 @@
 //! component directory (`config.json` + `diffusion_pytorch_model.safetensors` or `model.safetensors`).
 
 use super::optim::AdamW;
-use crate::error::{Error, Result};
-use crate::loading::ParamStore;
 use candle_core::{Device, Tensor};
+use kandinsky::error::{Error, Result};
+use kandinsky::loading::ParamStore;
 use std::collections::HashMap;
 use std::path::Path;
 

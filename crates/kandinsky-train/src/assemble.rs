@@ -2,8 +2,8 @@
 //! (`prior/`), a `KandinskyPipeline` (`decoder/`) and a `KandinskyInpaintPipeline`
 //! (`decoder-inpaint/`) — with fp16 weights (the loaders upcast) to keep the model small.
 
-use crate::error::{Error, Result};
 use candle_core::{DType, Tensor};
+use kandinsky::error::{Error, Result};
 use serde_json::json;
 use std::collections::HashMap;
 use std::path::Path;

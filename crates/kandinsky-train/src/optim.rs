@@ -1,9 +1,9 @@
 //! AdamW (decoupled weight decay, bias-corrected moments) whose state is plain named tensors, so a
 //! checkpoint holds it and training resumes exactly where it stopped.
 
-use crate::error::{Error, Result};
 use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
+use kandinsky::error::{Error, Result};
 use std::collections::HashMap;
 
 /// AdamW hyper-parameters.

@@ -8,11 +8,11 @@ use super::prior::{cosine, FrozenClip};
 use super::shapes::training_example;
 use super::tokenizer::{reduce_vocabulary, save_xlm_roberta, xlm_roberta_tokenizer};
 use super::trainer::{run_loop, TrainOptions, TrainReport};
-use crate::error::{Error, Result};
-use crate::loading::Weights;
-use crate::pipelines::kandinsky::text_encoder::{MClipConfig, MultilingualClip};
-use crate::tokenization::PromptTokenizer;
 use candle_core::{Device, Tensor};
+use kandinsky::error::{Error, Result};
+use kandinsky::loading::Weights;
+use kandinsky::pipelines::kandinsky::text_encoder::{MClipConfig, MultilingualClip};
+use kandinsky::tokenization::PromptTokenizer;
 use std::path::PathBuf;
 
 /// The small M-CLIP config for a vocabulary of `vocab_size` pieces: 64 wide, 3 layers, projecting

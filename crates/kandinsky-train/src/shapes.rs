@@ -362,7 +362,7 @@ fn ru_colour(c: Colour) -> (&'static str, &'static str) {
 }
 
 /// SplitMix64: a tiny, well-mixed, seedable generator for the dataset (not for sampling noise;
-/// that is [`crate::utils::torch_utils::TorchGenerator`]).
+/// that is [`kandinsky::utils::torch_utils::TorchGenerator`]).
 #[derive(Debug, Clone)]
 pub struct Rng(u64);
 
@@ -492,7 +492,7 @@ pub fn planar_batch(
     examples: &[Example],
     side: usize,
     f: impl Fn(usize, u8) -> f32,
-) -> crate::Result<candle_core::Tensor> {
+) -> kandinsky::Result<candle_core::Tensor> {
     let mut data = Vec::with_capacity(examples.len() * 3 * side * side);
     for ex in examples {
         for c in 0..3 {

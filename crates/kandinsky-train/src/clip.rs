@@ -6,13 +6,13 @@
 use super::checkpoint;
 use super::shapes::{grouped_example, planar_batch, training_examples, Example};
 use super::trainer::{parse_config, run_loop, TrainOptions, TrainReport};
-use crate::error::{Error, Result};
-use crate::loading::{ParamStore, Weights};
-use crate::models::clip::{
+use candle_core::{DType, Device, Tensor, D};
+use kandinsky::error::{Error, Result};
+use kandinsky::loading::{ParamStore, Weights};
+use kandinsky::models::clip::{
     ClipTextConfig, ClipTextModelWithProjection, ClipVisionConfig, ClipVisionModelWithProjection,
 };
-use crate::tokenization::PromptTokenizer;
-use candle_core::{DType, Device, Tensor, D};
+use kandinsky::tokenization::PromptTokenizer;
 use std::path::PathBuf;
 
 /// The text tower: the real CLIP BPE vocabulary (byte-level, so Russian works), 64 wide, 3 layers.

@@ -4,7 +4,7 @@
 //! vocabulary's best segmentation returns that segmentation, so captions tokenize exactly as with
 //! the real vocabulary (the test checks it).
 
-use crate::error::{Error, Result};
+use kandinsky::error::{Error, Result};
 use std::collections::BTreeSet;
 use std::path::Path;
 use tokenizers::models::unigram::Unigram;

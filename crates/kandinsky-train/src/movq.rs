@@ -6,10 +6,10 @@
 use super::checkpoint;
 use super::shapes::{planar_batch, training_examples, Example};
 use super::trainer::{parse_config, run_loop, TrainOptions, TrainReport};
-use crate::error::{Error, Result};
-use crate::loading::Weights;
-use crate::models::{VQModel, VQModelConfig};
 use candle_core::Tensor;
+use kandinsky::error::{Error, Result};
+use kandinsky::loading::Weights;
+use kandinsky::models::{VQModel, VQModelConfig};
 use std::path::PathBuf;
 
 /// The MoVQ of our small Kandinsky: 64×64 images, 3 levels (16×16×4 latents), a 256-entry

@@ -7,12 +7,13 @@
 //! `fixed_small`.
 
 use super::shapes::Rng;
-use crate::error::Result;
-use crate::models::{UNet2DConditionModel, UNetConditioning};
-use crate::schedulers::{alphas_cumprod, linspace_f32};
-use crate::utils::torch_utils::TorchGenerator;
 use candle_core::backprop::GradStore;
 use candle_core::{Device, Tensor};
+use kandinsky::error::Result;
+use kandinsky::models::{UNet2DConditionModel, UNetConditioning};
+use kandinsky::schedulers::{alphas_cumprod, linspace_f32};
+use kandinsky::utils::torch_utils::TorchGenerator;
+use std::path::{Path, PathBuf};
 
 /// The small 2.1-style UNet for 16×16×4 latents: 3 levels (64, 128, 128 channels), attention at
 /// the lower two, `text_image` conditioning from 64-wide CLIP / M-CLIP embeddings.
@@ -224,13 +225,13 @@ pub fn unet_loss(
 /// embeddings) and M-CLIP with its tokenizer (text conditioning).
 pub struct DecoderTeachers {
     /// The trained MoVQ.
-    pub movq: crate::models::VQModel,
+    pub movq: kandinsky::models::VQModel,
     /// CLIP's vision tower.
-    pub vision: crate::models::clip::ClipVisionModelWithProjection,
+    pub vision: kandinsky::models::clip::ClipVisionModelWithProjection,
     /// M-CLIP.
-    pub mclip: crate::pipelines::kandinsky::text_encoder::MultilingualClip,
+    pub mclip: kandinsky::pipelines::kandinsky::text_encoder::MultilingualClip,
     /// M-CLIP's tokenizer.
-    pub tokenizer: crate::tokenization::PromptTokenizer,
+    pub tokenizer: kandinsky::tokenization::PromptTokenizer,
 }
 
 /// Fraction of examples whose conditioning is replaced by the pipelines' unconditional one (the
@@ -361,7 +362,7 @@ impl DecoderPool {
         }
         let mut take = |name: &str| {
             t.remove(name)
-                .ok_or_else(|| crate::error::Error::MissingTensor {
+                .ok_or_else(|| kandinsky::error::Error::MissingTensor {
                     name: name.to_string(),
                     files: path.display().to_string(),
                 })
@@ -396,7 +397,7 @@ impl DecoderPool {
         rng: &mut Rng,
     ) -> Result<(Tensor, UNetCond, Option<Tensor>)> {
         if self.is_empty() {
-            return Err(crate::error::Error::InvalidArgument(
+            return Err(kandinsky::error::Error::InvalidArgument(
                 "the training pool is empty".into(),
             ));
         }
@@ -454,9 +455,10 @@ impl DecoderPool {
 pub fn inpaint_init(
     unet_dir: &std::path::Path,
 ) -> Result<std::collections::HashMap<String, Tensor>> {
-    let store = crate::loading::WeightStore::from_dir(unet_dir)?;
+    let store = kandinsky::loading::WeightStore::from_dir(unet_dir)?;
     let shapes = store.shapes();
-    let weights = crate::loading::Weights::from_store(store, candle_core::DType::F32, &Device::Cpu);
+    let weights =
+        kandinsky::loading::Weights::from_store(store, candle_core::DType::F32, &Device::Cpu);
     let mut out = std::collections::HashMap::new();
     for (name, shape) in shapes {
         let t = weights.get(shape.as_slice(), &name)?;
@@ -485,14 +487,16 @@ pub fn train_unet(
     if inpaint {
         value["in_channels"] = 9.into();
     }
-    let config: crate::models::UNet2DConditionConfig = serde_json::from_value(value.clone())
-        .map_err(|source| crate::error::Error::Json {
+    let config: kandinsky::models::UNet2DConditionConfig = serde_json::from_value(value.clone())
+        .map_err(|source| kandinsky::error::Error::Json {
             path: std::path::PathBuf::from("(unet config)"),
             source,
         })?;
     super::trainer::run_loop_grads(
         opts,
-        |params| UNet2DConditionModel::new(&crate::loading::Weights::trainable(params), &config),
+        |params| {
+            UNet2DConditionModel::new(&kandinsky::loading::Weights::trainable(params), &config)
+        },
         |unet, vars, step| {
             let mut rng = Rng::new(opts.seed ^ 0x0e7 ^ step.wrapping_mul(0x1000_0001));
             let mut generator = TorchGenerator::new(opts.seed ^ step.wrapping_mul(104_729));
@@ -517,4 +521,104 @@ pub fn train_unet(
         },
         log,
     )
+}
+
+impl DecoderTeachers {
+    /// Loads the frozen teachers from the stage outputs: `movq_run/movq/`,
+    /// `clip_run/image_encoder/`, `mclip_run/text_encoder/` and `mclip_run/tokenizer/`.
+    pub fn load(movq_run: &Path, clip_run: &Path, mclip_run: &Path) -> Result<Self> {
+        let (d, f32) = (Device::Cpu, candle_core::DType::F32);
+        let from =
+            |what: &str, dir: &Path| format!("loading the trained {what} from {}", dir.display());
+        Ok(Self {
+            movq: kandinsky::models::VQModel::load(&movq_run.join("movq"), f32, &d)
+                .map_err(|e| e.within(from("MoVQ", movq_run)))?,
+            vision: kandinsky::models::clip::ClipVisionModelWithProjection::load(
+                &clip_run.join("image_encoder"),
+                f32,
+                &d,
+            )
+            .map_err(|e| e.within(from("CLIP", clip_run)))?,
+            mclip: kandinsky::pipelines::kandinsky::text_encoder::MultilingualClip::load(
+                &mclip_run.join("text_encoder"),
+                f32,
+                &d,
+            )
+            .map_err(|e| e.within(from("M-CLIP", mclip_run)))?,
+            tokenizer: kandinsky::tokenization::PromptTokenizer::xlm_roberta_from_dir(
+                &mclip_run.join("tokenizer"),
+            )
+            .map_err(|e| e.within(from("M-CLIP tokenizer", mclip_run)))?,
+        })
+    }
+}
+
+/// Where [`cached_pool`] got its pool.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum PoolOrigin {
+    /// Read from the cache file.
+    Reused,
+    /// Computed by the teachers, in this many seconds (and written to the cache file, if any).
+    Built(f64),
+}
+
+/// The teachers' pool of `size` examples, read from `cache` when that file was written for the
+/// same teachers (the files under `teacher_dirs`, hashed), seed, size and image side, otherwise
+/// built (and then written to `cache`). Without a cache nothing is hashed.
+pub fn cached_pool(
+    teachers: &DecoderTeachers,
+    teacher_dirs: &[PathBuf],
+    (seed, size, side): (u64, usize, usize),
+    cache: Option<&Path>,
+) -> Result<(DecoderPool, PoolOrigin)> {
+    let keyed = match cache {
+        Some(path) => {
+            let key = format!(
+                "seed {seed} pool {size} side {side} teachers {}",
+                fingerprint(teacher_dirs)?
+            );
+            let what = || format!("reading the teachers' pool {}", path.display());
+            let cached = DecoderPool::load(path, &key).map_err(|e| e.within(what()))?;
+            if let Some(pool) = cached {
+                return Ok((pool, PoolOrigin::Reused));
+            }
+            Some((path, key))
+        }
+        None => None,
+    };
+    let started = std::time::Instant::now();
+    let pool = teachers.pool(seed, size, side)?;
+    let seconds = started.elapsed().as_secs_f64();
+    if let Some((path, key)) = keyed {
+        pool.save(path, &key)
+            .map_err(|e| e.within(format!("writing the teachers' pool {}", path.display())))?;
+    }
+    Ok((pool, PoolOrigin::Built(seconds)))
+}
+
+/// FNV-1a (64-bit) over the names and contents of the files in `dirs`, in name order: what the
+/// teachers' pool was computed from.
+pub fn fingerprint(dirs: &[PathBuf]) -> Result<String> {
+    let mut h = kandinsky::utils::FNV1A_OFFSET;
+    for dir in dirs {
+        let io = |e| kandinsky::Error::Io {
+            path: dir.clone(),
+            source: e,
+        };
+        let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map_err(io)?
+            .map(|e| e.map(|e| e.path()))
+            .collect::<std::io::Result<_>>()
+            .map_err(io)?;
+        files.sort();
+        for f in files.iter().filter(|f| f.is_file()) {
+            h = kandinsky::utils::fnv1a(h, f.file_name().map_or(&[][..], |n| n.as_encoded_bytes()));
+            let bytes = std::fs::read(f).map_err(|e| kandinsky::Error::Io {
+                path: f.clone(),
+                source: e,
+            })?;
+            h = kandinsky::utils::fnv1a(h, &bytes);
+        }
+    }
+    Ok(format!("{h:016x}"))
 }

@@ -8,14 +8,16 @@ use super::checkpoint;
 use super::clip::clip_batch;
 use super::shapes::Rng;
 use super::trainer::{parse_config, run_loop, TrainOptions, TrainReport};
-use crate::error::{Error, Result};
-use crate::loading::{ParamStore, Weights};
-use crate::models::clip::{ClipTextModelWithProjection, ClipVisionModelWithProjection};
-use crate::models::transformers::prior_transformer::{PriorTransformer, PriorTransformerConfig};
-use crate::schedulers::{alphas_cumprod, betas_for_alpha_bar};
-use crate::tokenization::PromptTokenizer;
-use crate::utils::torch_utils::TorchGenerator;
 use candle_core::{Device, Tensor, D};
+use kandinsky::error::{Error, Result};
+use kandinsky::loading::{ParamStore, Weights};
+use kandinsky::models::clip::{ClipTextModelWithProjection, ClipVisionModelWithProjection};
+use kandinsky::models::transformers::prior_transformer::{
+    PriorTransformer, PriorTransformerConfig,
+};
+use kandinsky::schedulers::{alphas_cumprod, betas_for_alpha_bar};
+use kandinsky::tokenization::PromptTokenizer;
+use kandinsky::utils::torch_utils::TorchGenerator;
 use std::path::PathBuf;
 
 /// The small prior: 4 layers of 4 × 16 heads over 64-wide CLIP embeddings, 77 text tokens.
@@ -195,4 +197,36 @@ pub fn cosine(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     let na = a.sqr()?.sum(D::Minus1)?.sqrt()?;
     let nb = b.sqr()?.sum(D::Minus1)?.sqrt()?;
     Ok((dot / (na * nb)?)?.mean_all()?)
+}
+
+/// The CLIP BPE tokenizer of a vocabulary directory (`vocab.json`, `merges.txt`), 77 tokens.
+pub fn clip_tokenizer(dir: &std::path::Path) -> Result<PromptTokenizer> {
+    PromptTokenizer::clip_from_files(
+        &dir.join("vocab.json"),
+        &dir.join("merges.txt"),
+        "<|endoftext|>",
+        77,
+    )
+    .map_err(|e| {
+        e.within(format!(
+            "loading the CLIP vocabulary from {}",
+            dir.display()
+        ))
+    })
+}
+
+impl FrozenClip {
+    /// The CLIP stage's towers (`clip_run/text_encoder/`, `clip_run/image_encoder/`), frozen,
+    /// with the tokenizer of `vocabulary` (see [`clip_tokenizer`]).
+    pub fn load(clip_run: &std::path::Path, vocabulary: &std::path::Path) -> Result<Self> {
+        let (d, f32) = (Device::Cpu, candle_core::DType::F32);
+        let what = || format!("loading the trained CLIP from {}", clip_run.display());
+        Ok(Self {
+            text: ClipTextModelWithProjection::load(&clip_run.join("text_encoder"), f32, &d)
+                .map_err(|e| e.within(what()))?,
+            vision: ClipVisionModelWithProjection::load(&clip_run.join("image_encoder"), f32, &d)
+                .map_err(|e| e.within(what()))?,
+            tokenizer: clip_tokenizer(vocabulary)?,
+        })
+    }
 }

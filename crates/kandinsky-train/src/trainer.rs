@@ -4,10 +4,10 @@
 
 use super::checkpoint;
 use super::optim::{AdamW, AdamWConfig};
-use crate::error::{Error, Result};
-use crate::loading::ParamStore;
 use candle_core::backprop::GradStore;
 use candle_core::{Device, Tensor, Var};
+use kandinsky::error::{Error, Result};
+use kandinsky::loading::ParamStore;
 use std::path::PathBuf;
 
 /// Options shared by the training stages.

@@ -1,0 +1,478 @@
+//! The `train` commands: each stage trains, checkpoints and exports models that load and generate.
+
+mod common;
+use common::*;
+
+#[test]
+fn train_movq_writes_a_checkpoint_resumes_and_exports() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let args = |steps: &str| {
+        strings(&[
+            "train",
+            "movq",
+            "--out",
+            &out.display().to_string(),
+            "--steps",
+            steps,
+            "--batch",
+            "1",
+            "--checkpoint-every",
+            "1",
+        ])
+    };
+    let res = bin().args(args("2")).output().unwrap();
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    assert!(out.join("checkpoint.safetensors").is_file());
+    assert!(out.join("movq/config.json").is_file());
+    let res = bin().args(args("3")).output().unwrap();
+    let stdout = String::from_utf8_lossy(&res.stdout);
+    assert!(
+        res.status.success() && stdout.contains("steps 2..3"),
+        "{stdout}"
+    );
+    // The exported MoVQ decodes like any diffusers MoVQ.
+    let png = dir.path().join("d.png");
+    let res = bin()
+        .args(["decode", "--movq", &out.join("movq").display().to_string()])
+        .args(["--latent-size", "4", "--seed", "1", "--output"])
+        .arg(&png)
+        .output()
+        .unwrap();
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    // Bad input.
+    let res = bin().args(args("0")).output().unwrap();
+    assert!(!res.status.success());
+    assert!(String::from_utf8_lossy(&res.stderr).contains("at least 1"));
+}
+
+#[test]
+fn train_clip_exports_towers_that_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("clip");
+    let res = bin()
+        .args(["train", "clip", "--out"])
+        .arg(&out)
+        .args(["--steps", "2", "--batch", "4", "--tokenizer"])
+        .arg(fixture("tokenizers/clip"))
+        .output()
+        .unwrap();
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    let d = candle_core::Device::Cpu;
+    kandinsky::models::clip::ClipTextModelWithProjection::load(
+        &out.join("text_encoder"),
+        candle_core::DType::F32,
+        &d,
+    )
+    .unwrap();
+    kandinsky::models::clip::ClipVisionModelWithProjection::load(
+        &out.join("image_encoder"),
+        candle_core::DType::F32,
+        &d,
+    )
+    .unwrap();
+    // A missing vocabulary is a clear error.
+    let res = bin()
+        .args(["train", "clip", "--out"])
+        .arg(dir.path().join("x"))
+        .args(["--steps", "1", "--tokenizer", "/no/such/dir"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert!(
+        !res.status.success() && err.contains("CLIP vocabulary"),
+        "{err}"
+    );
+}
+
+#[test]
+fn train_prior_against_a_trained_clip() {
+    let dir = tempfile::tempdir().unwrap();
+    let clip = dir.path().join("clip");
+    let tok = fixture("tokenizers/clip");
+    let res = bin()
+        .args(["train", "clip", "--out"])
+        .arg(&clip)
+        .args(["--steps", "1", "--batch", "2", "--tokenizer", &tok])
+        .output()
+        .unwrap();
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    let prior = dir.path().join("prior");
+    let res = bin()
+        .args(["train", "prior", "--out"])
+        .arg(&prior)
+        .arg("--clip")
+        .arg(&clip)
+        .args(["--steps", "2", "--batch", "4", "--tokenizer", &tok])
+        .output()
+        .unwrap();
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    kandinsky::models::transformers::prior_transformer::PriorTransformer::load(
+        &prior.join("prior"),
+        candle_core::DType::F32,
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    // Without a trained CLIP it says so.
+    let res = bin()
+        .args(["train", "prior", "--out"])
+        .arg(dir.path().join("p2"))
+        .args([
+            "--clip",
+            "/no/such/clip",
+            "--steps",
+            "1",
+            "--tokenizer",
+            &tok,
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert!(
+        !res.status.success() && err.contains("trained CLIP"),
+        "{err}"
+    );
+}
+
+#[test]
+fn train_mclip_exports_an_encoder_and_tokenizer_that_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let clip = dir.path().join("clip");
+    let tok = fixture("tokenizers/clip");
+    let res = bin()
+        .args(["train", "clip", "--out"])
+        .arg(&clip)
+        .args(["--steps", "1", "--batch", "2", "--tokenizer", &tok])
+        .output()
+        .unwrap();
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    let out = dir.path().join("mclip");
+    let res = bin()
+        .args(["train", "mclip", "--out"])
+        .arg(&out)
+        .arg("--clip")
+        .arg(&clip)
+        .args([
+            "--steps",
+            "2",
+            "--batch",
+            "4",
+            "--tokenizer",
+            &tok,
+            "--pieces",
+        ])
+        .arg(fixture("tokenizers/xlm_roberta/pieces.tsv.gz"))
+        .output()
+        .unwrap();
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    kandinsky::pipelines::kandinsky::text_encoder::MultilingualClip::load(
+        &out.join("text_encoder"),
+        candle_core::DType::F32,
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    kandinsky::tokenization::PromptTokenizer::xlm_roberta_from_dir(&out.join("tokenizer")).unwrap();
+}
+
+/// The decoder stages chain: MoVQ, CLIP and M-CLIP outputs feed the UNet and inpainting UNet.
+#[test]
+fn train_unet_and_inpainting_unet_on_trained_encoders() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |n: &str| dir.path().join(n).display().to_string();
+    let tok = fixture("tokenizers/clip");
+    let pieces = fixture("tokenizers/xlm_roberta/pieces.tsv.gz");
+    let runs: Vec<Vec<String>> = vec![
+        strings(&[
+            "train",
+            "movq",
+            "--out",
+            &p("movq"),
+            "--steps",
+            "1",
+            "--batch",
+            "1",
+        ]),
+        strings(&[
+            "train",
+            "clip",
+            "--out",
+            &p("clip"),
+            "--steps",
+            "1",
+            "--batch",
+            "2",
+            "--tokenizer",
+            &tok,
+        ]),
+        strings(&[
+            "train",
+            "mclip",
+            "--out",
+            &p("mclip"),
+            "--clip",
+            &p("clip"),
+            "--steps",
+            "1",
+            "--batch",
+            "2",
+            "--tokenizer",
+            &tok,
+            "--pieces",
+            &pieces,
+        ]),
+        strings(&[
+            "train",
+            "unet",
+            "--out",
+            &p("unet"),
+            "--movq",
+            &p("movq"),
+            "--clip",
+            &p("clip"),
+            "--mclip",
+            &p("mclip"),
+            "--steps",
+            "2",
+            "--batch",
+            "2",
+            "--pool",
+            "3",
+            "--pool-cache",
+            &p("pool.safetensors"),
+        ]),
+        strings(&[
+            "train",
+            "unet",
+            "--inpaint",
+            "--out",
+            &p("inpaint"),
+            "--movq",
+            &p("movq"),
+            "--clip",
+            &p("clip"),
+            "--mclip",
+            &p("mclip"),
+            "--steps",
+            "1",
+            "--batch",
+            "2",
+            "--pool",
+            "3",
+            "--init",
+            &p("unet"),
+        ]),
+    ];
+    let mut logs = vec![];
+    for args in &runs {
+        let res = bin().args(args).output().unwrap();
+        let log = String::from_utf8_lossy(&res.stderr).to_string();
+        assert!(res.status.success(), "{args:?}: {log}");
+        logs.push(log);
+    }
+    // The UNet wrote the teachers' pool; the inpainting UNet (same teachers, seed and size) reused
+    // it and trained to the same bits as with a freshly built pool; another size is not reused.
+    assert!(
+        logs[3].contains("teacher outputs for 3 examples in"),
+        "{}",
+        logs[3]
+    );
+    let mut cached = runs[4].clone();
+    cached.extend(strings(&["--pool-cache", &p("pool.safetensors")]));
+    let mut cached_out = cached.clone();
+    cached_out[4] = p("inpaint-cached");
+    let res = bin().args(&cached_out).output().unwrap();
+    let log = String::from_utf8_lossy(&res.stderr);
+    assert!(res.status.success() && log.contains("reused from"), "{log}");
+    let inpaint_weights = |d: &str| {
+        std::fs::read(
+            dir.path()
+                .join(d)
+                .join("unet/diffusion_pytorch_model.safetensors"),
+        )
+        .unwrap()
+    };
+    assert!(inpaint_weights("inpaint") == inpaint_weights("inpaint-cached"));
+    let mut other = cached.clone();
+    other[4] = p("inpaint-other");
+    let at = other.iter().position(|a| a == "--pool").unwrap();
+    other[at + 1] = "2".into();
+    let res = bin().args(&other).output().unwrap();
+    let log = String::from_utf8_lossy(&res.stderr);
+    assert!(
+        res.status.success() && log.contains("teacher outputs for 2 examples in"),
+        "{log}"
+    );
+    for (d, ch) in [("unet", 4), ("inpaint", 9)] {
+        let unet = kandinsky::models::UNet2DConditionModel::load(
+            &dir.path().join(d).join("unet"),
+            candle_core::DType::F32,
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
+        assert_eq!(unet.config().in_channels, ch);
+    }
+    // The inpainting UNet started from the text-to-image one: one small step away from it.
+    let weights = |d: &str| {
+        candle_core::safetensors::load(
+            dir.path()
+                .join(d)
+                .join("unet/diffusion_pytorch_model.safetensors"),
+            &candle_core::Device::Cpu,
+        )
+        .unwrap()
+    };
+    let (base, inpaint) = (weights("unet"), weights("inpaint"));
+    let w = "conv_out.weight";
+    let diff = (&inpaint[w] - &base[w]).unwrap().abs().unwrap();
+    let max_diff = diff.max_all().unwrap().to_scalar::<f32>().unwrap();
+    let scale = base[w]
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(max_diff < 0.1 * scale, "{max_diff} vs {scale}");
+    assert_eq!(inpaint["conv_in.weight"].dims(), &[64, 9, 3, 3]);
+    // The prior, then the assembled model directories generate through the ordinary commands.
+    let more: Vec<Vec<String>> = vec![
+        strings(&[
+            "train",
+            "prior",
+            "--out",
+            &p("prior"),
+            "--clip",
+            &p("clip"),
+            "--steps",
+            "1",
+            "--batch",
+            "2",
+            "--tokenizer",
+            &tok,
+        ]),
+        strings(&[
+            "train",
+            "assemble",
+            "--runs",
+            &p(""),
+            "--out",
+            &p("model"),
+            "--tokenizer",
+            &tok,
+        ]),
+    ];
+    for args in more {
+        let res = bin().args(&args).output().unwrap();
+        assert!(
+            res.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&res.stderr)
+        );
+    }
+    let model = |d: &str| dir.path().join("model").join(d).display().to_string();
+    let out = dir.path().join("gen.png");
+    let common = strings(&[
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--steps",
+        "3",
+        "--prior-steps",
+        "2",
+        "--seed",
+        "1",
+    ]);
+    let mut g = strings(&[
+        "generate",
+        "--prompt",
+        "a small red circle on the left on a blue background",
+    ]);
+    g.extend(strings(&[
+        "--model",
+        &model("decoder"),
+        "--prior",
+        &model("prior"),
+    ]));
+    g.extend(common.clone());
+    run_ok(&g, &out);
+    assert_eq!(image::open(&out).unwrap().width(), 64);
+    let mut i = strings(&[
+        "inpaint",
+        "--prompt",
+        "большой зелёный треугольник сверху, фон белый",
+        "--image",
+    ]);
+    i.push(fixture("images/drawing_64x64.png"));
+    i.push("--mask".into());
+    i.push(fixture("images/mask_64x64.png"));
+    i.extend(strings(&[
+        "--model",
+        &model("decoder-inpaint"),
+        "--prior",
+        &model("prior"),
+    ]));
+    i.extend(common);
+    run_ok(&i, &dir.path().join("inp.png"));
+    // The evaluation runs on the assembled model and prints its table.
+    let res = bin()
+        .args([
+            "eval",
+            "shapes",
+            "--model",
+            &model("decoder"),
+            "--prior",
+            &model("prior"),
+        ])
+        .args([
+            "--n",
+            "4",
+            "--batch",
+            "2",
+            "--steps",
+            "2",
+            "--prior-steps",
+            "2",
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&res.stdout);
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    assert!(
+        stdout.contains("| real images (analyser ceiling) | 8 | 100.0 %"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("generated, Russian"), "{stdout}");
+}

@@ -1,0 +1,332 @@
+//! `kandinsky eval shapes`: scores images generated for held-out prompts with the deterministic
+//! pixel analyser, and measures the Fréchet distance between generated and real images in a CLIP
+//! image-embedding space.
+// Dense numeric code over small matrices: index loops read like the formulas.
+#![allow(clippy::needless_range_loop)]
+
+use super::analyser::{analyse, Score};
+use super::shapes::{eval_prompts, Language, Rng, Scene};
+use candle_core::{DType, Device};
+use kandinsky::error::{Error, Result};
+use kandinsky::image_io::{save_png, to_rgb8};
+use kandinsky::pipelines::decoder::DecoderParams;
+use kandinsky::pipelines::kandinsky::pipeline_kandinsky::KandinskyPipeline;
+use kandinsky::pipelines::kandinsky::pipeline_kandinsky_prior::{
+    KandinskyPriorPipeline, PriorParams,
+};
+use kandinsky::utils::torch_utils::TorchGenerator;
+use std::path::PathBuf;
+
+/// Accuracy per attribute over a set of images.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Accuracy {
+    /// Images scored.
+    pub n: usize,
+    /// Fractions right: background, object colour, shape, position, size.
+    pub background: f64,
+    /// Object colour.
+    pub colour: f64,
+    /// Shape.
+    pub shape: f64,
+    /// Position.
+    pub position: f64,
+    /// Size.
+    pub size: f64,
+}
+
+impl Accuracy {
+    /// Aggregates per-image scores.
+    pub fn from_scores(scores: &[Score]) -> Self {
+        let n = scores.len();
+        let frac = |f: &dyn Fn(&Score) -> bool| {
+            if n == 0 {
+                0.0
+            } else {
+                scores.iter().filter(|s| f(s)).count() as f64 / n as f64
+            }
+        };
+        Self {
+            n,
+            background: frac(&|s| s.background),
+            colour: frac(&|s| s.colour),
+            shape: frac(&|s| s.shape),
+            position: frac(&|s| s.position),
+            size: frac(&|s| s.size),
+        }
+    }
+}
+
+/// Scores `side × side` RGB8 images against the scenes they should show.
+pub fn score(images: &[Vec<u8>], scenes: &[super::shapes::Scene], side: usize) -> Accuracy {
+    let scores: Vec<Score> = images
+        .iter()
+        .zip(scenes)
+        .map(|(img, s)| analyse(img, side).score(s))
+        .collect();
+    Accuracy::from_scores(&scores)
+}
+
+/// Mean and covariance (unbiased) of row vectors.
+fn moments(x: &[Vec<f64>]) -> Result<(Vec<f64>, Vec<Vec<f64>>)> {
+    let n = x.len();
+    if n < 2 {
+        return Err(Error::InvalidArgument(
+            "the Fréchet distance needs at least 2 samples per set".into(),
+        ));
+    }
+    let d = x[0].len();
+    let mut mean = vec![0.0; d];
+    for r in x {
+        for (m, v) in mean.iter_mut().zip(r) {
+            *m += v / n as f64;
+        }
+    }
+    let mut cov = vec![vec![0.0; d]; d];
+    for r in x {
+        for i in 0..d {
+            for j in 0..d {
+                cov[i][j] += (r[i] - mean[i]) * (r[j] - mean[j]) / (n - 1) as f64;
+            }
+        }
+    }
+    Ok((mean, cov))
+}
+
+/// Eigen-decomposition of a symmetric matrix (cyclic Jacobi): `(eigenvalues, eigenvectors as
+/// columns)`.
+pub fn symmetric_eigen(a: &[Vec<f64>]) -> (Vec<f64>, Vec<Vec<f64>>) {
+    let n = a.len();
+    let mut a: Vec<Vec<f64>> = a.to_vec();
+    let mut v = vec![vec![0.0; n]; n];
+    for (i, row) in v.iter_mut().enumerate() {
+        row[i] = 1.0;
+    }
+    for _sweep in 0..100 {
+        let off: f64 = (0..n)
+            .flat_map(|i| (0..n).filter(move |&j| j != i).map(move |j| (i, j)))
+            .map(|(i, j)| a[i][j] * a[i][j])
+            .sum();
+        if off < 1e-22 {
+            break;
+        }
+        for p in 0..n {
+            for q in p + 1..n {
+                if a[p][q].abs() < 1e-300 {
+                    continue;
+                }
+                let theta = (a[q][q] - a[p][p]) / (2.0 * a[p][q]);
+                let t = theta.signum().max(0.0).mul_add(2.0, -1.0)
+                    / (theta.abs() + (theta * theta + 1.0).sqrt());
+                let c = 1.0 / (t * t + 1.0).sqrt();
+                let s = t * c;
+                for k in 0..n {
+                    let (akp, akq) = (a[k][p], a[k][q]);
+                    a[k][p] = c * akp - s * akq;
+                    a[k][q] = s * akp + c * akq;
+                }
+                for k in 0..n {
+                    let (apk, aqk) = (a[p][k], a[q][k]);
+                    a[p][k] = c * apk - s * aqk;
+                    a[q][k] = s * apk + c * aqk;
+                }
+                for row in v.iter_mut() {
+                    let (vkp, vkq) = (row[p], row[q]);
+                    row[p] = c * vkp - s * vkq;
+                    row[q] = s * vkp + c * vkq;
+                }
+            }
+        }
+    }
+    ((0..n).map(|i| a[i][i]).collect(), v)
+}
+
+fn matmul(a: &[Vec<f64>], b: &[Vec<f64>]) -> Vec<Vec<f64>> {
+    let (n, m, k) = (a.len(), b[0].len(), b.len());
+    let mut c = vec![vec![0.0; m]; n];
+    for i in 0..n {
+        for l in 0..k {
+            for j in 0..m {
+                c[i][j] += a[i][l] * b[l][j];
+            }
+        }
+    }
+    c
+}
+
+/// The Fréchet distance between Gaussians fitted to two sets of feature vectors:
+/// `‖μ₁−μ₂‖² + tr(Σ₁) + tr(Σ₂) − 2 tr((Σ₁^½ Σ₂ Σ₁^½)^½)`.
+pub fn frechet_distance(a: &[Vec<f64>], b: &[Vec<f64>]) -> Result<f64> {
+    let (m1, s1) = moments(a)?;
+    let (m2, s2) = moments(b)?;
+    let d = m1.len();
+    let mean_term: f64 = m1.iter().zip(&m2).map(|(x, y)| (x - y).powi(2)).sum();
+    let (w, v) = symmetric_eigen(&s1);
+    // Σ₁^½ = V diag(√w) Vᵀ
+    let mut sqrt1 = vec![vec![0.0; d]; d];
+    for i in 0..d {
+        for j in 0..d {
+            sqrt1[i][j] = (0..d)
+                .map(|k| v[i][k] * w[k].max(0.0).sqrt() * v[j][k])
+                .sum();
+        }
+    }
+    let m = matmul(&matmul(&sqrt1, &s2), &sqrt1);
+    let (wm, _) = symmetric_eigen(&m);
+    let tr_sqrt: f64 = wm.iter().map(|x| x.max(0.0).sqrt()).sum();
+    let tr1: f64 = (0..d).map(|i| s1[i][i]).sum();
+    let tr2: f64 = (0..d).map(|i| s2[i][i]).sum();
+    Ok(mean_term + tr1 + tr2 - 2.0 * tr_sqrt)
+}
+
+/// Settings of [`eval_shapes`].
+#[derive(Debug, Clone)]
+pub struct ShapesEval {
+    /// The 2.1-style decoder directory (`KandinskyPipeline`).
+    pub decoder: PathBuf,
+    /// The prior directory.
+    pub prior: PathBuf,
+    /// Prompts per language (at least 2).
+    pub n: usize,
+    /// Decoder steps.
+    pub steps: usize,
+    /// Prior steps (at least 2).
+    pub prior_steps: usize,
+    /// Decoder guidance.
+    pub guidance: f64,
+    /// Prior guidance.
+    pub prior_guidance: f64,
+    /// Seed of the generator (one per language).
+    pub seed: u64,
+    /// Prompts generated together.
+    pub batch: usize,
+    /// Condition the decoder on the CLIP embedding of a real render of each scene instead of the
+    /// prior's sample (measures the decoder alone).
+    pub oracle: bool,
+    /// Write every generated image here as `en-000.png`, `ru-000.png`, … (prompt in the PNG).
+    pub save: Option<PathBuf>,
+}
+
+/// One row of the evaluation table.
+#[derive(Debug, Clone)]
+pub struct EvalRow {
+    /// What was scored ("generated, English", …, "real images (analyser ceiling)").
+    pub name: &'static str,
+    /// The analyser's accuracy per attribute.
+    pub accuracy: Accuracy,
+    /// Fréchet distance to the real renders in the model's CLIP image-embedding space.
+    pub frechet: Option<f64>,
+    /// Mean cosine between the prior's embedding and the real image's.
+    pub prior_cosine: Option<f64>,
+}
+
+/// The image side of the evaluation (the small model's native size).
+pub const SIDE: usize = 64;
+
+/// `kandinsky eval shapes`: generates images for held-out prompts in English and Russian with
+/// the given sampler settings, scores them with the pixel analyser and measures their Fréchet
+/// distance to real renders; the last row is the analyser on the real renders (its ceiling).
+/// `progress(name, done, n)` reports after every batch.
+pub fn eval_shapes(
+    s: &ShapesEval,
+    progress: &mut dyn FnMut(&str, usize, usize),
+) -> Result<Vec<EvalRow>> {
+    if s.n < 2 || s.batch == 0 || s.steps == 0 || s.prior_steps < 2 {
+        return Err(Error::InvalidArgument(
+            "n must be at least 2, batch and steps at least 1, prior steps at least 2".into(),
+        ));
+    }
+    if let Some(dir) = &s.save {
+        std::fs::create_dir_all(dir).map_err(|e| Error::Io {
+            path: dir.clone(),
+            source: e,
+        })?;
+    }
+    let device = Device::Cpu;
+    let prior = KandinskyPriorPipeline::load(&s.prior, DType::F32, &device)
+        .map_err(|e| e.within(format!("loading the prior from {}", s.prior.display())))?;
+    let decoder = KandinskyPipeline::load(&s.decoder, DType::F32, &device)
+        .map_err(|e| e.within(format!("loading the decoder from {}", s.decoder.display())))?;
+    let features = |e: &candle_core::Tensor| -> Result<Vec<f64>> {
+        Ok(e.flatten_all()?
+            .to_vec1::<f32>()?
+            .into_iter()
+            .map(f64::from)
+            .collect())
+    };
+    let mut rows = Vec::new();
+    let mut all_real: Vec<(Vec<u8>, Scene)> = Vec::new();
+    for (lang, name, tag) in [
+        (Language::En, "generated, English", "en"),
+        (Language::Ru, "generated, Russian", "ru"),
+    ] {
+        let prompts = eval_prompts(lang, s.n);
+        let mut gen = TorchGenerator::new(s.seed);
+        let mut images = Vec::new();
+        let mut scenes = Vec::new();
+        let mut rng = Rng::new(s.seed ^ lang as u64);
+        let real: Vec<Vec<u8>> = prompts
+            .iter()
+            .map(|(sc, _)| sc.render(SIDE, &mut rng))
+            .collect();
+        // The real renders' CLIP embeddings: the prior's reference, the oracle's conditioning
+        // and the Fréchet distance's second set.
+        let real_emb = real
+            .iter()
+            .map(|rgb| prior.embed_image(SIDE, SIDE, rgb))
+            .collect::<Result<Vec<_>>>()?;
+        let (mut cos_sum, mut cos_n) = (0.0, 0usize);
+        for (i, chunk) in prompts.chunks(s.batch).enumerate() {
+            let texts: Vec<String> = chunk.iter().map(|(_, t)| t.clone()).collect();
+            let params = PriorParams {
+                steps: s.prior_steps,
+                guidance_scale: s.prior_guidance,
+                num_images_per_prompt: 1,
+            };
+            let (emb, neg) = prior.call(&texts, None, params, &mut gen, None, &mut |_, _| {})?;
+            let truth =
+                candle_core::Tensor::cat(&real_emb[i * s.batch..i * s.batch + chunk.len()], 0)?;
+            let cos = (&emb * &truth)?.sum(1)?
+                / (emb.sqr()?.sum(1)?.sqrt()? * truth.sqr()?.sum(1)?.sqrt()?)?;
+            cos_sum += cos?.sum_all()?.to_scalar::<f32>()? as f64;
+            cos_n += chunk.len();
+            let emb = if s.oracle { truth } else { emb };
+            let dp = DecoderParams {
+                height: SIDE,
+                width: SIDE,
+                steps: s.steps,
+                guidance_scale: s.guidance,
+            };
+            let out = decoder.call(&texts, None, &emb, &neg, dp, &mut gen, None, &mut |_, _| {})?;
+            for (image, text) in to_rgb8(&out)?.into_iter().zip(&texts) {
+                if let Some(dir) = &s.save {
+                    let path = dir.join(format!("{tag}-{:03}.png", images.len()));
+                    save_png(&path, &image, &[("parameters", text)])?;
+                }
+                images.push(image.data);
+            }
+            scenes.extend(chunk.iter().map(|(sc, _)| *sc));
+            progress(name, ((i + 1) * s.batch).min(s.n), s.n);
+        }
+        let fa: Vec<Vec<f64>> = images
+            .iter()
+            .map(|rgb| features(&prior.embed_image(SIDE, SIDE, rgb)?))
+            .collect::<Result<_>>()?;
+        let fb: Vec<Vec<f64>> = real_emb.iter().map(features).collect::<Result<_>>()?;
+        let fd = frechet_distance(&fa, &fb)?;
+        rows.push(EvalRow {
+            name,
+            accuracy: score(&images, &scenes, SIDE),
+            frechet: Some(fd),
+            prior_cosine: Some(cos_sum / cos_n as f64),
+        });
+        all_real.extend(real.into_iter().zip(scenes));
+    }
+    let (real, scenes): (Vec<Vec<u8>>, Vec<Scene>) = all_real.into_iter().unzip();
+    rows.push(EvalRow {
+        name: "real images (analyser ceiling)",
+        accuracy: score(&real, &scenes, SIDE),
+        frechet: None,
+        prior_cosine: None,
+    });
+    Ok(rows)
+}

@@ -1,0 +1,878 @@
+//! The combined pipelines of diffusers (`pipelines/auto_pipeline.py`,
+//! `pipelines/kandinsky*/pipeline_kandinsky*_combined.py`): a prior directory and a decoder
+//! directory behind one entry, one request type per mode of the paper's demo, checked in one
+//! place before any weight is loaded, then the prior stage and the decoder stage with one shared
+//! generator, so the same seed gives diffusers' images.
+//!
+//! ```no_run
+//! use kandinsky::pipelines::auto_pipeline::{AutoPipeline, LoadOptions, Request, TextToImage};
+//! use kandinsky::utils::torch_utils::TorchGenerator;
+//!
+//! # fn main() -> kandinsky::Result<()> {
+//! let dirs = kandinsky::loading::small_model_dirs(false)?;
+//! let mut pipe = AutoPipeline::from_pretrained(&dirs.decoder, &dirs.prior, LoadOptions::default())?;
+//! let request = Request::new(TextToImage::new("a large blue square in the centre on a yellow background"));
+//! let mut generator = TorchGenerator::new(1);
+//! let images = pipe.generate(request, &mut generator, &mut |stage, step, steps| {
+//!     eprintln!("{stage:?} {step}/{steps}");
+//! })?;
+//! kandinsky::image_io::save_png("image.png".as_ref(), &images[0], &[])?;
+//! # Ok(())
+//! # }
+//! ```
+
+use crate::error::{Error, Result};
+use crate::image_io::{extend_canvas, prepare_hint, prepare_image, to_rgb8, Margins, Rgb8};
+use crate::loading::{component_dir, ModelIndex};
+use crate::models::{UNet2DConditionConfig, VQModelConfig};
+use crate::pipelines::decoder::{latent_size, prepare_mask_and_masked_image, DecoderParams};
+use crate::pipelines::kandinsky::pipeline_kandinsky::KandinskyPipeline;
+use crate::pipelines::kandinsky::pipeline_kandinsky_prior::{
+    KandinskyPriorPipeline, MixInput, PriorOutput, PriorParams,
+};
+use crate::pipelines::kandinsky2_2::pipeline_kandinsky2_2::KandinskyV22Pipeline;
+use crate::pipelines::CancelFlag;
+use crate::schedulers::{with_class, SchedulerClass, SchedulerConfig};
+use crate::utils::torch_utils::TorchGenerator;
+use candle_core::{DType, Device, Tensor};
+use std::path::{Path, PathBuf};
+
+/// The largest latent area per image we agree to allocate: the real UNet's attention at its first
+/// SimpleCrossAttn level holds (h/2·w/2)² scores per head.
+pub const MAX_LATENT_PIXELS: usize = 192 * 192;
+
+/// Kandinsky 2.1 (the decoder also reads the prompt through M-CLIP) or 2.2 (image embedding only).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Version {
+    /// Kandinsky 2.1.
+    V2_1,
+    /// Kandinsky 2.2.
+    V2_2,
+}
+
+/// The kind of decoder a model directory holds, which decides the modes it serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DecoderKind {
+    /// `KandinskyPipeline` (2.1) / `KandinskyV22Pipeline` (2.2): text-to-image, image-to-image,
+    /// mixing and variations.
+    TextToImage,
+    /// `KandinskyInpaintPipeline` / `KandinskyV22InpaintPipeline`: inpainting and outpainting.
+    Inpaint,
+    /// `KandinskyV22ControlnetPipeline`: ControlNet depth.
+    Controlnet,
+}
+
+impl DecoderKind {
+    /// `(kind, version)` of a decoder's `model_index.json` class.
+    pub fn from_class_name(class: &str) -> Option<(Self, Version)> {
+        use {DecoderKind::*, Version::*};
+        Some(match class {
+            "KandinskyPipeline" | "KandinskyImg2ImgPipeline" => (TextToImage, V2_1),
+            "KandinskyV22Pipeline" | "KandinskyV22Img2ImgPipeline" => (TextToImage, V2_2),
+            "KandinskyInpaintPipeline" => (Inpaint, V2_1),
+            "KandinskyV22InpaintPipeline" => (Inpaint, V2_2),
+            "KandinskyV22ControlnetPipeline" | "KandinskyV22ControlnetImg2ImgPipeline" => {
+                (Controlnet, V2_2)
+            }
+            _ => return None,
+        })
+    }
+
+    /// What a mode needing this kind asks for, in an error message.
+    fn requirement(self) -> &'static str {
+        match self {
+            DecoderKind::TextToImage => "a text-to-image decoder (KandinskyPipeline or KandinskyV22Pipeline, e.g. kandinsky-2-2)",
+            DecoderKind::Inpaint => "an inpainting decoder (KandinskyInpaintPipeline or KandinskyV22InpaintPipeline, e.g. kandinsky-2-2-inpaint)",
+            DecoderKind::Controlnet => "a ControlNet decoder (KandinskyV22ControlnetPipeline, e.g. kandinsky-2-2-controlnet-depth)",
+        }
+    }
+}
+
+/// What [`AutoPipeline::from_pretrained`] learns from the model directories' configs.
+#[derive(Debug, Clone)]
+pub struct ModelInfo {
+    /// The decoder directory.
+    pub decoder_dir: PathBuf,
+    /// The prior directory.
+    pub prior_dir: PathBuf,
+    /// The decoder's `model_index.json` class.
+    pub class_name: String,
+    /// 2.1 or 2.2.
+    pub version: Version,
+    /// The kind of decoder.
+    pub kind: DecoderKind,
+    /// Pixels per latent pixel of the MoVQ (`2^(levels - 1)`).
+    pub scale_factor: usize,
+    /// The decoder's native image side: UNet `sample_size` × the MoVQ factor (512 when the
+    /// config has none).
+    pub native_size: usize,
+}
+
+/// How the stages are loaded.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// Compute dtype of every network.
+    pub dtype: DType,
+    /// Device of every network.
+    pub device: Device,
+    /// Keep both stages in memory between requests (a server); otherwise each stage is loaded
+    /// when it runs and freed after, so the prior is gone before the decoder loads.
+    pub keep_loaded: bool,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            dtype: DType::F32,
+            device: Device::Cpu,
+            keep_loaded: false,
+        }
+    }
+}
+
+/// Sampling settings shared by every mode (diffusers' combined pipelines' defaults).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GenerationParams {
+    /// Image width in pixels (rounded up to the latent grid); the decoder's native size when
+    /// `None`.
+    pub width: Option<usize>,
+    /// Image height in pixels, as `width`.
+    pub height: Option<usize>,
+    /// Decoder steps.
+    pub steps: usize,
+    /// Prior steps (at least 2).
+    pub prior_steps: usize,
+    /// Decoder guidance scale (CFG when > 1).
+    pub guidance: f64,
+    /// Prior guidance scale (CFG when > 1).
+    pub prior_guidance: f64,
+    /// Images to generate.
+    pub num_images: usize,
+    /// The decoder's sampler; the model's own scheduler when `None`.
+    pub scheduler: Option<SchedulerClass>,
+}
+
+impl Default for GenerationParams {
+    fn default() -> Self {
+        Self {
+            width: None,
+            height: None,
+            steps: 100,
+            prior_steps: 25,
+            guidance: 4.0,
+            prior_guidance: 4.0,
+            num_images: 1,
+            scheduler: None,
+        }
+    }
+}
+
+/// A prompt and its negative (the prior samples the negative's embedding).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Prompt {
+    /// The prompt.
+    pub prompt: String,
+    /// The negative prompt.
+    pub negative_prompt: Option<String>,
+}
+
+impl From<&str> for Prompt {
+    fn from(prompt: &str) -> Self {
+        Self {
+            prompt: prompt.into(),
+            negative_prompt: None,
+        }
+    }
+}
+
+/// Text to image.
+#[derive(Debug, Clone)]
+pub struct TextToImage {
+    /// The prompt.
+    pub prompt: Prompt,
+    /// The decoder's initial latents `(B, C, h, w)` instead of noise.
+    pub latents: Option<Tensor>,
+    /// The prior's initial latents `(B, E)` instead of noise.
+    pub prior_latents: Option<Tensor>,
+}
+
+impl TextToImage {
+    /// A text-to-image request from noise.
+    pub fn new(prompt: impl Into<String>) -> Self {
+        Self {
+            prompt: Prompt {
+                prompt: prompt.into(),
+                negative_prompt: None,
+            },
+            latents: None,
+            prior_latents: None,
+        }
+    }
+}
+
+/// Image to image: the decoder starts from the noised image; with `prior_strength` the prior
+/// also starts from the image's CLIP embedding (2.2's `PriorEmb2EmbPipeline`).
+#[derive(Debug, Clone)]
+pub struct ImageToImage {
+    /// The prompt.
+    pub prompt: Prompt,
+    /// The starting image (resized to the output size).
+    pub image: Rgb8,
+    /// How much of the schedule to run, in (0, 1]: 0 keeps the image, 1 ignores it.
+    pub strength: f64,
+    /// The prior's strength from the image's embedding, in (0, 1].
+    pub prior_strength: Option<f64>,
+    /// The prior's initial latents (without `prior_strength`).
+    pub prior_latents: Option<Tensor>,
+}
+
+/// Inpainting: repaint where the mask is white (an inpainting decoder).
+#[derive(Debug, Clone)]
+pub struct Inpainting {
+    /// The prompt.
+    pub prompt: Prompt,
+    /// The image to edit.
+    pub image: Rgb8,
+    /// The mask, same size as the image: white = repaint, black = keep.
+    pub mask: Rgb8,
+    /// The decoder's initial latents.
+    pub latents: Option<Tensor>,
+    /// The prior's initial latents.
+    pub prior_latents: Option<Tensor>,
+}
+
+/// Outpainting: the image grown by margins (filled with its edge pixels) and the new area
+/// inpainted; the output size is the grown canvas.
+#[derive(Debug, Clone)]
+pub struct Outpainting {
+    /// The prompt.
+    pub prompt: Prompt,
+    /// The image to extend.
+    pub image: Rgb8,
+    /// Pixels to add on each side.
+    pub margins: Margins,
+    /// The decoder's initial latents.
+    pub latents: Option<Tensor>,
+    /// The prior's initial latents.
+    pub prior_latents: Option<Tensor>,
+}
+
+/// A weighted mix of prompts and images (`prior.interpolate`), then the decoder.
+#[derive(Debug, Clone)]
+pub struct Mixing {
+    /// The inputs and their weights (not normalised, as in diffusers).
+    pub inputs: Vec<(MixInput, f64)>,
+    /// The decoder's initial latents.
+    pub latents: Option<Tensor>,
+}
+
+/// Variations of an image: its CLIP image embedding, then the decoder.
+#[derive(Debug, Clone)]
+pub struct Variations {
+    /// The image.
+    pub image: Rgb8,
+    /// The decoder's initial latents.
+    pub latents: Option<Tensor>,
+}
+
+/// The starting image of ControlNet image-to-image.
+#[derive(Debug, Clone)]
+pub struct ControlnetImage {
+    /// The image.
+    pub image: Rgb8,
+    /// How much of the schedule to run, in (0, 1].
+    pub strength: f64,
+    /// The prior's strength from the image's embedding (emb2emb), in (0, 1].
+    pub prior_strength: Option<f64>,
+}
+
+/// ControlNet depth (2.2): the decoder follows a hint image, from noise or from an image.
+#[derive(Debug, Clone)]
+pub struct Controlnet {
+    /// The prompt.
+    pub prompt: Prompt,
+    /// The hint (a depth map: near = bright), resized to the output size.
+    pub hint: Rgb8,
+    /// Start from this image instead of noise.
+    pub image: Option<ControlnetImage>,
+    /// The decoder's initial latents (from noise only).
+    pub latents: Option<Tensor>,
+    /// The prior's initial latents (without a prior strength).
+    pub prior_latents: Option<Tensor>,
+}
+
+/// One mode of the paper's demo with its inputs.
+#[derive(Debug, Clone)]
+pub enum Mode {
+    /// Text to image.
+    TextToImage(TextToImage),
+    /// Image to image.
+    ImageToImage(ImageToImage),
+    /// Inpainting.
+    Inpainting(Inpainting),
+    /// Outpainting.
+    Outpainting(Outpainting),
+    /// Mixing of prompts and images.
+    Mixing(Mixing),
+    /// Image variations.
+    Variations(Variations),
+    /// ControlNet depth.
+    Controlnet(Controlnet),
+}
+
+macro_rules! mode_from {
+    ($($ty:ident),*) => {$(
+        impl From<$ty> for Mode {
+            fn from(m: $ty) -> Self {
+                Mode::$ty(m)
+            }
+        }
+    )*};
+}
+mode_from!(
+    TextToImage,
+    ImageToImage,
+    Inpainting,
+    Outpainting,
+    Mixing,
+    Variations,
+    Controlnet
+);
+
+impl Mode {
+    /// The decoder kind this mode runs on.
+    pub fn decoder_kind(&self) -> DecoderKind {
+        match self {
+            Mode::Inpainting(_) | Mode::Outpainting(_) => DecoderKind::Inpaint,
+            Mode::Controlnet(_) => DecoderKind::Controlnet,
+            _ => DecoderKind::TextToImage,
+        }
+    }
+
+    /// The prompt, for the modes that have one.
+    pub fn prompt(&self) -> Option<&Prompt> {
+        match self {
+            Mode::TextToImage(m) => Some(&m.prompt),
+            Mode::ImageToImage(m) => Some(&m.prompt),
+            Mode::Inpainting(m) => Some(&m.prompt),
+            Mode::Outpainting(m) => Some(&m.prompt),
+            Mode::Controlnet(m) => Some(&m.prompt),
+            Mode::Mixing(_) | Mode::Variations(_) => None,
+        }
+    }
+}
+
+/// A generation request: a mode and the sampling settings.
+#[derive(Debug, Clone)]
+pub struct Request {
+    /// The mode and its inputs.
+    pub mode: Mode,
+    /// Size, steps, guidance, batch and sampler.
+    pub params: GenerationParams,
+}
+
+impl Request {
+    /// A request with the default settings.
+    pub fn new(mode: impl Into<Mode>) -> Self {
+        Self {
+            mode: mode.into(),
+            params: GenerationParams::default(),
+        }
+    }
+}
+
+/// What [`AutoPipeline::check`] derives from a valid request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Plan {
+    /// Output width in pixels (before rounding to the latent grid).
+    pub width: usize,
+    /// Output height in pixels.
+    pub height: usize,
+}
+
+/// Which stage a progress report is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// The image prior (text → CLIP image embedding).
+    Prior,
+    /// The decoder (embedding → latent → image).
+    Decoder,
+}
+
+/// The progress callback: `(stage, step, steps)` after every denoising step.
+pub type Progress<'a> = &'a mut dyn FnMut(Stage, usize, usize);
+
+fn invalid(message: String) -> Error {
+    Error::InvalidArgument(message)
+}
+
+fn check_strength(name: &str, s: f64) -> Result<()> {
+    if !(s > 0.0 && s <= 1.0) {
+        return Err(invalid(format!("{name} must be in (0, 1], got {s}")));
+    }
+    Ok(())
+}
+
+/// The decoder of either version.
+enum Decoder {
+    V21(Box<KandinskyPipeline>),
+    V22(Box<KandinskyV22Pipeline>),
+}
+
+/// A Kandinsky 2.1 / 2.2 prior + decoder pair, every mode behind [`AutoPipeline::generate`].
+pub struct AutoPipeline {
+    info: ModelInfo,
+    options: LoadOptions,
+    /// The model's own decoder scheduler.
+    scheduler: SchedulerConfig,
+    prior: Option<KandinskyPriorPipeline>,
+    decoder: Option<Decoder>,
+    cancel: Option<CancelFlag>,
+}
+
+impl AutoPipeline {
+    /// Reads the decoder's `model_index.json`, UNet, MoVQ and scheduler configs (no weights yet:
+    /// each stage loads when it first runs) and checks that the prior directory exists.
+    pub fn from_pretrained(
+        decoder_dir: &Path,
+        prior_dir: &Path,
+        options: LoadOptions,
+    ) -> Result<Self> {
+        let index = ModelIndex::load(decoder_dir)?;
+        let (kind, version) = DecoderKind::from_class_name(&index.class_name).ok_or_else(|| {
+            invalid(format!(
+                "{} holds a '{}' pipeline, not a Kandinsky decoder",
+                decoder_dir.display(),
+                index.class_name
+            ))
+        })?;
+        let movq = VQModelConfig::load(&component_dir(decoder_dir, "movq")?)?;
+        let scale_factor = 1usize << movq.block_out_channels.len().saturating_sub(1);
+        let unet = UNet2DConditionConfig::load(&component_dir(decoder_dir, "unet")?)?;
+        let native_size = unet.sample_size.map_or(512, |s| s * scale_factor);
+        let scheduler = SchedulerConfig::load(
+            &component_dir(decoder_dir, "scheduler")?.join("scheduler_config.json"),
+        )?;
+        if !prior_dir.is_dir() {
+            return Err(Error::NotFound {
+                what: "prior model directory".into(),
+                path: prior_dir.to_path_buf(),
+            });
+        }
+        Ok(Self {
+            info: ModelInfo {
+                decoder_dir: decoder_dir.to_path_buf(),
+                prior_dir: prior_dir.to_path_buf(),
+                class_name: index.class_name,
+                version,
+                kind,
+                scale_factor,
+                native_size,
+            },
+            options,
+            scheduler,
+            prior: None,
+            decoder: None,
+            cancel: None,
+        })
+    }
+
+    /// What the configs say about the model.
+    pub fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    /// A flag that, once set, stops the run before its next denoising step with
+    /// [`Error::Cancelled`] (clear it before the next request).
+    pub fn set_cancel_flag(&mut self, flag: CancelFlag) {
+        self.cancel = Some(flag);
+    }
+
+    /// Checks a request against the model, before any weight is loaded or any step runs: the
+    /// settings, the inputs of the mode, the decoder kind, the size (latent grid, memory bound).
+    pub fn check(&self, request: &Request) -> Result<Plan> {
+        let p = &request.params;
+        for (name, v) in [("steps", p.steps), ("the number of images", p.num_images)] {
+            if v == 0 {
+                return Err(invalid(format!("{name} must be at least 1")));
+            }
+        }
+        if p.prior_steps < 2 {
+            return Err(invalid(
+                "prior steps must be at least 2 (the prior scheduler spaces steps over 0..999)"
+                    .into(),
+            ));
+        }
+        for (name, g) in [
+            ("guidance", p.guidance),
+            ("prior guidance", p.prior_guidance),
+        ] {
+            if !g.is_finite() || g < 0.0 {
+                return Err(invalid(format!(
+                    "{name} must be a finite number ≥ 0, got {g}"
+                )));
+            }
+        }
+        if p.width == Some(0) || p.height == Some(0) {
+            return Err(invalid("width and height must be positive".into()));
+        }
+        let mut fixed_size = None;
+        match &request.mode {
+            Mode::TextToImage(_) => {}
+            Mode::ImageToImage(m) => {
+                check_strength("strength", m.strength)?;
+                if let Some(s) = m.prior_strength {
+                    check_strength("prior strength", s)?;
+                    if m.prior_latents.is_some() {
+                        return Err(invalid("prior latents apply when the prior samples from noise, not with a prior strength".into()));
+                    }
+                }
+            }
+            Mode::Inpainting(m) => {
+                if (m.image.width, m.image.height) != (m.mask.width, m.mask.height) {
+                    return Err(invalid(format!(
+                        "the mask is {}x{} but the image is {}x{}: they must have the same size",
+                        m.mask.width, m.mask.height, m.image.width, m.image.height
+                    )));
+                }
+            }
+            Mode::Outpainting(m) => {
+                let g = m.margins;
+                if g.left + g.right + g.top + g.bottom == 0 {
+                    return Err(invalid(
+                        "give at least one margin to extend: left, right, top or bottom".into(),
+                    ));
+                }
+                let size = (
+                    m.image.width + g.left + g.right,
+                    m.image.height + g.top + g.bottom,
+                );
+                if p.width.is_some_and(|x| x != size.0) || p.height.is_some_and(|x| x != size.1) {
+                    return Err(invalid(format!("the output size of outpainting is the image plus the margins ({}x{}); do not pass a width or height", size.0, size.1)));
+                }
+                fixed_size = Some(size);
+            }
+            Mode::Mixing(m) => {
+                if m.inputs.is_empty() {
+                    return Err(invalid("nothing to mix".into()));
+                }
+                if let Some((_, w)) = m.inputs.iter().find(|(_, w)| !w.is_finite()) {
+                    return Err(invalid(format!("mixing weight {w} is not a finite number")));
+                }
+            }
+            Mode::Variations(_) => {}
+            Mode::Controlnet(m) => {
+                if let Some(image) = &m.image {
+                    check_strength("strength", image.strength)?;
+                    if m.latents.is_some() {
+                        return Err(invalid("latents do not apply to image-to-image (the start is the noised image)".into()));
+                    }
+                    if let Some(s) = image.prior_strength {
+                        check_strength("prior strength", s)?;
+                        if m.prior_latents.is_some() {
+                            return Err(invalid("prior latents apply when the prior samples from noise, not with a prior strength".into()));
+                        }
+                    }
+                }
+            }
+        }
+        let need = request.mode.decoder_kind();
+        if need != self.info.kind {
+            return Err(invalid(format!(
+                "{} holds a '{}' pipeline; this mode needs {}",
+                self.info.decoder_dir.display(),
+                self.info.class_name,
+                need.requirement()
+            )));
+        }
+        let f = self.info.scale_factor;
+        let native = self.info.native_size;
+        let (width, height) =
+            fixed_size.unwrap_or((p.width.unwrap_or(native), p.height.unwrap_or(native)));
+        if latent_size(height, f) * latent_size(width, f) > MAX_LATENT_PIXELS {
+            return Err(invalid(format!(
+                "{width}x{height} is too large: its activations would not fit in memory on this machine (at most {}x{} pixels with this MoVQ)",
+                192 * f,
+                192 * f
+            )));
+        }
+        let grid = f * f;
+        if need != DecoderKind::TextToImage
+            && (!width.is_multiple_of(grid) || !height.is_multiple_of(grid))
+        {
+            return Err(invalid(format!(
+                "{width}x{height}: this mode needs a width and height that are multiples of {grid} (try {}x{})",
+                width.div_ceil(grid) * grid,
+                height.div_ceil(grid) * grid
+            )));
+        }
+        Ok(Plan { width, height })
+    }
+
+    /// Runs a request: [`Self::check`], the prior stage, then the decoder stage, both drawing
+    /// from `generator` in diffusers' order. Returns one image per `num_images`.
+    pub fn generate(
+        &mut self,
+        request: Request,
+        generator: &mut TorchGenerator,
+        progress: Progress,
+    ) -> Result<Vec<Rgb8>> {
+        let plan = self.check(&request)?;
+        let Request { mode, params } = request;
+        let embeds = self.prior_stage(&mode, &params, generator, progress)?;
+        if !self.options.keep_loaded {
+            self.prior = None;
+        }
+        let images = self.decoder_stage(mode, &params, plan, &embeds, generator, progress);
+        if !self.options.keep_loaded {
+            self.decoder = None;
+        }
+        to_rgb8(&images?)
+    }
+
+    fn prior(&mut self) -> Result<&KandinskyPriorPipeline> {
+        if self.prior.is_none() {
+            let dir = &self.info.prior_dir;
+            let mut prior =
+                KandinskyPriorPipeline::load(dir, self.options.dtype, &self.options.device)
+                    .map_err(|e| stage_error("prior", dir, e))?;
+            if let Some(flag) = &self.cancel {
+                prior.set_cancel_flag(flag.clone());
+            }
+            self.prior = Some(prior);
+        }
+        Ok(self.prior.as_ref().expect("loaded above"))
+    }
+
+    fn decoder(&mut self) -> Result<&mut Decoder> {
+        if self.decoder.is_none() {
+            let (dir, dtype, device) = (
+                &self.info.decoder_dir,
+                self.options.dtype,
+                &self.options.device,
+            );
+            let err = |e| stage_error("decoder", dir, e);
+            let mut decoder = match self.info.version {
+                Version::V2_1 => Decoder::V21(Box::new(
+                    KandinskyPipeline::load(dir, dtype, device).map_err(err)?,
+                )),
+                Version::V2_2 => Decoder::V22(Box::new(
+                    KandinskyV22Pipeline::load(dir, dtype, device).map_err(err)?,
+                )),
+            };
+            if let Some(flag) = &self.cancel {
+                match &mut decoder {
+                    Decoder::V21(d) => d.set_cancel_flag(flag.clone()),
+                    Decoder::V22(d) => d.set_cancel_flag(flag.clone()),
+                }
+            }
+            self.decoder = Some(decoder);
+        }
+        Ok(self.decoder.as_mut().expect("loaded above"))
+    }
+
+    /// `(image_embeds, negative_image_embeds)` of the mode's prior stage.
+    fn prior_stage(
+        &mut self,
+        mode: &Mode,
+        params: &GenerationParams,
+        generator: &mut TorchGenerator,
+        progress: Progress,
+    ) -> Result<PriorOutput> {
+        let prior_params = PriorParams {
+            steps: params.prior_steps,
+            guidance_scale: params.prior_guidance,
+            num_images_per_prompt: params.num_images,
+        };
+        let prior = self.prior()?;
+        let bar = &mut |i, n| progress(Stage::Prior, i, n);
+        let text = |p: &Prompt,
+                    latents: &Option<Tensor>,
+                    generator: &mut TorchGenerator,
+                    bar: &mut dyn FnMut(usize, usize)| {
+            prior.call(
+                std::slice::from_ref(&p.prompt),
+                p.negative_prompt.as_deref(),
+                prior_params,
+                generator,
+                latents.clone(),
+                bar,
+            )
+        };
+        let from_image = |p: &Prompt,
+                          image: &Rgb8,
+                          strength: f64,
+                          generator: &mut TorchGenerator,
+                          bar: &mut dyn FnMut(usize, usize)| {
+            prior.emb2emb(
+                std::slice::from_ref(&p.prompt),
+                p.negative_prompt.as_deref(),
+                image,
+                strength,
+                prior_params,
+                generator,
+                bar,
+            )
+        };
+        match mode {
+            Mode::TextToImage(m) => text(&m.prompt, &m.prior_latents, generator, bar),
+            Mode::Inpainting(m) => text(&m.prompt, &m.prior_latents, generator, bar),
+            Mode::Outpainting(m) => text(&m.prompt, &m.prior_latents, generator, bar),
+            Mode::ImageToImage(m) => match m.prior_strength {
+                Some(s) => from_image(&m.prompt, &m.image, s, generator, bar),
+                None => text(&m.prompt, &m.prior_latents, generator, bar),
+            },
+            Mode::Controlnet(m) => match &m.image {
+                Some(ControlnetImage {
+                    image,
+                    prior_strength: Some(s),
+                    ..
+                }) => from_image(&m.prompt, image, *s, generator, bar),
+                _ => text(&m.prompt, &m.prior_latents, generator, bar),
+            },
+            Mode::Mixing(m) => prior.interpolate(&m.inputs, prior_params, "", None, generator, bar),
+            Mode::Variations(m) => prior.interpolate(
+                &[(MixInput::Image(m.image.clone()), 1.0)],
+                prior_params,
+                "",
+                None,
+                generator,
+                bar,
+            ),
+        }
+    }
+
+    /// The decoded images `(B, 3, H, W)` in [-1, 1].
+    fn decoder_stage(
+        &mut self,
+        mode: Mode,
+        params: &GenerationParams,
+        plan: Plan,
+        (embeds, negative): &PriorOutput,
+        generator: &mut TorchGenerator,
+        progress: Progress,
+    ) -> Result<Tensor> {
+        let dp = DecoderParams {
+            height: plan.height,
+            width: plan.width,
+            steps: params.steps,
+            guidance_scale: params.guidance,
+        };
+        // `Class.from_config(model_scheduler.config)`: the model's betas, the keys the new class
+        // takes, its own defaults for the rest. Set on every run: a kept decoder may hold the
+        // previous request's.
+        let scheduler = match params.scheduler {
+            None => self.scheduler.clone(),
+            Some(class) => with_class(&self.scheduler, class.class_name())?,
+        };
+        let device = self.options.device.clone();
+        let decoder = self.decoder()?;
+        let scale_factor = match decoder {
+            Decoder::V21(d) => {
+                d.set_scheduler(scheduler);
+                d.scale_factor()
+            }
+            Decoder::V22(d) => {
+                d.set_scheduler(scheduler);
+                d.scale_factor()
+            }
+        };
+        let decoder = &*decoder;
+        let bar = &mut |i, n| progress(Stage::Decoder, i, n);
+        let image = |image: &Rgb8| prepare_image(image, dp.width, dp.height, scale_factor, &device);
+        let masked = |image: &Rgb8, mask: &Rgb8| {
+            prepare_mask_and_masked_image(image, mask, dp.width, dp.height, &device)
+        };
+        // As diffusers' combined pipelines: the 2.1 decoder's M-CLIP sees the prompt ("" for
+        // mixing and variations), and its unconditional text is "" (a negative prompt acts
+        // through the prior).
+        let prompts = vec![mode.prompt().map_or(String::new(), |p| p.prompt.clone())];
+        match decoder {
+            Decoder::V21(d) => match mode {
+                Mode::TextToImage(TextToImage { latents, .. })
+                | Mode::Mixing(Mixing { latents, .. })
+                | Mode::Variations(Variations { latents, .. }) => d.call(
+                    &prompts, None, embeds, negative, dp, generator, latents, bar,
+                ),
+                Mode::ImageToImage(m) => d.img2img(
+                    &prompts,
+                    None,
+                    &image(&m.image)?,
+                    embeds,
+                    negative,
+                    dp,
+                    m.strength,
+                    generator,
+                    bar,
+                ),
+                Mode::Inpainting(m) => {
+                    let (mask, image) = masked(&m.image, &m.mask)?;
+                    d.inpaint(
+                        &prompts, None, &image, &mask, embeds, negative, dp, generator, m.latents,
+                        bar,
+                    )
+                }
+                Mode::Outpainting(m) => {
+                    let (canvas, mask) = extend_canvas(&m.image, m.margins);
+                    let (mask, image) = masked(&canvas, &mask)?;
+                    d.inpaint(
+                        &prompts, None, &image, &mask, embeds, negative, dp, generator, m.latents,
+                        bar,
+                    )
+                }
+                Mode::Controlnet(_) => unreachable!("ControlNet decoders are 2.2 (checked)"),
+            },
+            Decoder::V22(d) => match mode {
+                Mode::TextToImage(TextToImage { latents, .. })
+                | Mode::Mixing(Mixing { latents, .. })
+                | Mode::Variations(Variations { latents, .. }) => {
+                    d.call(embeds, negative, dp, generator, latents, bar)
+                }
+                Mode::ImageToImage(m) => d.img2img(
+                    &image(&m.image)?,
+                    embeds,
+                    negative,
+                    dp,
+                    m.strength,
+                    generator,
+                    bar,
+                ),
+                Mode::Inpainting(m) => {
+                    let (mask, image) = masked(&m.image, &m.mask)?;
+                    d.inpaint(
+                        &image, &mask, embeds, negative, dp, generator, m.latents, bar,
+                    )
+                }
+                Mode::Outpainting(m) => {
+                    let (canvas, mask) = extend_canvas(&m.image, m.margins);
+                    let (mask, image) = masked(&canvas, &mask)?;
+                    d.inpaint(
+                        &image, &mask, embeds, negative, dp, generator, m.latents, bar,
+                    )
+                }
+                Mode::Controlnet(m) => {
+                    let hint = prepare_hint(&m.hint, dp.width, dp.height, &device)?;
+                    let start = match &m.image {
+                        Some(i) => Some((image(&i.image)?, i.strength)),
+                        None => None,
+                    };
+                    d.controlnet(
+                        &hint,
+                        start.as_ref().map(|(i, s)| (i, *s)),
+                        embeds,
+                        negative,
+                        dp,
+                        generator,
+                        m.latents,
+                        bar,
+                    )
+                }
+            },
+        }
+    }
+}
+
+/// A load failure of a stage, saying which stage and where.
+fn stage_error(stage: &str, dir: &Path, e: Error) -> Error {
+    e.within(format!("loading the {stage} from {}", dir.display()))
+}
