@@ -1204,7 +1204,7 @@ SMALL_MODEL_CASES = [
 def make_small_model():
     """Loads our trained small model (models/small, written by `kandinsky train assemble`) with
     diffusers' own pipelines, unchanged on disk, and writes what they generate for a few prompts;
-    the Rust CLI test `small_model_matches_diffusers` runs the CLI's defaults on the same cases.
+    the Rust CLI test `small_model_is_the_default_and_matches_diffusers` runs the CLI's defaults on the same cases.
     Rerun after retraining: `VENV/bin/python tools/make_fixtures.py small_model`."""
     import numpy as np
     from PIL import Image

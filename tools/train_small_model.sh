@@ -2,7 +2,7 @@
 # Trains our small Kandinsky end to end on the synthetic shapes world and assembles the diffusers
 # model directories (the default model lives in models/small). Every stage resumes from its
 # checkpoint, so the script can be re-run after an interruption. About 116 minutes on the 2-core
-# development machine (see README.md). Usage: tools/train_small_model.sh [RUNS_DIR] [MODEL_DIR]
+# development machine (see docs/small-model.md). Usage: tools/train_small_model.sh [RUNS_DIR] [MODEL_DIR]
 # Stages that do not depend on each other run side by side, one core each, with their output in
 # RUNS_DIR/<stage>.log: at these model sizes candle's CPU ops hardly use a second core (a CLIP
 # step takes 0.68 s on two cores and 0.75 s on one), so two stages at once cost almost nothing.

@@ -2,10 +2,10 @@
 
 use anyhow::{Context, Result};
 use candle_core::{DType, Device};
-use kandinsky::image_io::{numbered_path, save_png, to_rgb8};
 use kandinsky::loading::{component_dir, given_or_small};
 use kandinsky::models::VQModel;
 use kandinsky::utils::torch_utils::TorchGenerator;
+use kandinsky::vae_image_processor::{numbered_path, save_png, to_rgb8};
 use std::path::PathBuf;
 
 #[derive(clap::Args)]

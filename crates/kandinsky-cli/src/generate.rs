@@ -3,7 +3,6 @@
 
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
-use kandinsky::image_io::{numbered_path, read_rgb8, save_png, Margins, Rgb8};
 use kandinsky::loading::{
     given_or_small, read_tensor, resolve_pipeline_dirs, small_model_dirs, PipelineDirs,
 };
@@ -15,6 +14,7 @@ use kandinsky::pipelines::auto_pipeline::{
 use kandinsky::pipelines::kandinsky::pipeline_kandinsky_prior::MixInput;
 use kandinsky::schedulers::SchedulerClass;
 use kandinsky::utils::torch_utils::TorchGenerator;
+use kandinsky::vae_image_processor::{numbered_path, read_rgb8, save_png, Margins, Rgb8};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;

@@ -45,17 +45,8 @@ enum Command {
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     if matches!(&cli.command, Command::Train(t) if t.runs_threads()) {
-        // The stage runs its own threads (one per part of the batch), and candle's pool of
-        // spinning elementwise workers and rayon's matmul workers would only compete with them
-        // for the cores (measured per UNet step: 1.13 s with both at two threads, 0.70 s with
-        // one candle thread, 0.50–0.60 s with one of each; the weights are the same bits).
-        for var in ["CANDLE_NUM_THREADS", "RAYON_NUM_THREADS"] {
-            if std::env::var_os(var).is_none() {
-                // SAFETY: no other thread exists yet; candle and rayon read these variables
-                // when they build their pools, on first use.
-                unsafe { std::env::set_var(var, "1") };
-            }
-        }
+        // SAFETY: no other thread exists yet.
+        unsafe { kandinsky_train::threads::one_kernel_thread() };
     }
     let result = match cli.command {
         Command::Bench(args) => bench::run(&args),

@@ -8,13 +8,13 @@ use super::analyser::{analyse, Score};
 use super::shapes::{eval_prompts, Language, Rng, Scene};
 use candle_core::{DType, Device};
 use kandinsky::error::{Error, Result};
-use kandinsky::image_io::{save_png, to_rgb8};
 use kandinsky::pipelines::decoder::DecoderParams;
 use kandinsky::pipelines::kandinsky::pipeline_kandinsky::KandinskyPipeline;
 use kandinsky::pipelines::kandinsky::pipeline_kandinsky_prior::{
     KandinskyPriorPipeline, PriorParams,
 };
 use kandinsky::utils::torch_utils::TorchGenerator;
+use kandinsky::vae_image_processor::{save_png, to_rgb8};
 use std::path::PathBuf;
 
 /// Accuracy per attribute over a set of images.

@@ -12,6 +12,7 @@ pub mod movq;
 pub mod optim;
 pub mod prior;
 pub mod shapes;
+pub mod threads;
 pub mod tokenizer;
 pub mod trainer;
 pub mod unet;

@@ -7,6 +7,7 @@
 //! `fixed_small`.
 
 use super::shapes::Rng;
+use super::threads::on_threads;
 use candle_core::backprop::GradStore;
 use candle_core::{Device, Tensor};
 use kandinsky::error::Result;
@@ -74,20 +75,6 @@ pub struct NoisyBatch {
     /// Each example's loss weight, [`timestep_weights`] at its timestep.
     weights: Vec<f32>,
     cond: UNetCond,
-}
-
-/// Runs `f(0)` on this thread and `f(1)`, …, `f(n − 1)` on threads of their own, and returns
-/// the results in that order (a panic in a thread is raised again here).
-fn on_threads<T: Send>(n: usize, f: impl Fn(usize) -> T + Sync) -> Vec<T> {
-    std::thread::scope(|s| {
-        let f = &f;
-        let handles: Vec<_> = (1..n).map(|i| s.spawn(move || f(i))).collect();
-        let mut out = vec![f(0)];
-        for h in handles {
-            out.push(h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)));
-        }
-        out
-    })
 }
 
 impl NoisyBatch {

@@ -5,7 +5,7 @@ mod common;
 
 use candle_core::{Device, IndexOp};
 use common::{fixtures, load_io};
-use kandinsky::image_processor::ClipImageProcessor;
+use kandinsky::clip_image_processor::ClipImageProcessor;
 use kandinsky::models::clip::ClipVisionModelWithProjection;
 
 #[test]
@@ -77,7 +77,7 @@ fn zero_image_embedding_is_computed_once_and_matches() {
 /// (inpainting masks), on photos and drawings, shrinking and enlarging: every byte equal.
 #[test]
 fn pillow_resize_with_reducing_gap_matches() {
-    use kandinsky::image_processor::{resize_rgb8_reducing_gap, Filter};
+    use kandinsky::clip_image_processor::{resize_rgb8_reducing_gap, Filter};
     let reference = candle_core::safetensors::load(
         fixtures().join("images/resized.safetensors"),
         &candle_core::Device::Cpu,
@@ -96,8 +96,10 @@ fn pillow_resize_with_reducing_gap_matches() {
             Filter::Lanczos
         };
         let gap = gap.parse::<f64>().ok();
-        let img =
-            kandinsky::image_io::read_rgb8(&fixtures().join(format!("images/{name}.png"))).unwrap();
+        let img = kandinsky::vae_image_processor::read_rgb8(
+            &fixtures().join(format!("images/{name}.png")),
+        )
+        .unwrap();
         let ours = resize_rgb8_reducing_gap(img.width, img.height, &img.data, w, h, filter, gap);
         let want: Vec<u8> = want.flatten_all().unwrap().to_vec1().unwrap();
         let differing = ours.iter().zip(&want).filter(|(a, b)| a != b).count();

@@ -6,7 +6,6 @@ mod common;
 
 use candle_core::{DType, Device};
 use common::{fixtures, load_io};
-use kandinsky::image_io::{read_rgb8, Rgb8};
 use kandinsky::pipelines::decoder::DecoderParams;
 use kandinsky::pipelines::kandinsky::pipeline_kandinsky::KandinskyPipeline;
 use kandinsky::pipelines::kandinsky::pipeline_kandinsky_prior::{
@@ -14,6 +13,7 @@ use kandinsky::pipelines::kandinsky::pipeline_kandinsky_prior::{
 };
 use kandinsky::pipelines::kandinsky2_2::pipeline_kandinsky2_2::KandinskyV22Pipeline;
 use kandinsky::utils::torch_utils::TorchGenerator;
+use kandinsky::vae_image_processor::{read_rgb8, Rgb8};
 
 enum Decoder {
     V21(Box<KandinskyPipeline>),
@@ -194,7 +194,8 @@ fn img2img(version: &str) {
             .unwrap();
         let image = rgb8(case["image"].as_str().unwrap());
         let image =
-            kandinsky::image_io::prepare_image(&image, width, height, 2, &Device::Cpu).unwrap();
+            kandinsky::vae_image_processor::prepare_image(&image, width, height, 2, &Device::Cpu)
+                .unwrap();
         let steps = case["steps"].as_u64().unwrap() as usize;
         let dp = DecoderParams {
             height,
@@ -394,7 +395,7 @@ fn controlnet_and_emb2emb_match_diffusers() {
             steps: case["steps"].as_u64().unwrap() as usize,
             guidance_scale: case["guidance"].as_f64().unwrap(),
         };
-        let hint = kandinsky::image_io::prepare_hint(
+        let hint = kandinsky::vae_image_processor::prepare_hint(
             &rgb8(case["hint"].as_str().unwrap()),
             dp.width,
             dp.height,
@@ -402,8 +403,14 @@ fn controlnet_and_emb2emb_match_diffusers() {
         )
         .unwrap();
         let image = case["image"].as_str().map(|p| {
-            kandinsky::image_io::prepare_image(&rgb8(p), dp.width, dp.height, 8, &Device::Cpu)
-                .unwrap()
+            kandinsky::vae_image_processor::prepare_image(
+                &rgb8(p),
+                dp.width,
+                dp.height,
+                8,
+                &Device::Cpu,
+            )
+            .unwrap()
         });
         let init = image
             .as_ref()

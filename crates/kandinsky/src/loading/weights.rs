@@ -489,11 +489,6 @@ impl Weights {
             Source::Trainable(params) => params.get(&full, &shape),
         }
     }
-
-    /// True when this view builds real-size structure only (see [`Weights::meta`]).
-    pub fn is_meta(&self) -> bool {
-        matches!(self.source, Source::Meta(_))
-    }
 }
 
 #[cfg(test)]

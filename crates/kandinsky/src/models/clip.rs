@@ -35,117 +35,92 @@ impl Activation {
     }
 }
 
-fn d_vocab() -> usize {
-    49408
-}
-fn d_512() -> usize {
-    512
-}
-fn d_2048() -> usize {
-    2048
-}
-fn d_12() -> usize {
-    12
-}
-fn d_8() -> usize {
-    8
-}
-fn d_77() -> usize {
-    77
-}
-fn d_quick() -> String {
-    "quick_gelu".into()
-}
-fn d_eps() -> f64 {
-    1e-5
-}
-fn d_eos() -> i64 {
-    49407
-}
-fn d_768() -> usize {
-    768
-}
-fn d_3072() -> usize {
-    3072
-}
-fn d_3() -> usize {
-    3
-}
-fn d_224() -> usize {
-    224
-}
-fn d_32() -> usize {
-    32
-}
-
 /// `CLIPTextConfig` (`text_encoder/config.json`).
 #[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
 pub struct ClipTextConfig {
     /// Vocabulary size.
-    #[serde(default = "d_vocab")]
     pub vocab_size: usize,
     /// Width.
-    #[serde(default = "d_512")]
     pub hidden_size: usize,
     /// MLP width.
-    #[serde(default = "d_2048")]
     pub intermediate_size: usize,
     /// Output width of `text_projection`.
-    #[serde(default = "d_512")]
     pub projection_dim: usize,
     /// Layers.
-    #[serde(default = "d_12")]
     pub num_hidden_layers: usize,
     /// Heads.
-    #[serde(default = "d_8")]
     pub num_attention_heads: usize,
     /// Sequence length.
-    #[serde(default = "d_77")]
     pub max_position_embeddings: usize,
     /// `quick_gelu` or `gelu`.
-    #[serde(default = "d_quick")]
     pub hidden_act: String,
     /// LayerNorm epsilon.
-    #[serde(default = "d_eps")]
     pub layer_norm_eps: f64,
     /// End token id; 2 selects transformers' legacy pooling (argmax of the ids).
-    #[serde(default = "d_eos")]
     pub eos_token_id: i64,
+}
+
+impl Default for ClipTextConfig {
+    /// transformers' `CLIPTextConfig` defaults.
+    fn default() -> Self {
+        Self {
+            vocab_size: 49408,
+            hidden_size: 512,
+            intermediate_size: 2048,
+            projection_dim: 512,
+            num_hidden_layers: 12,
+            num_attention_heads: 8,
+            max_position_embeddings: 77,
+            hidden_act: "quick_gelu".into(),
+            layer_norm_eps: 1e-5,
+            eos_token_id: 49407,
+        }
+    }
 }
 
 /// `CLIPVisionConfig` (`image_encoder/config.json`).
 #[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
 pub struct ClipVisionConfig {
     /// Width.
-    #[serde(default = "d_768")]
     pub hidden_size: usize,
     /// MLP width.
-    #[serde(default = "d_3072")]
     pub intermediate_size: usize,
     /// Output width of `visual_projection`.
-    #[serde(default = "d_512")]
     pub projection_dim: usize,
     /// Layers.
-    #[serde(default = "d_12")]
     pub num_hidden_layers: usize,
     /// Heads.
-    #[serde(default = "d_12")]
     pub num_attention_heads: usize,
     /// Image channels.
-    #[serde(default = "d_3")]
     pub num_channels: usize,
     /// Input side in pixels.
-    #[serde(default = "d_224")]
     pub image_size: usize,
     /// Patch side in pixels.
-    #[serde(default = "d_32")]
     pub patch_size: usize,
     /// `quick_gelu` or `gelu`.
-    #[serde(default = "d_quick")]
     pub hidden_act: String,
     /// LayerNorm epsilon.
-    #[serde(default = "d_eps")]
     pub layer_norm_eps: f64,
+}
+
+impl Default for ClipVisionConfig {
+    /// transformers' `CLIPVisionConfig` defaults.
+    fn default() -> Self {
+        Self {
+            hidden_size: 768,
+            intermediate_size: 3072,
+            projection_dim: 512,
+            num_hidden_layers: 12,
+            num_attention_heads: 12,
+            num_channels: 3,
+            image_size: 224,
+            patch_size: 32,
+            hidden_act: "quick_gelu".into(),
+            layer_norm_eps: 1e-5,
+        }
+    }
 }
 
 /// Pre-LN transformer layer: `h += attn(ln1(h)); h += mlp(ln2(h))`.

@@ -7,73 +7,51 @@ use crate::loading::Weights;
 use candle_core::{DType, Tensor};
 use serde::Deserialize;
 
-fn d_vocab() -> usize {
-    250002
-}
-fn d_768() -> usize {
-    768
-}
-fn d_12() -> usize {
-    12
-}
-fn d_3072() -> usize {
-    3072
-}
-fn d_514() -> usize {
-    514
-}
-fn d_1() -> usize {
-    1
-}
-fn d_gelu() -> String {
-    "gelu".into()
-}
-fn d_eps() -> f64 {
-    1e-5
-}
-fn d_pad() -> u32 {
-    1
-}
-fn d_absolute() -> String {
-    "absolute".into()
-}
-
 /// `XLMRobertaConfig` fields used by the model (transformers' defaults for the rest).
 #[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
 pub struct XlmRobertaConfig {
     /// Vocabulary size.
-    #[serde(default = "d_vocab")]
     pub vocab_size: usize,
     /// Width.
-    #[serde(default = "d_768")]
     pub hidden_size: usize,
     /// Layers.
-    #[serde(default = "d_12")]
     pub num_hidden_layers: usize,
     /// Heads.
-    #[serde(default = "d_12")]
     pub num_attention_heads: usize,
     /// MLP width.
-    #[serde(default = "d_3072")]
     pub intermediate_size: usize,
     /// Must be `gelu` (exact).
-    #[serde(default = "d_gelu")]
     pub hidden_act: String,
     /// Position table size.
-    #[serde(default = "d_514")]
     pub max_position_embeddings: usize,
     /// Token type table size.
-    #[serde(default = "d_1")]
     pub type_vocab_size: usize,
     /// LayerNorm epsilon.
-    #[serde(default = "d_eps")]
     pub layer_norm_eps: f64,
     /// Padding id (also the position padding index).
-    #[serde(default = "d_pad")]
     pub pad_token_id: u32,
     /// Must be `absolute`.
-    #[serde(default = "d_absolute")]
     pub position_embedding_type: String,
+}
+
+impl Default for XlmRobertaConfig {
+    /// `xlm-roberta-base`'s settings: what each key omitted from `config.json` takes.
+    fn default() -> Self {
+        Self {
+            vocab_size: 250002,
+            hidden_size: 768,
+            num_hidden_layers: 12,
+            num_attention_heads: 12,
+            intermediate_size: 3072,
+            hidden_act: "gelu".into(),
+            max_position_embeddings: 514,
+            type_vocab_size: 1,
+            layer_norm_eps: 1e-5,
+            pad_token_id: 1,
+            position_embedding_type: "absolute".into(),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]

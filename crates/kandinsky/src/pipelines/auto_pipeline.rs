@@ -16,13 +16,12 @@
 //! let images = pipe.generate(request, &mut generator, &mut |stage, step, steps| {
 //!     eprintln!("{stage:?} {step}/{steps}");
 //! })?;
-//! kandinsky::image_io::save_png("image.png".as_ref(), &images[0], &[])?;
+//! kandinsky::vae_image_processor::save_png("image.png".as_ref(), &images[0], &[])?;
 //! # Ok(())
 //! # }
 //! ```
 
 use crate::error::{Error, Result};
-use crate::image_io::{extend_canvas, prepare_hint, prepare_image, to_rgb8, Margins, Rgb8};
 use crate::loading::{component_dir, ModelIndex};
 use crate::models::{UNet2DConditionConfig, VQModelConfig};
 use crate::pipelines::decoder::{latent_size, prepare_mask_and_masked_image, DecoderParams};
@@ -34,6 +33,9 @@ use crate::pipelines::kandinsky2_2::pipeline_kandinsky2_2::KandinskyV22Pipeline;
 use crate::pipelines::CancelFlag;
 use crate::schedulers::{with_class, SchedulerClass, SchedulerConfig};
 use crate::utils::torch_utils::TorchGenerator;
+use crate::vae_image_processor::{
+    extend_canvas, prepare_hint, prepare_image, to_rgb8, Margins, Rgb8,
+};
 use candle_core::{DType, Device, Tensor};
 use std::path::{Path, PathBuf};
 

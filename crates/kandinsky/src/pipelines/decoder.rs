@@ -2,15 +2,15 @@
 //! `pipeline_kandinsky*.py`): sampling settings, where the loop starts (noise, a noised image, an
 //! inpainting mask), classifier-free guidance, known-region blending and the mask preparation.
 
+use crate::clip_image_processor::{resize_rgb8_reducing_gap, Filter};
 use crate::error::{Error, Result};
-use crate::image_io::Rgb8;
-use crate::image_processor::{resize_rgb8_reducing_gap, Filter};
 use crate::loading::component_dir;
 use crate::models::{UNet2DConditionModel, UNetConditioning, VQModel};
 use crate::pipelines::kandinsky::pipeline_kandinsky_prior::repeat_interleave;
-use crate::pipelines::{check_cancelled, prepare_latents, CancelFlag};
+use crate::pipelines::{check_cancelled, get_timesteps, prepare_latents, CancelFlag};
 use crate::schedulers::{from_config, SchedulerConfig};
 use crate::utils::torch_utils::TorchGenerator;
+use crate::vae_image_processor::Rgb8;
 use candle_core::{DType, Device, Tensor};
 use std::path::Path;
 
@@ -252,15 +252,7 @@ impl DecoderCore {
                 strength,
                 q_sample_2_1,
             } => {
-                // `get_timesteps`: skip the first (1 - strength) of the schedule.
-                let n = ts.len();
-                let init_steps = ((n as f64 * strength) as usize).min(n);
-                if init_steps == 0 {
-                    return Err(Error::InvalidArgument(format!(
-                        "strength {strength} with {n} steps leaves no denoising step"
-                    )));
-                }
-                ts = ts[n - init_steps..].to_vec();
+                ts = get_timesteps(&ts, strength, "strength")?;
                 let noise = generator.randn(latents.shape(), device)?;
                 if q_sample_2_1 {
                     let t = (1000.0 * strength) as i64 - 2;

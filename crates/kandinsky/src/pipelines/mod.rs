@@ -15,6 +15,19 @@ use std::sync::Arc;
 /// denoising step with [`Error::Cancelled`].
 pub type CancelFlag = Arc<AtomicBool>;
 
+/// `get_timesteps`: the last `int(n · strength)` of the schedule `ts` (image-to-image and emb2emb
+/// skip its first `1 - strength`); `what` names the strength in the error when none is left.
+pub(crate) fn get_timesteps(ts: &[usize], strength: f64, what: &str) -> Result<Vec<usize>> {
+    let n = ts.len();
+    let init_steps = ((n as f64 * strength) as usize).min(n);
+    if init_steps == 0 {
+        return Err(Error::InvalidArgument(format!(
+            "{what} {strength} with {n} steps leaves no denoising step"
+        )));
+    }
+    Ok(ts[n - init_steps..].to_vec())
+}
+
 /// [`Error::Cancelled`] when the flag is set.
 pub(crate) fn check_cancelled(flag: Option<&CancelFlag>) -> Result<()> {
     match flag {

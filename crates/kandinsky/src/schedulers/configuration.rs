@@ -267,7 +267,7 @@ pub struct SchedulerConfig {
     #[serde(deserialize_with = "float_or_token")]
     pub lambda_min_clipped: f64,
     /// The keys the JSON file held (filled by [`SchedulerConfig::load`] /
-    /// [`SchedulerConfig::from_json`]); `None` counts every key as present. [`with_class`]
+    /// [`SchedulerConfig::from_json`]); `None` counts every key as present. [`with_class`](super::with_class)
     /// needs it: like diffusers' `_use_default_values`, keys that were absent take the new
     /// class's defaults.
     #[serde(skip)]

@@ -7,82 +7,60 @@ use crate::models::nn::{check_act_fn, Conv2d};
 use candle_core::Tensor;
 use serde::Deserialize;
 
-fn d_3() -> usize {
-    3
-}
-fn d_1() -> usize {
-    1
-}
-fn d_32() -> usize {
-    32
-}
-fn d_256() -> usize {
-    256
-}
-fn d_true() -> bool {
-    true
-}
-fn d_silu() -> String {
-    "silu".into()
-}
-fn d_group() -> String {
-    "group".into()
-}
-fn d_down() -> Vec<String> {
-    vec!["DownEncoderBlock2D".into()]
-}
-fn d_up() -> Vec<String> {
-    vec!["UpDecoderBlock2D".into()]
-}
-fn d_boc() -> Vec<usize> {
-    vec![64]
-}
-
 /// `movq/config.json`. Field names and defaults are diffusers'; unknown keys are ignored.
 #[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
 pub struct VQModelConfig {
     /// Image channels in.
-    #[serde(default = "d_3")]
     pub in_channels: usize,
     /// Image channels out.
-    #[serde(default = "d_3")]
     pub out_channels: usize,
     /// Encoder block class names.
-    #[serde(default = "d_down")]
     pub down_block_types: Vec<String>,
     /// Decoder block class names.
-    #[serde(default = "d_up")]
     pub up_block_types: Vec<String>,
     /// Channels per level.
-    #[serde(default = "d_boc")]
     pub block_out_channels: Vec<usize>,
     /// Resnets per encoder block (decoder blocks have one more).
-    #[serde(default = "d_1")]
     pub layers_per_block: usize,
     /// `act_fn`.
-    #[serde(default = "d_silu")]
     pub act_fn: String,
     /// Latent channels.
-    #[serde(default = "d_3")]
     pub latent_channels: usize,
     /// Codebook size.
-    #[serde(default = "d_256")]
     pub num_vq_embeddings: usize,
     /// GroupNorm groups.
-    #[serde(default = "d_32")]
     pub norm_num_groups: usize,
     /// Codebook vector width; default `latent_channels`.
-    #[serde(default)]
     pub vq_embed_dim: Option<usize>,
     /// `group` or `spatial` (MoVQ).
-    #[serde(default = "d_group")]
     pub norm_type: String,
     /// Attention in the mid blocks.
-    #[serde(default = "d_true")]
     pub mid_block_add_attention: bool,
     /// Must be false.
-    #[serde(default)]
     pub lookup_from_codebook: bool,
+}
+
+impl Default for VQModelConfig {
+    /// diffusers' `VQModel` defaults.
+    fn default() -> Self {
+        Self {
+            in_channels: 3,
+            out_channels: 3,
+            down_block_types: vec!["DownEncoderBlock2D".into()],
+            up_block_types: vec!["UpDecoderBlock2D".into()],
+            block_out_channels: vec![64],
+            layers_per_block: 1,
+            act_fn: "silu".into(),
+            latent_channels: 3,
+            num_vq_embeddings: 256,
+            norm_num_groups: 32,
+            vq_embed_dim: None,
+            norm_type: "group".into(),
+            mid_block_add_attention: true,
+            lookup_from_codebook: false,
+        }
+    }
 }
 
 impl VQModelConfig {

@@ -8,79 +8,60 @@ use crate::models::nn::{attention_masked, LayerNorm, Linear};
 use candle_core::{DType, Device, IndexOp, Tensor};
 use serde::Deserialize;
 
-fn d_32() -> usize {
-    32
-}
-fn d_64() -> usize {
-    64
-}
-fn d_20() -> usize {
-    20
-}
-fn d_768() -> usize {
-    768
-}
-fn d_77() -> usize {
-    77
-}
-fn d_4() -> usize {
-    4
-}
-fn d_silu() -> String {
-    "silu".into()
-}
-fn d_linear() -> Option<String> {
-    Some("linear".into())
-}
-fn d_prd() -> Option<String> {
-    Some("prd".into())
-}
-
 /// `prior/config.json`. Field names and defaults are diffusers'; unknown keys are ignored.
 #[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
 pub struct PriorTransformerConfig {
     /// Heads.
-    #[serde(default = "d_32")]
     pub num_attention_heads: usize,
     /// Channels per head.
-    #[serde(default = "d_64")]
     pub attention_head_dim: usize,
     /// Transformer blocks.
-    #[serde(default = "d_20")]
     pub num_layers: usize,
     /// CLIP embedding width.
-    #[serde(default = "d_768")]
     pub embedding_dim: usize,
     /// Text tokens.
-    #[serde(default = "d_77")]
     pub num_embeddings: usize,
     /// Extra tokens (text embedding, time, noisy embedding, prd).
-    #[serde(default = "d_4")]
     pub additional_embeddings: usize,
     /// Must be `silu`.
-    #[serde(default = "d_silu")]
     pub time_embed_act_fn: String,
     /// `null` or `layer`.
-    #[serde(default)]
     pub norm_in_type: Option<String>,
     /// `null` or `layer`.
-    #[serde(default)]
     pub embedding_proj_norm_type: Option<String>,
     /// `linear` or `null`.
-    #[serde(default = "d_linear")]
     pub encoder_hid_proj_type: Option<String>,
     /// `prd` or `null`.
-    #[serde(default = "d_prd")]
     pub added_emb_type: Option<String>,
     /// Default: heads × head dim.
-    #[serde(default)]
     pub time_embed_dim: Option<usize>,
     /// Default: `embedding_dim`.
-    #[serde(default)]
     pub embedding_proj_dim: Option<usize>,
     /// Default: `embedding_dim`.
-    #[serde(default)]
     pub clip_embed_dim: Option<usize>,
+}
+
+impl Default for PriorTransformerConfig {
+    /// diffusers' `PriorTransformer` defaults.
+    fn default() -> Self {
+        Self {
+            num_attention_heads: 32,
+            attention_head_dim: 64,
+            num_layers: 20,
+            embedding_dim: 768,
+            num_embeddings: 77,
+            additional_embeddings: 4,
+            time_embed_act_fn: "silu".into(),
+            norm_in_type: None,
+            embedding_proj_norm_type: None,
+            encoder_hid_proj_type: Some("linear".into()),
+            added_emb_type: Some("prd".into()),
+            time_embed_dim: None,
+            embedding_proj_dim: None,
+            clip_embed_dim: None,
+        }
+    }
 }
 
 /// `BasicTransformerBlock` as the prior configures it: self-attention and a GELU feed-forward,

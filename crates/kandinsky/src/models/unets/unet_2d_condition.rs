@@ -38,181 +38,138 @@ impl<T: Clone + std::fmt::Debug> PerBlock<T> {
     }
 }
 
-fn d_true() -> bool {
-    true
-}
-fn d_4() -> usize {
-    4
-}
-fn d_32() -> usize {
-    32
-}
-fn d_3() -> usize {
-    3
-}
-fn d_1f() -> f64 {
-    1.0
-}
-fn d_eps() -> f64 {
-    1e-5
-}
-fn d_silu() -> String {
-    "silu".into()
-}
-fn d_default() -> String {
-    "default".into()
-}
-fn d_positional() -> String {
-    "positional".into()
-}
-fn d_layers() -> PerBlock<usize> {
-    PerBlock::One(2)
-}
-fn d_head_dim() -> PerBlock<Option<usize>> {
-    PerBlock::One(Some(8))
-}
-fn d_cross_dim() -> PerBlock<usize> {
-    PerBlock::One(1280)
-}
-fn d_only_cross() -> PerBlock<bool> {
-    PerBlock::One(false)
-}
-fn d_block_out() -> Vec<usize> {
-    vec![320, 640, 1280, 1280]
-}
-fn d_down_types() -> Vec<String> {
-    [
-        "CrossAttnDownBlock2D",
-        "CrossAttnDownBlock2D",
-        "CrossAttnDownBlock2D",
-        "DownBlock2D",
-    ]
-    .map(String::from)
-    .to_vec()
-}
-fn d_up_types() -> Vec<String> {
-    [
-        "UpBlock2D",
-        "CrossAttnUpBlock2D",
-        "CrossAttnUpBlock2D",
-        "CrossAttnUpBlock2D",
-    ]
-    .map(String::from)
-    .to_vec()
-}
-fn d_mid_type() -> Option<String> {
-    Some("UNetMidBlock2DCrossAttn".into())
-}
-
 /// `unet/config.json`. Field names and defaults are diffusers'; unknown keys are ignored.
 #[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
 pub struct UNet2DConditionConfig {
     /// Latent channels in (4 text-to-image, 8 ControlNet before the hint, 9 inpainting).
-    #[serde(default = "d_4")]
     pub in_channels: usize,
     /// Output channels (8: ε and learned variance).
-    #[serde(default = "d_4")]
     pub out_channels: usize,
     /// `center_input_sample`.
-    #[serde(default)]
     pub center_input_sample: bool,
     /// `flip_sin_to_cos` of the timestep sinusoid.
-    #[serde(default = "d_true")]
     pub flip_sin_to_cos: bool,
     /// `freq_shift` of the timestep sinusoid.
-    #[serde(default)]
     pub freq_shift: f64,
     /// Down block class names.
-    #[serde(default = "d_down_types")]
     pub down_block_types: Vec<String>,
     /// Mid block class name.
-    #[serde(default = "d_mid_type")]
     pub mid_block_type: Option<String>,
     /// Up block class names.
-    #[serde(default = "d_up_types")]
     pub up_block_types: Vec<String>,
     /// `only_cross_attention`.
-    #[serde(default = "d_only_cross")]
     pub only_cross_attention: PerBlock<bool>,
     /// Channels per level.
-    #[serde(default = "d_block_out")]
     pub block_out_channels: Vec<usize>,
     /// Resnets per down block (up blocks have one more).
-    #[serde(default = "d_layers")]
     pub layers_per_block: PerBlock<usize>,
     /// `mid_block_scale_factor` (the mid resnets' output scale).
-    #[serde(default = "d_1f")]
     pub mid_block_scale_factor: f64,
     /// `act_fn`.
-    #[serde(default = "d_silu")]
     pub act_fn: String,
     /// GroupNorm groups.
-    #[serde(default = "d_32")]
     pub norm_num_groups: usize,
     /// GroupNorm epsilon of the resnets.
-    #[serde(default = "d_eps")]
     pub norm_eps: f64,
     /// Width of the conditioning tokens.
-    #[serde(default = "d_cross_dim")]
     pub cross_attention_dim: PerBlock<usize>,
     /// Width of the hidden states fed to `encoder_hid_proj`.
-    #[serde(default)]
     pub encoder_hid_dim: Option<usize>,
     /// `text_image_proj` (2.1) or `image_proj` (2.2).
-    #[serde(default)]
     pub encoder_hid_dim_type: Option<String>,
     /// Channels per attention head (diffusers' name, used as such by SimpleCrossAttn blocks).
-    #[serde(default = "d_head_dim")]
     pub attention_head_dim: PerBlock<Option<usize>>,
     /// Must be null (diffusers rejects it too).
-    #[serde(default)]
     pub num_attention_heads: Option<serde_json::Value>,
     /// Must be null.
-    #[serde(default)]
     pub class_embed_type: Option<String>,
     /// `text_image` (2.1), `image` (2.2), `image_hint` (2.2 ControlNet).
-    #[serde(default)]
     pub addition_embed_type: Option<String>,
     /// `default` or `scale_shift`.
-    #[serde(default = "d_default")]
     pub resnet_time_scale_shift: String,
     /// `resnet_skip_time_act`.
-    #[serde(default)]
     pub resnet_skip_time_act: bool,
     /// `resnet_out_scale_factor`.
-    #[serde(default = "d_1f")]
     pub resnet_out_scale_factor: f64,
     /// Must be `positional`.
-    #[serde(default = "d_positional")]
     pub time_embedding_type: String,
     /// Width of the time embedding; default `4 × block_out_channels[0]`.
-    #[serde(default)]
     pub time_embedding_dim: Option<usize>,
     /// Must be null.
-    #[serde(default)]
     pub time_embedding_act_fn: Option<String>,
     /// Must be null.
-    #[serde(default)]
     pub timestep_post_act: Option<String>,
     /// Must be null.
-    #[serde(default)]
     pub time_cond_proj_dim: Option<usize>,
     /// `conv_in` kernel size.
-    #[serde(default = "d_3")]
     pub conv_in_kernel: usize,
     /// `conv_out` kernel size.
-    #[serde(default = "d_3")]
     pub conv_out_kernel: usize,
     /// `mid_block_only_cross_attention`; null means `only_cross_attention` when that is a
     /// single bool, else false.
-    #[serde(default)]
     pub mid_block_only_cross_attention: Option<bool>,
     /// Must be null.
-    #[serde(default)]
     pub cross_attention_norm: Option<String>,
     /// Latent side the model was trained at (`null` in diffusers' test dummies).
-    #[serde(default)]
     pub sample_size: Option<usize>,
+}
+
+impl Default for UNet2DConditionConfig {
+    /// diffusers' `UNet2DConditionModel` defaults.
+    fn default() -> Self {
+        Self {
+            in_channels: 4,
+            out_channels: 4,
+            center_input_sample: false,
+            flip_sin_to_cos: true,
+            freq_shift: 0.0,
+            down_block_types: [
+                "CrossAttnDownBlock2D",
+                "CrossAttnDownBlock2D",
+                "CrossAttnDownBlock2D",
+                "DownBlock2D",
+            ]
+            .map(String::from)
+            .to_vec(),
+            mid_block_type: Some("UNetMidBlock2DCrossAttn".into()),
+            up_block_types: [
+                "UpBlock2D",
+                "CrossAttnUpBlock2D",
+                "CrossAttnUpBlock2D",
+                "CrossAttnUpBlock2D",
+            ]
+            .map(String::from)
+            .to_vec(),
+            only_cross_attention: PerBlock::One(false),
+            block_out_channels: vec![320, 640, 1280, 1280],
+            layers_per_block: PerBlock::One(2),
+            mid_block_scale_factor: 1.0,
+            act_fn: "silu".into(),
+            norm_num_groups: 32,
+            norm_eps: 1e-5,
+            cross_attention_dim: PerBlock::One(1280),
+            encoder_hid_dim: None,
+            encoder_hid_dim_type: None,
+            attention_head_dim: PerBlock::One(Some(8)),
+            num_attention_heads: None,
+            class_embed_type: None,
+            addition_embed_type: None,
+            resnet_time_scale_shift: "default".into(),
+            resnet_skip_time_act: false,
+            resnet_out_scale_factor: 1.0,
+            time_embedding_type: "positional".into(),
+            time_embedding_dim: None,
+            time_embedding_act_fn: None,
+            timestep_post_act: None,
+            time_cond_proj_dim: None,
+            conv_in_kernel: 3,
+            conv_out_kernel: 3,
+            mid_block_only_cross_attention: None,
+            cross_attention_norm: None,
+            sample_size: None,
+        }
+    }
 }
 
 impl UNet2DConditionConfig {

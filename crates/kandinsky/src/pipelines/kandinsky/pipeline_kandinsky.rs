@@ -17,7 +17,7 @@ use std::path::Path;
 pub struct KandinskyPipeline {
     text_encoder: MultilingualClip,
     tokenizer: PromptTokenizer,
-    core: DecoderCore,
+    pub(crate) core: DecoderCore,
 }
 
 impl KandinskyPipeline {
@@ -52,16 +52,6 @@ impl KandinskyPipeline {
     /// A flag that, once set, stops the next denoising step with [`Error::Cancelled`].
     pub fn set_cancel_flag(&mut self, flag: CancelFlag) {
         self.core.cancel = Some(flag);
-    }
-
-    /// The inpainting start (2.1 does not re-impose the known region).
-    pub(crate) fn mask_init(
-        &self,
-        image: &Tensor,
-        mask: &Tensor,
-        latents: Option<Tensor>,
-    ) -> Result<Init> {
-        self.core.mask_init(image, mask, false, latents)
     }
 
     /// `_encode_prompt`: `(prompt_embeds, hidden_states)`, unconditional rows first under CFG.

@@ -26,7 +26,8 @@ impl KandinskyPipeline {
         latents: Option<Tensor>,
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<Tensor> {
-        let init = self.mask_init(image, mask, latents)?;
+        // 2.1 does not re-impose the known region after each step.
+        let init = self.core.mask_init(image, mask, false, latents)?;
         let run = DecoderRun::new((image_embeds, negative_image_embeds), params, init);
         self.run((prompts, negative_prompt), run, generator, progress)
     }

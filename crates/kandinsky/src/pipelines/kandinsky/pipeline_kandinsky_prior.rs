@@ -2,16 +2,16 @@
 //! `kandinsky2_2/pipeline_kandinsky2_2_prior.py`, identical in what it computes): text → CLIP
 //! image embedding with the diffusion prior, plus the zero-image negative embedding.
 
+use crate::clip_image_processor::ClipImageProcessor;
 use crate::error::{Error, Result};
-use crate::image_io::Rgb8;
-use crate::image_processor::ClipImageProcessor;
 use crate::loading::component_dir;
 use crate::models::clip::{ClipTextModelWithProjection, ClipVisionModelWithProjection};
 use crate::models::transformers::prior_transformer::PriorTransformer;
-use crate::pipelines::{check_cancelled, prepare_latents, CancelFlag};
+use crate::pipelines::{check_cancelled, get_timesteps, prepare_latents, CancelFlag};
 use crate::schedulers::{from_config, SchedulerConfig};
 use crate::tokenization::PromptTokenizer;
 use crate::utils::torch_utils::TorchGenerator;
+use crate::vae_image_processor::Rgb8;
 use candle_core::{DType, Device, Tensor};
 use std::path::Path;
 
@@ -284,14 +284,7 @@ impl KandinskyPriorPipeline {
                 }
                 // `get_timesteps`, then the embedding (unnormalised, as diffusers) noised to the
                 // first kept timestep.
-                let n = ts.len();
-                let init_steps = ((n as f64 * strength) as usize).min(n);
-                if init_steps == 0 {
-                    return Err(Error::InvalidArgument(format!(
-                        "prior strength {strength} with {n} steps leaves no denoising step"
-                    )));
-                }
-                ts = ts[n - init_steps..].to_vec();
+                ts = get_timesteps(&ts, strength, "prior strength")?;
                 let rows = embeds.dim(0)?;
                 if rows == 0 || !batch.is_multiple_of(rows) {
                     return Err(Error::InvalidArgument(format!(

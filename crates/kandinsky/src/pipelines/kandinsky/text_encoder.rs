@@ -8,25 +8,30 @@ use crate::models::xlm_roberta::{XlmRobertaConfig, XlmRobertaModel};
 use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 
-fn d_1024() -> usize {
-    1024
-}
-fn d_768() -> usize {
-    768
-}
-
 /// `MCLIPConfig`: an XLM-R config plus the projection sizes.
 #[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
 pub struct MClipConfig {
     /// The XLM-R encoder's settings (same JSON object).
     #[serde(flatten)]
     pub transformer: XlmRobertaConfig,
     /// Input width of the projection (`transformerDimensions`).
-    #[serde(rename = "transformerDimensions", default = "d_1024")]
+    #[serde(rename = "transformerDimensions")]
     pub transformer_dimensions: usize,
     /// Output width of the projection (`numDims`).
-    #[serde(rename = "numDims", default = "d_768")]
+    #[serde(rename = "numDims")]
     pub num_dims: usize,
+}
+
+impl Default for MClipConfig {
+    /// [`XlmRobertaConfig`]'s defaults and a 1024 → 768 projection.
+    fn default() -> Self {
+        Self {
+            transformer: XlmRobertaConfig::default(),
+            transformer_dimensions: 1024,
+            num_dims: 768,
+        }
+    }
 }
 
 /// `MultilingualCLIP`.

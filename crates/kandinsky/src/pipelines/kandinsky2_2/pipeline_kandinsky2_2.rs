@@ -12,7 +12,7 @@ use std::path::Path;
 
 /// The decoder pipeline's components (a 2.2 decoder model directory).
 pub struct KandinskyV22Pipeline {
-    core: DecoderCore,
+    pub(crate) core: DecoderCore,
 }
 
 impl KandinskyV22Pipeline {
@@ -80,21 +80,6 @@ impl KandinskyV22Pipeline {
         let init = self.core.image_init(image, b, strength, false)?;
         let run = DecoderRun::new((image_embeds, negative_image_embeds), params, init);
         self.run(run, generator, progress)
-    }
-
-    /// The inpainting start (2.2 re-imposes the known region after every step).
-    pub(crate) fn mask_init(
-        &self,
-        image: &Tensor,
-        mask: &Tensor,
-        latents: Option<Tensor>,
-    ) -> Result<Init> {
-        self.core.mask_init(image, mask, true, latents)
-    }
-
-    /// The image-to-image start.
-    pub(crate) fn image_init(&self, image: &Tensor, b: usize, strength: f64) -> Result<Init> {
-        self.core.image_init(image, b, strength, false)
     }
 
     /// The decoder run of every 2.2 mode; `run.hint` `(1 or B, 3, H, W)` in [0, 1] for

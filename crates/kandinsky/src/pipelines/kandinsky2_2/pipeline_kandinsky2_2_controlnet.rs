@@ -27,15 +27,16 @@ impl KandinskyV22Pipeline {
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<Tensor> {
         let b = image_embeds.dim(0)?;
-        let init =
-            match (image, latents) {
-                (Some(_), Some(_)) => return Err(Error::InvalidArgument(
+        let init = match (image, latents) {
+            (Some(_), Some(_)) => {
+                return Err(Error::InvalidArgument(
                     "latents cannot be given for image-to-image (the start is the noised image)"
                         .into(),
-                )),
-                (Some((image, strength)), None) => self.image_init(image, b, strength)?,
-                (None, latents) => Init::Noise(latents),
-            };
+                ))
+            }
+            (Some((image, strength)), None) => self.core.image_init(image, b, strength, false)?,
+            (None, latents) => Init::Noise(latents),
+        };
         let mut run = DecoderRun::new((image_embeds, negative_image_embeds), params, init);
         run.hint = Some(hint);
         self.run(run, generator, progress)

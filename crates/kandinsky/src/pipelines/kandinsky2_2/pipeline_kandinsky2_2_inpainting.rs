@@ -24,7 +24,8 @@ impl KandinskyV22Pipeline {
         latents: Option<Tensor>,
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<Tensor> {
-        let init = self.mask_init(image, mask, latents)?;
+        // 2.2 re-imposes the known region after every step.
+        let init = self.core.mask_init(image, mask, true, latents)?;
         let run = DecoderRun::new((image_embeds, negative_image_embeds), params, init);
         self.run(run, generator, progress)
     }

@@ -3,11 +3,11 @@
 //! of noise (works with the 2.1 prior too: the networks are the same kind).
 
 use crate::error::Result;
-use crate::image_io::Rgb8;
 use crate::pipelines::kandinsky::pipeline_kandinsky_prior::{
     repeat_interleave, KandinskyPriorPipeline, PriorInit, PriorOutput, PriorParams,
 };
 use crate::utils::torch_utils::TorchGenerator;
+use crate::vae_image_processor::Rgb8;
 
 impl KandinskyPriorPipeline {
     /// `__call__(prompt, image, strength)`: the CLIP image embedding of an image (repeated per

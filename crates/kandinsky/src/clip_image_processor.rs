@@ -22,48 +22,43 @@ enum SizeSpec {
     },
 }
 
-fn d_true() -> bool {
-    true
-}
-fn d_mean() -> [f64; 3] {
-    [0.48145466, 0.4578275, 0.40821073]
-}
-fn d_std() -> [f64; 3] {
-    [0.26862954, 0.26130258, 0.27577711]
-}
-fn d_rescale() -> f64 {
-    1.0 / 255.0
-}
-fn d_bicubic() -> u32 {
-    3
-}
-fn d_size() -> SizeSpec {
-    SizeSpec::Int(224)
-}
+/// OpenAI CLIP's per-channel mean (`OPENAI_CLIP_MEAN` in transformers).
+const OPENAI_CLIP_MEAN: [f64; 3] = [0.48145466, 0.4578275, 0.40821073];
+/// OpenAI CLIP's per-channel standard deviation (`OPENAI_CLIP_STD` in transformers).
+const OPENAI_CLIP_STD: [f64; 3] = [0.26862954, 0.26130258, 0.27577711];
 
 /// `image_processor/preprocessor_config.json`.
 #[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
 struct RawConfig {
-    #[serde(default = "d_true")]
     do_resize: bool,
-    #[serde(default = "d_size")]
     size: SizeSpec,
-    #[serde(default = "d_bicubic")]
     resample: u32,
-    #[serde(default = "d_true")]
     do_center_crop: bool,
-    #[serde(default = "d_size")]
     crop_size: SizeSpec,
-    #[serde(default = "d_true")]
     do_rescale: bool,
-    #[serde(default = "d_rescale")]
     rescale_factor: f64,
-    #[serde(default = "d_true")]
     do_normalize: bool,
-    #[serde(default = "d_mean")]
     image_mean: [f64; 3],
-    #[serde(default = "d_std")]
     image_std: [f64; 3],
+}
+
+impl Default for RawConfig {
+    /// transformers' `CLIPImageProcessor` defaults.
+    fn default() -> Self {
+        Self {
+            do_resize: true,
+            size: SizeSpec::Int(224),
+            resample: 3,
+            do_center_crop: true,
+            crop_size: SizeSpec::Int(224),
+            do_rescale: true,
+            rescale_factor: 1.0 / 255.0,
+            do_normalize: true,
+            image_mean: OPENAI_CLIP_MEAN,
+            image_std: OPENAI_CLIP_STD,
+        }
+    }
 }
 
 /// `CLIPImageProcessor`.
@@ -82,7 +77,7 @@ impl Default for ClipImageProcessor {
             shortest_edge: Some(224),
             crop: Some((224, 224)),
             rescale_factor: Some(1.0 / 255.0),
-            mean_std: Some((d_mean(), d_std())),
+            mean_std: Some((OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)),
         }
     }
 }

@@ -1,4 +1,7 @@
-//! Image I/O: PNG files to and from tensors, with diffusers' pre- and post-processing.
+//! diffusers' `VaeImageProcessor` (`image_processor.py`): images to the MoVQ's tensors and back
+//! (resize, `x/127.5 - 1`, `x·0.5 + 0.5` → u8), plus what the pipelines need around it: the
+//! [`Rgb8`] image type, image files (PNG/JPEG in, atomic PNG with text chunks out), ControlNet
+//! hints and the outpainting canvas.
 
 use crate::error::{Error, Result};
 use candle_core::{DType, Device, Tensor};
@@ -67,13 +70,13 @@ pub fn prepare_image(
     let rgb = if (w, h) == (tw, th) {
         image.data.clone()
     } else {
-        crate::image_processor::resize_rgb8_reducing_gap(
+        crate::clip_image_processor::resize_rgb8_reducing_gap(
             w,
             h,
             &image.data,
             tw,
             th,
-            crate::image_processor::Filter::Bicubic,
+            crate::clip_image_processor::Filter::Bicubic,
             Some(1.0),
         )
     };
@@ -169,7 +172,7 @@ pub fn prepare_hint(image: &Rgb8, width: usize, height: usize, device: &Device) 
     let rgb = if (image.width, image.height) == (width, height) {
         image.data.clone()
     } else {
-        crate::image_processor::resize_bicubic_rgb8(
+        crate::clip_image_processor::resize_bicubic_rgb8(
             image.width,
             image.height,
             &image.data,
