@@ -290,12 +290,7 @@ pub fn run(a: &TrainArgs) -> Result<()> {
             }
             let teachers = DecoderTeachers::load(movq, clip, mclip)?;
             let name = if *inpaint { "unet-inpaint" } else { "unet" };
-            let dirs = [
-                movq.join("movq"),
-                clip.join("image_encoder"),
-                mclip.join("text_encoder"),
-                mclip.join("tokenizer"),
-            ];
+            let dirs = DecoderTeachers::dirs(movq, clip, mclip);
             let settings = (opts.seed, *pool, opts.image_size);
             let (pool, origin) = cached_pool(&teachers, &dirs, settings, pool_cache.as_deref())?;
             match origin {

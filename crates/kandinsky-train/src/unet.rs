@@ -515,28 +515,32 @@ impl DecoderTeachers {
     /// `clip_run/image_encoder/`, `mclip_run/text_encoder/` and `mclip_run/tokenizer/`.
     pub fn load(movq_run: &Path, clip_run: &Path, mclip_run: &Path) -> Result<Self> {
         let (d, f32) = (Device::Cpu, candle_core::DType::F32);
+        let [movq, vision, mclip, tokenizer] = Self::dirs(movq_run, clip_run, mclip_run);
         let from =
             |what: &str, dir: &Path| format!("loading the trained {what} from {}", dir.display());
         Ok(Self {
-            movq: kandinsky::models::VQModel::load(&movq_run.join("movq"), f32, &d)
+            movq: kandinsky::models::VQModel::load(&movq, f32, &d)
                 .map_err(|e| e.within(from("MoVQ", movq_run)))?,
-            vision: kandinsky::models::clip::ClipVisionModelWithProjection::load(
-                &clip_run.join("image_encoder"),
-                f32,
-                &d,
-            )
-            .map_err(|e| e.within(from("CLIP", clip_run)))?,
+            vision: kandinsky::models::clip::ClipVisionModelWithProjection::load(&vision, f32, &d)
+                .map_err(|e| e.within(from("CLIP", clip_run)))?,
             mclip: kandinsky::pipelines::kandinsky::text_encoder::MultilingualClip::load(
-                &mclip_run.join("text_encoder"),
-                f32,
-                &d,
+                &mclip, f32, &d,
             )
             .map_err(|e| e.within(from("M-CLIP", mclip_run)))?,
-            tokenizer: kandinsky::tokenization::PromptTokenizer::xlm_roberta_from_dir(
-                &mclip_run.join("tokenizer"),
-            )
-            .map_err(|e| e.within(from("M-CLIP tokenizer", mclip_run)))?,
+            tokenizer: kandinsky::tokenization::PromptTokenizer::xlm_roberta_from_dir(&tokenizer)
+                .map_err(|e| e.within(from("M-CLIP tokenizer", mclip_run)))?,
         })
+    }
+
+    /// The directories [`DecoderTeachers::load`] reads (what [`cached_pool`] keys the pool by):
+    /// the MoVQ, CLIP's vision tower, M-CLIP and its tokenizer.
+    pub fn dirs(movq_run: &Path, clip_run: &Path, mclip_run: &Path) -> [PathBuf; 4] {
+        [
+            movq_run.join("movq"),
+            clip_run.join("image_encoder"),
+            mclip_run.join("text_encoder"),
+            mclip_run.join("tokenizer"),
+        ]
     }
 }
 

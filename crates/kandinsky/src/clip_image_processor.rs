@@ -130,12 +130,7 @@ impl ClipImageProcessor {
         rgb: &[u8],
         device: &Device,
     ) -> Result<Tensor> {
-        if width == 0 || height == 0 || rgb.len() != width * height * 3 {
-            return Err(Error::InvalidArgument(format!(
-                "image buffer of {} bytes does not match {width}x{height} RGB",
-                rgb.len()
-            )));
-        }
+        crate::vae_image_processor::check_rgb8(width, height, rgb.len())?;
         let mut img = Planar::from_hwc(width, height, rgb);
         if let Some(s) = self.shortest_edge {
             let (h, w) = resize_output_size(height, width, s);

@@ -21,18 +21,41 @@ pub struct Rgb8 {
 impl Rgb8 {
     /// An image from its bytes, checked to hold `width · height` RGB pixels.
     pub fn new(width: usize, height: usize, data: Vec<u8>) -> Result<Self> {
-        if width == 0 || height == 0 || data.len() != width * height * 3 {
-            return Err(Error::InvalidArgument(format!(
-                "image buffer of {} bytes does not match {width}x{height} RGB",
-                data.len()
-            )));
-        }
+        check_rgb8(width, height, data.len())?;
         Ok(Self {
             width,
             height,
             data,
         })
     }
+}
+
+/// A buffer of `len` bytes must hold a non-empty `width × height` RGB8 image.
+pub(crate) fn check_rgb8(width: usize, height: usize, len: usize) -> Result<()> {
+    if width == 0 || height == 0 || len != width * height * 3 {
+        return Err(Error::InvalidArgument(format!(
+            "image buffer of {len} bytes does not match {width}x{height} RGB"
+        )));
+    }
+    Ok(())
+}
+
+/// HWC bytes → `(3, H, W)` f32 (values 0…255).
+fn chw_tensor(rgb: Vec<u8>, width: usize, height: usize, device: &Device) -> Result<Tensor> {
+    Ok(Tensor::from_vec(rgb, (height, width, 3), device)?
+        .permute((2, 0, 1))?
+        .to_dtype(DType::F32)?)
+}
+
+/// `VaeImageProcessor.normalize` of 8-bit HWC pixels: `x / 127.5 - 1` as `(1, 3, H, W)`.
+pub(crate) fn normalize(
+    rgb: Vec<u8>,
+    width: usize,
+    height: usize,
+    device: &Device,
+) -> Result<Tensor> {
+    let t = chw_tensor(rgb, width, height, device)?;
+    Ok(((t / 127.5)? - 1.0)?.unsqueeze(0)?)
 }
 
 /// Reads an image file (PNG or JPEG) as RGB8.
@@ -80,10 +103,7 @@ pub fn prepare_image(
             Some(1.0),
         )
     };
-    let t = Tensor::from_vec(rgb, (th, tw, 3), device)?
-        .permute((2, 0, 1))?
-        .to_dtype(DType::F32)?;
-    Ok(((t / 127.5)? - 1.0)?.unsqueeze(0)?)
+    normalize(rgb, tw, th, device)
 }
 
 /// diffusers' post-processing of a decoded image `(B, 3, H, W)` in [-1, 1]:
@@ -180,9 +200,7 @@ pub fn prepare_hint(image: &Rgb8, width: usize, height: usize, device: &Device) 
             height,
         )
     };
-    let t = Tensor::from_vec(rgb, (height, width, 3), device)?
-        .permute((2, 0, 1))?
-        .to_dtype(DType::F32)?;
+    let t = chw_tensor(rgb, width, height, device)?;
     Ok((t / 255.0)?.unsqueeze(0)?)
 }
 

@@ -119,3 +119,26 @@ fn check_refuses_bad_requests_before_loading() {
     assert!(err.contains("too large"), "{err}");
     assert!(pipe.check(&request(None)).is_ok());
 }
+
+#[test]
+fn cancel_flag_reaches_stages_already_kept_loaded() {
+    let mut pipe = tiny(true);
+    pipe.generate(
+        request(None),
+        &mut TorchGenerator::new(1),
+        &mut |_, _, _| {},
+    )
+    .unwrap();
+    let flag = Arc::new(AtomicBool::new(true));
+    pipe.set_cancel_flag(flag);
+    let mut steps = 0;
+    let result = pipe.generate(
+        request(None),
+        &mut TorchGenerator::new(1),
+        &mut |_, _, _| {
+            steps += 1;
+        },
+    );
+    assert!(matches!(result, Err(Error::Cancelled)), "{result:?}");
+    assert_eq!(steps, 0);
+}

@@ -24,13 +24,15 @@
 use crate::error::{Error, Result};
 use crate::loading::{component_dir, ModelIndex};
 use crate::models::{UNet2DConditionConfig, VQModelConfig};
-use crate::pipelines::decoder::{latent_size, prepare_mask_and_masked_image, DecoderParams};
+use crate::pipelines::decoder::{
+    check_mask_size, latent_size, prepare_mask_and_masked_image, DecoderCore, DecoderParams,
+};
 use crate::pipelines::kandinsky::pipeline_kandinsky::KandinskyPipeline;
 use crate::pipelines::kandinsky::pipeline_kandinsky_prior::{
-    KandinskyPriorPipeline, MixInput, PriorOutput, PriorParams,
+    check_mix_inputs, KandinskyPriorPipeline, MixInput, PriorOutput, PriorParams,
 };
 use crate::pipelines::kandinsky2_2::pipeline_kandinsky2_2::KandinskyV22Pipeline;
-use crate::pipelines::CancelFlag;
+use crate::pipelines::{check_strength, CancelFlag};
 use crate::schedulers::{with_class, SchedulerClass, SchedulerConfig};
 use crate::utils::torch_utils::TorchGenerator;
 use crate::vae_image_processor::{
@@ -408,9 +410,16 @@ fn invalid(message: String) -> Error {
     Error::InvalidArgument(message)
 }
 
-fn check_strength(name: &str, s: f64) -> Result<()> {
-    if !(s > 0.0 && s <= 1.0) {
-        return Err(invalid(format!("{name} must be in (0, 1], got {s}")));
+/// A prior started from an image's embedding (`prior_strength`) does not start from latents.
+fn check_prior_start(prior_strength: Option<f64>, prior_latents: &Option<Tensor>) -> Result<()> {
+    if let Some(s) = prior_strength {
+        check_strength("prior strength", s)?;
+        if prior_latents.is_some() {
+            return Err(invalid(
+                "prior latents apply when the prior samples from noise, not with a prior strength"
+                    .into(),
+            ));
+        }
     }
     Ok(())
 }
@@ -419,6 +428,36 @@ fn check_strength(name: &str, s: f64) -> Result<()> {
 enum Decoder {
     V21(Box<KandinskyPipeline>),
     V22(Box<KandinskyV22Pipeline>),
+}
+
+impl Decoder {
+    /// The UNet, MoVQ, scheduler and cancel flag both versions share.
+    fn core_mut(&mut self) -> &mut DecoderCore {
+        match self {
+            Decoder::V21(d) => &mut d.core,
+            Decoder::V22(d) => &mut d.core,
+        }
+    }
+}
+
+/// Where the decoder starts, from the mode's inputs (the same for both versions).
+enum Start {
+    /// From noise, or the caller's latents.
+    Noise(Option<Tensor>),
+    /// From the image `(1, 3, H, W)`, with the strength.
+    Image(Tensor, f64),
+    /// Inpainting: the keep-mask and the image from `prepare_mask_and_masked_image`.
+    Inpaint {
+        mask: Tensor,
+        image: Tensor,
+        latents: Option<Tensor>,
+    },
+    /// ControlNet: the hint, and the image with its strength for image-to-image.
+    Controlnet {
+        hint: Tensor,
+        image: Option<(Tensor, f64)>,
+        latents: Option<Tensor>,
+    },
 }
 
 /// A Kandinsky 2.1 / 2.2 prior + decoder pair, every mode behind [`AutoPipeline::generate`].
@@ -449,7 +488,7 @@ impl AutoPipeline {
             ))
         })?;
         let movq = VQModelConfig::load(&component_dir(decoder_dir, "movq")?)?;
-        let scale_factor = 1usize << movq.block_out_channels.len().saturating_sub(1);
+        let scale_factor = movq.scale_factor();
         let unet = UNet2DConditionConfig::load(&component_dir(decoder_dir, "unet")?)?;
         let native_size = unet.sample_size.map_or(512, |s| s * scale_factor);
         let scheduler = SchedulerConfig::load(
@@ -487,6 +526,13 @@ impl AutoPipeline {
     /// A flag that, once set, stops the run before its next denoising step with
     /// [`Error::Cancelled`] (clear it before the next request).
     pub fn set_cancel_flag(&mut self, flag: CancelFlag) {
+        // Stages already loaded (kept between requests) get it too.
+        if let Some(prior) = &mut self.prior {
+            prior.set_cancel_flag(flag.clone());
+        }
+        if let Some(decoder) = &mut self.decoder {
+            decoder.core_mut().cancel = Some(flag.clone());
+        }
         self.cancel = Some(flag);
     }
 
@@ -520,24 +566,12 @@ impl AutoPipeline {
         }
         let mut fixed_size = None;
         match &request.mode {
-            Mode::TextToImage(_) => {}
+            Mode::TextToImage(_) | Mode::Variations(_) => {}
             Mode::ImageToImage(m) => {
                 check_strength("strength", m.strength)?;
-                if let Some(s) = m.prior_strength {
-                    check_strength("prior strength", s)?;
-                    if m.prior_latents.is_some() {
-                        return Err(invalid("prior latents apply when the prior samples from noise, not with a prior strength".into()));
-                    }
-                }
+                check_prior_start(m.prior_strength, &m.prior_latents)?;
             }
-            Mode::Inpainting(m) => {
-                if (m.image.width, m.image.height) != (m.mask.width, m.mask.height) {
-                    return Err(invalid(format!(
-                        "the mask is {}x{} but the image is {}x{}: they must have the same size",
-                        m.mask.width, m.mask.height, m.image.width, m.image.height
-                    )));
-                }
-            }
+            Mode::Inpainting(m) => check_mask_size(&m.image, &m.mask)?,
             Mode::Outpainting(m) => {
                 let g = m.margins;
                 if g.left + g.right + g.top + g.bottom == 0 {
@@ -554,27 +588,14 @@ impl AutoPipeline {
                 }
                 fixed_size = Some(size);
             }
-            Mode::Mixing(m) => {
-                if m.inputs.is_empty() {
-                    return Err(invalid("nothing to mix".into()));
-                }
-                if let Some((_, w)) = m.inputs.iter().find(|(_, w)| !w.is_finite()) {
-                    return Err(invalid(format!("mixing weight {w} is not a finite number")));
-                }
-            }
-            Mode::Variations(_) => {}
+            Mode::Mixing(m) => check_mix_inputs(&m.inputs)?,
             Mode::Controlnet(m) => {
                 if let Some(image) = &m.image {
                     check_strength("strength", image.strength)?;
                     if m.latents.is_some() {
                         return Err(invalid("latents do not apply to image-to-image (the start is the noised image)".into()));
                     }
-                    if let Some(s) = image.prior_strength {
-                        check_strength("prior strength", s)?;
-                        if m.prior_latents.is_some() {
-                            return Err(invalid("prior latents apply when the prior samples from noise, not with a prior strength".into()));
-                        }
-                    }
+                    check_prior_start(image.prior_strength, &m.prior_latents)?;
                 }
             }
         }
@@ -662,12 +683,7 @@ impl AutoPipeline {
                     KandinskyV22Pipeline::load(dir, dtype, device).map_err(err)?,
                 )),
             };
-            if let Some(flag) = &self.cancel {
-                match &mut decoder {
-                    Decoder::V21(d) => d.set_cancel_flag(flag.clone()),
-                    Decoder::V22(d) => d.set_cancel_flag(flag.clone()),
-                }
-            }
+            decoder.core_mut().cancel = self.cancel.clone();
             self.decoder = Some(decoder);
         }
         Ok(self.decoder.as_mut().expect("loaded above"))
@@ -717,9 +733,21 @@ impl AutoPipeline {
             )
         };
         match mode {
-            Mode::TextToImage(m) => text(&m.prompt, &m.prior_latents, generator, bar),
-            Mode::Inpainting(m) => text(&m.prompt, &m.prior_latents, generator, bar),
-            Mode::Outpainting(m) => text(&m.prompt, &m.prior_latents, generator, bar),
+            Mode::TextToImage(TextToImage {
+                prompt,
+                prior_latents,
+                ..
+            })
+            | Mode::Inpainting(Inpainting {
+                prompt,
+                prior_latents,
+                ..
+            })
+            | Mode::Outpainting(Outpainting {
+                prompt,
+                prior_latents,
+                ..
+            }) => text(prompt, prior_latents, generator, bar),
             Mode::ImageToImage(m) => match m.prior_strength {
                 Some(s) => from_image(&m.prompt, &m.image, s, generator, bar),
                 None => text(&m.prompt, &m.prior_latents, generator, bar),
@@ -768,108 +796,94 @@ impl AutoPipeline {
             Some(class) => with_class(&self.scheduler, class.class_name())?,
         };
         let device = self.options.device.clone();
-        let decoder = self.decoder()?;
-        let scale_factor = match decoder {
-            Decoder::V21(d) => {
-                d.set_scheduler(scheduler);
-                d.scale_factor()
-            }
-            Decoder::V22(d) => {
-                d.set_scheduler(scheduler);
-                d.scale_factor()
-            }
-        };
-        let decoder = &*decoder;
-        let bar = &mut |i, n| progress(Stage::Decoder, i, n);
+        let scale_factor = self.info.scale_factor;
         let image = |image: &Rgb8| prepare_image(image, dp.width, dp.height, scale_factor, &device);
-        let masked = |image: &Rgb8, mask: &Rgb8| {
-            prepare_mask_and_masked_image(image, mask, dp.width, dp.height, &device)
+        let inpaint = |image: &Rgb8, mask: &Rgb8, latents| -> Result<Start> {
+            let (mask, image) =
+                prepare_mask_and_masked_image(image, mask, dp.width, dp.height, &device)?;
+            Ok(Start::Inpaint {
+                mask,
+                image,
+                latents,
+            })
         };
         // As diffusers' combined pipelines: the 2.1 decoder's M-CLIP sees the prompt ("" for
         // mixing and variations), and its unconditional text is "" (a negative prompt acts
         // through the prior).
         let prompts = vec![mode.prompt().map_or(String::new(), |p| p.prompt.clone())];
-        match decoder {
-            Decoder::V21(d) => match mode {
-                Mode::TextToImage(TextToImage { latents, .. })
-                | Mode::Mixing(Mixing { latents, .. })
-                | Mode::Variations(Variations { latents, .. }) => d.call(
-                    &prompts, None, embeds, negative, dp, generator, latents, bar,
-                ),
-                Mode::ImageToImage(m) => d.img2img(
-                    &prompts,
-                    None,
-                    &image(&m.image)?,
-                    embeds,
-                    negative,
-                    dp,
-                    m.strength,
-                    generator,
-                    bar,
-                ),
-                Mode::Inpainting(m) => {
-                    let (mask, image) = masked(&m.image, &m.mask)?;
-                    d.inpaint(
-                        &prompts, None, &image, &mask, embeds, negative, dp, generator, m.latents,
-                        bar,
-                    )
-                }
-                Mode::Outpainting(m) => {
-                    let (canvas, mask) = extend_canvas(&m.image, m.margins);
-                    let (mask, image) = masked(&canvas, &mask)?;
-                    d.inpaint(
-                        &prompts, None, &image, &mask, embeds, negative, dp, generator, m.latents,
-                        bar,
-                    )
-                }
-                Mode::Controlnet(_) => unreachable!("ControlNet decoders are 2.2 (checked)"),
+        let start = match mode {
+            Mode::TextToImage(TextToImage { latents, .. })
+            | Mode::Mixing(Mixing { latents, .. })
+            | Mode::Variations(Variations { latents, .. }) => Start::Noise(latents),
+            Mode::ImageToImage(m) => Start::Image(image(&m.image)?, m.strength),
+            Mode::Inpainting(m) => inpaint(&m.image, &m.mask, m.latents)?,
+            Mode::Outpainting(m) => {
+                let (canvas, mask) = extend_canvas(&m.image, m.margins);
+                inpaint(&canvas, &mask, m.latents)?
+            }
+            Mode::Controlnet(m) => Start::Controlnet {
+                hint: prepare_hint(&m.hint, dp.width, dp.height, &device)?,
+                image: match &m.image {
+                    Some(i) => Some((image(&i.image)?, i.strength)),
+                    None => None,
+                },
+                latents: m.latents,
             },
-            Decoder::V22(d) => match mode {
-                Mode::TextToImage(TextToImage { latents, .. })
-                | Mode::Mixing(Mixing { latents, .. })
-                | Mode::Variations(Variations { latents, .. }) => {
-                    d.call(embeds, negative, dp, generator, latents, bar)
-                }
-                Mode::ImageToImage(m) => d.img2img(
-                    &image(&m.image)?,
-                    embeds,
-                    negative,
-                    dp,
-                    m.strength,
-                    generator,
-                    bar,
-                ),
-                Mode::Inpainting(m) => {
-                    let (mask, image) = masked(&m.image, &m.mask)?;
-                    d.inpaint(
-                        &image, &mask, embeds, negative, dp, generator, m.latents, bar,
-                    )
-                }
-                Mode::Outpainting(m) => {
-                    let (canvas, mask) = extend_canvas(&m.image, m.margins);
-                    let (mask, image) = masked(&canvas, &mask)?;
-                    d.inpaint(
-                        &image, &mask, embeds, negative, dp, generator, m.latents, bar,
-                    )
-                }
-                Mode::Controlnet(m) => {
-                    let hint = prepare_hint(&m.hint, dp.width, dp.height, &device)?;
-                    let start = match &m.image {
-                        Some(i) => Some((image(&i.image)?, i.strength)),
-                        None => None,
-                    };
-                    d.controlnet(
-                        &hint,
-                        start.as_ref().map(|(i, s)| (i, *s)),
-                        embeds,
-                        negative,
-                        dp,
-                        generator,
-                        m.latents,
-                        bar,
-                    )
-                }
-            },
+        };
+        let decoder = self.decoder()?;
+        decoder.core_mut().scheduler = scheduler;
+        let bar = &mut |i, n| progress(Stage::Decoder, i, n);
+        match (&*decoder, start) {
+            (Decoder::V21(d), Start::Noise(latents)) => d.call(
+                &prompts, None, embeds, negative, dp, generator, latents, bar,
+            ),
+            (Decoder::V21(d), Start::Image(image, strength)) => d.img2img(
+                &prompts, None, &image, embeds, negative, dp, strength, generator, bar,
+            ),
+            (
+                Decoder::V21(d),
+                Start::Inpaint {
+                    mask,
+                    image,
+                    latents,
+                },
+            ) => d.inpaint(
+                &prompts, None, &image, &mask, embeds, negative, dp, generator, latents, bar,
+            ),
+            (Decoder::V21(_), Start::Controlnet { .. }) => {
+                unreachable!("ControlNet decoders are 2.2 (checked)")
+            }
+            (Decoder::V22(d), Start::Noise(latents)) => {
+                d.call(embeds, negative, dp, generator, latents, bar)
+            }
+            (Decoder::V22(d), Start::Image(image, strength)) => {
+                d.img2img(&image, embeds, negative, dp, strength, generator, bar)
+            }
+            (
+                Decoder::V22(d),
+                Start::Inpaint {
+                    mask,
+                    image,
+                    latents,
+                },
+            ) => d.inpaint(&image, &mask, embeds, negative, dp, generator, latents, bar),
+            (
+                Decoder::V22(d),
+                Start::Controlnet {
+                    hint,
+                    image,
+                    latents,
+                },
+            ) => d.controlnet(
+                &hint,
+                image.as_ref().map(|(i, s)| (i, *s)),
+                embeds,
+                negative,
+                dp,
+                generator,
+                latents,
+                bar,
+            ),
         }
     }
 }

@@ -7,10 +7,12 @@ use crate::error::{Error, Result};
 use crate::loading::component_dir;
 use crate::models::{UNet2DConditionModel, UNetConditioning, VQModel};
 use crate::pipelines::kandinsky::pipeline_kandinsky_prior::repeat_interleave;
-use crate::pipelines::{check_cancelled, get_timesteps, prepare_latents, CancelFlag};
+use crate::pipelines::{
+    check_cancelled, check_strength, get_timesteps, prepare_latents, CancelFlag,
+};
 use crate::schedulers::{from_config, SchedulerConfig};
 use crate::utils::torch_utils::TorchGenerator;
-use crate::vae_image_processor::Rgb8;
+use crate::vae_image_processor::{normalize, Rgb8};
 use candle_core::{DType, Device, Tensor};
 use std::path::Path;
 
@@ -149,11 +151,7 @@ impl DecoderCore {
         strength: f64,
         q_sample_2_1: bool,
     ) -> Result<Init> {
-        if !(strength > 0.0 && strength <= 1.0) {
-            return Err(Error::InvalidArgument(format!(
-                "strength must be in (0, 1], got {strength}"
-            )));
-        }
+        check_strength("strength", strength)?;
         let encoded = self.movq.encode(image)?;
         let latents = repeat_interleave(&encoded, b / encoded.dim(0)?.max(1))?;
         Ok(Init::Image {
@@ -339,20 +337,12 @@ pub fn prepare_mask_and_masked_image(
     height: usize,
     device: &Device,
 ) -> Result<(Tensor, Tensor)> {
-    if (image.width, image.height) != (mask.width, mask.height) {
-        return Err(Error::InvalidArgument(format!(
-            "the mask is {}x{} but the image is {}x{}: they must have the same size",
-            mask.width, mask.height, image.width, image.height
-        )));
-    }
+    check_mask_size(image, mask)?;
     let resize = |img: &Rgb8, filter, gap| {
         resize_rgb8_reducing_gap(img.width, img.height, &img.data, width, height, filter, gap)
     };
     let rgb = resize(image, Filter::Bicubic, Some(1.0));
-    let image = Tensor::from_vec(rgb, (height, width, 3), device)?
-        .permute((2, 0, 1))?
-        .to_dtype(DType::F32)?;
-    let image = ((image / 127.5)? - 1.0)?.unsqueeze(0)?;
+    let image = normalize(rgb, width, height, device)?;
     let keep: Vec<f32> = resize(mask, Filter::Lanczos, None)
         .chunks_exact(3)
         .map(|p| {
@@ -367,6 +357,17 @@ pub fn prepare_mask_and_masked_image(
         .collect();
     let mask = Tensor::from_vec(keep, (1, 1, height, width), device)?;
     Ok((mask, image))
+}
+
+/// An inpainting mask must have its image's size.
+pub(crate) fn check_mask_size(image: &Rgb8, mask: &Rgb8) -> Result<()> {
+    if (image.width, image.height) != (mask.width, mask.height) {
+        return Err(Error::InvalidArgument(format!(
+            "the mask is {}x{} but the image is {}x{}: they must have the same size",
+            mask.width, mask.height, image.width, image.height
+        )));
+    }
+    Ok(())
 }
 
 /// `prepare_mask`: erodes the keep region (1) of `(B, 1, h, w)` masks: every 0 clears its

@@ -15,6 +15,16 @@ use std::sync::Arc;
 /// denoising step with [`Error::Cancelled`].
 pub type CancelFlag = Arc<AtomicBool>;
 
+/// A strength (image-to-image, emb2emb) must be in (0, 1]; `what` names it in the error.
+pub(crate) fn check_strength(what: &str, strength: f64) -> Result<()> {
+    if !(strength > 0.0 && strength <= 1.0) {
+        return Err(Error::InvalidArgument(format!(
+            "{what} must be in (0, 1], got {strength}"
+        )));
+    }
+    Ok(())
+}
+
 /// `get_timesteps`: the last `int(n · strength)` of the schedule `ts` (image-to-image and emb2emb
 /// skip its first `1 - strength`); `what` names the strength in the error when none is left.
 pub(crate) fn get_timesteps(ts: &[usize], strength: f64, what: &str) -> Result<Vec<usize>> {

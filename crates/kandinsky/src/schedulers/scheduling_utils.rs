@@ -58,10 +58,11 @@ impl SchedulerClass {
     }
 }
 
-/// The `__init__` keys (among this struct's fields) of the classes [`with_class`] builds.
-fn init_keys(class_name: &str) -> Option<&'static [&'static str]> {
-    Some(match class_name {
-        "DDIMScheduler" => &[
+/// The `__init__` keys (among [`SchedulerConfig`]'s fields) of the classes [`with_class`]
+/// builds (not `UnCLIPScheduler`).
+fn init_keys(class: SchedulerClass) -> Option<&'static [&'static str]> {
+    Some(match class {
+        SchedulerClass::Ddim => &[
             "num_train_timesteps",
             "beta_start",
             "beta_end",
@@ -78,7 +79,7 @@ fn init_keys(class_name: &str) -> Option<&'static [&'static str]> {
             "timestep_spacing",
             "rescale_betas_zero_snr",
         ],
-        "DDPMScheduler" => &[
+        SchedulerClass::Ddpm => &[
             "num_train_timesteps",
             "beta_start",
             "beta_end",
@@ -95,7 +96,7 @@ fn init_keys(class_name: &str) -> Option<&'static [&'static str]> {
             "steps_offset",
             "rescale_betas_zero_snr",
         ],
-        DPM_SOLVER_MULTISTEP => &[
+        SchedulerClass::DpmSolverMultistep => &[
             "num_train_timesteps",
             "beta_start",
             "beta_end",
@@ -123,7 +124,7 @@ fn init_keys(class_name: &str) -> Option<&'static [&'static str]> {
             "steps_offset",
             "rescale_betas_zero_snr",
         ],
-        _ => return None,
+        SchedulerClass::UnClip => return None,
     })
 }
 
@@ -142,8 +143,9 @@ pub fn with_class(config: &SchedulerConfig, class_name: &str) -> Result<Schedule
     if class_name == config.class_name {
         return Ok(config.clone());
     }
-    let keys =
-        init_keys(class_name).ok_or_else(|| Error::unsupported("_class_name", class_name))?;
+    let keys = SchedulerClass::from_class_name(class_name)
+        .and_then(init_keys)
+        .ok_or_else(|| Error::unsupported("_class_name", class_name))?;
     let mut defaults =
         SchedulerConfig::from_json(&format!(r#"{{"_class_name": "{class_name}"}}"#))?;
     let mut out = config.clone();

@@ -64,6 +64,11 @@ impl Default for VQModelConfig {
 }
 
 impl VQModelConfig {
+    /// Pixels per latent pixel, `2^(levels - 1)` (diffusers' `movq_scale_factor`).
+    pub fn scale_factor(&self) -> usize {
+        1 << self.block_out_channels.len().saturating_sub(1)
+    }
+
     /// Reads `config.json` from a component directory.
     pub fn load(dir: &std::path::Path) -> Result<Self> {
         crate::loading::read_json(&dir.join("config.json"))
@@ -141,7 +146,7 @@ impl VQModel {
                 c.mid_block_add_attention,
             )?,
             spatial,
-            scale_factor: 1 << (n - 1),
+            scale_factor: c.scale_factor(),
             latent_channels: c.latent_channels,
         })
     }

@@ -7,7 +7,9 @@ use crate::error::{Error, Result};
 use crate::loading::component_dir;
 use crate::models::clip::{ClipTextModelWithProjection, ClipVisionModelWithProjection};
 use crate::models::transformers::prior_transformer::PriorTransformer;
-use crate::pipelines::{check_cancelled, get_timesteps, prepare_latents, CancelFlag};
+use crate::pipelines::{
+    check_cancelled, check_strength, get_timesteps, prepare_latents, CancelFlag,
+};
 use crate::schedulers::{from_config, SchedulerConfig};
 use crate::tokenization::PromptTokenizer;
 use crate::utils::torch_utils::TorchGenerator;
@@ -34,6 +36,19 @@ pub enum MixInput {
     Text(String),
     /// An image: its CLIP image embedding.
     Image(Rgb8),
+}
+
+/// The inputs of [`KandinskyPriorPipeline::interpolate`]: at least one, every weight finite.
+pub(crate) fn check_mix_inputs(inputs: &[(MixInput, f64)]) -> Result<()> {
+    if inputs.is_empty() {
+        return Err(Error::InvalidArgument("nothing to mix".into()));
+    }
+    if let Some((_, weight)) = inputs.iter().find(|(_, w)| !w.is_finite()) {
+        return Err(Error::InvalidArgument(format!(
+            "mixing weight {weight} is not finite"
+        )));
+    }
+    Ok(())
 }
 
 /// `(image_embeds, negative_image_embeds)`, each `(B, E)`.
@@ -126,17 +141,10 @@ impl KandinskyPriorPipeline {
         generator: &mut TorchGenerator,
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<PriorOutput> {
-        if inputs.is_empty() {
-            return Err(Error::InvalidArgument("nothing to mix".into()));
-        }
+        check_mix_inputs(inputs)?;
         let n = params.num_images_per_prompt;
         let mut acc: Option<Tensor> = None;
         for (input, weight) in inputs {
-            if !weight.is_finite() {
-                return Err(Error::InvalidArgument(format!(
-                    "mixing weight {weight} is not finite"
-                )));
-            }
             let emb = match input {
                 MixInput::Text(t) => {
                     self.call(
@@ -277,11 +285,7 @@ impl KandinskyPriorPipeline {
                 prepare_latents(&[batch, e], latents, generator, &self.device)?
             }
             PriorInit::Embedding { embeds, strength } => {
-                if !(strength > 0.0 && strength <= 1.0) {
-                    return Err(Error::InvalidArgument(format!(
-                        "prior strength must be in (0, 1], got {strength}"
-                    )));
-                }
+                check_strength("prior strength", strength)?;
                 // `get_timesteps`, then the embedding (unnormalised, as diffusers) noised to the
                 // first kept timestep.
                 ts = get_timesteps(&ts, strength, "prior strength")?;
