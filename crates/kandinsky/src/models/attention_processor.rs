@@ -3,7 +3,7 @@
 //! tokens followed by the spatial tokens) and `AttnProcessor` (MoVQ: single-head spatial
 //! self-attention with GroupNorm or SpatialNorm) — and `SpatialNorm`.
 
-use super::nn::{attention, interpolate_nearest, Conv2d, GroupNorm, Linear};
+use super::nn::{attention_merged, interpolate_nearest, Conv2d, GroupNorm, Linear};
 use crate::error::{Error, Result};
 use crate::loading::Weights;
 use candle_core::Tensor;
@@ -41,12 +41,6 @@ impl SpatialNorm {
 fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
     let (b, n, c) = x.dims3()?;
     Ok(x.reshape((b, n, heads, c / heads))?.transpose(1, 2)?)
-}
-
-/// Merges `(B, heads, N, d)` into `(B, N, heads·d)`.
-fn merge_heads(x: &Tensor) -> Result<Tensor> {
-    let (b, h, n, d) = x.dims4()?;
-    Ok(x.transpose(1, 2)?.reshape((b, n, h * d))?)
 }
 
 /// `(B, C, H, W)` → `(B, H·W, C)`.
@@ -130,7 +124,7 @@ impl AddedKvAttention {
             }
             _ => (kc, vc),
         };
-        let o = merge_heads(&attention(&q, &k, &v, self.scale)?)?;
+        let o = attention_merged(&q, &k, &v, self.scale)?;
         let o = self.to_out.forward(&o)?;
         Ok((from_tokens(&o, h, w)? + x)?)
     }
@@ -211,7 +205,7 @@ impl VaeAttention {
         let q = split_heads(&self.to_q.forward(&s)?, self.heads)?;
         let k = split_heads(&self.to_k.forward(&s)?, self.heads)?;
         let v = split_heads(&self.to_v.forward(&s)?, self.heads)?;
-        let o = merge_heads(&attention(&q, &k, &v, self.scale)?)?;
+        let o = attention_merged(&q, &k, &v, self.scale)?;
         let o = from_tokens(&self.to_out.forward(&o)?, h, w)?;
         let out = (o + x)?;
         if self.rescale_output_factor == 1.0 {

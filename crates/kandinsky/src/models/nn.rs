@@ -89,6 +89,15 @@ impl Conv2d {
                 self.padding,
             )?);
         }
+        if crate::ops::applies(x) {
+            return Ok(crate::ops::conv2d(
+                x,
+                &self.weight,
+                &self.bias,
+                self.stride,
+                self.padding,
+            )?);
+        }
         let y = x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?;
         Ok(y.broadcast_add(&self.bias.reshape((1, (), 1, 1))?)?)
     }
@@ -99,6 +108,8 @@ impl Conv2d {
 pub struct GroupNorm {
     weight: Tensor,
     bias: Tensor,
+    /// `(2, C)`: γ then β, the fused kernel's operand.
+    gamma_beta: Tensor,
     groups: usize,
     eps: f64,
 }
@@ -112,9 +123,12 @@ impl GroupNorm {
                 format!("{groups} groups for {channels} channels"),
             ));
         }
+        let weight = w.get(channels, "weight")?;
+        let bias = w.get(channels, "bias")?;
         Ok(Self {
-            weight: w.get(channels, "weight")?,
-            bias: w.get(channels, "bias")?,
+            gamma_beta: gamma_beta(&weight, &bias)?,
+            weight,
+            bias,
             groups,
             eps,
         })
@@ -122,6 +136,43 @@ impl GroupNorm {
 
     /// Normalises `x (B, C, ...)` over each group of channels and all spatial positions.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_act(x, None, false)
+    }
+
+    /// [`forward`](Self::forward), then `·(1 + scale) + shift` when `scale_shift (B, 2C)` (scale
+    /// then shift) is given, then SiLU when `silu`: one fused kernel on the inference path.
+    pub fn forward_act(
+        &self,
+        x: &Tensor,
+        scale_shift: Option<&Tensor>,
+        silu_after: bool,
+    ) -> Result<Tensor> {
+        if crate::ops::applies(x) && self.gamma_beta.dtype() == DType::F32 {
+            return Ok(crate::ops::group_norm(
+                x,
+                &self.gamma_beta,
+                self.groups,
+                self.eps,
+                scale_shift,
+                silu_after,
+            )?);
+        }
+        let mut y = self.reference(x)?;
+        if let Some(ss) = scale_shift {
+            let c = ss.dim(1)? / 2;
+            let mut shape = vec![ss.dim(0)?, c];
+            shape.extend(std::iter::repeat_n(1, x.rank() - 2));
+            let scale = ss.narrow(1, 0, c)?.reshape(shape.as_slice())?;
+            let shift = ss.narrow(1, c, c)?.reshape(shape.as_slice())?;
+            y = y.broadcast_mul(&(scale + 1.0)?)?.broadcast_add(&shift)?;
+        }
+        if silu_after {
+            y = silu(&y)?;
+        }
+        Ok(y)
+    }
+
+    fn reference(&self, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let (b, c) = (dims[0], dims[1]);
         let dtype = x.dtype();
@@ -145,21 +196,29 @@ impl GroupNorm {
 pub struct LayerNorm {
     weight: Tensor,
     bias: Tensor,
+    /// `(2, D)`: γ then β, the fused kernel's operand.
+    gamma_beta: Tensor,
     eps: f64,
 }
 
 impl LayerNorm {
     /// Loads `weight [dim]` and `bias [dim]`.
     pub fn new(w: &Weights, dim: usize, eps: f64) -> Result<Self> {
+        let weight = w.get(dim, "weight")?;
+        let bias = w.get(dim, "bias")?;
         Ok(Self {
-            weight: w.get(dim, "weight")?,
-            bias: w.get(dim, "bias")?,
+            gamma_beta: gamma_beta(&weight, &bias)?,
+            weight,
+            bias,
             eps,
         })
     }
 
     /// Normalises over the last dimension.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if crate::ops::applies(x) && self.gamma_beta.dtype() == DType::F32 {
+            return Ok(crate::ops::layer_norm(x, &self.gamma_beta, self.eps)?);
+        }
         let dtype = x.dtype();
         let x = x.to_dtype(DType::F32)?;
         let mean = x.mean_keepdim(D::Minus1)?;
@@ -172,8 +231,16 @@ impl LayerNorm {
     }
 }
 
+/// `[γ; β]` as one `(2, C)` tensor.
+fn gamma_beta(weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    Ok(Tensor::stack(&[weight, bias], 0)?)
+}
+
 /// SiLU, `x·σ(x)`.
 pub fn silu(x: &Tensor) -> Result<Tensor> {
+    if crate::ops::applies(x) {
+        return Ok(crate::ops::silu(x)?);
+    }
     Ok(candle_nn::ops::silu(x)?)
 }
 
@@ -217,6 +284,16 @@ pub fn upsample_nearest_int(x: &Tensor, f: usize) -> Result<Tensor> {
 /// f32 (diffusers' `upcast_softmax`).
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
     attention_masked(q, k, v, scale, None)
+}
+
+/// [`attention`] with the heads merged: `(B, N, H·d)`, the layout the output projection takes.
+pub fn attention_merged(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+    if crate::ops::applies(q) && k.dtype() == q.dtype() && v.dtype() == q.dtype() {
+        return Ok(crate::ops::attention(q, k, v, scale)?);
+    }
+    let (b, h, n, d) = q.dims4()?;
+    let o = attention(q, k, v, scale)?;
+    Ok(o.transpose(1, 2)?.reshape((b, n, h * d))?)
 }
 
 /// [`attention`] with an additive mask broadcastable to `(B, H, N, M)`.

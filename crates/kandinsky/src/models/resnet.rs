@@ -106,7 +106,7 @@ impl ResnetBlock2D {
 
     /// Applies the block; `temb (B, T)` is required when the block has a time projection.
     pub fn forward(&self, x: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
-        let mut h = silu(&self.norm1.forward(x)?)?;
+        let mut h = self.norm1.forward_act(x, None, true)?;
         let mut x = x.clone();
         match self.resample {
             Resample::None => {}
@@ -127,7 +127,7 @@ impl ResnetBlock2D {
                 } else {
                     silu(t)?
                 };
-                Some(proj.forward(&t)?.unsqueeze(2)?.unsqueeze(3)?)
+                Some(proj.forward(&t)?)
             }
             (Some(_), None) => {
                 return Err(Error::InvalidArgument(
@@ -138,18 +138,16 @@ impl ResnetBlock2D {
         };
         h = match (self.cfg.time_embedding_norm, temb) {
             (TimeEmbeddingNorm::ScaleShift, Some(t)) => {
-                let c = t.dim(1)? / 2;
-                let scale = t.narrow(1, 0, c)?;
-                let shift = t.narrow(1, c, c)?;
-                self.norm2
-                    .forward(&h)?
-                    .broadcast_mul(&(scale + 1.0)?)?
-                    .broadcast_add(&shift)?
+                self.norm2.forward_act(&h, Some(&t), true)?
             }
-            (TimeEmbeddingNorm::Default, Some(t)) => self.norm2.forward(&h.broadcast_add(&t)?)?,
-            (_, None) => self.norm2.forward(&h)?,
+            (TimeEmbeddingNorm::Default, Some(t)) => self.norm2.forward_act(
+                &h.broadcast_add(&t.unsqueeze(2)?.unsqueeze(3)?)?,
+                None,
+                true,
+            )?,
+            (_, None) => self.norm2.forward_act(&h, None, true)?,
         };
-        h = self.conv2.forward(&silu(&h)?)?;
+        h = self.conv2.forward(&h)?;
         if let Some(sc) = &self.conv_shortcut {
             x = sc.forward(&x)?;
         }

@@ -1,4 +1,138 @@
 //! Our own CPU kernels as candle custom ops, where candle is slow. Each has a plain-candle
-//! reference that the tests compare it against.
+//! reference (the layer code in `models::nn` that runs when the kernel does not apply) and tests
+//! that compare the two.
+//!
+//! The inference kernels apply to f32 CPU tensors that track no gradient: custom ops here have no
+//! backward, so training keeps the reference path (and `im2col`'s GEMM convolution, which has
+//! one). [`with_reference`] forces the reference path on the calling thread.
 
+pub mod attention;
+pub mod conv;
+mod gemm;
 pub mod im2col;
+pub mod norm;
+pub mod simd;
+
+use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
+use std::cell::Cell;
+
+pub(crate) use candle_core::Result;
+
+thread_local! {
+    static REFERENCE: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Runs `f` with every layer on its plain-candle reference path (on this thread).
+pub fn with_reference<T>(f: impl FnOnce() -> T) -> T {
+    let before = REFERENCE.with(|r| r.replace(true));
+    let out = f();
+    REFERENCE.with(|r| r.set(before));
+    out
+}
+
+/// Whether the inference kernels may run on `x`: f32, on the CPU, no gradient tracked, and the
+/// reference path not forced.
+pub fn applies(x: &Tensor) -> bool {
+    x.dtype() == candle_core::DType::F32
+        && x.device().is_cpu()
+        && !x.track_op()
+        && !REFERENCE.with(|r| r.get())
+}
+
+/// The f32 data of a storage (any layout).
+fn f32_data(s: &CpuStorage) -> Result<&[f32]> {
+    match s {
+        CpuStorage::F32(d) => Ok(d),
+        _ => candle_core::bail!("kernel: f32 storage expected"),
+    }
+}
+
+/// The f32 data of a contiguous layout.
+fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
+    let d = f32_data(s)?;
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&d[a..b]),
+        None => candle_core::bail!("kernel: {what} must be contiguous"),
+    }
+}
+
+/// `conv2d(x, weight) + bias`, `x (B, C, H, W)`, `weight (O, C, k, k)`, `bias (O)`.
+pub fn conv2d(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    stride: usize,
+    pad: usize,
+) -> Result<Tensor> {
+    x.contiguous()?.apply_op3_no_bwd(
+        &weight.contiguous()?,
+        &bias.contiguous()?,
+        &conv::Conv2dOp { stride, pad },
+    )
+}
+
+/// GroupNorm of `x (B, C, ...)` with `gamma_beta (2, C)`, then `·(1 + scale) + shift` when
+/// `scale_shift (B, 2C)` is given, then SiLU when `silu`.
+pub fn group_norm(
+    x: &Tensor,
+    gamma_beta: &Tensor,
+    groups: usize,
+    eps: f64,
+    scale_shift: Option<&Tensor>,
+    silu: bool,
+) -> Result<Tensor> {
+    let op = norm::GroupNormOp {
+        groups,
+        eps: eps as f32,
+        silu,
+    };
+    let x = x.contiguous()?;
+    match scale_shift {
+        Some(ss) => x.apply_op3_no_bwd(gamma_beta, &ss.contiguous()?, &op),
+        None => x.apply_op2_no_bwd(gamma_beta, &op),
+    }
+}
+
+/// LayerNorm over the last dimension with `gamma_beta (2, D)`.
+pub fn layer_norm(x: &Tensor, gamma_beta: &Tensor, eps: f64) -> Result<Tensor> {
+    x.contiguous()?
+        .apply_op2_no_bwd(gamma_beta, &norm::LayerNormOp { eps: eps as f32 })
+}
+
+/// `softmax(q·kᵀ·scale)·v` with heads merged: `q (B, H, N, d)`, `k`/`v (B, H, M, d)` →
+/// `(B, N, H·d)`.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+    let unit = |t: &Tensor| -> Result<Tensor> {
+        if t.stride().last() == Some(&1) {
+            Ok(t.clone())
+        } else {
+            t.contiguous()
+        }
+    };
+    unit(q)?.apply_op3_no_bwd(
+        &unit(k)?,
+        &unit(v)?,
+        &attention::AttentionOp {
+            scale: scale as f32,
+        },
+    )
+}
+
+struct SiluOp;
+
+impl CustomOp1 for SiluOp {
+    fn name(&self) -> &'static str {
+        "silu"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let mut v = contiguous_f32(s, l, "silu input")?.to_vec();
+        simd::silu_inplace(&mut v);
+        Ok((CpuStorage::F32(v), l.shape().clone()))
+    }
+}
+
+/// `x·σ(x)`, vectorised.
+pub fn silu(x: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op1_no_bwd(&SiluOp)
+}
