@@ -1,0 +1,211 @@
+//! Every inference kernel of `kandinsky::ops` against its plain-candle reference (f32: relative
+//! L2 error ≤ 1e-6), on the AVX-512 path and on the forced portable one, over the geometries the
+//! networks use (3×3 / 1×1 / strided convolutions from 4×4 to 64×64 maps, both tiling modes).
+
+use candle_core::{DType, Device, Tensor, D};
+use kandinsky::ops;
+
+fn rel_l2(a: &Tensor, b: &Tensor) -> f64 {
+    assert_eq!(a.dims(), b.dims());
+    let d = (a - b)
+        .unwrap()
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap() as f64;
+    let n = b.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() as f64;
+    (d / n.max(1e-30)).sqrt()
+}
+
+fn randn(shape: &[usize], seed: u64) -> Tensor {
+    // A deterministic non-Gaussian fill: no dependence on candle's global RNG state.
+    let n: usize = shape.iter().product();
+    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let v: Vec<f32> = (0..n)
+        .map(|_| {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect();
+    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+}
+
+/// Runs `check` on the detected path and on the forced portable one.
+fn both_paths(check: impl Fn()) {
+    check();
+    ops::simd::force_portable(true);
+    check();
+    ops::simd::force_portable(false);
+}
+
+#[test]
+fn conv2d_matches_candle() {
+    // (batch, in, out, side, kernel, stride, pad): deep 4×4 maps (one GEMM for the batch), 64×64
+    // maps (row tiles), 1×1, the strided downsampler, odd sizes and a map smaller than the kernel.
+    let cases = [
+        (2, 16, 24, 4, 3, 1, 1),
+        (2, 8, 12, 64, 3, 1, 1),
+        (1, 3, 8, 97, 3, 1, 1),
+        (2, 16, 8, 33, 1, 1, 0),
+        (2, 8, 8, 32, 3, 2, 1),
+        (2, 8, 8, 17, 3, 2, 0),
+        (1, 4, 4, 2, 3, 1, 1),
+        (2, 256, 64, 40, 3, 1, 1),
+    ];
+    both_paths(|| {
+        for (i, &(b, c, o, side, k, s, p)) in cases.iter().enumerate() {
+            let x = randn(&[b, c, side, side], i as u64);
+            let w = randn(&[o, c, k, k], 100 + i as u64);
+            let bias = randn(&[o], 200 + i as u64);
+            let fast = ops::conv2d(&x, &w, &bias, s, p).unwrap();
+            let reference = x
+                .conv2d(&w, p, s, 1, 1)
+                .unwrap()
+                .broadcast_add(&bias.reshape((1, o, 1, 1)).unwrap())
+                .unwrap();
+            let e = rel_l2(&fast, &reference);
+            assert!(e <= 1e-6, "case {i} {:?}: rel L2 {e}", cases[i]);
+        }
+    });
+}
+
+fn group_norm_reference(x: &Tensor, g: &Tensor, b: &Tensor, groups: usize, eps: f64) -> Tensor {
+    let dims = x.dims().to_vec();
+    let xg = x.reshape((dims[0], groups, ())).unwrap();
+    let mean = xg.mean_keepdim(2).unwrap();
+    let xc = xg.broadcast_sub(&mean).unwrap();
+    let var = xc.sqr().unwrap().mean_keepdim(2).unwrap();
+    let xn = xc
+        .broadcast_div(&(var + eps).unwrap().sqrt().unwrap())
+        .unwrap()
+        .reshape(dims.as_slice())
+        .unwrap();
+    let c = dims[1];
+    xn.broadcast_mul(&g.reshape((1, c, 1, 1)).unwrap())
+        .unwrap()
+        .broadcast_add(&b.reshape((1, c, 1, 1)).unwrap())
+        .unwrap()
+}
+
+#[test]
+fn group_norm_scale_shift_silu_match_candle() {
+    both_paths(|| {
+        for (i, &(b, c, side, groups)) in [(2, 64, 8, 32), (2, 96, 33, 32), (1, 8, 5, 4)]
+            .iter()
+            .enumerate()
+        {
+            let x = randn(&[b, c, side, side], i as u64).affine(3.0, 0.5).unwrap();
+            let g = randn(&[c], 10 + i as u64);
+            let bb = randn(&[c], 20 + i as u64);
+            let ss = randn(&[b, 2 * c], 30 + i as u64);
+            let gb = Tensor::stack(&[&g, &bb], 0).unwrap();
+            let reference = group_norm_reference(&x, &g, &bb, groups, 1e-5);
+            let plain = ops::group_norm(&x, &gb, groups, 1e-5, None, false).unwrap();
+            assert!(rel_l2(&plain, &reference) <= 1e-6, "case {i} plain");
+
+            let scale = ss.narrow(1, 0, c).unwrap().reshape((b, c, 1, 1)).unwrap();
+            let shift = ss.narrow(1, c, c).unwrap().reshape((b, c, 1, 1)).unwrap();
+            let reference = candle_nn::ops::silu(
+                &reference
+                    .broadcast_mul(&(scale + 1.0).unwrap())
+                    .unwrap()
+                    .broadcast_add(&shift)
+                    .unwrap(),
+            )
+            .unwrap();
+            let fused = ops::group_norm(&x, &gb, groups, 1e-5, Some(&ss), true).unwrap();
+            let e = rel_l2(&fused, &reference);
+            assert!(e <= 1e-6, "case {i} fused: rel L2 {e}");
+        }
+    });
+}
+
+#[test]
+fn layer_norm_and_silu_match_candle() {
+    both_paths(|| {
+        for (i, &(rows, d)) in [(162, 2048), (7, 33), (1, 5)].iter().enumerate() {
+            let x = randn(&[rows, d], i as u64).affine(4.0, -1.0).unwrap();
+            let g = randn(&[d], 50 + i as u64);
+            let b = randn(&[d], 60 + i as u64);
+            let gb = Tensor::stack(&[&g, &b], 0).unwrap();
+            let mean = x.mean_keepdim(D::Minus1).unwrap();
+            let xc = x.broadcast_sub(&mean).unwrap();
+            let var = xc.sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
+            let reference = xc
+                .broadcast_div(&(var + 1e-5).unwrap().sqrt().unwrap())
+                .unwrap()
+                .broadcast_mul(&g)
+                .unwrap()
+                .broadcast_add(&b)
+                .unwrap();
+            let e = rel_l2(&ops::layer_norm(&x, &gb, 1e-5).unwrap(), &reference);
+            assert!(e <= 1e-6, "layer norm case {i}: rel L2 {e}");
+
+            let x = (x * 8.0).unwrap();
+            let e = rel_l2(&ops::silu(&x).unwrap(), &candle_nn::ops::silu(&x).unwrap());
+            assert!(e <= 1e-6, "silu case {i}: rel L2 {e}");
+        }
+    });
+}
+
+#[test]
+fn attention_matches_candle_on_strided_heads() {
+    both_paths(|| {
+        // (batch, heads, queries, keys, head dim): the UNet's cross+self attention, the MoVQ's
+        // single wide head, the prior's short sequences, and a query count not a block multiple.
+        for (i, &(b, h, n, m, d)) in [
+            (2, 4, 256, 260, 64),
+            (1, 1, 300, 300, 128),
+            (2, 8, 81, 81, 16),
+            (1, 2, 3, 1, 8),
+        ]
+        .iter()
+        .enumerate()
+        {
+            // Views as the attention processors make them: (B, N, H·d) split into heads.
+            let split = |t: Tensor, len: usize| {
+                t.reshape((b, len, h, d)).unwrap().transpose(1, 2).unwrap()
+            };
+            let q = split((randn(&[b, n, h * d], i as u64) * 2.0).unwrap(), n);
+            let k = split((randn(&[b, m, h * d], 70 + i as u64) * 2.0).unwrap(), m);
+            let v = split(randn(&[b, m, h * d], 80 + i as u64), m);
+            let scale = 1.0 / (d as f64).sqrt();
+            let scores = (q
+                .contiguous()
+                .unwrap()
+                .matmul(&k.t().unwrap().contiguous().unwrap())
+                .unwrap()
+                * scale)
+                .unwrap();
+            let probs = candle_nn::ops::softmax_last_dim(&scores).unwrap();
+            let reference = probs
+                .matmul(&v.contiguous().unwrap())
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap()
+                .reshape((b, n, h * d))
+                .unwrap();
+            let e = rel_l2(&ops::attention(&q, &k, &v, scale).unwrap(), &reference);
+            assert!(e <= 1e-6, "case {i}: rel L2 {e}");
+        }
+    });
+}
+
+#[test]
+fn layers_take_the_reference_path_when_asked_and_agree() {
+    let w = kandinsky::loading::Weights::random(DType::F32, &Device::Cpu);
+    let norm = kandinsky::models::nn::GroupNorm::new(&w, 8, 32, 1e-6).unwrap();
+    let x = randn(&[2, 32, 16, 16], 1);
+    let ss = randn(&[2, 64], 2);
+    let fast = norm.forward_act(&x, Some(&ss), true).unwrap();
+    let reference = ops::with_reference(|| norm.forward_act(&x, Some(&ss), true).unwrap());
+    let e = rel_l2(&fast, &reference);
+    assert!(e <= 1e-6, "GroupNorm layer: rel L2 {e}");
+    assert!(ops::applies(&x));
+    assert!(!ops::with_reference(|| ops::applies(&x)));
+    assert!(!ops::applies(&x.to_dtype(DType::F16).unwrap()));
+    let v = candle_core::Var::from_tensor(&x).unwrap();
+    assert!(!ops::applies(&(v.as_tensor() * 1.0).unwrap()));
+}
