@@ -1,7 +1,7 @@
 //! `kandinsky bench`: UNet forward timing on the real Kandinsky 2.2 topology with random weights.
 
 use anyhow::{Context, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use kandinsky::loading::Weights;
 use kandinsky::models::{UNet2DConditionConfig, UNet2DConditionModel, UNetConditioning};
 use std::time::Instant;
@@ -42,7 +42,8 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     anyhow::ensure!(args.runs > 0, "--runs must be at least 1");
     let device = Device::Cpu;
     let t0 = Instant::now();
-    let unet = UNet2DConditionModel::new(&Weights::random(DType::F32, &device), &config)?;
+    let unet =
+        UNet2DConditionModel::new(&Weights::random(crate::compute_dtype(), &device), &config)?;
     eprintln!(
         "built UNet with random weights in {:.1} s",
         t0.elapsed().as_secs_f64()

@@ -37,7 +37,7 @@ pub fn run(args: &DecodeArgs) -> Result<()> {
     } else {
         component_dir(&dir, "movq")?
     };
-    let movq = VQModel::load(&dir, DType::F32, &Device::Cpu)?;
+    let movq = VQModel::load(&dir, crate::compute_dtype(), &Device::Cpu)?;
     let latents = match &args.latents {
         Some(p) => {
             let mut t = candle_core::safetensors::load(p, &Device::Cpu)

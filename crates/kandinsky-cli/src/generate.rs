@@ -282,8 +282,14 @@ fn run_job(a: &CommonArgs, job: Job) -> Result<()> {
         }
     }
     let dirs = model_dirs(a, job.mode.decoder_kind())?;
-    let mut pipe =
-        AutoPipeline::from_pretrained(&dirs.decoder, &dirs.prior, LoadOptions::default())?;
+    let mut pipe = AutoPipeline::from_pretrained(
+        &dirs.decoder,
+        &dirs.prior,
+        LoadOptions {
+            dtype: crate::compute_dtype(),
+            ..LoadOptions::default()
+        },
+    )?;
     let request = Request {
         mode: job.mode,
         params: GenerationParams {

@@ -13,6 +13,27 @@ use clap::{Parser, Subcommand};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Threads for the kernels (default: every core).
+    #[arg(long, global = true)]
+    threads: Option<usize>,
+    /// Compute precision: `f32` (the parity reference) or `bf16` (bf16 GEMM and convolution
+    /// weights, f32 activations, norms and softmax; half the weight memory).
+    #[arg(long, global = true, value_enum, default_value_t = Precision::F32)]
+    dtype: Precision,
+}
+
+/// The `--dtype` values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Precision {
+    F32,
+    Bf16,
+}
+
+static DTYPE: std::sync::OnceLock<candle_core::DType> = std::sync::OnceLock::new();
+
+/// The compute dtype chosen with `--dtype`.
+pub fn compute_dtype() -> candle_core::DType {
+    *DTYPE.get().unwrap_or(&candle_core::DType::F32)
 }
 
 #[derive(Subcommand)]
@@ -44,9 +65,24 @@ enum Command {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    let _ = DTYPE.set(match cli.dtype {
+        Precision::F32 => candle_core::DType::F32,
+        Precision::Bf16 => candle_core::DType::BF16,
+    });
+    if cli.threads == Some(0) {
+        eprintln!("error: --threads must be at least 1");
+        return std::process::ExitCode::FAILURE;
+    }
     if matches!(&cli.command, Command::Train(t) if t.runs_threads()) {
         // SAFETY: no other thread exists yet.
         unsafe { kandinsky_train::threads::one_kernel_thread() };
+    } else if let Some(n) = cli.threads {
+        // candle's elementwise workers and rayon's pool (our kernels, the GEMM) read these on
+        // first use.
+        for var in ["CANDLE_NUM_THREADS", "RAYON_NUM_THREADS"] {
+            // SAFETY: no other thread exists yet.
+            unsafe { std::env::set_var(var, n.to_string()) };
+        }
     }
     let result = match cli.command {
         Command::Bench(args) => bench::run(&args),

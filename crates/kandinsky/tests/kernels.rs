@@ -15,17 +15,27 @@ fn rel_l2(a: &Tensor, b: &Tensor) -> f64 {
         .unwrap()
         .to_scalar::<f32>()
         .unwrap() as f64;
-    let n = b.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() as f64;
+    let n = b
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap() as f64;
     (d / n.max(1e-30)).sqrt()
 }
 
 fn randn(shape: &[usize], seed: u64) -> Tensor {
     // A deterministic non-Gaussian fill: no dependence on candle's global RNG state.
     let n: usize = shape.iter().product();
-    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut s = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
     let v: Vec<f32> = (0..n)
         .map(|_| {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
         })
         .collect();
@@ -96,7 +106,9 @@ fn group_norm_scale_shift_silu_match_candle() {
             .iter()
             .enumerate()
         {
-            let x = randn(&[b, c, side, side], i as u64).affine(3.0, 0.5).unwrap();
+            let x = randn(&[b, c, side, side], i as u64)
+                .affine(3.0, 0.5)
+                .unwrap();
             let g = randn(&[c], 10 + i as u64);
             let bb = randn(&[c], 20 + i as u64);
             let ss = randn(&[b, 2 * c], 30 + i as u64);
@@ -165,9 +177,8 @@ fn attention_matches_candle_on_strided_heads() {
         .enumerate()
         {
             // Views as the attention processors make them: (B, N, H·d) split into heads.
-            let split = |t: Tensor, len: usize| {
-                t.reshape((b, len, h, d)).unwrap().transpose(1, 2).unwrap()
-            };
+            let split =
+                |t: Tensor, len: usize| t.reshape((b, len, h, d)).unwrap().transpose(1, 2).unwrap();
             let q = split((randn(&[b, n, h * d], i as u64) * 2.0).unwrap(), n);
             let k = split((randn(&[b, m, h * d], 70 + i as u64) * 2.0).unwrap(), m);
             let v = split(randn(&[b, m, h * d], 80 + i as u64), m);
@@ -208,4 +219,126 @@ fn layers_take_the_reference_path_when_asked_and_agree() {
     assert!(!ops::applies(&x.to_dtype(DType::F16).unwrap()));
     let v = candle_core::Var::from_tensor(&x).unwrap();
     assert!(!ops::applies(&(v.as_tensor() * 1.0).unwrap()));
+}
+
+/// `C = L·Bᵀ` in f64 from the bf16-rounded operands.
+fn gemm_reference(l: &[f32], b: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
+    let r = |x: f32| ops::bf16::bf16_to_f32(ops::bf16::bf16_bits(x));
+    let mut c = vec![0f32; m * n];
+    for j in 0..n {
+        for i in 0..m {
+            let s: f64 = (0..k)
+                .map(|kk| r(l[i * k + kk]) as f64 * r(b[j * k + kk]) as f64)
+                .sum();
+            c[i + j * m] = s as f32;
+        }
+    }
+    c
+}
+
+#[test]
+fn bf16_gemm_matches_f32_on_rounded_operands() {
+    use ops::bf16::{gemm, Out, Packed, COLS, LANES};
+    both_paths(|| {
+        // Whole panels, ragged edges, odd depth, a depth over one cache block.
+        for (i, &(m, n, k)) in [(64, 24, 64), (45, 13, 37), (32, 12, 301), (7, 1, 1)]
+            .iter()
+            .enumerate()
+        {
+            let l = randn(&[m, k], 90 + i as u64)
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            let b = randn(&[n, k], 95 + i as u64)
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            let pl = Packed::pack(&l, m, k, k, 1, LANES);
+            let pb = Packed::pack(&b, n, k, k, 1, COLS);
+            let want = gemm_reference(&l, &b, m, n, k);
+            for threads in [1, 2] {
+                let mut c = vec![1f32; m * n];
+                // SAFETY: `c` is m × n with columns of m.
+                unsafe {
+                    gemm(
+                        &pl,
+                        &pb,
+                        Out {
+                            ptr: c.as_mut_ptr(),
+                            js: m,
+                        },
+                        false,
+                        threads,
+                    )
+                };
+                let (c, w) = (
+                    Tensor::from_vec(c, m * n, &Device::Cpu).unwrap(),
+                    Tensor::from_vec(want.clone(), m * n, &Device::Cpu).unwrap(),
+                );
+                let e = rel_l2(&c, &w);
+                assert!(e <= 1e-6, "case {i} threads {threads}: rel L2 {e}");
+            }
+            let mut c = want.clone();
+            // SAFETY: as above.
+            unsafe {
+                gemm(
+                    &pl,
+                    &pb,
+                    Out {
+                        ptr: c.as_mut_ptr(),
+                        js: m,
+                    },
+                    true,
+                    2,
+                )
+            };
+            let doubled: Vec<f32> = want.iter().map(|v| 2.0 * v).collect();
+            let e = rel_l2(
+                &Tensor::from_vec(c, m * n, &Device::Cpu).unwrap(),
+                &Tensor::from_vec(doubled, m * n, &Device::Cpu).unwrap(),
+            );
+            assert!(e <= 1e-6, "case {i} accumulate: rel L2 {e}");
+            assert_eq!(pl.unpack().len(), m * k);
+        }
+    });
+}
+
+#[test]
+#[ignore = "timing, run by hand: cargo test --release --test kernels -- --ignored --nocapture"]
+fn bf16_gemm_speed() {
+    use ops::bf16::{gemm, Out, Packed, COLS, LANES};
+    for &(m, n, k) in &[
+        (2048usize, 2048usize, 2048usize),
+        (384, 4096, 3456),
+        (2048, 162, 2048),
+    ] {
+        let l = vec![0.5f32; m * k];
+        let b = vec![0.25f32; n * k];
+        let pl = Packed::pack(&l, m, k, k, 1, LANES);
+        let pb = Packed::pack(&b, n, k, k, 1, COLS);
+        let mut c = vec![0f32; m * n];
+        let mut best = f64::INFINITY;
+        for _ in 0..5 {
+            let t = std::time::Instant::now();
+            unsafe {
+                gemm(
+                    &pl,
+                    &pb,
+                    Out {
+                        ptr: c.as_mut_ptr(),
+                        js: m,
+                    },
+                    false,
+                    2,
+                )
+            };
+            best = best.min(t.elapsed().as_secs_f64());
+        }
+        println!(
+            "bf16 gemm {m}x{n}x{k}: {:.1} GFLOP/s",
+            2.0 * (m * n * k) as f64 / best / 1e9
+        );
+    }
 }

@@ -368,17 +368,37 @@ pub struct Weights {
     prefix: String,
     dtype: DType,
     device: Device,
+    pack_bf16: bool,
+}
+
+/// On the CPU, bf16 compute means f32 activations, norms and softmax with the GEMM and
+/// convolution weights held as packed bf16 (`ops::bf16`): tensors are handed out in f32 and the
+/// layers pack them. Other dtypes (and other devices) are handed out as asked.
+fn compute_dtype(dtype: DType, device: &Device) -> (DType, bool) {
+    if dtype == DType::BF16 && device.is_cpu() {
+        (DType::F32, true)
+    } else {
+        (dtype, false)
+    }
 }
 
 impl Weights {
     /// Weights read from a store, converted to `dtype` on `device`.
     pub fn from_store(store: WeightStore, dtype: DType, device: &Device) -> Self {
+        let (dtype, pack_bf16) = compute_dtype(dtype, device);
         Self {
             source: Source::Store(Arc::new(store)),
             prefix: String::new(),
             dtype,
             device: device.clone(),
+            pack_bf16,
         }
+    }
+
+    /// Whether Linear and Conv2d layers hold their weights as packed bf16 (bf16 compute on the
+    /// CPU).
+    pub fn packs_bf16(&self) -> bool {
+        self.pack_bf16
     }
 
     /// Opens the weights of a component directory (see [`WeightStore::from_dir`]).
@@ -394,16 +414,19 @@ impl Weights {
             prefix: String::new(),
             dtype,
             device: Device::Cpu,
+            pack_bf16: false,
         }
     }
 
     /// Random weights (N(0, 1/fan_in) matrices, unit norm scales, zero biases).
     pub fn random(dtype: DType, device: &Device) -> Self {
+        let (dtype, pack_bf16) = compute_dtype(dtype, device);
         Self {
             source: Source::Random,
             prefix: String::new(),
             dtype,
             device: device.clone(),
+            pack_bf16,
         }
     }
 
@@ -419,6 +442,7 @@ impl Weights {
             prefix: String::new(),
             dtype: DType::F32,
             device,
+            pack_bf16: false,
         }
     }
 
@@ -443,7 +467,7 @@ impl Weights {
         }
     }
 
-    /// The dtype tensors are converted to.
+    /// The dtype tensors are converted to (f32 under bf16 compute on the CPU).
     pub fn dtype(&self) -> DType {
         self.dtype
     }

@@ -6,38 +6,91 @@
 
 use crate::error::{Error, Result};
 use crate::loading::Weights;
+use crate::ops::bf16::{self, Packed};
 use candle_core::{DType, Tensor, D};
+use std::sync::Arc;
 
 /// `torch.nn.Linear`: `y = x Wᵀ + b` over the last dimension.
 #[derive(Debug, Clone)]
 pub struct Linear {
-    weight: Tensor,
+    weight: Matrix,
     bias: Option<Tensor>,
+    /// The bias as the bf16 kernel takes it (bf16 compute only).
+    bias_vec: Option<Arc<Vec<f32>>>,
+}
+
+/// A GEMM weight as loaded, or packed once for the bf16 kernels.
+#[derive(Debug, Clone)]
+enum Matrix {
+    Dense(Tensor),
+    Bf16 {
+        packed: Arc<Packed>,
+        shape: Vec<usize>,
+    },
+}
+
+impl Matrix {
+    /// Packs `t` (rows × rest) into `panel`-row panels when `w` asks for bf16 compute.
+    fn load(w: &Weights, t: Tensor, panel: usize) -> Result<Self> {
+        // Meta weights (stride-0 placeholders) have no data to pack.
+        if !w.packs_bf16() || t.stride().iter().any(|&s| s == 0) {
+            return Ok(Self::Dense(t));
+        }
+        let shape = t.dims().to_vec();
+        let rows = shape[0];
+        let k = t.elem_count() / rows.max(1);
+        let packed = Packed::pack(&crate::ops::to_f32_vec(&t)?, rows, k, k, 1, panel);
+        Ok(Self::Bf16 {
+            packed: Arc::new(packed),
+            shape,
+        })
+    }
+
+    /// The weight as an f32 tensor (unpacked from bf16 for the reference path).
+    fn dense(&self, device: &candle_core::Device) -> Result<Tensor> {
+        match self {
+            Self::Dense(t) => Ok(t.clone()),
+            Self::Bf16 { packed, shape } => {
+                Ok(Tensor::from_vec(packed.unpack(), shape.as_slice(), device)?)
+            }
+        }
+    }
 }
 
 impl Linear {
     /// Loads `weight [out, in]` and, when `bias`, `bias [out]`.
     pub fn new(w: &Weights, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
-        let weight = w.get((out_dim, in_dim), "weight")?;
+        let weight = Matrix::load(w, w.get((out_dim, in_dim), "weight")?, bf16::LANES)?;
         let bias = if bias {
             Some(w.get(out_dim, "bias")?)
         } else {
             None
         };
-        Ok(Self { weight, bias })
+        let bias_vec = match (&weight, &bias) {
+            (Matrix::Bf16 { .. }, Some(b)) => Some(Arc::new(crate::ops::to_f32_vec(b)?)),
+            _ => None,
+        };
+        Ok(Self {
+            weight,
+            bias,
+            bias_vec,
+        })
     }
 
     /// Applies the layer.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if let Matrix::Bf16 { packed, .. } = &self.weight {
+            if crate::ops::applies(x) {
+                return Ok(crate::ops::linear_bf16(x, packed, self.bias_vec.as_ref())?);
+            }
+        }
+        let weight = self.weight.dense(x.device())?;
         // Flatten to one 2-D GEMM: candle's batched matmul gives wrong results for a strided
         // (transposed) input against a broadcast weight, which `candle_nn::Linear` produces for
         // token views of feature maps with batch > 1.
         let mut dims = x.dims().to_vec();
         let k = dims.pop().unwrap_or(1);
-        let y = x
-            .contiguous()?
-            .reshape(((), k))?
-            .matmul(&self.weight.t()?)?;
+        let y = x.contiguous()?.reshape(((), k))?.matmul(&weight.t()?)?;
         let y = match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
@@ -50,8 +103,9 @@ impl Linear {
 /// `torch.nn.Conv2d` with square kernels, symmetric padding and a bias.
 #[derive(Debug, Clone)]
 pub struct Conv2d {
-    weight: Tensor,
+    weight: Matrix,
     bias: Tensor,
+    kernel: usize,
     padding: usize,
     stride: usize,
 }
@@ -66,9 +120,11 @@ impl Conv2d {
         stride: usize,
         padding: usize,
     ) -> Result<Self> {
+        let weight = w.get((out_ch, in_ch, kernel, kernel), "weight")?;
         Ok(Self {
-            weight: w.get((out_ch, in_ch, kernel, kernel), "weight")?,
+            weight: Matrix::load(w, weight, bf16::COLS)?,
             bias: w.get(out_ch, "bias")?,
+            kernel,
             padding,
             stride,
         })
@@ -76,14 +132,24 @@ impl Conv2d {
 
     /// Applies the convolution to `x (B, C, H, W)`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if let Matrix::Bf16 { packed, .. } = &self.weight {
+            if crate::ops::applies(x) {
+                return Ok(crate::ops::conv2d_bf16(
+                    x,
+                    packed,
+                    &self.bias,
+                    self.kernel,
+                    self.stride,
+                    self.padding,
+                )?);
+            }
+        }
+        let weight = self.weight.dense(x.device())?;
         // Training (gradients tracked, f32 on CPU): im2col + GEMM, whose backward is fast.
-        if (x.track_op() || self.weight.track_op())
-            && x.dtype() == DType::F32
-            && x.device().is_cpu()
-        {
+        if (x.track_op() || weight.track_op()) && x.dtype() == DType::F32 && x.device().is_cpu() {
             return Ok(crate::ops::im2col::conv2d_gemm(
                 x,
-                &self.weight,
+                &weight,
                 &self.bias,
                 self.stride,
                 self.padding,
@@ -92,13 +158,13 @@ impl Conv2d {
         if crate::ops::applies(x) {
             return Ok(crate::ops::conv2d(
                 x,
-                &self.weight,
+                &weight,
                 &self.bias,
                 self.stride,
                 self.padding,
             )?);
         }
-        let y = x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?;
+        let y = x.conv2d(&weight, self.padding, self.stride, 1, 1)?;
         Ok(y.broadcast_add(&self.bias.reshape((1, (), 1, 1))?)?)
     }
 }

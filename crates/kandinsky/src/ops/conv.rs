@@ -7,10 +7,12 @@
 //! Small maps (deep UNet levels) put every image of the batch into one GEMM so the weight is
 //! streamed once; large maps are cut into row tiles so the column matrix stays small.
 
+use super::bf16::{self, Out, Packed};
 use super::gemm::{sgemm, threads, View, ViewMut};
 use super::{contiguous_f32, Result};
-use candle_core::{CpuStorage, CustomOp3, Layout, Shape};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape};
 use rayon::prelude::*;
+use std::sync::Arc;
 
 /// Column-matrix elements per tile (16 MiB).
 const TILE_ELEMS: usize = 4 << 20;
@@ -87,6 +89,93 @@ fn im2col_tile(
         .for_each(|(ci, chunk)| fill_channel(ci, chunk));
 }
 
+/// `dst (O × ncols, rows dst_rs apart) += W · cols`, with `cols` the `(C·k·k) × ncols` column matrix
+/// whose rows are `ld` apart.
+type MatMul<'a> = dyn Fn(&[f32], usize, usize, *mut f32, usize) + Sync + 'a;
+
+/// The convolution around a weight multiply `mm`: bias fill, im2col and tiling.
+#[allow(clippy::too_many_arguments)]
+fn conv_forward(
+    x: &[f32],
+    (b, c, h, w): (usize, usize, usize, usize),
+    bias: &[f32],
+    k: usize,
+    stride: usize,
+    pad: usize,
+    mm: &MatMul,
+) -> Result<(CpuStorage, Shape)> {
+    let o = bias.len();
+    if h + 2 * pad < k || w + 2 * pad < k {
+        candle_core::bail!("conv2d: {h}×{w} input smaller than the {k}×{k} kernel");
+    }
+    let s = stride.max(1);
+    let g = Geometry {
+        c,
+        h,
+        w,
+        k,
+        stride: s,
+        pad,
+        ho: (h + 2 * pad - k) / s + 1,
+        wo: (w + 2 * pad - k) / s + 1,
+    };
+    let hw = g.ho * g.wo;
+    let ckk = c * k * k;
+    let mut out = vec![0f32; b * o * hw];
+    let fill_bias = |out: &mut [f32], cols: usize, row_stride: usize| {
+        for (oc, &bv) in bias.iter().enumerate() {
+            out[oc * row_stride..][..cols].fill(bv);
+        }
+    };
+    if k == 1 && s == 1 && pad == 0 {
+        for bi in 0..b {
+            let ob = &mut out[bi * o * hw..(bi + 1) * o * hw];
+            fill_bias(ob, hw, hw);
+            mm(
+                &x[bi * c * hw..(bi + 1) * c * hw],
+                hw,
+                hw,
+                ob.as_mut_ptr(),
+                hw,
+            );
+        }
+    } else if b * hw <= SMALL_PIXELS {
+        let n = b * hw;
+        let mut cols = vec![0f32; ckk * n];
+        for bi in 0..b {
+            im2col_tile(&x[bi * c * h * w..], &g, 0, g.ho, &mut cols, n, bi * hw);
+        }
+        let mut tmp = vec![0f32; o * n];
+        fill_bias(&mut tmp, n, n);
+        mm(&cols, n, n, tmp.as_mut_ptr(), n);
+        for bi in 0..b {
+            for oc in 0..o {
+                out[(bi * o + oc) * hw..][..hw].copy_from_slice(&tmp[oc * n + bi * hw..][..hw]);
+            }
+        }
+    } else {
+        let rows = (TILE_ELEMS / (ckk * g.wo)).clamp(1, g.ho);
+        let mut cols = vec![0f32; ckk * rows * g.wo];
+        for bi in 0..b {
+            let xb = &x[bi * c * h * w..];
+            let ob = &mut out[bi * o * hw..(bi + 1) * o * hw];
+            let mut oy0 = 0;
+            while oy0 < g.ho {
+                let oy1 = (oy0 + rows).min(g.ho);
+                let n = (oy1 - oy0) * g.wo;
+                im2col_tile(xb, &g, oy0, oy1, &mut cols, n, 0);
+                let tile = &mut ob[oy0 * g.wo..];
+                for (oc, &bv) in bias.iter().enumerate() {
+                    tile[oc * hw..][..n].fill(bv);
+                }
+                mm(&cols[..ckk * n], n, n, tile.as_mut_ptr(), hw);
+                oy0 = oy1;
+            }
+        }
+    }
+    Ok((CpuStorage::F32(out), Shape::from((b, o, g.ho, g.wo))))
+}
+
 /// `conv2d(x, w) + b` (square kernel, symmetric padding, no dilation or groups).
 pub(crate) struct Conv2dOp {
     pub stride: usize,
@@ -110,9 +199,9 @@ impl CustomOp3 for Conv2dOp {
         let x = contiguous_f32(xs, xl, "conv2d input")?;
         let wt = contiguous_f32(ws, wl, "conv2d weight")?;
         let bias = contiguous_f32(bs, bl, "conv2d bias")?;
-        let (b, c, h, w) = xl.shape().dims4()?;
+        let dims = xl.shape().dims4()?;
         let (o, wc, k, k2) = wl.shape().dims4()?;
-        if wc != c || k != k2 || bias.len() != o || h + 2 * self.pad < k || w + 2 * self.pad < k {
+        if wc != dims.1 || k != k2 || bias.len() != o {
             candle_core::bail!(
                 "conv2d: input {:?}, weight {:?}, bias {}",
                 xl.dims(),
@@ -120,104 +209,81 @@ impl CustomOp3 for Conv2dOp {
                 bias.len()
             );
         }
-        let s = self.stride.max(1);
-        let g = Geometry {
-            c,
-            h,
-            w,
-            k,
-            stride: s,
-            pad: self.pad,
-            ho: (h + 2 * self.pad - k) / s + 1,
-            wo: (w + 2 * self.pad - k) / s + 1,
-        };
-        let hw = g.ho * g.wo;
-        let ckk = c * k * k;
+        let ckk = wc * k * k;
         let nt = threads();
-        let mut out = vec![0f32; b * o * hw];
-        let fill_bias = |out: &mut [f32], cols_per_row: usize, row_stride: usize| {
-            for (oc, &bv) in bias.iter().enumerate() {
-                out[oc * row_stride..][..cols_per_row].fill(bv);
-            }
-        };
         let a = View {
             ptr: wt.as_ptr(),
             rs: ckk as isize,
             cs: 1,
         };
-        if k == 1 && s == 1 && self.pad == 0 {
-            for bi in 0..b {
-                let ob = &mut out[bi * o * hw..(bi + 1) * o * hw];
-                fill_bias(ob, hw, hw);
-                let rhs = View {
-                    ptr: x[bi * c * hw..].as_ptr(),
-                    rs: hw as isize,
-                    cs: 1,
-                };
-                let dst = ViewMut {
-                    ptr: ob.as_mut_ptr(),
-                    rs: hw as isize,
-                    cs: 1,
-                };
-                // SAFETY: the views cover `ob`, `wt` and image `bi` of `x` exactly.
-                unsafe { sgemm(o, hw, c, dst, true, a, rhs, 1.0, nt) };
-            }
-        } else if b * hw <= SMALL_PIXELS {
-            let n = b * hw;
-            let mut cols = vec![0f32; ckk * n];
-            for bi in 0..b {
-                im2col_tile(&x[bi * c * h * w..], &g, 0, g.ho, &mut cols, n, bi * hw);
-            }
-            let mut tmp = vec![0f32; o * n];
-            fill_bias(&mut tmp, n, n);
+        let mm = |cols: &[f32], ld: usize, n: usize, dst: *mut f32, dst_rs: usize| {
             let rhs = View {
                 ptr: cols.as_ptr(),
-                rs: n as isize,
+                rs: ld as isize,
                 cs: 1,
             };
             let dst = ViewMut {
-                ptr: tmp.as_mut_ptr(),
-                rs: n as isize,
+                ptr: dst,
+                rs: dst_rs as isize,
                 cs: 1,
             };
-            // SAFETY: `tmp` is (o, n), `cols` (ckk, n), `wt` (o, ckk).
+            // SAFETY: `conv_forward` hands a (ckk × n) column matrix and an (o × n) output.
             unsafe { sgemm(o, n, ckk, dst, true, a, rhs, 1.0, nt) };
-            for bi in 0..b {
-                for oc in 0..o {
-                    out[(bi * o + oc) * hw..][..hw].copy_from_slice(&tmp[oc * n + bi * hw..][..hw]);
-                }
-            }
-        } else {
-            let rows = (TILE_ELEMS / (ckk * g.wo)).clamp(1, g.ho);
-            let mut cols = vec![0f32; ckk * rows * g.wo];
-            for bi in 0..b {
-                let xb = &x[bi * c * h * w..];
-                let ob = &mut out[bi * o * hw..(bi + 1) * o * hw];
-                let mut oy0 = 0;
-                while oy0 < g.ho {
-                    let oy1 = (oy0 + rows).min(g.ho);
-                    let nt_cols = (oy1 - oy0) * g.wo;
-                    im2col_tile(xb, &g, oy0, oy1, &mut cols, nt_cols, 0);
-                    let tile = &mut ob[oy0 * g.wo..];
-                    for (oc, &bv) in bias.iter().enumerate() {
-                        tile[oc * hw..][..nt_cols].fill(bv);
-                    }
-                    let rhs = View {
-                        ptr: cols.as_ptr(),
-                        rs: nt_cols as isize,
-                        cs: 1,
-                    };
-                    let dst = ViewMut {
-                        ptr: tile.as_mut_ptr(),
-                        rs: hw as isize,
-                        cs: 1,
-                    };
-                    // SAFETY: rows `oy0..oy1` of every output channel of image `bi`.
-                    unsafe { sgemm(o, nt_cols, ckk, dst, true, a, rhs, 1.0, nt) };
-                    oy0 = oy1;
-                }
-            }
+        };
+        conv_forward(x, dims, bias, k, self.stride, self.pad, &mm)
+    }
+}
+
+/// The same convolution with the weight packed as bf16 (the broadcast operand of
+/// [`bf16::gemm`]) and the columns rounded to bf16 as they are packed.
+pub(crate) struct Conv2dBf16Op {
+    pub weight: Arc<Packed>,
+    pub k: usize,
+    pub stride: usize,
+    pub pad: usize,
+}
+
+impl CustomOp2 for Conv2dBf16Op {
+    fn name(&self) -> &'static str {
+        "conv2d-bf16"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(xs, xl, "conv2d input")?;
+        let bias = contiguous_f32(bs, bl, "conv2d bias")?;
+        let dims = xl.shape().dims4()?;
+        let ckk = dims.1 * self.k * self.k;
+        if self.weight.k != ckk || self.weight.rows != bias.len() {
+            candle_core::bail!(
+                "conv2d: input {:?} against a packed {}×{} weight",
+                xl.dims(),
+                self.weight.rows,
+                self.weight.k
+            );
         }
-        Ok((CpuStorage::F32(out), Shape::from((b, o, g.ho, g.wo))))
+        let nt = threads();
+        let mm = |cols: &[f32], ld: usize, n: usize, dst: *mut f32, dst_rs: usize| {
+            let lanes = Packed::pack(cols, n, ckk, 1, ld, bf16::LANES);
+            // SAFETY: the output is (o × n) with rows `dst_rs` apart, lanes (pixels) contiguous.
+            unsafe {
+                bf16::gemm(
+                    &lanes,
+                    &self.weight,
+                    Out {
+                        ptr: dst,
+                        js: dst_rs,
+                    },
+                    true,
+                    nt,
+                )
+            };
+        };
+        conv_forward(x, dims, bias, self.k, self.stride, self.pad, &mm)
     }
 }

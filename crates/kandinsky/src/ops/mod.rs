@@ -7,6 +7,7 @@
 //! one). [`with_reference`] forces the reference path on the calling thread.
 
 pub mod attention;
+pub mod bf16;
 pub mod conv;
 mod gemm;
 pub mod im2col;
@@ -15,6 +16,7 @@ pub mod simd;
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use std::cell::Cell;
+use std::sync::Arc;
 
 pub(crate) use candle_core::Result;
 
@@ -116,6 +118,82 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tenso
             scale: scale as f32,
         },
     )
+}
+
+/// `y = x·Wᵀ + b` with `W` packed as bf16 lanes (`ops::bf16`), `x (…, K)` → `(…, M)`.
+struct LinearBf16Op {
+    weight: Arc<bf16::Packed>,
+    bias: Option<Arc<Vec<f32>>>,
+}
+
+impl CustomOp1 for LinearBf16Op {
+    fn name(&self) -> &'static str {
+        "linear-bf16"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s, l, "linear input")?;
+        let (m, k) = (self.weight.rows, self.weight.k);
+        let mut dims = l.dims().to_vec();
+        if dims.last() != Some(&k) {
+            candle_core::bail!("linear: input {dims:?} against a packed {m}×{k} weight");
+        }
+        let rows = x.len() / k;
+        let mut out = vec![0f32; rows * m];
+        if let Some(b) = &self.bias {
+            for r in out.chunks_exact_mut(m) {
+                r.copy_from_slice(b);
+            }
+        }
+        let xp = bf16::Packed::pack(x, rows, k, k, 1, bf16::COLS);
+        let dst = bf16::Out {
+            ptr: out.as_mut_ptr(),
+            js: m,
+        };
+        // SAFETY: `out` is (rows × m), output features contiguous.
+        unsafe { bf16::gemm(&self.weight, &xp, dst, self.bias.is_some(), gemm::threads()) };
+        *dims.last_mut().expect("checked above") = m;
+        Ok((CpuStorage::F32(out), Shape::from(dims)))
+    }
+}
+
+/// `x·Wᵀ + b` for a weight packed with [`bf16::Packed::pack`] as [`bf16::LANES`] panels.
+pub fn linear_bf16(
+    x: &Tensor,
+    weight: &Arc<bf16::Packed>,
+    bias: Option<&Arc<Vec<f32>>>,
+) -> Result<Tensor> {
+    x.contiguous()?.apply_op1_no_bwd(&LinearBf16Op {
+        weight: weight.clone(),
+        bias: bias.cloned(),
+    })
+}
+
+/// `conv2d(x, W) + bias` for a `k×k` weight packed as [`bf16::COLS`] panels of `(C·k·k)` rows.
+pub fn conv2d_bf16(
+    x: &Tensor,
+    weight: &Arc<bf16::Packed>,
+    bias: &Tensor,
+    k: usize,
+    stride: usize,
+    pad: usize,
+) -> Result<Tensor> {
+    x.contiguous()?.apply_op2_no_bwd(
+        &bias.contiguous()?,
+        &conv::Conv2dBf16Op {
+            weight: weight.clone(),
+            k,
+            stride,
+            pad,
+        },
+    )
+}
+
+/// The f32 data of a contiguous CPU tensor, copied.
+pub fn to_f32_vec(t: &Tensor) -> Result<Vec<f32>> {
+    t.to_dtype(candle_core::DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()
 }
 
 struct SiluOp;

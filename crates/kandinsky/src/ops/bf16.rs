@@ -1,0 +1,356 @@
+//! bf16 GEMM with f32 accumulation: AVX-512 BF16 (`VDPBF16PS`) when the CPU has it, a portable
+//! loop over the same packed layout otherwise.
+//!
+//! Operands are packed into panels of bf16 *pairs* (two consecutive `k` in one `u32`, the unit
+//! `VDPBF16PS` multiplies and adds): a **lanes** operand in panels of [`LANES`] rows, one vector
+//! load per pair of `k`, and a **broadcast** operand in panels of [`COLS`] rows, one broadcast per
+//! row and pair. The product `C[l, j] = Σ_k L[l, k]·B[j, k]` is stored with lanes contiguous, so
+//! a Linear layer packs its weight as lanes (output features are contiguous in `y`) and a
+//! convolution packs its weight as the broadcast operand (pixels are contiguous in NCHW).
+//! Weights are packed once at load; activations are rounded to bf16 while packed per call.
+
+use super::simd::has_avx512;
+use rayon::prelude::*;
+
+/// Rows of a lanes panel: two 16-lane vectors.
+pub const LANES: usize = 32;
+/// Rows of a broadcast panel.
+pub const COLS: usize = 12;
+/// Pairs of `k` per cache block: a lanes block of 16 KiB stays in L1.
+const KC: usize = 128;
+
+/// Whether the CPU runs `VDPBF16PS` (and the portable path is not forced).
+pub fn has_avx512_bf16() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        has_avx512() && std::arch::is_x86_feature_detected!("avx512bf16")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// `f32` → bf16 bits, rounding to nearest even.
+#[inline(always)]
+pub fn bf16_bits(x: f32) -> u32 {
+    pair_bits(x, 0.0)
+}
+
+/// bf16 bits → `f32`.
+#[inline(always)]
+pub fn bf16_to_f32(h: u32) -> f32 {
+    f32::from_bits(h << 16)
+}
+
+/// Two f32 → one `u32` of bf16 bits, `lo` in the low half, each rounded to nearest even (no
+/// NaN special case: written for the vectoriser).
+#[inline(always)]
+fn pair_bits(lo: f32, hi: f32) -> u32 {
+    let (a, b) = (lo.to_bits(), hi.to_bits());
+    let ra = a.wrapping_add(0x7fff + ((a >> 16) & 1)) >> 16;
+    let rb = b.wrapping_add(0x7fff + ((b >> 16) & 1)) & 0xffff_0000;
+    ra | rb
+}
+
+/// Fills one panel: `nr` rows from `r0`, every pair of `k`.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn pack_panel_impl(
+    src: &[f32],
+    dst: &mut [u32],
+    r0: usize,
+    nr: usize,
+    k: usize,
+    rs: usize,
+    ks: usize,
+    panel: usize,
+) {
+    for (pi, d) in dst.chunks_exact_mut(panel).enumerate() {
+        let k0 = 2 * pi;
+        let d = &mut d[..nr];
+        if k0 + 1 < k && rs == 1 {
+            // Rows contiguous (a column matrix): two input rows make the panel's pairs.
+            let lo = &src[r0 + k0 * ks..][..nr];
+            let hi = &src[r0 + (k0 + 1) * ks..][..nr];
+            for ((v, &a), &b) in d.iter_mut().zip(lo).zip(hi) {
+                *v = pair_bits(a, b);
+            }
+        } else if k0 + 1 < k && ks == 1 {
+            for (l, v) in d.iter_mut().enumerate() {
+                let base = (r0 + l) * rs + k0;
+                *v = pair_bits(src[base], src[base + 1]);
+            }
+        } else {
+            for (l, v) in d.iter_mut().enumerate() {
+                let base = (r0 + l) * rs + k0 * ks;
+                let hi = if k0 + 1 < k { src[base + ks] } else { 0.0 };
+                *v = pair_bits(src[base], hi);
+            }
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn pack_panel(
+    src: &[f32],
+    dst: &mut [u32],
+    r0: usize,
+    nr: usize,
+    k: usize,
+    rs: usize,
+    ks: usize,
+    panel: usize,
+) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,fma")]
+        #[allow(clippy::too_many_arguments)]
+        fn fast(
+            src: &[f32],
+            dst: &mut [u32],
+            r0: usize,
+            nr: usize,
+            k: usize,
+            rs: usize,
+            ks: usize,
+            panel: usize,
+        ) {
+            pack_panel_impl(src, dst, r0, nr, k, rs, ks, panel)
+        }
+        if has_avx512() {
+            // SAFETY: the CPU features were detected at run time.
+            return unsafe { fast(src, dst, r0, nr, k, rs, ks, panel) };
+        }
+    }
+    pack_panel_impl(src, dst, r0, nr, k, rs, ks, panel)
+}
+
+/// A matrix of `rows × k` packed in panels of `panel` rows (zero-padded to whole panels and to an
+/// even `k`).
+#[derive(Debug, Clone)]
+pub struct Packed {
+    /// Logical rows.
+    pub rows: usize,
+    /// Logical depth.
+    pub k: usize,
+    /// Rows per panel ([`LANES`] or [`COLS`]).
+    pub panel: usize,
+    data: Vec<u32>,
+}
+
+impl Packed {
+    /// Pairs of `k` per row.
+    pub fn kp(&self) -> usize {
+        self.k.div_ceil(2)
+    }
+
+    /// Packs element `(r, kk)` = `src[r·rs + kk·ks]` for `r < rows`, `kk < k`.
+    pub fn pack(src: &[f32], rows: usize, k: usize, rs: usize, ks: usize, panel: usize) -> Self {
+        let kp = k.div_ceil(2);
+        let panels = rows.div_ceil(panel);
+        let mut data = vec![0u32; panels * kp * panel];
+        data.par_chunks_mut(kp * panel)
+            .enumerate()
+            .for_each(|(p, dst)| {
+                let r0 = p * panel;
+                let nr = panel.min(rows - r0);
+                pack_panel(src, dst, r0, nr, k, rs, ks, panel);
+            });
+        Self {
+            rows,
+            k,
+            panel,
+            data,
+        }
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.data.len() * 4
+    }
+
+    /// The f32 values back (bf16-rounded), row-major `rows × k`.
+    pub fn unpack(&self) -> Vec<f32> {
+        let kp = self.kp();
+        let mut out = vec![0f32; self.rows * self.k];
+        for r in 0..self.rows {
+            let (p, l) = (r / self.panel, r % self.panel);
+            for kk in 0..self.k {
+                let v = self.data[(p * kp + kk / 2) * self.panel + l];
+                out[r * self.k + kk] = bf16_to_f32(if kk % 2 == 0 { v & 0xffff } else { v >> 16 });
+            }
+        }
+        out
+    }
+
+    fn panel_ptr(&self, p: usize, pair: usize) -> *const u32 {
+        self.data[(p * self.kp() + pair) * self.panel..].as_ptr()
+    }
+}
+
+/// Output `C[l, j]` at `ptr + l + j·js`.
+#[derive(Clone, Copy)]
+pub struct Out {
+    /// First element.
+    pub ptr: *mut f32,
+    /// Stride between columns (broadcast rows).
+    pub js: usize,
+}
+impl Out {
+    fn at(self, offset: usize) -> *mut f32 {
+        self.ptr.wrapping_add(offset)
+    }
+}
+
+// SAFETY: tasks write disjoint tiles.
+unsafe impl Send for Out {}
+unsafe impl Sync for Out {}
+
+/// `C (lanes.rows × bcast.rows) [+]= L · Bᵀ` with `threads` threads; when `accumulate` is false C is
+/// overwritten.
+///
+/// # Safety
+/// `out` must be valid for every `(l, j)` with `l < lanes.rows`, `j < bcast.rows`.
+pub unsafe fn gemm(lanes: &Packed, bcast: &Packed, out: Out, accumulate: bool, threads: usize) {
+    assert_eq!(lanes.panel, LANES);
+    assert_eq!(bcast.panel, COLS);
+    assert_eq!(lanes.k, bcast.k);
+    let kp = lanes.kp();
+    let lp = lanes.rows.div_ceil(LANES);
+    let bp = bcast.rows.div_ceil(COLS);
+    // Enough tasks to balance the threads: split lane panels first, then broadcast panels.
+    let want = 4 * threads.max(1);
+    let lchunk = lp.div_ceil(want).max(1);
+    let lchunks = lp.div_ceil(lchunk);
+    let bchunks = (want / lchunks).clamp(1, bp);
+    let bchunk = bp.div_ceil(bchunks);
+    let bchunks = bp.div_ceil(bchunk);
+    let fast = has_avx512_bf16();
+    let task = |t: usize| {
+        let (li, bi) = (t / bchunks, t % bchunks);
+        let lr = li * lchunk..((li + 1) * lchunk).min(lp);
+        let br = bi * bchunk..((bi + 1) * bchunk).min(bp);
+        let mut k0 = 0;
+        while k0 < kp {
+            let kn = KC.min(kp - k0);
+            let acc = accumulate || k0 > 0;
+            for l in lr.clone() {
+                let nl = LANES.min(lanes.rows - l * LANES);
+                for b in br.clone() {
+                    let nb = COLS.min(bcast.rows - b * COLS);
+                    let c = out.at(l * LANES + b * COLS * out.js);
+                    let (a, bb) = (lanes.panel_ptr(l, k0), bcast.panel_ptr(b, k0));
+                    // SAFETY: the panels hold `kn` pairs from `k0`; the tile is inside `out`.
+                    unsafe {
+                        #[cfg(target_arch = "x86_64")]
+                        if fast {
+                            kernel_avx512(kn, a, bb, c, out.js, acc, nl, nb);
+                            continue;
+                        }
+                        kernel_portable(kn, a, bb, c, out.js, acc, nl, nb);
+                    }
+                }
+            }
+            k0 += kn;
+        }
+    };
+    if threads > 1 {
+        (0..lchunks * bchunks).into_par_iter().for_each(task);
+    } else {
+        (0..lchunks * bchunks).for_each(task);
+    }
+}
+
+/// One `LANES × COLS` tile over `kn` pairs.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16,avx512bw,avx512vl")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn kernel_avx512(
+    kn: usize,
+    a: *const u32,
+    b: *const u32,
+    c: *mut f32,
+    js: usize,
+    accumulate: bool,
+    nl: usize,
+    nb: usize,
+) {
+    use std::arch::x86_64::*;
+    let mut acc = [[_mm512_setzero_ps(); 2]; COLS];
+    for p in 0..kn {
+        // SAFETY: pair `p` of both panels is in bounds (caller).
+        unsafe {
+            let l0: __m512bh = std::mem::transmute(_mm512_loadu_si512(a.add(p * LANES).cast()));
+            let l1: __m512bh =
+                std::mem::transmute(_mm512_loadu_si512(a.add(p * LANES + 16).cast()));
+            let bp = b.add(p * COLS);
+            for (j, accj) in acc.iter_mut().enumerate() {
+                let bj: __m512bh = std::mem::transmute(_mm512_set1_epi32(*bp.add(j) as i32));
+                accj[0] = _mm512_dpbf16_ps(accj[0], l0, bj);
+                accj[1] = _mm512_dpbf16_ps(accj[1], l1, bj);
+            }
+        }
+    }
+    let m0: __mmask16 = if nl >= 16 { 0xffff } else { (1u16 << nl) - 1 };
+    let m1: __mmask16 = if nl >= 32 {
+        0xffff
+    } else if nl > 16 {
+        (1u16 << (nl - 16)) - 1
+    } else {
+        0
+    };
+    for (j, accj) in acc.iter().enumerate().take(nb) {
+        // SAFETY: masked to the valid lanes of column j.
+        unsafe {
+            let cj = c.add(j * js);
+            let (mut v0, mut v1) = (accj[0], accj[1]);
+            if accumulate {
+                v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, cj));
+                v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, cj.add(16)));
+            }
+            _mm512_mask_storeu_ps(cj, m0, v0);
+            _mm512_mask_storeu_ps(cj.add(16), m1, v1);
+        }
+    }
+}
+
+/// The same tile without AVX-512 BF16: bf16 products summed in f32 per pair, as the instruction
+/// does.
+#[allow(clippy::too_many_arguments)]
+unsafe fn kernel_portable(
+    kn: usize,
+    a: *const u32,
+    b: *const u32,
+    c: *mut f32,
+    js: usize,
+    accumulate: bool,
+    nl: usize,
+    nb: usize,
+) {
+    let mut acc = [[0f32; LANES]; COLS];
+    for p in 0..kn {
+        // SAFETY: pair `p` of both panels is in bounds (caller).
+        let (ap, bp) = unsafe {
+            (
+                std::slice::from_raw_parts(a.add(p * LANES), LANES),
+                std::slice::from_raw_parts(b.add(p * COLS), COLS),
+            )
+        };
+        for (accj, &bv) in acc.iter_mut().zip(bp) {
+            let (b0, b1) = (bf16_to_f32(bv & 0xffff), bf16_to_f32(bv >> 16));
+            for (x, &av) in accj.iter_mut().zip(ap) {
+                *x += bf16_to_f32(av & 0xffff) * b0 + bf16_to_f32(av >> 16) * b1;
+            }
+        }
+    }
+    for (j, accj) in acc.iter().enumerate().take(nb) {
+        for (l, v) in accj.iter().enumerate().take(nl) {
+            // SAFETY: (l, j) is a valid output element (caller).
+            unsafe {
+                let p = c.add(l + j * js);
+                *p = if accumulate { *p + v } else { *v };
+            }
+        }
+    }
+}
