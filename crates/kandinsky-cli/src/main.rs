@@ -38,8 +38,8 @@ pub fn compute_dtype() -> candle_core::DType {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Time one UNet forward pass (CFG batch 2) of the real Kandinsky 2.2 config with random
-    /// weights, at the given latent sizes.
+    /// Time every stage of a real 2.1 / 2.2 generation (UNet steps, prior, MoVQ, text and image
+    /// encoders, loading) with random weights of the real configurations.
     Bench(bench::BenchArgs),
     /// Text to image (Kandinsky 2.1 or 2.2): prior, then decoder.
     Generate(generate::GenerateArgs),

@@ -4,6 +4,7 @@
 
 use candle_core::{DType, Device, Tensor, D};
 use kandinsky::ops;
+use kandinsky::ops::packed::Kind;
 
 fn rel_l2(a: &Tensor, b: &Tensor) -> f64 {
     assert_eq!(a.dims(), b.dims());
@@ -221,9 +222,12 @@ fn layers_take_the_reference_path_when_asked_and_agree() {
     assert!(!ops::applies(&(v.as_tensor() * 1.0).unwrap()));
 }
 
-/// `C = L·Bᵀ` in f64 from the bf16-rounded operands.
-fn gemm_reference(l: &[f32], b: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
-    let r = |x: f32| ops::bf16::bf16_to_f32(ops::bf16::bf16_bits(x));
+/// `C = L·Bᵀ` in f64 from the operands (bf16-rounded for bf16).
+fn gemm_reference(kind: Kind, l: &[f32], b: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
+    let r = |x: f32| match kind {
+        Kind::Bf16 => ops::packed::bf16_to_f32(ops::packed::bf16_bits(x)),
+        Kind::F32 => x,
+    };
     let mut c = vec![0f32; m * n];
     for j in 0..n {
         for i in 0..m {
@@ -237,30 +241,52 @@ fn gemm_reference(l: &[f32], b: &[f32], m: usize, n: usize, k: usize) -> Vec<f32
 }
 
 #[test]
-fn bf16_gemm_matches_f32_on_rounded_operands() {
-    use ops::bf16::{gemm, Out, Packed, COLS, LANES};
+fn packed_gemm_matches_f64_reference() {
+    use ops::packed::{gemm, Out, Packed, COLS, LANES};
     both_paths(|| {
-        // Whole panels, ragged edges, odd depth, a depth over one cache block.
-        for (i, &(m, n, k)) in [(64, 24, 64), (45, 13, 37), (32, 12, 301), (7, 1, 1)]
-            .iter()
-            .enumerate()
-        {
-            let l = randn(&[m, k], 90 + i as u64)
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap();
-            let b = randn(&[n, k], 95 + i as u64)
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap();
-            let pl = Packed::pack(&l, m, k, k, 1, LANES);
-            let pb = Packed::pack(&b, n, k, k, 1, COLS);
-            let want = gemm_reference(&l, &b, m, n, k);
-            for threads in [1, 2] {
-                let mut c = vec![1f32; m * n];
-                // SAFETY: `c` is m × n with columns of m.
+        for kind in [Kind::Bf16, Kind::F32] {
+            // Whole panels, ragged edges, odd depth, a depth over one cache block.
+            for (i, &(m, n, k)) in [(64, 24, 64), (45, 13, 37), (32, 12, 301), (7, 1, 1)]
+                .iter()
+                .enumerate()
+            {
+                let l = randn(&[m, k], 90 + i as u64)
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap();
+                let b = randn(&[n, k], 95 + i as u64)
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap();
+                let pl = Packed::pack_as(kind, &l, m, k, k, 1, LANES);
+                let pb = Packed::pack_as(kind, &b, n, k, k, 1, COLS);
+                let want = gemm_reference(kind, &l, &b, m, n, k);
+                for threads in [1, 2] {
+                    let mut c = vec![1f32; m * n];
+                    // SAFETY: `c` is m × n with columns of m.
+                    unsafe {
+                        gemm(
+                            &pl,
+                            &pb,
+                            Out {
+                                ptr: c.as_mut_ptr(),
+                                js: m,
+                            },
+                            false,
+                            threads,
+                        )
+                    };
+                    let (c, w) = (
+                        Tensor::from_vec(c, m * n, &Device::Cpu).unwrap(),
+                        Tensor::from_vec(want.clone(), m * n, &Device::Cpu).unwrap(),
+                    );
+                    let e = rel_l2(&c, &w);
+                    assert!(e <= 1e-6, "{kind:?} case {i} threads {threads}: rel L2 {e}");
+                }
+                let mut c = want.clone();
+                // SAFETY: as above.
                 unsafe {
                     gemm(
                         &pl,
@@ -269,38 +295,22 @@ fn bf16_gemm_matches_f32_on_rounded_operands() {
                             ptr: c.as_mut_ptr(),
                             js: m,
                         },
-                        false,
-                        threads,
+                        true,
+                        2,
                     )
                 };
-                let (c, w) = (
-                    Tensor::from_vec(c, m * n, &Device::Cpu).unwrap(),
-                    Tensor::from_vec(want.clone(), m * n, &Device::Cpu).unwrap(),
+                let doubled: Vec<f32> = want.iter().map(|v| 2.0 * v).collect();
+                let e = rel_l2(
+                    &Tensor::from_vec(c, m * n, &Device::Cpu).unwrap(),
+                    &Tensor::from_vec(doubled, m * n, &Device::Cpu).unwrap(),
                 );
-                let e = rel_l2(&c, &w);
-                assert!(e <= 1e-6, "case {i} threads {threads}: rel L2 {e}");
+                assert!(e <= 1e-6, "{kind:?} case {i} accumulate: rel L2 {e}");
+                let back = pl.unpack();
+                assert_eq!(back.len(), m * k);
+                if kind == Kind::F32 {
+                    assert_eq!(back, l, "f32 packing is lossless");
+                }
             }
-            let mut c = want.clone();
-            // SAFETY: as above.
-            unsafe {
-                gemm(
-                    &pl,
-                    &pb,
-                    Out {
-                        ptr: c.as_mut_ptr(),
-                        js: m,
-                    },
-                    true,
-                    2,
-                )
-            };
-            let doubled: Vec<f32> = want.iter().map(|v| 2.0 * v).collect();
-            let e = rel_l2(
-                &Tensor::from_vec(c, m * n, &Device::Cpu).unwrap(),
-                &Tensor::from_vec(doubled, m * n, &Device::Cpu).unwrap(),
-            );
-            assert!(e <= 1e-6, "case {i} accumulate: rel L2 {e}");
-            assert_eq!(pl.unpack().len(), m * k);
         }
     });
 }
@@ -308,7 +318,7 @@ fn bf16_gemm_matches_f32_on_rounded_operands() {
 #[test]
 #[ignore = "timing, run by hand: cargo test --release --test kernels -- --ignored --nocapture"]
 fn bf16_gemm_speed() {
-    use ops::bf16::{gemm, Out, Packed, COLS, LANES};
+    use ops::packed::{gemm, Out, Packed, COLS, LANES};
     for &(m, n, k) in &[
         (2048usize, 2048usize, 2048usize),
         (384, 4096, 3456),
@@ -341,4 +351,128 @@ fn bf16_gemm_speed() {
             2.0 * (m * n * k) as f64 / best / 1e9
         );
     }
+}
+
+#[test]
+#[ignore = "timing, run by hand"]
+fn softmax_speed() {
+    let mut x: Vec<f32> = (0..(1024 * 1088))
+        .map(|i| (i % 977) as f32 * 0.01 - 3.0)
+        .collect();
+    for _ in 0..3 {
+        let t = std::time::Instant::now();
+        ops::simd::softmax_rows(&mut x, 1088);
+        println!(
+            "softmax: {:.2} Gelem/s",
+            x.len() as f64 / t.elapsed().as_secs_f64() / 1e9
+        );
+        let t = std::time::Instant::now();
+        ops::simd::exp_inplace(&mut x);
+        println!(
+            "exp: {:.2} Gelem/s",
+            x.len() as f64 / t.elapsed().as_secs_f64() / 1e9
+        );
+    }
+}
+
+#[test]
+#[ignore = "timing, run by hand"]
+fn linear_speed() {
+    for &(n, k, m) in &[
+        (162usize, 2048usize, 2048usize),
+        (162, 2048, 8192),
+        (2048, 768, 768),
+    ] {
+        let x = randn(&[n, k], 1);
+        let w = randn(&[m, k], 2);
+        let b = randn(&[m], 3);
+        let gb = std::sync::Arc::new(ops::packed::Packed::pack(
+            &w.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            m,
+            k,
+            k,
+            1,
+            ops::packed::LANES,
+        ));
+        let bias = std::sync::Arc::new(b.to_vec1::<f32>().unwrap());
+        let flops = 2.0 * (n * k * m) as f64;
+        let time = |f: &dyn Fn() -> Tensor| {
+            let mut best = f64::INFINITY;
+            for _ in 0..5 {
+                let t = std::time::Instant::now();
+                f();
+                best = best.min(t.elapsed().as_secs_f64());
+            }
+            flops / best / 1e9
+        };
+        let candle = time(&|| {
+            x.matmul(&w.t().unwrap())
+                .unwrap()
+                .broadcast_add(&b)
+                .unwrap()
+        });
+        let bf = time(&|| ops::linear_packed(&x, &gb, Some(&bias)).unwrap());
+        let w32 = std::sync::Arc::new(ops::packed::Packed::pack_as(
+            Kind::F32,
+            &w.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            m,
+            k,
+            k,
+            1,
+            ops::packed::LANES,
+        ));
+        let p32 = time(&|| ops::linear_packed(&x, &w32, Some(&bias)).unwrap());
+        println!(
+            "linear {n}x{k}->{m}: candle {candle:.0}, packed f32 {p32:.0}, bf16 {bf:.0} GFLOP/s"
+        );
+    }
+}
+
+fn round_bf16(t: &Tensor) -> Tensor {
+    t.to_dtype(DType::BF16)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+}
+
+#[test]
+fn packed_linear_and_conv_layers_match_the_reference() {
+    use kandinsky::models::nn::{Conv2d, Linear};
+    let dev = Device::Cpu;
+    both_paths(|| {
+        // f32: the layer packs its weight at load; the reference path unpacks it (lossless).
+        let w = kandinsky::loading::Weights::random(DType::F32, &dev);
+        let lin = Linear::new(&w, 70, 45, true).unwrap();
+        let x = randn(&[3, 5, 70], 7);
+        let fast = lin.forward(&x).unwrap();
+        let reference = ops::with_reference(|| lin.forward(&x).unwrap());
+        let e = rel_l2(&fast, &reference);
+        assert!(e <= 1e-6, "f32 linear: rel L2 {e}");
+
+        // bf16: against f32 arithmetic on bf16-rounded activations (the reference path holds the
+        // bf16-rounded weights); bf16 products are exact in f32, so only the summation differs.
+        let w = kandinsky::loading::Weights::random(DType::BF16, &dev);
+        assert!(w.packs_bf16() && w.dtype() == DType::F32);
+        let lin = Linear::new(&w, 70, 45, true).unwrap();
+        let fast = lin.forward(&x).unwrap();
+        let reference = ops::with_reference(|| lin.forward(&round_bf16(&x)).unwrap());
+        let e = rel_l2(&fast, &reference);
+        assert!(e <= 1e-6, "bf16 linear: rel L2 {e}");
+        for (i, &(c, o, side, k, s, p)) in [
+            (8, 12, 9, 3, 1, 1),
+            (16, 24, 40, 3, 1, 1),
+            (8, 8, 17, 3, 2, 0),
+            (16, 8, 33, 1, 1, 0),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let conv = Conv2d::new(&w, c, o, k, s, p).unwrap();
+            let x = randn(&[2, c, side, side], 20 + i as u64);
+            let fast = conv.forward(&x).unwrap();
+            let reference = ops::with_reference(|| conv.forward(&round_bf16(&x)).unwrap());
+            let e = rel_l2(&fast, &reference);
+            assert!(e <= 1e-6, "bf16 conv case {i}: rel L2 {e}");
+        }
+    });
 }

@@ -6,7 +6,7 @@
 
 use crate::error::{Error, Result};
 use crate::loading::Weights;
-use crate::ops::bf16::{self, Packed};
+use crate::ops::packed::{self, Kind, Packed};
 use candle_core::{DType, Tensor, D};
 use std::sync::Arc;
 
@@ -15,32 +15,40 @@ use std::sync::Arc;
 pub struct Linear {
     weight: Matrix,
     bias: Option<Tensor>,
-    /// The bias as the bf16 kernel takes it (bf16 compute only).
+    /// The bias as the packed kernels take it (packed weights only).
     bias_vec: Option<Arc<Vec<f32>>>,
 }
 
-/// A GEMM weight as loaded, or packed once for the bf16 kernels.
+/// A GEMM weight as loaded, or packed once for the kernels of `ops::packed`.
 #[derive(Debug, Clone)]
 enum Matrix {
     Dense(Tensor),
-    Bf16 {
+    Packed {
         packed: Arc<Packed>,
         shape: Vec<usize>,
     },
 }
 
 impl Matrix {
-    /// Packs `t` (rows × rest) into `panel`-row panels when `w` asks for bf16 compute.
-    fn load(w: &Weights, t: Tensor, panel: usize) -> Result<Self> {
+    /// Packs `t` (rows × rest) into `panel`-row panels: as bf16 under bf16 compute, as f32 when
+    /// `f32_too`; trainable and meta weights stay as they are.
+    fn load(w: &Weights, t: Tensor, panel: usize, f32_too: bool) -> Result<Self> {
+        let kind = if w.packs_bf16() {
+            Kind::Bf16
+        } else if f32_too && t.dtype() == DType::F32 && t.device().is_cpu() {
+            Kind::F32
+        } else {
+            return Ok(Self::Dense(t));
+        };
         // Meta weights (stride-0 placeholders) have no data to pack.
-        if !w.packs_bf16() || t.stride().iter().any(|&s| s == 0) {
+        if t.is_variable() || t.stride().contains(&0) {
             return Ok(Self::Dense(t));
         }
         let shape = t.dims().to_vec();
         let rows = shape[0];
         let k = t.elem_count() / rows.max(1);
-        let packed = Packed::pack(&crate::ops::to_f32_vec(&t)?, rows, k, k, 1, panel);
-        Ok(Self::Bf16 {
+        let packed = Packed::pack_as(kind, &crate::ops::to_f32_vec(&t)?, rows, k, k, 1, panel);
+        Ok(Self::Packed {
             packed: Arc::new(packed),
             shape,
         })
@@ -50,7 +58,7 @@ impl Matrix {
     fn dense(&self, device: &candle_core::Device) -> Result<Tensor> {
         match self {
             Self::Dense(t) => Ok(t.clone()),
-            Self::Bf16 { packed, shape } => {
+            Self::Packed { packed, shape } => {
                 Ok(Tensor::from_vec(packed.unpack(), shape.as_slice(), device)?)
             }
         }
@@ -60,14 +68,14 @@ impl Matrix {
 impl Linear {
     /// Loads `weight [out, in]` and, when `bias`, `bias [out]`.
     pub fn new(w: &Weights, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
-        let weight = Matrix::load(w, w.get((out_dim, in_dim), "weight")?, bf16::LANES)?;
+        let weight = Matrix::load(w, w.get((out_dim, in_dim), "weight")?, packed::LANES, true)?;
         let bias = if bias {
             Some(w.get(out_dim, "bias")?)
         } else {
             None
         };
         let bias_vec = match (&weight, &bias) {
-            (Matrix::Bf16 { .. }, Some(b)) => Some(Arc::new(crate::ops::to_f32_vec(b)?)),
+            (Matrix::Packed { .. }, Some(b)) => Some(Arc::new(crate::ops::to_f32_vec(b)?)),
             _ => None,
         };
         Ok(Self {
@@ -79,9 +87,13 @@ impl Linear {
 
     /// Applies the layer.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if let Matrix::Bf16 { packed, .. } = &self.weight {
+        if let Matrix::Packed { packed, .. } = &self.weight {
             if crate::ops::applies(x) {
-                return Ok(crate::ops::linear_bf16(x, packed, self.bias_vec.as_ref())?);
+                return Ok(crate::ops::linear_packed(
+                    x,
+                    packed,
+                    self.bias_vec.as_ref(),
+                )?);
             }
         }
         let weight = self.weight.dense(x.device())?;
@@ -122,7 +134,7 @@ impl Conv2d {
     ) -> Result<Self> {
         let weight = w.get((out_ch, in_ch, kernel, kernel), "weight")?;
         Ok(Self {
-            weight: Matrix::load(w, weight, bf16::COLS)?,
+            weight: Matrix::load(w, weight, packed::COLS, false)?,
             bias: w.get(out_ch, "bias")?,
             kernel,
             padding,
@@ -132,9 +144,9 @@ impl Conv2d {
 
     /// Applies the convolution to `x (B, C, H, W)`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if let Matrix::Bf16 { packed, .. } = &self.weight {
+        if let Matrix::Packed { packed, .. } = &self.weight {
             if crate::ops::applies(x) {
-                return Ok(crate::ops::conv2d_bf16(
+                return Ok(crate::ops::conv2d_packed(
                     x,
                     packed,
                     &self.bias,

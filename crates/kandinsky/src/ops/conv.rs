@@ -7,8 +7,8 @@
 //! Small maps (deep UNet levels) put every image of the batch into one GEMM so the weight is
 //! streamed once; large maps are cut into row tiles so the column matrix stays small.
 
-use super::bf16::{self, Out, Packed};
 use super::gemm::{sgemm, threads, View, ViewMut};
+use super::packed::{self, Out, Packed};
 use super::{contiguous_f32, Result};
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape};
 use rayon::prelude::*;
@@ -234,18 +234,18 @@ impl CustomOp3 for Conv2dOp {
     }
 }
 
-/// The same convolution with the weight packed as bf16 (the broadcast operand of
-/// [`bf16::gemm`]) and the columns rounded to bf16 as they are packed.
-pub(crate) struct Conv2dBf16Op {
+/// The same convolution with the weight packed (bf16 or f32) as the broadcast operand of
+/// [`packed::gemm`], and the columns packed in the same element type per call.
+pub(crate) struct Conv2dPackedOp {
     pub weight: Arc<Packed>,
     pub k: usize,
     pub stride: usize,
     pub pad: usize,
 }
 
-impl CustomOp2 for Conv2dBf16Op {
+impl CustomOp2 for Conv2dPackedOp {
     fn name(&self) -> &'static str {
-        "conv2d-bf16"
+        "conv2d-packed"
     }
 
     fn cpu_fwd(
@@ -269,10 +269,10 @@ impl CustomOp2 for Conv2dBf16Op {
         }
         let nt = threads();
         let mm = |cols: &[f32], ld: usize, n: usize, dst: *mut f32, dst_rs: usize| {
-            let lanes = Packed::pack(cols, n, ckk, 1, ld, bf16::LANES);
+            let lanes = Packed::pack_as(self.weight.kind, cols, n, ckk, 1, ld, packed::LANES);
             // SAFETY: the output is (o × n) with rows `dst_rs` apart, lanes (pixels) contiguous.
             unsafe {
-                bf16::gemm(
+                packed::gemm(
                     &lanes,
                     &self.weight,
                     Out {

@@ -7,11 +7,11 @@
 //! one). [`with_reference`] forces the reference path on the calling thread.
 
 pub mod attention;
-pub mod bf16;
 pub mod conv;
 mod gemm;
 pub mod im2col;
 pub mod norm;
+pub mod packed;
 pub mod simd;
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
@@ -120,15 +120,16 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tenso
     )
 }
 
-/// `y = x·Wᵀ + b` with `W` packed as bf16 lanes (`ops::bf16`), `x (…, K)` → `(…, M)`.
-struct LinearBf16Op {
-    weight: Arc<bf16::Packed>,
+/// `y = x·Wᵀ + b` with `W` packed as lanes (`ops::packed`), `x (…, K)` → `(…, M)`; `x` is packed
+/// in the weight's element type per call.
+struct LinearPackedOp {
+    weight: Arc<packed::Packed>,
     bias: Option<Arc<Vec<f32>>>,
 }
 
-impl CustomOp1 for LinearBf16Op {
+impl CustomOp1 for LinearPackedOp {
     fn name(&self) -> &'static str {
-        "linear-bf16"
+        "linear-packed"
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
@@ -145,34 +146,35 @@ impl CustomOp1 for LinearBf16Op {
                 r.copy_from_slice(b);
             }
         }
-        let xp = bf16::Packed::pack(x, rows, k, k, 1, bf16::COLS);
-        let dst = bf16::Out {
+        let xp = packed::Packed::pack_as(self.weight.kind, x, rows, k, k, 1, packed::COLS);
+        let dst = packed::Out {
             ptr: out.as_mut_ptr(),
             js: m,
         };
         // SAFETY: `out` is (rows × m), output features contiguous.
-        unsafe { bf16::gemm(&self.weight, &xp, dst, self.bias.is_some(), gemm::threads()) };
+        unsafe { packed::gemm(&self.weight, &xp, dst, self.bias.is_some(), gemm::threads()) };
         *dims.last_mut().expect("checked above") = m;
         Ok((CpuStorage::F32(out), Shape::from(dims)))
     }
 }
 
-/// `x·Wᵀ + b` for a weight packed with [`bf16::Packed::pack`] as [`bf16::LANES`] panels.
-pub fn linear_bf16(
+/// `x·Wᵀ + b` for a weight packed as [`packed::LANES`] panels (bf16 or f32).
+pub fn linear_packed(
     x: &Tensor,
-    weight: &Arc<bf16::Packed>,
+    weight: &Arc<packed::Packed>,
     bias: Option<&Arc<Vec<f32>>>,
 ) -> Result<Tensor> {
-    x.contiguous()?.apply_op1_no_bwd(&LinearBf16Op {
+    x.contiguous()?.apply_op1_no_bwd(&LinearPackedOp {
         weight: weight.clone(),
         bias: bias.cloned(),
     })
 }
 
-/// `conv2d(x, W) + bias` for a `k×k` weight packed as [`bf16::COLS`] panels of `(C·k·k)` rows.
-pub fn conv2d_bf16(
+/// `conv2d(x, W) + bias` for a `k×k` weight packed as [`packed::COLS`] panels of `(C·k·k)`-long
+/// rows (bf16 or f32).
+pub fn conv2d_packed(
     x: &Tensor,
-    weight: &Arc<bf16::Packed>,
+    weight: &Arc<packed::Packed>,
     bias: &Tensor,
     k: usize,
     stride: usize,
@@ -180,7 +182,7 @@ pub fn conv2d_bf16(
 ) -> Result<Tensor> {
     x.contiguous()?.apply_op2_no_bwd(
         &bias.contiguous()?,
-        &conv::Conv2dBf16Op {
+        &conv::Conv2dPackedOp {
             weight: weight.clone(),
             k,
             stride,

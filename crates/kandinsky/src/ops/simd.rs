@@ -44,7 +44,11 @@ fn exp1(x: f32) -> f32 {
     const LN2_LO: f32 = 1.428_606_8e-6;
     const MAGIC: f32 = 12_582_912.0; // 1.5 · 2^23: adding it rounds to an integer
     let xc = x.clamp(-87.3, 88.3);
-    let n = (xc * LOG2E + MAGIC) - MAGIC;
+    let t = xc * LOG2E + MAGIC;
+    let n = t - MAGIC;
+    // `t` = MAGIC + n exactly, so its bits hold n: no float→int conversion (Rust's saturating
+    // `as i32` would not vectorise).
+    let ni = t.to_bits().wrapping_sub(MAGIC.to_bits());
     let r = (xc - n * LN2_HI) - n * LN2_LO;
     let mut p = 1.0 / 5040.0;
     p = p * r + 1.0 / 720.0;
@@ -54,7 +58,7 @@ fn exp1(x: f32) -> f32 {
     p = p * r + 0.5;
     p = p * r + 1.0;
     p = p * r + 1.0;
-    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    let scale = f32::from_bits(ni.wrapping_add(127) << 23);
     let y = p * scale;
     if x < -87.3 {
         0.0
@@ -89,8 +93,10 @@ fn max_lanes(x: &[f32]) -> f32 {
     let mut acc = [f32::NEG_INFINITY; LANES];
     let mut chunks = x.chunks_exact(LANES);
     for c in &mut chunks {
+        let c: &[f32; LANES] = c.try_into().expect("chunk of LANES");
         for (a, v) in acc.iter_mut().zip(c) {
-            *a = a.max(*v);
+            // A plain compare (not `f32::max`, whose NaN rule blocks vectorisation).
+            *a = if *v > *a { *v } else { *a };
         }
     }
     let mut m = acc.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
@@ -100,31 +106,13 @@ fn max_lanes(x: &[f32]) -> f32 {
     m
 }
 
-/// `x ← exp(x − max)`, returns the sum.
-#[inline(always)]
-fn exp_sub_sum(x: &mut [f32], max: f32) -> f32 {
-    let mut acc = [0f32; LANES];
-    let mut chunks = x.chunks_exact_mut(LANES);
-    for c in &mut chunks {
-        for (a, v) in acc.iter_mut().zip(c.iter_mut()) {
-            *v = exp1(*v - max);
-            *a += *v;
-        }
-    }
-    let mut s: f32 = acc.iter().sum();
-    for v in chunks.into_remainder() {
-        *v = exp1(*v - max);
-        s += *v;
-    }
-    s
-}
-
 #[inline(always)]
 fn softmax_rows_impl(x: &mut [f32], cols: usize) {
     for row in x.chunks_exact_mut(cols) {
         let m = max_lanes(row);
-        let s = exp_sub_sum(row, m);
-        let inv = 1.0 / s;
+        // Two passes over a row that sits in L1: fused, LLVM turns the lanes into gathers.
+        map_lanes(row, |v| exp1(v - m));
+        let inv = 1.0 / sum_impl(row);
         map_lanes(row, |v| v * inv);
     }
 }

@@ -1,8 +1,9 @@
-//! bf16 GEMM with f32 accumulation: AVX-512 BF16 (`VDPBF16PS`) when the CPU has it, a portable
-//! loop over the same packed layout otherwise.
+//! GEMM on operands packed into panels, in two precisions: **bf16** with f32 accumulation
+//! (AVX-512 BF16 `VDPBF16PS`) and **f32** (AVX-512 FMA), each with a portable loop over the same
+//! layout for CPUs without those features.
 //!
-//! Operands are packed into panels of bf16 *pairs* (two consecutive `k` in one `u32`, the unit
-//! `VDPBF16PS` multiplies and adds): a **lanes** operand in panels of [`LANES`] rows, one vector
+//! Operands are packed into panels of `u32` *units*: a bf16 pair (two consecutive `k`, the unit
+//! `VDPBF16PS` multiplies and adds) or one f32. A **lanes** operand in panels of [`LANES`] rows, one vector
 //! load per pair of `k`, and a **broadcast** operand in panels of [`COLS`] rows, one broadcast per
 //! row and pair. The product `C[l, j] = Σ_k L[l, k]·B[j, k]` is stored with lanes contiguous, so
 //! a Linear layer packs its weight as lanes (output features are contiguous in `y`) and a
@@ -16,8 +17,26 @@ use rayon::prelude::*;
 pub const LANES: usize = 32;
 /// Rows of a broadcast panel.
 pub const COLS: usize = 12;
-/// Pairs of `k` per cache block: a lanes block of 16 KiB stays in L1.
+/// Units of `k` per cache block: a lanes block of 16 KiB stays in L1.
 const KC: usize = 128;
+
+/// The element type of a packed operand.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// bf16 pairs (two `k` per unit), f32 accumulation.
+    Bf16,
+    /// f32 (one `k` per unit).
+    F32,
+}
+
+impl Kind {
+    fn per_unit(self) -> usize {
+        match self {
+            Self::Bf16 => 2,
+            Self::F32 => 1,
+        }
+    }
+}
 
 /// Whether the CPU runs `VDPBF16PS` (and the portable path is not forced).
 pub fn has_avx512_bf16() -> bool {
@@ -51,6 +70,32 @@ fn pair_bits(lo: f32, hi: f32) -> u32 {
     let ra = a.wrapping_add(0x7fff + ((a >> 16) & 1)) >> 16;
     let rb = b.wrapping_add(0x7fff + ((b >> 16) & 1)) & 0xffff_0000;
     ra | rb
+}
+
+/// Fills one f32 panel: `nr` rows from `r0`, every `k`.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn pack_panel_f32_impl(
+    src: &[f32],
+    dst: &mut [u32],
+    r0: usize,
+    nr: usize,
+    rs: usize,
+    ks: usize,
+    panel: usize,
+) {
+    for (kk, d) in dst.chunks_exact_mut(panel).enumerate() {
+        let d = &mut d[..nr];
+        if rs == 1 {
+            for (v, &a) in d.iter_mut().zip(&src[r0 + kk * ks..][..nr]) {
+                *v = a.to_bits();
+            }
+        } else {
+            for (l, v) in d.iter_mut().enumerate() {
+                *v = src[(r0 + l) * rs + kk * ks].to_bits();
+            }
+        }
+    }
 }
 
 /// Fills one panel: `nr` rows from `r0`, every pair of `k`.
@@ -92,7 +137,27 @@ fn pack_panel_impl(
 }
 
 #[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn pack_panel_any(
+    kind: Kind,
+    src: &[f32],
+    dst: &mut [u32],
+    r0: usize,
+    nr: usize,
+    k: usize,
+    rs: usize,
+    ks: usize,
+    panel: usize,
+) {
+    match kind {
+        Kind::Bf16 => pack_panel_impl(src, dst, r0, nr, k, rs, ks, panel),
+        Kind::F32 => pack_panel_f32_impl(src, dst, r0, nr, rs, ks, panel),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 fn pack_panel(
+    kind: Kind,
     src: &[f32],
     dst: &mut [u32],
     r0: usize,
@@ -107,6 +172,7 @@ fn pack_panel(
         #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,fma")]
         #[allow(clippy::too_many_arguments)]
         fn fast(
+            kind: Kind,
             src: &[f32],
             dst: &mut [u32],
             r0: usize,
@@ -116,18 +182,18 @@ fn pack_panel(
             ks: usize,
             panel: usize,
         ) {
-            pack_panel_impl(src, dst, r0, nr, k, rs, ks, panel)
+            pack_panel_any(kind, src, dst, r0, nr, k, rs, ks, panel)
         }
         if has_avx512() {
             // SAFETY: the CPU features were detected at run time.
-            return unsafe { fast(src, dst, r0, nr, k, rs, ks, panel) };
+            return unsafe { fast(kind, src, dst, r0, nr, k, rs, ks, panel) };
         }
     }
-    pack_panel_impl(src, dst, r0, nr, k, rs, ks, panel)
+    pack_panel_any(kind, src, dst, r0, nr, k, rs, ks, panel)
 }
 
-/// A matrix of `rows × k` packed in panels of `panel` rows (zero-padded to whole panels and to an
-/// even `k`).
+/// A matrix of `rows × k` packed in panels of `panel` rows (zero-padded to whole panels and, for
+/// bf16, to an even `k`).
 #[derive(Debug, Clone)]
 pub struct Packed {
     /// Logical rows.
@@ -136,18 +202,33 @@ pub struct Packed {
     pub k: usize,
     /// Rows per panel ([`LANES`] or [`COLS`]).
     pub panel: usize,
+    /// Element type.
+    pub kind: Kind,
     data: Vec<u32>,
 }
 
 impl Packed {
-    /// Pairs of `k` per row.
+    /// Units of `k` per row.
     pub fn kp(&self) -> usize {
-        self.k.div_ceil(2)
+        self.k.div_ceil(self.kind.per_unit())
     }
 
-    /// Packs element `(r, kk)` = `src[r·rs + kk·ks]` for `r < rows`, `kk < k`.
+    /// Packs element `(r, kk)` = `src[r·rs + kk·ks]` for `r < rows`, `kk < k`, as bf16 pairs.
     pub fn pack(src: &[f32], rows: usize, k: usize, rs: usize, ks: usize, panel: usize) -> Self {
-        let kp = k.div_ceil(2);
+        Self::pack_as(Kind::Bf16, src, rows, k, rs, ks, panel)
+    }
+
+    /// [`pack`](Self::pack) in the given element type.
+    pub fn pack_as(
+        kind: Kind,
+        src: &[f32],
+        rows: usize,
+        k: usize,
+        rs: usize,
+        ks: usize,
+        panel: usize,
+    ) -> Self {
+        let kp = k.div_ceil(kind.per_unit());
         let panels = rows.div_ceil(panel);
         let mut data = vec![0u32; panels * kp * panel];
         data.par_chunks_mut(kp * panel)
@@ -155,12 +236,13 @@ impl Packed {
             .for_each(|(p, dst)| {
                 let r0 = p * panel;
                 let nr = panel.min(rows - r0);
-                pack_panel(src, dst, r0, nr, k, rs, ks, panel);
+                pack_panel(kind, src, dst, r0, nr, k, rs, ks, panel);
             });
         Self {
             rows,
             k,
             panel,
+            kind,
             data,
         }
     }
@@ -170,15 +252,20 @@ impl Packed {
         self.data.len() * 4
     }
 
-    /// The f32 values back (bf16-rounded), row-major `rows × k`.
+    /// The f32 values back (bf16-rounded for bf16), row-major `rows × k`.
     pub fn unpack(&self) -> Vec<f32> {
         let kp = self.kp();
+        let per = self.kind.per_unit();
         let mut out = vec![0f32; self.rows * self.k];
         for r in 0..self.rows {
             let (p, l) = (r / self.panel, r % self.panel);
             for kk in 0..self.k {
-                let v = self.data[(p * kp + kk / 2) * self.panel + l];
-                out[r * self.k + kk] = bf16_to_f32(if kk % 2 == 0 { v & 0xffff } else { v >> 16 });
+                let v = self.data[(p * kp + kk / per) * self.panel + l];
+                out[r * self.k + kk] = match self.kind {
+                    Kind::F32 => f32::from_bits(v),
+                    Kind::Bf16 if kk % 2 == 0 => bf16_to_f32(v & 0xffff),
+                    Kind::Bf16 => bf16_to_f32(v >> 16),
+                };
             }
         }
         out
@@ -216,6 +303,8 @@ pub unsafe fn gemm(lanes: &Packed, bcast: &Packed, out: Out, accumulate: bool, t
     assert_eq!(lanes.panel, LANES);
     assert_eq!(bcast.panel, COLS);
     assert_eq!(lanes.k, bcast.k);
+    assert_eq!(lanes.kind, bcast.kind);
+    let kind = lanes.kind;
     let kp = lanes.kp();
     let lp = lanes.rows.div_ceil(LANES);
     let bp = bcast.rows.div_ceil(COLS);
@@ -226,7 +315,10 @@ pub unsafe fn gemm(lanes: &Packed, bcast: &Packed, out: Out, accumulate: bool, t
     let bchunks = (want / lchunks).clamp(1, bp);
     let bchunk = bp.div_ceil(bchunks);
     let bchunks = bp.div_ceil(bchunk);
-    let fast = has_avx512_bf16();
+    let fast = match kind {
+        Kind::Bf16 => has_avx512_bf16(),
+        Kind::F32 => has_avx512(),
+    };
     let task = |t: usize| {
         let (li, bi) = (t / bchunks, t % bchunks);
         let lr = li * lchunk..((li + 1) * lchunk).min(lp);
@@ -245,10 +337,16 @@ pub unsafe fn gemm(lanes: &Packed, bcast: &Packed, out: Out, accumulate: bool, t
                     unsafe {
                         #[cfg(target_arch = "x86_64")]
                         if fast {
-                            kernel_avx512(kn, a, bb, c, out.js, acc, nl, nb);
+                            match kind {
+                                Kind::Bf16 => kernel_avx512(kn, a, bb, c, out.js, acc, nl, nb),
+                                Kind::F32 => kernel_f32_avx512(kn, a, bb, c, out.js, acc, nl, nb),
+                            }
                             continue;
                         }
-                        kernel_portable(kn, a, bb, c, out.js, acc, nl, nb);
+                        match kind {
+                            Kind::Bf16 => kernel_portable(kn, a, bb, c, out.js, acc, nl, nb),
+                            Kind::F32 => kernel_f32_portable(kn, a, bb, c, out.js, acc, nl, nb),
+                        }
                     }
                 }
             }
@@ -292,14 +390,7 @@ unsafe fn kernel_avx512(
             }
         }
     }
-    let m0: __mmask16 = if nl >= 16 { 0xffff } else { (1u16 << nl) - 1 };
-    let m1: __mmask16 = if nl >= 32 {
-        0xffff
-    } else if nl > 16 {
-        (1u16 << (nl - 16)) - 1
-    } else {
-        0
-    };
+    let (m0, m1) = lane_masks(nl);
     for (j, accj) in acc.iter().enumerate().take(nb) {
         // SAFETY: masked to the valid lanes of column j.
         unsafe {
@@ -311,6 +402,104 @@ unsafe fn kernel_avx512(
             }
             _mm512_mask_storeu_ps(cj, m0, v0);
             _mm512_mask_storeu_ps(cj.add(16), m1, v1);
+        }
+    }
+}
+
+/// Masks of the valid lanes of the two vectors of a tile.
+#[cfg(target_arch = "x86_64")]
+fn lane_masks(nl: usize) -> (u16, u16) {
+    let m0 = if nl >= 16 { 0xffff } else { (1u16 << nl) - 1 };
+    let m1 = if nl >= 32 {
+        0xffff
+    } else if nl > 16 {
+        (1u16 << (nl - 16)) - 1
+    } else {
+        0
+    };
+    (m0, m1)
+}
+
+/// One f32 `LANES × COLS` tile over `kn` values of `k` (FMA).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn kernel_f32_avx512(
+    kn: usize,
+    a: *const u32,
+    b: *const u32,
+    c: *mut f32,
+    js: usize,
+    accumulate: bool,
+    nl: usize,
+    nb: usize,
+) {
+    use std::arch::x86_64::*;
+    let mut acc = [[_mm512_setzero_ps(); 2]; COLS];
+    let (a, b) = (a.cast::<f32>(), b.cast::<f32>());
+    for p in 0..kn {
+        // SAFETY: unit `p` of both panels is in bounds (caller).
+        unsafe {
+            let l0 = _mm512_loadu_ps(a.add(p * LANES));
+            let l1 = _mm512_loadu_ps(a.add(p * LANES + 16));
+            let bp = b.add(p * COLS);
+            for (j, accj) in acc.iter_mut().enumerate() {
+                let bj = _mm512_set1_ps(*bp.add(j));
+                accj[0] = _mm512_fmadd_ps(l0, bj, accj[0]);
+                accj[1] = _mm512_fmadd_ps(l1, bj, accj[1]);
+            }
+        }
+    }
+    let (m0, m1) = lane_masks(nl);
+    for (j, accj) in acc.iter().enumerate().take(nb) {
+        // SAFETY: masked to the valid lanes of column j.
+        unsafe {
+            let cj = c.add(j * js);
+            let (mut v0, mut v1) = (accj[0], accj[1]);
+            if accumulate {
+                v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, cj));
+                v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, cj.add(16)));
+            }
+            _mm512_mask_storeu_ps(cj, m0, v0);
+            _mm512_mask_storeu_ps(cj.add(16), m1, v1);
+        }
+    }
+}
+
+/// The f32 tile without AVX-512.
+#[allow(clippy::too_many_arguments)]
+unsafe fn kernel_f32_portable(
+    kn: usize,
+    a: *const u32,
+    b: *const u32,
+    c: *mut f32,
+    js: usize,
+    accumulate: bool,
+    nl: usize,
+    nb: usize,
+) {
+    let mut acc = [[0f32; LANES]; COLS];
+    for p in 0..kn {
+        // SAFETY: unit `p` of both panels is in bounds (caller).
+        let (ap, bp) = unsafe {
+            (
+                std::slice::from_raw_parts(a.add(p * LANES).cast::<f32>(), LANES),
+                std::slice::from_raw_parts(b.add(p * COLS).cast::<f32>(), COLS),
+            )
+        };
+        for (accj, &bv) in acc.iter_mut().zip(bp) {
+            for (x, &av) in accj.iter_mut().zip(ap) {
+                *x += av * bv;
+            }
+        }
+    }
+    for (j, accj) in acc.iter().enumerate().take(nb) {
+        for (l, v) in accj.iter().enumerate().take(nl) {
+            // SAFETY: (l, j) is a valid output element (caller).
+            unsafe {
+                let p = c.add(l + j * js);
+                *p = if accumulate { *p + v } else { *v };
+            }
         }
     }
 }
