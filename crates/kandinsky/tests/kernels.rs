@@ -159,6 +159,11 @@ fn layer_norm_and_silu_match_candle() {
             let x = (x * 8.0).unwrap();
             let e = rel_l2(&ops::silu(&x).unwrap(), &candle_nn::ops::silu(&x).unwrap());
             assert!(e <= 1e-6, "silu case {i}: rel L2 {e}");
+            let e = rel_l2(&ops::gelu(&x).unwrap(), &x.gelu_erf().unwrap());
+            assert!(e <= 1e-6, "gelu case {i}: rel L2 {e}");
+            let quick = (&x * candle_nn::ops::sigmoid(&(&x * 1.702).unwrap()).unwrap()).unwrap();
+            let e = rel_l2(&ops::quick_gelu(&x).unwrap(), &quick);
+            assert!(e <= 1e-6, "quick_gelu case {i}: rel L2 {e}");
         }
     });
 }
@@ -192,6 +197,29 @@ fn attention_matches_candle_on_strided_heads() {
                 * scale)
                 .unwrap();
             let probs = candle_nn::ops::softmax_last_dim(&scores).unwrap();
+            // The same with the prior's kind of mask: causal plus padded keys, per image.
+            let mask: Vec<f32> = (0..b * n * m)
+                .map(|i| {
+                    let (bi, r, c) = (i / (n * m), (i / m) % n, i % m);
+                    if c > r + 2 || (bi == 1 && c == m - 1 && m > 1) {
+                        -10000.0
+                    } else {
+                        0.0
+                    }
+                })
+                .collect();
+            let mask = Tensor::from_vec(mask, (b, 1, n, m), &Device::Cpu).unwrap();
+            let masked_ref = candle_nn::ops::softmax_last_dim(&scores.broadcast_add(&mask).unwrap())
+                .unwrap()
+                .matmul(&v.contiguous().unwrap())
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap()
+                .reshape((b, n, h * d))
+                .unwrap();
+            let masked = ops::attention_masked(&q, &k, &v, scale, Some(&mask)).unwrap();
+            let e = rel_l2(&masked, &masked_ref);
+            assert!(e <= 1e-6, "masked case {i}: rel L2 {e}");
             let reference = probs
                 .matmul(&v.contiguous().unwrap())
                 .unwrap()

@@ -29,8 +29,8 @@ impl Activation {
     /// Applies the activation.
     pub fn forward(self, x: &Tensor) -> Result<Tensor> {
         Ok(match self {
-            Self::QuickGelu => (x * candle_nn::ops::sigmoid(&(x * 1.702)?)?)?,
-            Self::Gelu => x.gelu_erf()?,
+            Self::QuickGelu => super::nn::quick_gelu(x)?,
+            Self::Gelu => super::nn::gelu(x)?,
         })
     }
 }

@@ -322,6 +322,22 @@ pub fn silu(x: &Tensor) -> Result<Tensor> {
     Ok(candle_nn::ops::silu(x)?)
 }
 
+/// GELU, erf form.
+pub fn gelu(x: &Tensor) -> Result<Tensor> {
+    if crate::ops::applies(x) {
+        return Ok(crate::ops::gelu(x)?);
+    }
+    Ok(x.gelu_erf()?)
+}
+
+/// `x·σ(1.702·x)` (CLIP's `quick_gelu`).
+pub fn quick_gelu(x: &Tensor) -> Result<Tensor> {
+    if crate::ops::applies(x) {
+        return Ok(crate::ops::quick_gelu(x)?);
+    }
+    Ok((x * candle_nn::ops::sigmoid(&(x * 1.702)?)?)?)
+}
+
 /// The activation named by a config's `act_fn`; only the values Kandinsky uses are accepted.
 pub fn check_act_fn(key: &str, act_fn: &str) -> Result<()> {
     match act_fn {
@@ -382,6 +398,15 @@ pub fn attention_masked(
     scale: f64,
     mask: Option<&Tensor>,
 ) -> Result<Tensor> {
+    let (b, h, n, d) = q.dims4()?;
+    if crate::ops::applies(q)
+        && k.dtype() == q.dtype()
+        && v.dtype() == q.dtype()
+        && mask.is_none_or(|m| m.rank() == 4)
+    {
+        let o = crate::ops::attention_masked(q, k, v, scale, mask)?;
+        return Ok(o.reshape((b, n, h, d))?.transpose(1, 2)?);
+    }
     let dtype = q.dtype();
     let mut scores = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * scale)?;
     if let Some(m) = mask {

@@ -105,7 +105,7 @@ impl Layer {
         let x = self.attn_norm.forward(&(o + x)?)?;
         let h = self
             .output
-            .forward(&self.intermediate.forward(&x)?.gelu_erf()?)?;
+            .forward(&super::nn::gelu(&self.intermediate.forward(&x)?)?)?;
         self.out_norm.forward(&(h + x)?)
     }
 }

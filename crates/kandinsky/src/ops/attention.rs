@@ -15,6 +15,25 @@ const SCORE_BYTES: usize = 512 << 10;
 /// one 1) → `(B, N, H·d)`.
 pub(crate) struct AttentionOp {
     pub scale: f32,
+    pub mask: Option<Mask>,
+}
+
+/// An additive mask `(B or 1, H or 1, N or 1, M)`, row-major.
+pub(crate) struct Mask {
+    pub data: Vec<f32>,
+    pub batches: usize,
+    pub heads: usize,
+    pub rows: usize,
+}
+
+impl Mask {
+    /// Row `n` of the mask of (image, head), `m` values.
+    fn row(&self, bi: usize, hi: usize, n: usize, m: usize) -> &[f32] {
+        let plane = (if self.batches == 1 { 0 } else { bi }) * self.heads
+            + if self.heads == 1 { 0 } else { hi };
+        let r = if self.rows == 1 { 0 } else { n };
+        &self.data[(plane * self.rows + r) * m..][..m]
+    }
 }
 
 /// Element strides of a 4-D view whose last stride is 1.
@@ -53,6 +72,15 @@ impl CustomOp3 for AttentionOp {
         let (q, k, v) = (f32_data(qs)?, f32_data(ks)?, f32_data(vs)?);
         let (sq, sk, sv) = (strides4(ql, "q")?, strides4(kl, "k")?, strides4(vl, "v")?);
         let (oq, ok, ov) = (ql.start_offset(), kl.start_offset(), vl.start_offset());
+        if let Some(mk) = &self.mask {
+            if mk.data.len() != mk.batches * mk.heads * mk.rows * m
+                || (mk.batches != 1 && mk.batches != b)
+                || (mk.heads != 1 && mk.heads != h)
+                || (mk.rows != 1 && mk.rows != n)
+            {
+                candle_core::bail!("attention: the mask does not broadcast to ({b}, {h}, {n}, {m})");
+            }
+        }
         let qb = (SCORE_BYTES / (4 * m)).clamp(8, 256).min(n.max(1));
         let blocks = n.div_ceil(qb);
         let mut out = vec![0f32; b * n * h * d];
@@ -92,6 +120,13 @@ impl CustomOp3 for AttentionOp {
             // output block (rows n0.., columns hi·d..) is written by this task only.
             unsafe {
                 sgemm(rows, m, d, sc, false, qv, kt, scale, 1);
+            }
+            if let Some(mk) = &self.mask {
+                for (r, row) in scores.chunks_exact_mut(m).enumerate() {
+                    for (s, a) in row.iter_mut().zip(mk.row(bi, hi, n0 + r, m)) {
+                        *s += a;
+                    }
+                }
             }
             simd::softmax_rows(&mut scores, m);
             let probs = View {

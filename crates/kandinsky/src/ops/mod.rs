@@ -104,6 +104,33 @@ pub fn layer_norm(x: &Tensor, gamma_beta: &Tensor, eps: f64) -> Result<Tensor> {
 /// `softmax(q·kᵀ·scale)·v` with heads merged: `q (B, H, N, d)`, `k`/`v (B, H, M, d)` →
 /// `(B, N, H·d)`.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+    attention_masked(q, k, v, scale, None)
+}
+
+/// [`attention`] with an additive `mask` of shape `(B or 1, H or 1, N or 1, M)` added to the scaled
+/// scores.
+pub fn attention_masked(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    mask: Option<&Tensor>,
+) -> Result<Tensor> {
+    let mask = match mask {
+        Some(m) => {
+            let (mb, mh, mn, _) = m.dims4()?;
+            Some(attention::Mask {
+                data: m
+                    .to_dtype(candle_core::DType::F32)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?,
+                batches: mb,
+                heads: mh,
+                rows: mn,
+            })
+        }
+        None => None,
+    };
     let unit = |t: &Tensor| -> Result<Tensor> {
         if t.stride().last() == Some(&1) {
             Ok(t.clone())
@@ -116,6 +143,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tenso
         &unit(v)?,
         &attention::AttentionOp {
             scale: scale as f32,
+            mask,
         },
     )
 }
@@ -198,21 +226,47 @@ pub fn to_f32_vec(t: &Tensor) -> Result<Vec<f32>> {
         .to_vec1::<f32>()
 }
 
-struct SiluOp;
+/// An element-wise activation, vectorised and spread over the threads.
+#[derive(Clone, Copy)]
+enum Activation {
+    Silu,
+    Gelu,
+    QuickGelu,
+}
 
-impl CustomOp1 for SiluOp {
+impl CustomOp1 for Activation {
     fn name(&self) -> &'static str {
-        "silu"
+        match self {
+            Self::Silu => "silu",
+            Self::Gelu => "gelu-erf",
+            Self::QuickGelu => "quick-gelu",
+        }
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let mut v = contiguous_f32(s, l, "silu input")?.to_vec();
-        simd::silu_inplace(&mut v);
+        use rayon::prelude::*;
+        let mut v = contiguous_f32(s, l, "activation input")?.to_vec();
+        let f = match self {
+            Self::Silu => simd::silu_inplace,
+            Self::Gelu => simd::gelu_inplace,
+            Self::QuickGelu => simd::quick_gelu_inplace,
+        };
+        v.par_chunks_mut(1 << 14).for_each(f);
         Ok((CpuStorage::F32(v), l.shape().clone()))
     }
 }
 
 /// `x·σ(x)`, vectorised.
 pub fn silu(x: &Tensor) -> Result<Tensor> {
-    x.contiguous()?.apply_op1_no_bwd(&SiluOp)
+    x.contiguous()?.apply_op1_no_bwd(&Activation::Silu)
+}
+
+/// GELU, erf form (`torch.nn.functional.gelu`), vectorised.
+pub fn gelu(x: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op1_no_bwd(&Activation::Gelu)
+}
+
+/// `x·σ(1.702·x)` (CLIP's `quick_gelu`), vectorised.
+pub fn quick_gelu(x: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op1_no_bwd(&Activation::QuickGelu)
 }

@@ -111,7 +111,9 @@ impl Block {
             .forward(&o.transpose(1, 2)?.reshape((b, n, c))?)?)?;
         let h = self
             .ff_out
-            .forward(&self.ff_in.forward(&self.norm3.forward(&x)?)?.gelu_erf()?)?;
+            .forward(&crate::models::nn::gelu(
+                &self.ff_in.forward(&self.norm3.forward(&x)?)?,
+            )?)?;
         Ok((x + h)?)
     }
 }
