@@ -65,6 +65,7 @@ enum Command {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    kandinsky::utils::keep_freed_memory();
     let _ = DTYPE.set(match cli.dtype {
         Precision::F32 => candle_core::DType::F32,
         Precision::Bf16 => candle_core::DType::BF16,

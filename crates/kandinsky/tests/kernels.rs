@@ -209,14 +209,15 @@ fn attention_matches_candle_on_strided_heads() {
                 })
                 .collect();
             let mask = Tensor::from_vec(mask, (b, 1, n, m), &Device::Cpu).unwrap();
-            let masked_ref = candle_nn::ops::softmax_last_dim(&scores.broadcast_add(&mask).unwrap())
-                .unwrap()
-                .matmul(&v.contiguous().unwrap())
-                .unwrap()
-                .transpose(1, 2)
-                .unwrap()
-                .reshape((b, n, h * d))
-                .unwrap();
+            let masked_ref =
+                candle_nn::ops::softmax_last_dim(&scores.broadcast_add(&mask).unwrap())
+                    .unwrap()
+                    .matmul(&v.contiguous().unwrap())
+                    .unwrap()
+                    .transpose(1, 2)
+                    .unwrap()
+                    .reshape((b, n, h * d))
+                    .unwrap();
             let masked = ops::attention_masked(&q, &k, &v, scale, Some(&mask)).unwrap();
             let e = rel_l2(&masked, &masked_ref);
             assert!(e <= 1e-6, "masked case {i}: rel L2 {e}");

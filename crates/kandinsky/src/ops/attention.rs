@@ -78,7 +78,9 @@ impl CustomOp3 for AttentionOp {
                 || (mk.heads != 1 && mk.heads != h)
                 || (mk.rows != 1 && mk.rows != n)
             {
-                candle_core::bail!("attention: the mask does not broadcast to ({b}, {h}, {n}, {m})");
+                candle_core::bail!(
+                    "attention: the mask does not broadcast to ({b}, {h}, {n}, {m})"
+                );
             }
         }
         let qb = (SCORE_BYTES / (4 * m)).clamp(8, 256).min(n.max(1));

@@ -1,5 +1,6 @@
 //! Inference convolution: im2col tiles (built on every core) times the weight matrix, written
-//! straight into the NCHW output with the bias folded in.
+//! straight into the NCHW output with the bias folded in. For the packed kernels the im2col rows
+//! go straight into the packed operand (no f32 column matrix in between).
 //!
 //! The weight `(O, C, k, k)` is used in its loaded layout as the `(O, C·k·k)` left operand, so no
 //! call re-flattens or transposes it (candle's conv2d copies the whole kernel on every call). A
@@ -32,68 +33,136 @@ struct Geometry {
     wo: usize,
 }
 
-/// Writes the im2col rows of output rows `oy0..oy1` of one image `x (C, H, W)` into `cols`:
-/// row `(c, ky, kx)` starts at `(c·k + ky)·k + kx)·ld`, its pixels from column `col0` on.
-fn im2col_tile(
-    x: &[f32],
+/// Fills `dst` (`(oy1 − oy0)·wo` values) with im2col row `(ky, kx)` of one channel plane `xc`:
+/// the input pixel under that kernel tap for every output pixel of rows `oy0..oy1` (0 outside).
+#[allow(clippy::too_many_arguments)]
+fn im2col_row(
+    xc: &[f32],
     g: &Geometry,
+    ky: usize,
+    kx: usize,
     oy0: usize,
     oy1: usize,
-    cols: &mut [f32],
-    ld: usize,
-    col0: usize,
+    dst: &mut [f32],
 ) {
-    let kk = g.k * g.k;
-    let plane = g.h * g.w;
-    let per_channel = kk * ld;
-    let fill_channel = |ci: usize, chunk: &mut [f32]| {
-        let xc = &x[ci * plane..(ci + 1) * plane];
-        for ky in 0..g.k {
-            for kx in 0..g.k {
-                let row = &mut chunk[(ky * g.k + kx) * ld..][..ld];
-                // Valid output columns: 0 ≤ ox·s + kx − pad < w.
-                let lo = g.pad.saturating_sub(kx).div_ceil(g.stride).min(g.wo);
-                let hi = if g.w + g.pad > kx {
-                    ((g.w + g.pad - kx - 1) / g.stride + 1).min(g.wo)
-                } else {
-                    0
-                }
-                .max(lo);
-                for oy in oy0..oy1 {
-                    let dst = &mut row[col0 + (oy - oy0) * g.wo..][..g.wo];
-                    let iy = (oy * g.stride + ky) as isize - g.pad as isize;
-                    if iy < 0 || iy >= g.h as isize {
-                        dst.fill(0.0);
-                        continue;
-                    }
-                    let src = &xc[iy as usize * g.w..][..g.w];
-                    dst[..lo].fill(0.0);
-                    dst[hi..].fill(0.0);
-                    if hi > lo {
-                        let ix0 = lo * g.stride + kx - g.pad;
-                        if g.stride == 1 {
-                            dst[lo..hi].copy_from_slice(&src[ix0..ix0 + hi - lo]);
-                        } else {
-                            for (j, d) in dst[lo..hi].iter_mut().enumerate() {
-                                *d = src[ix0 + j * g.stride];
-                            }
-                        }
-                    }
+    // Valid output columns: 0 ≤ ox·s + kx − pad < w.
+    let lo = g.pad.saturating_sub(kx).div_ceil(g.stride).min(g.wo);
+    let hi = if g.w + g.pad > kx {
+        ((g.w + g.pad - kx - 1) / g.stride + 1).min(g.wo)
+    } else {
+        0
+    }
+    .max(lo);
+    for oy in oy0..oy1 {
+        let d = &mut dst[(oy - oy0) * g.wo..][..g.wo];
+        let iy = (oy * g.stride + ky) as isize - g.pad as isize;
+        if iy < 0 || iy >= g.h as isize {
+            d.fill(0.0);
+            continue;
+        }
+        let src = &xc[iy as usize * g.w..][..g.w];
+        d[..lo].fill(0.0);
+        d[hi..].fill(0.0);
+        if hi > lo {
+            let ix0 = lo * g.stride + kx - g.pad;
+            if g.stride == 1 {
+                d[lo..hi].copy_from_slice(&src[ix0..ix0 + hi - lo]);
+            } else {
+                for (j, v) in d[lo..hi].iter_mut().enumerate() {
+                    *v = src[ix0 + j * g.stride];
                 }
             }
         }
-    };
-    cols[..g.c * per_channel]
-        .par_chunks_mut(per_channel)
-        .enumerate()
-        .for_each(|(ci, chunk)| fill_channel(ci, chunk));
+    }
 }
 
-/// `dst (O × ncols, rows dst_rs apart) += W · cols`, with `cols` the `(C·k·k) × ncols` column matrix
-/// whose rows are `ld` apart.
-type MatMul<'a> = dyn Fn(&[f32], usize, usize, *mut f32, usize) + Sync + 'a;
+/// The column operand of one GEMM of a convolution: `(C·k·k) × n`.
+enum Cols<'a> {
+    /// Already a matrix (a 1×1 stride-1 convolution's image): rows `ld` apart.
+    Plain { data: &'a [f32], ld: usize },
+    /// Output rows `oy0..oy1` of each image, side by side, to be gathered by im2col.
+    Im2col {
+        images: Vec<&'a [f32]>,
+        oy0: usize,
+        oy1: usize,
+    },
+}
 
-/// The convolution around a weight multiply `mm`: bias fill, im2col and tiling.
+impl Cols<'_> {
+    /// Fills `dst` with row `kk` of the column matrix (`n` values).
+    fn row(&self, g: &Geometry, kk: usize, dst: &mut [f32]) {
+        match self {
+            Cols::Plain { data, ld } => dst.copy_from_slice(&data[kk * ld..][..dst.len()]),
+            Cols::Im2col { images, oy0, oy1 } => {
+                let (ci, tap) = (kk / (g.k * g.k), kk % (g.k * g.k));
+                let per = (oy1 - oy0) * g.wo;
+                for (img, d) in images.iter().zip(dst.chunks_exact_mut(per)) {
+                    let xc = &img[ci * g.h * g.w..(ci + 1) * g.h * g.w];
+                    im2col_row(xc, g, tap / g.k, tap % g.k, *oy0, *oy1, d);
+                }
+            }
+        }
+    }
+
+    /// The whole column matrix as f32, row-major `(C·k·k) × n` (built on every core).
+    fn matrix(&self, g: &Geometry, n: usize) -> Vec<f32> {
+        let ckk = g.c * g.k * g.k;
+        let mut cols = vec![0f32; ckk * n];
+        // One task per input channel (k·k rows): enough tasks, not too small.
+        let kk2 = g.k * g.k;
+        cols.par_chunks_mut(n * kk2)
+            .enumerate()
+            .for_each(|(ci, rows)| {
+                for (t, row) in rows.chunks_exact_mut(n).enumerate() {
+                    self.row(g, ci * kk2 + t, row);
+                }
+            });
+        cols
+    }
+
+    /// The column matrix packed as the lanes operand of [`packed::gemm`] (pixels are lanes), built
+    /// row pair by row pair on every core without an f32 matrix in between.
+    fn packed(&self, g: &Geometry, n: usize, kind: packed::Kind) -> Packed {
+        let ckk = g.c * g.k * g.k;
+        if let Cols::Plain { data, ld } = self {
+            return Packed::pack_as(kind, data, n, ckk, 1, *ld, packed::LANES);
+        }
+        let per = kind.per_unit();
+        let mut p = Packed::zeroed(kind, n, ckk, packed::LANES);
+        let kp = p.kp();
+        let panels = n.div_ceil(packed::LANES);
+        let base = packed::UnitsMut::new(p.units_mut());
+        // Each task fills whole units (one or two column rows) of every panel.
+        let chunk = kp.div_ceil(8 * threads()).max(1);
+        (0..kp.div_ceil(chunk)).into_par_iter().for_each(|t| {
+            let mut rows = vec![0f32; per * n];
+            for u in t * chunk..((t + 1) * chunk).min(kp) {
+                for r in 0..per {
+                    let kk = u * per + r;
+                    let row = &mut rows[r * n..(r + 1) * n];
+                    if kk < ckk {
+                        self.row(g, kk, row);
+                    } else {
+                        row.fill(0.0);
+                    }
+                }
+                for pi in 0..panels {
+                    let l0 = pi * packed::LANES;
+                    let nl = packed::LANES.min(n - l0);
+                    // SAFETY: unit `u` of panel `pi` is written by this task only.
+                    let dst = unsafe { base.unit(pi, u, kp) };
+                    packed::pack_units(kind, &rows, n, l0, nl, dst);
+                }
+            }
+        });
+        p
+    }
+}
+
+/// `dst (O × n, rows dst_rs apart) += W · cols` for a column operand of `n` columns.
+type MatMul<'a> = dyn Fn(&Geometry, &Cols, usize, *mut f32, usize) + Sync + 'a;
+
+/// The convolution around a weight multiply `mm`: bias fill and tiling.
 #[allow(clippy::too_many_arguments)]
 fn conv_forward(
     x: &[f32],
@@ -121,6 +190,7 @@ fn conv_forward(
     };
     let hw = g.ho * g.wo;
     let ckk = c * k * k;
+    let plane = c * h * w;
     let mut out = vec![0f32; b * o * hw];
     let fill_bias = |out: &mut [f32], cols: usize, row_stride: usize| {
         for (oc, &bv) in bias.iter().enumerate() {
@@ -131,23 +201,22 @@ fn conv_forward(
         for bi in 0..b {
             let ob = &mut out[bi * o * hw..(bi + 1) * o * hw];
             fill_bias(ob, hw, hw);
-            mm(
-                &x[bi * c * hw..(bi + 1) * c * hw],
-                hw,
-                hw,
-                ob.as_mut_ptr(),
-                hw,
-            );
+            let cols = Cols::Plain {
+                data: &x[bi * plane..(bi + 1) * plane],
+                ld: hw,
+            };
+            mm(&g, &cols, hw, ob.as_mut_ptr(), hw);
         }
     } else if b * hw <= SMALL_PIXELS {
         let n = b * hw;
-        let mut cols = vec![0f32; ckk * n];
-        for bi in 0..b {
-            im2col_tile(&x[bi * c * h * w..], &g, 0, g.ho, &mut cols, n, bi * hw);
-        }
+        let cols = Cols::Im2col {
+            images: (0..b).map(|bi| &x[bi * plane..(bi + 1) * plane]).collect(),
+            oy0: 0,
+            oy1: g.ho,
+        };
         let mut tmp = vec![0f32; o * n];
         fill_bias(&mut tmp, n, n);
-        mm(&cols, n, n, tmp.as_mut_ptr(), n);
+        mm(&g, &cols, n, tmp.as_mut_ptr(), n);
         for bi in 0..b {
             for oc in 0..o {
                 out[(bi * o + oc) * hw..][..hw].copy_from_slice(&tmp[oc * n + bi * hw..][..hw]);
@@ -155,20 +224,22 @@ fn conv_forward(
         }
     } else {
         let rows = (TILE_ELEMS / (ckk * g.wo)).clamp(1, g.ho);
-        let mut cols = vec![0f32; ckk * rows * g.wo];
         for bi in 0..b {
-            let xb = &x[bi * c * h * w..];
             let ob = &mut out[bi * o * hw..(bi + 1) * o * hw];
             let mut oy0 = 0;
             while oy0 < g.ho {
                 let oy1 = (oy0 + rows).min(g.ho);
                 let n = (oy1 - oy0) * g.wo;
-                im2col_tile(xb, &g, oy0, oy1, &mut cols, n, 0);
                 let tile = &mut ob[oy0 * g.wo..];
                 for (oc, &bv) in bias.iter().enumerate() {
                     tile[oc * hw..][..n].fill(bv);
                 }
-                mm(&cols[..ckk * n], n, n, tile.as_mut_ptr(), hw);
+                let cols = Cols::Im2col {
+                    images: vec![&x[bi * plane..(bi + 1) * plane]],
+                    oy0,
+                    oy1,
+                };
+                mm(&g, &cols, n, tile.as_mut_ptr(), hw);
                 oy0 = oy1;
             }
         }
@@ -216,9 +287,17 @@ impl CustomOp3 for Conv2dOp {
             rs: ckk as isize,
             cs: 1,
         };
-        let mm = |cols: &[f32], ld: usize, n: usize, dst: *mut f32, dst_rs: usize| {
+        let mm = |g: &Geometry, cols: &Cols, n: usize, dst: *mut f32, dst_rs: usize| {
+            let owned;
+            let (data, ld) = match cols {
+                Cols::Plain { data, ld } => (*data, *ld),
+                Cols::Im2col { .. } => {
+                    owned = cols.matrix(g, n);
+                    (owned.as_slice(), n)
+                }
+            };
             let rhs = View {
-                ptr: cols.as_ptr(),
+                ptr: data.as_ptr(),
                 rs: ld as isize,
                 cs: 1,
             };
@@ -268,8 +347,8 @@ impl CustomOp2 for Conv2dPackedOp {
             );
         }
         let nt = threads();
-        let mm = |cols: &[f32], ld: usize, n: usize, dst: *mut f32, dst_rs: usize| {
-            let lanes = Packed::pack_as(self.weight.kind, cols, n, ckk, 1, ld, packed::LANES);
+        let mm = |g: &Geometry, cols: &Cols, n: usize, dst: *mut f32, dst_rs: usize| {
+            let lanes = cols.packed(g, n, self.weight.kind);
             // SAFETY: the output is (o × n) with rows `dst_rs` apart, lanes (pixels) contiguous.
             unsafe {
                 packed::gemm(

@@ -30,7 +30,8 @@ pub enum Kind {
 }
 
 impl Kind {
-    fn per_unit(self) -> usize {
+    /// Values of `k` per `u32` unit.
+    pub fn per_unit(self) -> usize {
         match self {
             Self::Bf16 => 2,
             Self::F32 => 1,
@@ -247,6 +248,23 @@ impl Packed {
         }
     }
 
+    /// A zero matrix of this shape, to be filled unit by unit ([`units_mut`](Self::units_mut)).
+    pub fn zeroed(kind: Kind, rows: usize, k: usize, panel: usize) -> Self {
+        let kp = k.div_ceil(kind.per_unit());
+        Self {
+            rows,
+            k,
+            panel,
+            kind,
+            data: vec![0u32; rows.div_ceil(panel) * kp * panel],
+        }
+    }
+
+    /// The packed units: panel `p`, unit `u` is `[(p·kp + u)·panel ..][..panel]`.
+    pub fn units_mut(&mut self) -> &mut [u32] {
+        &mut self.data
+    }
+
     /// Bytes held.
     pub fn bytes(&self) -> usize {
         self.data.len() * 4
@@ -273,6 +291,62 @@ impl Packed {
 
     fn panel_ptr(&self, p: usize, pair: usize) -> *const u32 {
         self.data[(p * self.kp() + pair) * self.panel..].as_ptr()
+    }
+}
+
+/// Shared write access to the units of a lanes operand being filled by several tasks.
+#[derive(Clone, Copy)]
+pub(crate) struct UnitsMut {
+    ptr: *mut u32,
+    len: usize,
+}
+// SAFETY: tasks write disjoint units.
+unsafe impl Send for UnitsMut {}
+unsafe impl Sync for UnitsMut {}
+
+impl UnitsMut {
+    pub(crate) fn new(units: &mut [u32]) -> Self {
+        Self {
+            ptr: units.as_mut_ptr(),
+            len: units.len(),
+        }
+    }
+
+    /// Unit `u` of lanes panel `p` (`kp` units per panel).
+    ///
+    /// # Safety
+    /// No other task may access the same unit at the same time, and the units must outlive the
+    /// returned slice.
+    pub(crate) unsafe fn unit<'a>(self, p: usize, u: usize, kp: usize) -> &'a mut [u32] {
+        let off = (p * kp + u) * LANES;
+        assert!(off + LANES <= self.len);
+        // SAFETY: in bounds (checked); exclusivity and lifetime are the caller's.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(off), LANES) }
+    }
+}
+
+/// One unit of `nl` lanes from rows of `n` values: `rows[l0..]` (and, for bf16, the pair's second
+/// row at `rows[n + l0..]`).
+pub(crate) fn pack_units(
+    kind: Kind,
+    rows: &[f32],
+    n: usize,
+    l0: usize,
+    nl: usize,
+    dst: &mut [u32],
+) {
+    match kind {
+        Kind::Bf16 => {
+            let (lo, hi) = (&rows[l0..l0 + nl], &rows[n + l0..n + l0 + nl]);
+            for ((d, &a), &b) in dst.iter_mut().zip(lo).zip(hi) {
+                *d = pair_bits(a, b);
+            }
+        }
+        Kind::F32 => {
+            for (d, &a) in dst.iter_mut().zip(&rows[l0..l0 + nl]) {
+                *d = a.to_bits();
+            }
+        }
     }
 }
 

@@ -109,11 +109,9 @@ impl Block {
         let x = (x + self
             .to_out
             .forward(&o.transpose(1, 2)?.reshape((b, n, c))?)?)?;
-        let h = self
-            .ff_out
-            .forward(&crate::models::nn::gelu(
-                &self.ff_in.forward(&self.norm3.forward(&x)?)?,
-            )?)?;
+        let h = self.ff_out.forward(&crate::models::nn::gelu(
+            &self.ff_in.forward(&self.norm3.forward(&x)?)?,
+        )?)?;
         Ok((x + h)?)
     }
 }
