@@ -6,15 +6,92 @@
 
 use crate::error::{Error, Result};
 use candle_core::pickle::PthTensors;
-use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Shape, Tensor};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 enum WeightFile {
-    Safetensors(MmapedSafetensors),
+    Safetensors(StreamedSafetensors),
     Pth(PthTensors),
+}
+
+/// A safetensors file read tensor by tensor with positioned reads: no mapping, so the only
+/// resident copy of a tensor is the one being converted (a mapped file's pages would count in
+/// the process's RSS next to the converted model until the mapping is dropped).
+struct StreamedSafetensors {
+    file: std::fs::File,
+    /// Name → (dtype, shape, absolute byte range).
+    tensors: HashMap<String, (DType, Vec<usize>, std::ops::Range<u64>)>,
+}
+
+impl StreamedSafetensors {
+    fn open(path: &Path) -> std::result::Result<Self, String> {
+        use std::io::Read;
+        let mut file = std::fs::File::open(path).map_err(|e| e.to_string())?;
+        let size = file.metadata().map_err(|e| e.to_string())?.len();
+        let mut n = [0u8; 8];
+        file.read_exact(&mut n)
+            .map_err(|_| "file too small for a safetensors header".to_string())?;
+        let n = u64::from_le_bytes(n);
+        if n > 100_000_000 || 8 + n > size {
+            return Err(format!("invalid header length {n} for a {size}-byte file"));
+        }
+        let mut header = vec![0u8; n as usize];
+        file.read_exact(&mut header).map_err(|e| e.to_string())?;
+        let header: HashMap<String, serde_json::Value> =
+            serde_json::from_slice(&header).map_err(|e| format!("invalid header: {e}"))?;
+        let data_start = 8 + n;
+        let mut tensors = HashMap::new();
+        for (name, info) in header {
+            if name == "__metadata__" {
+                continue;
+            }
+            let bad = || format!("invalid header entry for '{name}'");
+            let dtype = match info["dtype"].as_str().ok_or_else(bad)? {
+                "F32" => DType::F32,
+                "F16" => DType::F16,
+                "BF16" => DType::BF16,
+                "F64" => DType::F64,
+                "I64" => DType::I64,
+                "U32" => DType::U32,
+                "U8" => DType::U8,
+                other => return Err(format!("tensor '{name}': unsupported dtype {other}")),
+            };
+            let shape: Vec<usize> = info["shape"]
+                .as_array()
+                .ok_or_else(bad)?
+                .iter()
+                .map(|d| d.as_u64().map(|d| d as usize).ok_or_else(bad))
+                .collect::<std::result::Result<_, _>>()?;
+            let offs = info["data_offsets"].as_array().ok_or_else(bad)?;
+            let (a, b) = match offs.as_slice() {
+                [a, b] => (a.as_u64().ok_or_else(bad)?, b.as_u64().ok_or_else(bad)?),
+                _ => return Err(bad()),
+            };
+            let want = shape.iter().product::<usize>() as u64 * dtype.size_in_bytes() as u64;
+            if b < a || b - a != want || data_start + b > size {
+                return Err(format!(
+                    "tensor '{name}': data range {a}..{b} does not hold {shape:?} {dtype:?} in a {size}-byte file"
+                ));
+            }
+            tensors.insert(name, (dtype, shape, data_start + a..data_start + b));
+        }
+        Ok(Self { file, tensors })
+    }
+
+    fn load(&self, name: &str, device: &Device) -> std::result::Result<Tensor, String> {
+        use std::os::unix::fs::FileExt;
+        let (dtype, shape, range) = self
+            .tensors
+            .get(name)
+            .ok_or_else(|| format!("no tensor '{name}'"))?;
+        let mut bytes = vec![0u8; (range.end - range.start) as usize];
+        self.file
+            .read_exact_at(&mut bytes, range.start)
+            .map_err(|e| e.to_string())?;
+        Tensor::from_raw_buffer(&bytes, *dtype, shape, device).map_err(|e| e.to_string())
+    }
 }
 
 /// The weight files of one component directory, indexed by tensor name.
@@ -92,11 +169,13 @@ impl WeightStore {
             };
             let file_idx = files.len();
             let file = if file_name(path).ends_with(".safetensors") {
-                // SAFETY: the file is mapped read-only; like every mmap-based loader we rely on
-                // nobody truncating it while the store is alive.
-                let st = unsafe { MmapedSafetensors::new(path) }.map_err(invalid)?;
-                for (name, view) in st.tensors() {
-                    index.insert(name, (file_idx, view.shape().to_vec()));
+                let st =
+                    StreamedSafetensors::open(path).map_err(|message| Error::InvalidWeights {
+                        path: path.clone(),
+                        message,
+                    })?;
+                for (name, (_, shape, _)) in &st.tensors {
+                    index.insert(name.clone(), (file_idx, shape.clone()));
                 }
                 WeightFile::Safetensors(st)
             } else {
@@ -162,7 +241,13 @@ impl WeightStore {
             message: format!("tensor '{name}': {e}"),
         };
         let t = match file {
-            WeightFile::Safetensors(st) => st.load(name, device).map_err(invalid)?,
+            WeightFile::Safetensors(st) => {
+                st.load(name, device)
+                    .map_err(|message| Error::InvalidWeights {
+                        path: path.clone(),
+                        message: format!("tensor '{name}': {message}"),
+                    })?
+            }
             WeightFile::Pth(pth) => pth
                 .get(name)
                 .map_err(invalid)?
