@@ -5,6 +5,7 @@
 //! directory with `model_index.json` and one sub-folder per component, each holding a
 //! `config.json` and weights.
 
+pub mod cache;
 mod weights;
 
 pub use weights::{ParamStore, WeightStore, Weights};

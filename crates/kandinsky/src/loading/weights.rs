@@ -199,6 +199,11 @@ impl WeightStore {
         Ok(Self { files, index })
     }
 
+    /// The weight files, in the order they were opened.
+    pub fn paths(&self) -> Vec<PathBuf> {
+        self.files.iter().map(|(p, _)| p.clone()).collect()
+    }
+
     /// Names and stored shapes of every tensor, sorted by name.
     pub fn shapes(&self) -> BTreeMap<String, Vec<usize>> {
         self.index

@@ -4,7 +4,7 @@
 
 use crate::clip_image_processor::ClipImageProcessor;
 use crate::error::{Error, Result};
-use crate::loading::component_dir;
+use crate::loading::{cache, component_dir, WeightStore};
 use crate::models::clip::{ClipTextModelWithProjection, ClipVisionModelWithProjection};
 use crate::models::transformers::prior_transformer::PriorTransformer;
 use crate::pipelines::{
@@ -15,18 +15,64 @@ use crate::tokenization::PromptTokenizer;
 use crate::utils::torch_utils::TorchGenerator;
 use crate::vae_image_processor::Rgb8;
 use candle_core::{DType, Device, Tensor};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 /// The prior pipeline's components (a `*-prior` model directory).
 pub struct KandinskyPriorPipeline {
     prior: PriorTransformer,
     text_encoder: ClipTextModelWithProjection,
     tokenizer: PromptTokenizer,
-    image_encoder: ClipVisionModelWithProjection,
+    image_encoder: LazyImageEncoder,
     image_processor: ClipImageProcessor,
     scheduler: SchedulerConfig,
     device: Device,
     cancel: Option<CancelFlag>,
+}
+
+/// The image encoder, loaded on first use: text-to-image needs only its zero-image embedding,
+/// which the disk cache usually holds.
+struct LazyImageEncoder {
+    dir: PathBuf,
+    dtype: DType,
+    device: Device,
+    model: OnceLock<ClipVisionModelWithProjection>,
+}
+
+impl LazyImageEncoder {
+    fn get(&self) -> Result<&ClipVisionModelWithProjection> {
+        if let Some(m) = self.model.get() {
+            return Ok(m);
+        }
+        let m = ClipVisionModelWithProjection::load(&self.dir, self.dtype, &self.device)?;
+        Ok(self.model.get_or_init(|| m))
+    }
+
+    /// The cache key: the encoder's weights and config, and the compute dtype.
+    fn zero_key(&self) -> Result<String> {
+        let mut files = WeightStore::from_dir(&self.dir)?.paths();
+        files.push(self.dir.join("config.json"));
+        cache::content_key(&files, &format!("zero_image_embeds-{:?}", self.dtype))
+    }
+
+    fn zero_image_embeds(&self) -> Result<Tensor> {
+        if let Some(m) = self.model.get() {
+            return m.zero_image_embeds();
+        }
+        let key = self.zero_key().ok();
+        if let Some(t) = key
+            .as_deref()
+            .and_then(|k| cache::load_tensor(k, &self.device))
+        {
+            return Ok(t);
+        }
+        let t = self.get()?.zero_image_embeds()?;
+        if let Some(k) = &key {
+            // A cache that cannot be written costs only the recomputation next time.
+            let _ = cache::store_tensor(k, &t);
+        }
+        Ok(t)
+    }
 }
 
 /// One input of [`KandinskyPriorPipeline::interpolate`].
@@ -87,11 +133,12 @@ impl KandinskyPriorPipeline {
                 device,
             )?,
             tokenizer: PromptTokenizer::clip_from_dir(&component_dir(dir, "tokenizer")?)?,
-            image_encoder: ClipVisionModelWithProjection::load(
-                &component_dir(dir, "image_encoder")?,
+            image_encoder: LazyImageEncoder {
+                dir: component_dir(dir, "image_encoder")?,
                 dtype,
-                device,
-            )?,
+                device: device.clone(),
+                model: OnceLock::new(),
+            },
             image_processor: {
                 let p = dir.join("image_processor").join("preprocessor_config.json");
                 if p.is_file() {
@@ -113,9 +160,15 @@ impl KandinskyPriorPipeline {
         self.cancel = Some(flag);
     }
 
-    /// The CLIP image encoder (for variations and mixing).
-    pub fn image_encoder(&self) -> &ClipVisionModelWithProjection {
-        &self.image_encoder
+    /// The CLIP image encoder (for variations and mixing), loaded on first use.
+    pub fn image_encoder(&self) -> Result<&ClipVisionModelWithProjection> {
+        self.image_encoder.get()
+    }
+
+    /// Whether the image encoder has been loaded (a text-to-image run with a cached zero-image
+    /// embedding never loads it).
+    pub fn image_encoder_loaded(&self) -> bool {
+        self.image_encoder.model.get().is_some()
     }
 
     /// The CLIP image embedding `(1, E)` of an RGB8 image, preprocessed as transformers does.
@@ -124,7 +177,7 @@ impl KandinskyPriorPipeline {
             .image_processor
             .preprocess(width, height, rgb, &self.device)?
             .unsqueeze(0)?;
-        Ok(self.image_encoder.forward(&pixels)?.image_embeds)
+        Ok(self.image_encoder.get()?.forward(&pixels)?.image_embeds)
     }
 
     /// `interpolate`: the weighted sum (weights not normalised) of the embeddings of texts (each
@@ -184,7 +237,9 @@ impl KandinskyPriorPipeline {
         Ok((image_embeds, negative))
     }
 
-    /// `get_zero_embed(batch)`: the cached zero-image embedding repeated `batch` times.
+    /// `get_zero_embed(batch)`: the zero-image embedding repeated `batch` times. It comes from
+    /// the on-disk cache (`loading::cache`) when the same image-encoder weights computed it
+    /// before; otherwise the encoder is loaded, computes it, and the cache keeps it.
     pub fn zero_image_embeds(&self, batch: usize) -> Result<Tensor> {
         Ok(self.image_encoder.zero_image_embeds()?.repeat((batch, 1))?)
     }
