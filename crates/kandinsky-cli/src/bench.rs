@@ -80,6 +80,11 @@ pub struct BenchArgs {
     /// Write the real-size 2.2 UNet with random f16 weights to `--model-dir` and exit.
     #[arg(long)]
     prepare: bool,
+    /// Write a whole real-size 2.2 prior and decoder (random f16 weights, the tiny fixtures'
+    /// tokenizer and scheduler files) to `DIR/prior` and `DIR/decoder` and exit: the models of a
+    /// whole-pipeline memory and time measurement with `kandinsky generate`.
+    #[arg(long, value_name = "DIR")]
+    prepare_pipeline: Option<PathBuf>,
     /// Print one JSON line per stage (for tools/bench.py).
     #[arg(long)]
     json: bool,
@@ -259,6 +264,75 @@ fn prepare(dir: &Path) -> Result<()> {
     let c = UNet2DConditionConfig::from_json(UNET_2_2)?;
     let meta = Weights::meta(DType::F32);
     UNet2DConditionModel::new(&meta, &c)?;
+    write_random(dir, UNET_2_2, &meta, "diffusion_pytorch_model.safetensors")
+}
+
+/// Copies the files of `from` (not its subdirectories) into `to`.
+fn copy_files(from: &Path, to: &Path) -> Result<()> {
+    std::fs::create_dir_all(to)?;
+    for e in std::fs::read_dir(from)? {
+        let e = e?;
+        if e.path().is_file() {
+            std::fs::copy(e.path(), to.join(e.file_name()))?;
+        }
+    }
+    Ok(())
+}
+
+/// A real-size 2.2 prior and decoder with random weights under `dir`.
+fn prepare_pipeline(dir: &Path) -> Result<()> {
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/pipelines");
+    let (prior, decoder) = (dir.join("prior"), dir.join("decoder"));
+    for (from, to) in [
+        ("tiny-2-2-prior", &prior),
+        ("tiny-2-2-prior/tokenizer", &prior.join("tokenizer")),
+        ("tiny-2-2-prior/scheduler", &prior.join("scheduler")),
+        (
+            "tiny-2-2-prior/image_processor",
+            &prior.join("image_processor"),
+        ),
+        ("tiny-2-2-decoder", &decoder),
+        ("tiny-2-2-decoder/scheduler", &decoder.join("scheduler")),
+    ] {
+        copy_files(&fixtures.join(from), to)?;
+    }
+    let meta = Weights::meta(DType::F32);
+    PriorTransformer::new(&meta, &serde_json::from_str(PRIOR_2_2)?)?;
+    write_random(
+        &prior.join("prior"),
+        PRIOR_2_2,
+        &meta,
+        "diffusion_pytorch_model.safetensors",
+    )?;
+    let meta = Weights::meta(DType::F32);
+    ClipTextModelWithProjection::new(&meta, &serde_json::from_str(CLIP_BIGG_TEXT)?)?;
+    write_random(
+        &prior.join("text_encoder"),
+        CLIP_BIGG_TEXT,
+        &meta,
+        "model.safetensors",
+    )?;
+    let meta = Weights::meta(DType::F32);
+    ClipVisionModelWithProjection::new(&meta, &serde_json::from_str(CLIP_BIGG_VISION)?)?;
+    write_random(
+        &prior.join("image_encoder"),
+        CLIP_BIGG_VISION,
+        &meta,
+        "model.safetensors",
+    )?;
+    prepare(&decoder.join("unet"))?;
+    let meta = Weights::meta(DType::F32);
+    VQModel::new(&meta, &serde_json::from_str(MOVQ)?)?;
+    write_random(
+        &decoder.join("movq"),
+        MOVQ,
+        &meta,
+        "diffusion_pytorch_model.safetensors",
+    )
+}
+
+/// Writes `config` and random f16 tensors of the names and shapes `meta` recorded to `dir`.
+fn write_random(dir: &Path, config: &str, meta: &Weights, file: &str) -> Result<()> {
     let mut tensors = std::collections::HashMap::new();
     for (name, shape) in meta.recorded() {
         let fan_in: usize = shape.iter().skip(1).product::<usize>().max(1);
@@ -272,14 +346,17 @@ fn prepare(dir: &Path) -> Result<()> {
         tensors.insert(name, t);
     }
     std::fs::create_dir_all(dir)?;
-    std::fs::write(dir.join("config.json"), UNET_2_2)?;
-    candle_core::safetensors::save(&tensors, dir.join("diffusion_pytorch_model.safetensors"))?;
+    std::fs::write(dir.join("config.json"), config)?;
+    candle_core::safetensors::save(&tensors, dir.join(file))?;
     eprintln!("wrote {} tensors to {}", tensors.len(), dir.display());
     Ok(())
 }
 
 pub fn run(args: &BenchArgs) -> Result<()> {
     anyhow::ensure!(args.runs > 0, "--runs must be at least 1");
+    if let Some(dir) = &args.prepare_pipeline {
+        return prepare_pipeline(dir);
+    }
     if args.prepare {
         return prepare(
             args.model_dir

@@ -86,6 +86,7 @@ pub fn run(a: &EvalArgs) -> Result<()> {
         batch: s.batch,
         oracle: s.oracle,
         save: s.save.clone(),
+        dtype: crate::compute_dtype(),
     };
     let rows = eval_shapes(&settings, &mut |name, done, n| {
         eprint!("\r{name}: {done}/{n}");

@@ -204,6 +204,8 @@ pub struct ShapesEval {
     pub oracle: bool,
     /// Write every generated image here as `en-000.png`, `ru-000.png`, … (prompt in the PNG).
     pub save: Option<PathBuf>,
+    /// Compute dtype of the networks (f32, or bf16 compute).
+    pub dtype: DType,
 }
 
 /// One row of the evaluation table.
@@ -242,9 +244,9 @@ pub fn eval_shapes(
         })?;
     }
     let device = Device::Cpu;
-    let prior = KandinskyPriorPipeline::load(&s.prior, DType::F32, &device)
+    let prior = KandinskyPriorPipeline::load(&s.prior, s.dtype, &device)
         .map_err(|e| e.within(format!("loading the prior from {}", s.prior.display())))?;
-    let decoder = KandinskyPipeline::load(&s.decoder, DType::F32, &device)
+    let decoder = KandinskyPipeline::load(&s.decoder, s.dtype, &device)
         .map_err(|e| e.within(format!("loading the decoder from {}", s.decoder.display())))?;
     let features = |e: &candle_core::Tensor| -> Result<Vec<f64>> {
         Ok(e.flatten_all()?
