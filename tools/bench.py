@@ -219,6 +219,7 @@ def main():
     ap.add_argument("--force", action="store_true", help="report even when the CPU is not quiet")
     ap.add_argument("--whole", metavar="DIR", help="also run a whole 2.2 text-to-image at 512 px on the models "
                     "`kandinsky bench --prepare-pipeline DIR` wrote (ours and diffusers' pipelines)")
+    ap.add_argument("--table", metavar="JSON", help="print the table of a saved --json-out file and exit")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--dtype", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -230,6 +231,12 @@ def main():
         return
     stages = [s for s in a.stages.split(",") if s]
     dtypes = [d for d in a.dtypes.split(",") if d]
+    if a.table:
+        with open(a.table) as f:
+            saved = json.load(f)
+        order = list(dict.fromkeys(r["stage"] for r in saved))
+        table(saved, order, list(dict.fromkeys(r["dtype"] for r in saved)))
+        return
     binary = os.path.join(ROOT, "target", "release", "kandinsky")
     if "load-unet-2.2" in stages:
         if not a.model_dir:
@@ -237,11 +244,22 @@ def main():
         if not os.path.exists(os.path.join(a.model_dir, "diffusion_pytorch_model.safetensors")):
             subprocess.run([binary, "bench", "--prepare", "--model-dir", a.model_dir], check=True)
     results = []
-    for dtype in dtypes:
-        for stage in stages:
-            busy = cpu_busy_elsewhere()
-            if busy > 0.15 and not a.force:
-                raise SystemExit(f"the CPU is busy ({busy:.2f} cores used by other processes): not reporting")
+
+    def save():
+        if a.json_out:
+            with open(a.json_out, "w") as f:
+                json.dump(results, f, indent=1)
+
+    def quiet():
+        busy = cpu_busy_elsewhere()
+        if busy > 0.15 and not a.force:
+            raise SystemExit(f"the CPU is busy ({busy:.2f} cores used by other processes): not reporting")
+
+    # Stage by stage, both precisions together, results saved as they come (a long run that is
+    # stopped keeps what it measured).
+    for stage in stages:
+        for dtype in dtypes:
+            quiet()
             cmd = [binary, "--threads", str(a.threads), "--dtype", dtype, "bench", "--json", "--stages", stage,
                    "--runs", str(a.runs), "--prior-steps", str(a.prior_steps)]
             if a.model_dir:
@@ -251,20 +269,22 @@ def main():
                 results += run_json([sys.executable, __file__, "--child", stage, "--dtype", dtype, "--runs",
                                      str(a.runs), "--threads", str(a.threads), "--prior-steps", str(a.prior_steps)]
                                     + (["--model-dir", a.model_dir] if a.model_dir else []))
+            save()
             print(f"  {dtype} {stage}: done", file=sys.stderr, flush=True)
-        if a.whole:
-            if cpu_busy_elsewhere() > 0.15 and not a.force:
-                raise SystemExit("the CPU is busy: not reporting")
+    if a.whole:
+        for dtype in dtypes:
+            quiet()
             results += rust_whole(binary, a.whole, dtype, a.threads)
             if not a.skip_torch:
                 results += run_json([sys.executable, __file__, "--child", "whole", "--whole", a.whole, "--dtype", dtype,
                                      "--threads", str(a.threads)])
+            save()
             print(f"  {dtype} whole: done", file=sys.stderr, flush=True)
-    if a.whole:
         stages.append("whole-2.2-512")
-    if a.json_out:
-        with open(a.json_out, "w") as f:
-            json.dump(results, f, indent=1)
+    table(results, stages, dtypes)
+
+
+def table(results, stages, dtypes):
     res = {(r["impl"], r["dtype"], r["stage"]): r for r in results}
     gib = float(1 << 30)
     print(f"| stage | dtype | ours s | PyTorch s | ours/PyTorch | ours/PyTorch f32 | ours RSS GiB | PyTorch RSS GiB |"
