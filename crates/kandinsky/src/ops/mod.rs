@@ -107,7 +107,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tenso
     attention_masked(q, k, v, scale, None)
 }
 
-/// [`attention`] with an additive `mask` of shape `(B or 1, H or 1, N or 1, M)` added to the scaled
+/// [`attention()`] with an additive `mask` of shape `(B or 1, H or 1, N or 1, M)` added to the scaled
 /// scores.
 pub fn attention_masked(
     q: &Tensor,
