@@ -464,20 +464,8 @@ unsafe fn kernel_avx512(
             }
         }
     }
-    let (m0, m1) = lane_masks(nl);
-    for (j, accj) in acc.iter().enumerate().take(nb) {
-        // SAFETY: masked to the valid lanes of column j.
-        unsafe {
-            let cj = c.add(j * js);
-            let (mut v0, mut v1) = (accj[0], accj[1]);
-            if accumulate {
-                v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, cj));
-                v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, cj.add(16)));
-            }
-            _mm512_mask_storeu_ps(cj, m0, v0);
-            _mm512_mask_storeu_ps(cj.add(16), m1, v1);
-        }
-    }
+    // SAFETY: the tile is inside the output (caller).
+    unsafe { store_tile_avx512(&acc, c, js, accumulate, nl, nb) }
 }
 
 /// Masks of the valid lanes of the two vectors of a tile.
@@ -492,6 +480,54 @@ fn lane_masks(nl: usize) -> (u16, u16) {
         0
     };
     (m0, m1)
+}
+
+/// Writes (or adds) the valid `nl × nb` corner of an accumulated tile, columns `js` apart.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn store_tile_avx512(
+    acc: &[[std::arch::x86_64::__m512; 2]; COLS],
+    c: *mut f32,
+    js: usize,
+    accumulate: bool,
+    nl: usize,
+    nb: usize,
+) {
+    use std::arch::x86_64::*;
+    let (m0, m1) = lane_masks(nl);
+    for (j, accj) in acc.iter().enumerate().take(nb) {
+        // SAFETY: masked to the valid lanes of column j (caller: the tile is in bounds).
+        unsafe {
+            let cj = c.add(j * js);
+            let (mut v0, mut v1) = (accj[0], accj[1]);
+            if accumulate {
+                v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, cj));
+                v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, cj.add(16)));
+            }
+            _mm512_mask_storeu_ps(cj, m0, v0);
+            _mm512_mask_storeu_ps(cj.add(16), m1, v1);
+        }
+    }
+}
+
+/// [`store_tile_avx512`] for the portable kernels' scalar tiles.
+unsafe fn store_tile(
+    acc: &[[f32; LANES]; COLS],
+    c: *mut f32,
+    js: usize,
+    accumulate: bool,
+    nl: usize,
+    nb: usize,
+) {
+    for (j, accj) in acc.iter().enumerate().take(nb) {
+        for (l, v) in accj.iter().enumerate().take(nl) {
+            // SAFETY: (l, j) is a valid output element (caller).
+            unsafe {
+                let p = c.add(l + j * js);
+                *p = if accumulate { *p + v } else { *v };
+            }
+        }
+    }
 }
 
 /// One f32 `LANES × COLS` tile over `kn` values of `k` (FMA).
@@ -524,20 +560,8 @@ unsafe fn kernel_f32_avx512(
             }
         }
     }
-    let (m0, m1) = lane_masks(nl);
-    for (j, accj) in acc.iter().enumerate().take(nb) {
-        // SAFETY: masked to the valid lanes of column j.
-        unsafe {
-            let cj = c.add(j * js);
-            let (mut v0, mut v1) = (accj[0], accj[1]);
-            if accumulate {
-                v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, cj));
-                v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, cj.add(16)));
-            }
-            _mm512_mask_storeu_ps(cj, m0, v0);
-            _mm512_mask_storeu_ps(cj.add(16), m1, v1);
-        }
-    }
+    // SAFETY: the tile is inside the output (caller).
+    unsafe { store_tile_avx512(&acc, c, js, accumulate, nl, nb) }
 }
 
 /// The f32 tile without AVX-512.
@@ -567,15 +591,8 @@ unsafe fn kernel_f32_portable(
             }
         }
     }
-    for (j, accj) in acc.iter().enumerate().take(nb) {
-        for (l, v) in accj.iter().enumerate().take(nl) {
-            // SAFETY: (l, j) is a valid output element (caller).
-            unsafe {
-                let p = c.add(l + j * js);
-                *p = if accumulate { *p + v } else { *v };
-            }
-        }
-    }
+    // SAFETY: the tile is inside the output (caller).
+    unsafe { store_tile(&acc, c, js, accumulate, nl, nb) }
 }
 
 /// The same tile without AVX-512 BF16: bf16 products summed in f32 per pair, as the instruction
@@ -607,13 +624,6 @@ unsafe fn kernel_portable(
             }
         }
     }
-    for (j, accj) in acc.iter().enumerate().take(nb) {
-        for (l, v) in accj.iter().enumerate().take(nl) {
-            // SAFETY: (l, j) is a valid output element (caller).
-            unsafe {
-                let p = c.add(l + j * js);
-                *p = if accumulate { *p + v } else { *v };
-            }
-        }
-    }
+    // SAFETY: the tile is inside the output (caller).
+    unsafe { store_tile(&acc, c, js, accumulate, nl, nb) }
 }
