@@ -31,6 +31,11 @@ pub enum SchedulerChoice {
     /// DPM-Solver++ 2M (`DPMSolverMultistepScheduler`): good images in 20–30 steps.
     #[value(name = "dpm++2m", alias = "dpmpp2m")]
     DpmPlusPlus2M,
+    /// Euler (`EulerDiscreteScheduler`).
+    Euler,
+    /// Euler ancestral (`EulerAncestralDiscreteScheduler`, A1111's "Euler a").
+    #[value(name = "euler-a")]
+    EulerA,
 }
 
 impl SchedulerChoice {
@@ -40,6 +45,8 @@ impl SchedulerChoice {
             SchedulerChoice::Ddim => Some(SchedulerClass::Ddim),
             SchedulerChoice::Ddpm => Some(SchedulerClass::Ddpm),
             SchedulerChoice::DpmPlusPlus2M => Some(SchedulerClass::DpmSolverMultistep),
+            SchedulerChoice::Euler => Some(SchedulerClass::EulerDiscrete),
+            SchedulerChoice::EulerA => Some(SchedulerClass::EulerAncestralDiscrete),
         }
     }
 }
@@ -158,6 +165,33 @@ pub struct VariationsArgs {
     image: PathBuf,
 }
 
+/// How inpainting and outpainting keep the unmasked part of the input.
+#[derive(clap::Args)]
+pub struct OverlayArgs {
+    /// Paste the input back outside the mask, feathered by a Gaussian of this σ in pixels
+    /// (AUTOMATIC1111's `mask_blur`, default 4): pixels outside the blurred mask keep their
+    /// exact input values.
+    #[arg(long, default_value_t = 4.0)]
+    mask_blur: f64,
+    /// Return the decoder's output as diffusers does (no paste-back; the kept part also changes
+    /// a little).
+    #[arg(long)]
+    no_overlay: bool,
+}
+
+impl OverlayArgs {
+    fn mask_blur(&self) -> Option<f64> {
+        (!self.no_overlay).then_some(self.mask_blur)
+    }
+
+    fn record(&self) -> String {
+        match self.mask_blur() {
+            Some(b) => format!(", Mask blur: {b}"),
+            None => ", Overlay: none".into(),
+        }
+    }
+}
+
 #[derive(clap::Args)]
 pub struct InpaintArgs {
     #[command(flatten)]
@@ -170,6 +204,8 @@ pub struct InpaintArgs {
     /// The mask, same size as the image: white = repaint, black = keep.
     #[arg(long)]
     mask: PathBuf,
+    #[command(flatten)]
+    overlay: OverlayArgs,
 }
 
 #[derive(clap::Args)]
@@ -193,6 +229,8 @@ pub struct OutpaintArgs {
     /// Pixels to add at the bottom.
     #[arg(long, default_value_t = 0)]
     bottom: usize,
+    #[command(flatten)]
+    overlay: OverlayArgs,
 }
 
 #[derive(clap::Args)]
@@ -439,14 +477,16 @@ pub fn run_inpaint(a: &InpaintArgs) -> Result<()> {
         prompt: prompt(&a.prompt),
         image: read_image(&a.image, "image")?,
         mask: read_image(&a.mask, "mask")?,
+        mask_blur: a.overlay.mask_blur(),
         latents: latents(&a.common)?,
         prior_latents: prior_latents(&a.common)?,
     };
     let record = format!(
-        "{}\nImage: {}, Mask: {}",
+        "{}\nImage: {}, Mask: {}{}",
         record(&a.prompt),
         a.image.display(),
-        a.mask.display()
+        a.mask.display(),
+        a.overlay.record()
     );
     run_job(
         &a.common,
@@ -467,17 +507,19 @@ pub fn run_outpaint(a: &OutpaintArgs) -> Result<()> {
             right: a.right,
             bottom: a.bottom,
         },
+        mask_blur: a.overlay.mask_blur(),
         latents: latents(&a.common)?,
         prior_latents: prior_latents(&a.common)?,
     };
     let record = format!(
-        "{}\nImage: {}, Outpaint: left {} right {} top {} bottom {}",
+        "{}\nImage: {}, Outpaint: left {} right {} top {} bottom {}{}",
         record(&a.prompt),
         a.image.display(),
         a.left,
         a.right,
         a.top,
-        a.bottom
+        a.bottom,
+        a.overlay.record()
     );
     run_job(
         &a.common,

@@ -4,6 +4,7 @@ mod bench;
 mod decode;
 mod eval;
 mod generate;
+mod serve;
 mod train;
 
 use clap::{Parser, Subcommand};
@@ -55,6 +56,8 @@ enum Command {
     Outpaint(generate::OutpaintArgs),
     /// ControlNet depth (2.2): follow a hint image, from noise or from an image.
     Controlnet(generate::ControlnetArgs),
+    /// Serve the web editor and the HTTP APIs (native and AUTOMATIC1111) on this machine.
+    Serve(serve::ServeArgs),
     /// Evaluate a model (`eval shapes`: our small model on held-out shape prompts).
     Eval(eval::EvalArgs),
     /// Train a stage of our small Kandinsky on the synthetic shapes world (resumable).
@@ -96,6 +99,7 @@ fn main() -> std::process::ExitCode {
         Command::Controlnet(args) => generate::run_controlnet(&args),
         Command::Train(args) => train::run(&args),
         Command::Eval(args) => eval::run(&args),
+        Command::Serve(args) => serve::run(&args),
         Command::Variations(args) => generate::run_variations(&args),
     };
     match result {

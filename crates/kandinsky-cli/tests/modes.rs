@@ -214,7 +214,13 @@ fn inpaint_and_outpaint_match_diffusers() {
         args.push(fixture("images/drawing_64x64.png"));
         args.push("--mask".into());
         args.push(fixture("images/mask_64x64.png"));
-        args.extend(strings(&["--width", "64", "--height", "64"]));
+        args.extend(strings(&[
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "--no-overlay",
+        ]));
         args.extend(tiny(model, prior, "4", "3", "41"));
         run_ok(&args, &out);
         assert_png_matches_in(
@@ -227,6 +233,7 @@ fn inpaint_and_outpaint_match_diffusers() {
         let mut args = strings(&["outpaint", "--prompt", "a red circle", "--image"]);
         args.push(fixture("images/drawing_48x48.png"));
         args.extend(strings(&["--left", "16", "--top", "8", "--bottom", "8"]));
+        args.push("--no-overlay".into());
         args.extend(tiny(model, prior, "4", "3", "44"));
         run_ok(&args, &out);
         assert_png_matches_in(
@@ -235,6 +242,60 @@ fn inpaint_and_outpaint_match_diffusers() {
             &format!("{version}_outpaint"),
         );
     }
+}
+
+/// By default the input is pasted back outside the blurred mask (A1111's overlay): those pixels
+/// equal the input exactly, and deep inside the mask the pixels are diffusers' output.
+#[test]
+fn inpaint_keeps_the_unmasked_part() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, prior) = ("pipelines/tiny-2-1-inpaint", "pipelines/tiny-2-1-prior");
+    let run = |extra: &[&str], name: &str| {
+        let out = dir.path().join(name);
+        let mut args = strings(&["inpaint", "--prompt", "a red cat", "--image"]);
+        args.push(fixture("images/drawing_64x64.png"));
+        args.push("--mask".into());
+        args.push(fixture("images/mask_64x64.png"));
+        args.extend(strings(extra));
+        args.extend(tiny(model, prior, "4", "3", "41"));
+        run_ok(&args, &out);
+        image::open(&out).unwrap().to_rgb8()
+    };
+    let raw = run(&["--no-overlay"], "raw.png");
+    let kept = run(&["--mask-blur", "2"], "kept.png");
+    let input = image::open(fixture("images/drawing_64x64.png"))
+        .unwrap()
+        .to_rgb8();
+    let mask = image::open(fixture("images/mask_64x64.png"))
+        .unwrap()
+        .to_luma8();
+    // σ = 2 reaches 5 pixels (kernel radius ⌊2.5σ + 0.5⌋); the inner half of the ramp (more
+    // than 2 pixels inside) is fully repainted.
+    let dist = |x: u32, y: u32, repaint: bool| -> u32 {
+        let mut best = u32::MAX;
+        for (mx, my, p) in mask.enumerate_pixels() {
+            if (p[0] > 128) != repaint {
+                best = best.min(mx.abs_diff(x).max(my.abs_diff(y)));
+            }
+        }
+        best
+    };
+    let (mut outside, mut inside, mut changed_raw) = (0, 0, 0);
+    for (x, y, p) in mask.enumerate_pixels() {
+        let repaint = p[0] > 128;
+        if !repaint && dist(x, y, false) > 6 {
+            assert_eq!(kept.get_pixel(x, y), input.get_pixel(x, y), "({x},{y})");
+            changed_raw += (raw.get_pixel(x, y) != input.get_pixel(x, y)) as usize;
+            outside += 1;
+        }
+        if repaint && dist(x, y, true) > 6 {
+            assert_eq!(kept.get_pixel(x, y), raw.get_pixel(x, y), "({x},{y})");
+            inside += 1;
+        }
+    }
+    assert!(outside > 100 && inside > 100, "{outside} {inside}");
+    // Without the overlay the kept part does change (what the overlay is for).
+    assert!(changed_raw > outside / 2, "{changed_raw} of {outside}");
 }
 
 #[test]

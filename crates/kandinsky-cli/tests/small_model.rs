@@ -30,6 +30,7 @@ fn small_model_is_the_default_and_matches_diffusers() {
                 &fixture("small_model/inpaint_image.png"),
                 "--mask",
                 &fixture("small_model/inpaint_mask.png"),
+                "--no-overlay",
             ]));
         }
         run_ok(&args, &out);

@@ -124,16 +124,47 @@ pub fn to_rgb8(images: &Tensor) -> Result<Vec<Rgb8>> {
     Ok(out)
 }
 
+/// An RGB8 image as PNG bytes, with optional text chunks (keyword, text): Latin-1 `tEXt` when
+/// the text is ASCII, UTF-8 `iTXt` otherwise (prompts may be Russian).
+pub fn encode_png(image: &Rgb8, text: &[(&str, &str)]) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    write_png(&mut out, image, text).map_err(|message| Error::Image {
+        path: "<memory>".into(),
+        message,
+    })?;
+    Ok(out)
+}
+
+fn write_png(
+    out: impl std::io::Write,
+    image: &Rgb8,
+    text: &[(&str, &str)],
+) -> std::result::Result<(), String> {
+    let (width, height, rgb) = (image.width, image.height, &image.data);
+    if rgb.len() != width * height * 3 {
+        return Err(format!("pixel buffer does not match {width}x{height}"));
+    }
+    let mut enc = png::Encoder::new(out, width as u32, height as u32);
+    enc.set_color(png::ColorType::Rgb);
+    enc.set_depth(png::BitDepth::Eight);
+    for (k, v) in text {
+        if v.is_ascii() {
+            enc.add_text_chunk(k.to_string(), v.to_string())
+                .map_err(|e| e.to_string())?;
+        } else {
+            enc.add_itxt_chunk(k.to_string(), v.to_string())
+                .map_err(|e| e.to_string())?;
+        }
+    }
+    let mut w = enc.write_header().map_err(|e| e.to_string())?;
+    w.write_image_data(rgb).map_err(|e| e.to_string())?;
+    w.finish().map_err(|e| e.to_string())
+}
+
 /// Writes an RGB8 buffer as PNG, with optional `tEXt` chunks (keyword, text) such as the
 /// A1111-style `parameters` record. The file appears only when complete (written to a temporary
 /// name in the same directory, then renamed), so a failure leaves nothing half-written.
 pub fn save_png(path: &Path, image: &Rgb8, text: &[(&str, &str)]) -> Result<()> {
-    let (width, height, rgb) = (image.width, image.height, &image.data);
-    if rgb.len() != width * height * 3 {
-        return Err(Error::InvalidArgument(format!(
-            "pixel buffer does not match {width}x{height}"
-        )));
-    }
     let file_name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -145,22 +176,9 @@ pub fn save_png(path: &Path, image: &Rgb8, text: &[(&str, &str)]) -> Result<()> 
     };
     let write = || -> std::result::Result<(), String> {
         let file = std::fs::File::create(&tmp).map_err(|e| e.to_string())?;
-        let mut enc = png::Encoder::new(std::io::BufWriter::new(file), width as u32, height as u32);
-        enc.set_color(png::ColorType::Rgb);
-        enc.set_depth(png::BitDepth::Eight);
-        for (k, v) in text {
-            // Latin-1 `tEXt` when possible, UTF-8 `iTXt` otherwise (prompts may be Russian).
-            if v.is_ascii() {
-                enc.add_text_chunk(k.to_string(), v.to_string())
-                    .map_err(|e| e.to_string())?;
-            } else {
-                enc.add_itxt_chunk(k.to_string(), v.to_string())
-                    .map_err(|e| e.to_string())?;
-            }
-        }
-        let mut w = enc.write_header().map_err(|e| e.to_string())?;
-        w.write_image_data(rgb).map_err(|e| e.to_string())?;
-        w.finish().map_err(|e| e.to_string())
+        let mut w = std::io::BufWriter::new(file);
+        write_png(&mut w, image, text)?;
+        std::io::Write::flush(&mut w).map_err(|e| e.to_string())
     };
     if let Err(e) = write() {
         let _ = std::fs::remove_file(&tmp);
@@ -170,6 +188,108 @@ pub fn save_png(path: &Path, image: &Rgb8, text: &[(&str, &str)]) -> Result<()> 
         let _ = std::fs::remove_file(&tmp);
         err(e.to_string())
     })
+}
+
+/// A1111's inpainting overlay ("Whole picture", `processing.py` `apply_overlay`): the mask
+/// (white = repaint) binarised at 128, blurred with a Gaussian of σ = `mask_blur` pixels (OpenCV's
+/// kernel size `2·⌊2.5σ + 0.5⌋ + 1`, border reflected), doubled and clipped so the inner half of
+/// the ramp is fully repainted; `generated` shows through that mask and `original` everywhere
+/// else, so pixels outside the blurred mask are byte-identical to the input. All three images have
+/// the same size.
+pub fn overlay_unmasked(
+    original: &Rgb8,
+    generated: &Rgb8,
+    mask: &Rgb8,
+    mask_blur: f64,
+) -> Result<Rgb8> {
+    let (w, h) = (original.width, original.height);
+    for (what, img) in [("generated image", generated), ("mask", mask)] {
+        if (img.width, img.height) != (w, h) {
+            return Err(Error::InvalidArgument(format!(
+                "the {what} is {}x{} but the original is {w}x{h}",
+                img.width, img.height
+            )));
+        }
+    }
+    if !(mask_blur.is_finite() && mask_blur >= 0.0) {
+        return Err(Error::InvalidArgument(format!(
+            "mask blur must be a finite number ≥ 0, got {mask_blur}"
+        )));
+    }
+    let binary: Vec<f32> = mask
+        .data
+        .chunks_exact(3)
+        .map(|p| {
+            let l = (p[0] as u32 * 19595 + p[1] as u32 * 38470 + p[2] as u32 * 7471 + 0x8000) >> 16;
+            if l > 128 {
+                255.0
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    let blurred = gaussian_blur(&binary, w, h, mask_blur);
+    let mut data = Vec::with_capacity(original.data.len());
+    for (i, m) in blurred.iter().enumerate() {
+        // `np.clip(mask * 2, 0, 255).astype(uint8)`, then alpha compositing of the original
+        // with alpha `255 - m` over the generated image.
+        let m = (m.round() * 2.0).clamp(0.0, 255.0).floor();
+        let keep = (255.0 - m) / 255.0;
+        for c in 0..3 {
+            let o = original.data[i * 3 + c] as f32;
+            let g = generated.data[i * 3 + c] as f32;
+            data.push((o * keep + g * (1.0 - keep)).round() as u8);
+        }
+    }
+    Rgb8::new(w, h, data)
+}
+
+/// Separable Gaussian blur of a one-channel image (`cv2.GaussianBlur` with kernel size
+/// `2·⌊2.5σ + 0.5⌋ + 1` along each axis and `BORDER_REFLECT_101`).
+fn gaussian_blur(src: &[f32], w: usize, h: usize, sigma: f64) -> Vec<f32> {
+    let radius = (2.5 * sigma + 0.5) as usize;
+    if radius == 0 || sigma == 0.0 {
+        return src.to_vec();
+    }
+    let mut kernel: Vec<f64> = (0..=2 * radius)
+        .map(|i| {
+            let x = i as f64 - radius as f64;
+            (-x * x / (2.0 * sigma * sigma)).exp()
+        })
+        .collect();
+    let sum: f64 = kernel.iter().sum();
+    kernel.iter_mut().for_each(|k| *k /= sum);
+    let reflect = |i: isize, n: usize| -> usize {
+        let n = n as isize;
+        if n == 1 {
+            return 0;
+        }
+        let mut i = i;
+        while i < 0 || i >= n {
+            i = if i < 0 { -i } else { 2 * (n - 1) - i };
+        }
+        i as usize
+    };
+    let pass = |src: &[f32], horizontal: bool| -> Vec<f32> {
+        let mut out = vec![0f32; src.len()];
+        for y in 0..h {
+            for x in 0..w {
+                let mut acc = 0f64;
+                for (k, wk) in kernel.iter().enumerate() {
+                    let d = k as isize - radius as isize;
+                    let (sx, sy) = if horizontal {
+                        (reflect(x as isize + d, w), y)
+                    } else {
+                        (x, reflect(y as isize + d, h))
+                    };
+                    acc += wk * src[sy * w + sx] as f64;
+                }
+                out[y * w + x] = acc as f32;
+            }
+        }
+        out
+    };
+    pass(&pass(src, true), false)
 }
 
 /// The output path of image `index` of `count`: `path` itself for a single image, otherwise

@@ -105,6 +105,7 @@ fn check_refuses_bad_requests_before_loading() {
         prompt: "a cat".into(),
         image,
         mask,
+        mask_blur: None,
         latents: None,
         prior_latents: None,
     });

@@ -32,11 +32,11 @@ use crate::pipelines::kandinsky::pipeline_kandinsky_prior::{
     check_mix_inputs, KandinskyPriorPipeline, MixInput, PriorOutput, PriorParams,
 };
 use crate::pipelines::kandinsky2_2::pipeline_kandinsky2_2::KandinskyV22Pipeline;
-use crate::pipelines::{check_strength, CancelFlag};
+use crate::pipelines::{check_strength, CancelFlag, Preview};
 use crate::schedulers::{with_class, SchedulerClass, SchedulerConfig};
 use crate::utils::torch_utils::TorchGenerator;
 use crate::vae_image_processor::{
-    extend_canvas, prepare_hint, prepare_image, to_rgb8, Margins, Rgb8,
+    extend_canvas, overlay_unmasked, prepare_hint, prepare_image, to_rgb8, Margins, Rgb8,
 };
 use candle_core::{DType, Device, Tensor};
 use std::path::{Path, PathBuf};
@@ -239,6 +239,10 @@ pub struct Inpainting {
     pub image: Rgb8,
     /// The mask, same size as the image: white = repaint, black = keep.
     pub mask: Rgb8,
+    /// Keep the unmasked part of the image as AUTOMATIC1111 does ([`overlay_unmasked`] with
+    /// this mask blur σ in pixels); `None` returns the decoder's output as diffusers does, where
+    /// the kept part also changes a little (the 2.1 pipeline does not blend known regions).
+    pub mask_blur: Option<f64>,
     /// The decoder's initial latents.
     pub latents: Option<Tensor>,
     /// The prior's initial latents.
@@ -255,6 +259,8 @@ pub struct Outpainting {
     pub image: Rgb8,
     /// Pixels to add on each side.
     pub margins: Margins,
+    /// Keep the original image, as [`Inpainting::mask_blur`].
+    pub mask_blur: Option<f64>,
     /// The decoder's initial latents.
     pub latents: Option<Tensor>,
     /// The prior's initial latents.
@@ -469,6 +475,7 @@ pub struct AutoPipeline {
     prior: Option<KandinskyPriorPipeline>,
     decoder: Option<Decoder>,
     cancel: Option<CancelFlag>,
+    preview: Option<Preview>,
 }
 
 impl AutoPipeline {
@@ -515,6 +522,7 @@ impl AutoPipeline {
             prior: None,
             decoder: None,
             cancel: None,
+            preview: None,
         })
     }
 
@@ -534,6 +542,19 @@ impl AutoPipeline {
             decoder.core_mut().cancel = Some(flag.clone());
         }
         self.cancel = Some(flag);
+    }
+
+    /// Live previews of the decoder's latents (see [`Preview`]); `None` turns them off.
+    pub fn set_preview(&mut self, preview: Option<Preview>) {
+        if let Some(decoder) = &mut self.decoder {
+            decoder.core_mut().preview = preview.clone();
+        }
+        self.preview = preview;
+    }
+
+    /// Whether both stages are in memory (with [`LoadOptions::keep_loaded`], after a first run).
+    pub fn is_loaded(&self) -> bool {
+        self.prior.is_some() && self.decoder.is_some()
     }
 
     /// Checks a request against the model, before any weight is loaded or any step runs: the
@@ -571,9 +592,13 @@ impl AutoPipeline {
                 check_strength("strength", m.strength)?;
                 check_prior_start(m.prior_strength, &m.prior_latents)?;
             }
-            Mode::Inpainting(m) => check_mask_size(&m.image, &m.mask)?,
+            Mode::Inpainting(m) => {
+                check_mask_size(&m.image, &m.mask)?;
+                check_mask_blur(m.mask_blur)?;
+            }
             Mode::Outpainting(m) => {
                 let g = m.margins;
+                check_mask_blur(m.mask_blur)?;
                 if g.left + g.right + g.top + g.bottom == 0 {
                     return Err(invalid(
                         "give at least one margin to extend: left, right, top or bottom".into(),
@@ -642,6 +667,15 @@ impl AutoPipeline {
     ) -> Result<Vec<Rgb8>> {
         let plan = self.check(&request)?;
         let Request { mode, params } = request;
+        // What the overlay needs after decoding: the input image, its mask and the blur.
+        let overlay = match &mode {
+            Mode::Inpainting(m) => m.mask_blur.map(|b| (m.image.clone(), m.mask.clone(), b)),
+            Mode::Outpainting(m) => m.mask_blur.map(|b| {
+                let (canvas, mask) = extend_canvas(&m.image, m.margins);
+                (canvas, mask, b)
+            }),
+            _ => None,
+        };
         let embeds = self.prior_stage(&mode, &params, generator, progress)?;
         if !self.options.keep_loaded {
             self.prior = None;
@@ -650,7 +684,17 @@ impl AutoPipeline {
         if !self.options.keep_loaded {
             self.decoder = None;
         }
-        to_rgb8(&images?)
+        let images = to_rgb8(&images?)?;
+        match overlay {
+            None => Ok(images),
+            Some((original, mask, blur)) => images
+                .iter()
+                .map(|generated| {
+                    let fit = |img: &Rgb8| resized(img, generated.width, generated.height);
+                    overlay_unmasked(&fit(&original), generated, &fit(&mask), blur)
+                })
+                .collect(),
+        }
     }
 
     fn prior(&mut self) -> Result<&KandinskyPriorPipeline> {
@@ -684,6 +728,7 @@ impl AutoPipeline {
                 )),
             };
             decoder.core_mut().cancel = self.cancel.clone();
+            decoder.core_mut().preview = self.preview.clone();
             self.decoder = Some(decoder);
         }
         Ok(self.decoder.as_mut().expect("loaded above"))
@@ -885,6 +930,31 @@ impl AutoPipeline {
                 bar,
             ),
         }
+    }
+}
+
+/// A mask blur is a finite σ ≥ 0 when given.
+fn check_mask_blur(blur: Option<f64>) -> Result<()> {
+    match blur {
+        Some(b) if !(b.is_finite() && b >= 0.0) => Err(invalid(format!(
+            "mask blur must be a finite number ≥ 0, got {b}"
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// `img` at `width × height` (Pillow bicubic when the size differs).
+fn resized(img: &Rgb8, width: usize, height: usize) -> Rgb8 {
+    if (img.width, img.height) == (width, height) {
+        return img.clone();
+    }
+    let data = crate::clip_image_processor::resize_bicubic_rgb8(
+        img.width, img.height, &img.data, width, height,
+    );
+    Rgb8 {
+        width,
+        height,
+        data,
     }
 }
 

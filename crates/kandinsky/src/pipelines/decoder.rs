@@ -8,7 +8,7 @@ use crate::loading::component_dir;
 use crate::models::{UNet2DConditionModel, UNetConditioning, VQModel};
 use crate::pipelines::kandinsky::pipeline_kandinsky_prior::repeat_interleave;
 use crate::pipelines::{
-    check_cancelled, check_strength, get_timesteps, prepare_latents, CancelFlag,
+    check_cancelled, check_strength, get_timesteps, prepare_latents, CancelFlag, Preview,
 };
 use crate::schedulers::{from_config, SchedulerConfig};
 use crate::utils::torch_utils::TorchGenerator;
@@ -126,6 +126,7 @@ pub(crate) struct DecoderCore {
     pub scheduler: SchedulerConfig,
     pub device: Device,
     pub cancel: Option<CancelFlag>,
+    pub preview: Option<Preview>,
 }
 
 impl DecoderCore {
@@ -139,6 +140,7 @@ impl DecoderCore {
             )?,
             device: device.clone(),
             cancel: None,
+            preview: None,
         })
     }
 
@@ -214,8 +216,14 @@ impl DecoderCore {
         // Inpainting: (masked image latents, mask) for the UNet input, and what the 2.2 pipeline
         // re-imposes after each step (the image latents, the mask, the initial noise).
         let mut inpaint = None;
+        // `latents * scheduler.init_noise_sigma` (1 except for the Euler schedulers).
+        let sigma0 = scheduler.init_noise_sigma();
+        let scaled =
+            |x: Tensor| -> Result<Tensor> { Ok(if sigma0 == 1.0 { x } else { (x * sigma0)? }) };
         let mut x = match run.init {
-            Init::Noise(latents) => prepare_latents(&[b, c, h, w], latents, generator, device)?,
+            Init::Noise(latents) => {
+                scaled(prepare_latents(&[b, c, h, w], latents, generator, device)?)?
+            }
             Init::Inpaint {
                 image_latents,
                 mask,
@@ -240,7 +248,7 @@ impl DecoderCore {
                     ],
                     1,
                 )?;
-                let x = prepare_latents(&[b, c, h, w], latents, generator, device)?;
+                let x = scaled(prepare_latents(&[b, c, h, w], latents, generator, device)?)?;
                 let known = image_latents.repeat((b, 1, 1, 1))?;
                 inpaint = Some((extra, blend.then(|| (known, mask, x.clone()))));
                 x
@@ -269,16 +277,21 @@ impl DecoderCore {
         };
         for (i, &t) in ts.iter().enumerate() {
             check_cancelled(self.cancel.as_ref())?;
+            // diffusers' Kandinsky pipelines skip `scale_model_input`, which only the Euler
+            // schedulers need; without it their first input would be ~σ_max times too large.
+            let xs = scheduler.scale_model_input(&x, t)?;
             let input = if cfg {
-                Tensor::cat(&[&x, &x], 0)?
+                Tensor::cat(&[&xs, &xs], 0)?
             } else {
-                x.clone()
+                xs
             };
             let input = match &inpaint {
                 Some((extra, _)) => Tensor::cat(&[&input, extra], 1)?,
                 None => input,
             };
-            let out = self.unet.forward(&input, t as f64, cond)?;
+            let out = self
+                .unet
+                .forward(&input, scheduler.model_timestep(t), cond)?;
             let out = guide(&out, c, b, cfg, params.guidance_scale)?;
             let out = if scheduler.uses_learned_variance() {
                 out
@@ -294,6 +307,14 @@ impl DecoderCore {
                 x = blend_known(&x, &known, mask)?;
             }
             progress(i + 1, ts.len());
+            if let Some(p) = &self.preview {
+                if p.every > 0 && (i + 1) % p.every == 0 && i + 1 < ts.len() {
+                    let image = self.movq.decode(&x.narrow(0, 0, 1)?, true)?;
+                    if let Some(image) = crate::vae_image_processor::to_rgb8(&image)?.pop() {
+                        (p.sink)(i + 1, ts.len(), image);
+                    }
+                }
+            }
         }
         if let Some((_, Some((known, mask, _)))) = &inpaint {
             x = blend_known(&x, known, mask)?;

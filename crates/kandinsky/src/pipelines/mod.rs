@@ -15,6 +15,25 @@ use std::sync::Arc;
 /// denoising step with [`Error::Cancelled`].
 pub type CancelFlag = Arc<AtomicBool>;
 
+/// Live previews of a decoder run: every `every` steps (not after the last) the current latents
+/// of the first image are decoded with the MoVQ and handed to `sink` with `(step, steps)`. The
+/// decode draws nothing from the generator, so previews never change the result.
+#[derive(Clone)]
+pub struct Preview {
+    /// Steps between previews (0 = none).
+    pub every: usize,
+    /// Receives `(step, steps, image)`.
+    pub sink: Arc<dyn Fn(usize, usize, crate::vae_image_processor::Rgb8) + Send + Sync>,
+}
+
+impl std::fmt::Debug for Preview {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Preview")
+            .field("every", &self.every)
+            .finish()
+    }
+}
+
 /// A strength (image-to-image, emb2emb) must be in (0, 1]; `what` names it in the error.
 pub(crate) fn check_strength(what: &str, strength: f64) -> Result<()> {
     if !(strength > 0.0 && strength <= 1.0) {

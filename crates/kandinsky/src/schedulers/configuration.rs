@@ -345,7 +345,12 @@ impl SchedulerConfig {
             value.as_object().map(|o| o.keys().cloned().collect());
         let mut config: SchedulerConfig = serde_json::from_value(value).map_err(json_err)?;
         if let Some(keys) = &present {
-            if config.class_name == super::DPM_SOLVER_MULTISTEP
+            if [
+                super::DPM_SOLVER_MULTISTEP,
+                super::EULER_DISCRETE,
+                super::EULER_ANCESTRAL_DISCRETE,
+            ]
+            .contains(&config.class_name.as_str())
                 && !keys.contains("timestep_spacing")
             {
                 config.timestep_spacing = TimestepSpacing::Linspace;

@@ -10,6 +10,8 @@ pub mod configuration;
 pub mod scheduling_ddim;
 pub mod scheduling_ddpm;
 pub mod scheduling_dpmsolver_multistep;
+pub mod scheduling_euler_ancestral_discrete;
+pub mod scheduling_euler_discrete;
 pub mod scheduling_unclip;
 pub mod scheduling_utils;
 
@@ -17,7 +19,10 @@ pub use configuration::{
     AlgorithmType, BetaSchedule, FinalSigmasType, PredictionType, SchedulerConfig, SolverType,
     TimestepSpacing, VarianceType,
 };
-pub use scheduling_utils::{from_config, with_class, SchedulerClass, DPM_SOLVER_MULTISTEP};
+pub use scheduling_utils::{
+    from_config, with_class, SchedulerClass, DPM_SOLVER_MULTISTEP, EULER_ANCESTRAL_DISCRETE,
+    EULER_DISCRETE,
+};
 
 use crate::error::{Error, Result};
 use crate::utils::torch_utils::TorchGenerator;
@@ -146,6 +151,20 @@ pub trait Scheduler {
     fn add_noise(&self, original: &Tensor, noise: &Tensor, timestep: usize) -> Result<Tensor>;
     /// Whether the model's learned-variance channels are consumed (`learned` / `learned_range`).
     fn uses_learned_variance(&self) -> bool;
+    /// The timestep the model is conditioned on at schedule entry `t` (Euler's are fractional;
+    /// its entries are step indices).
+    fn model_timestep(&self, t: usize) -> f64 {
+        t as f64
+    }
+    /// `scale_model_input`: the model's input at entry `t` (the sample itself except for the
+    /// Euler schedulers, which divide by `√(σ² + 1)`).
+    fn scale_model_input(&self, sample: &Tensor, _t: usize) -> Result<Tensor> {
+        Ok(sample.clone())
+    }
+    /// `init_noise_sigma`: the standard deviation of the initial noise.
+    fn init_noise_sigma(&self) -> f64 {
+        1.0
+    }
 }
 
 /// `_threshold_sample` (dynamic thresholding, DDPM and DPM-Solver): per sample,

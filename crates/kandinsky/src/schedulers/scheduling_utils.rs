@@ -2,7 +2,8 @@
 //! one from a config, and `Class.from_config(other.config)` (switching classes).
 
 use super::{
-    scheduling_ddim, scheduling_ddpm, scheduling_dpmsolver_multistep, scheduling_unclip, Scheduler,
+    scheduling_ddim, scheduling_ddpm, scheduling_dpmsolver_multistep,
+    scheduling_euler_ancestral_discrete, scheduling_euler_discrete, scheduling_unclip, Scheduler,
     SchedulerConfig,
 };
 use crate::error::{Error, Result};
@@ -21,15 +22,26 @@ pub enum SchedulerClass {
     DpmSolverMultistep,
     /// `UnCLIPScheduler` (the priors').
     UnClip,
+    /// `EulerDiscreteScheduler`.
+    EulerDiscrete,
+    /// `EulerAncestralDiscreteScheduler` (A1111's "Euler a").
+    EulerAncestralDiscrete,
 }
+
+/// `EulerDiscreteScheduler`'s `_class_name`.
+pub const EULER_DISCRETE: &str = "EulerDiscreteScheduler";
+/// `EulerAncestralDiscreteScheduler`'s `_class_name`.
+pub const EULER_ANCESTRAL_DISCRETE: &str = "EulerAncestralDiscreteScheduler";
 
 impl SchedulerClass {
     /// Every class.
-    pub const ALL: [SchedulerClass; 4] = [
+    pub const ALL: [SchedulerClass; 6] = [
         SchedulerClass::Ddim,
         SchedulerClass::Ddpm,
         SchedulerClass::DpmSolverMultistep,
         SchedulerClass::UnClip,
+        SchedulerClass::EulerDiscrete,
+        SchedulerClass::EulerAncestralDiscrete,
     ];
 
     /// diffusers' `_class_name`.
@@ -39,6 +51,8 @@ impl SchedulerClass {
             SchedulerClass::Ddpm => "DDPMScheduler",
             SchedulerClass::DpmSolverMultistep => DPM_SOLVER_MULTISTEP,
             SchedulerClass::UnClip => "UnCLIPScheduler",
+            SchedulerClass::EulerDiscrete => EULER_DISCRETE,
+            SchedulerClass::EulerAncestralDiscrete => EULER_ANCESTRAL_DISCRETE,
         }
     }
 
@@ -54,6 +68,8 @@ impl SchedulerClass {
             SchedulerClass::Ddpm => "DDPM",
             SchedulerClass::DpmSolverMultistep => "DPM++ 2M",
             SchedulerClass::UnClip => "UnCLIP",
+            SchedulerClass::EulerDiscrete => "Euler",
+            SchedulerClass::EulerAncestralDiscrete => "Euler a",
         }
     }
 }
@@ -123,6 +139,21 @@ fn init_keys(class: SchedulerClass) -> Option<&'static [&'static str]> {
             "timestep_spacing",
             "steps_offset",
             "rescale_betas_zero_snr",
+        ],
+        SchedulerClass::EulerDiscrete | SchedulerClass::EulerAncestralDiscrete => &[
+            "num_train_timesteps",
+            "beta_start",
+            "beta_end",
+            "beta_schedule",
+            "trained_betas",
+            "prediction_type",
+            "timestep_spacing",
+            "steps_offset",
+            "rescale_betas_zero_snr",
+            "use_karras_sigmas",
+            "use_exponential_sigmas",
+            "use_beta_sigmas",
+            "final_sigmas_type",
         ],
         SchedulerClass::UnClip => return None,
     })
@@ -205,6 +236,12 @@ pub fn from_config(config: &SchedulerConfig) -> Result<Box<dyn Scheduler + Send>
             Box::new(scheduling_dpmsolver_multistep::DpmSolverMultistepScheduler::new(config)?)
         }
         SchedulerClass::UnClip => Box::new(scheduling_unclip::UnClipScheduler::new(config)?),
+        SchedulerClass::EulerDiscrete => Box::new(
+            scheduling_euler_discrete::EulerDiscreteScheduler::new(config)?,
+        ),
+        SchedulerClass::EulerAncestralDiscrete => Box::new(
+            scheduling_euler_ancestral_discrete::EulerAncestralDiscreteScheduler::new(config)?,
+        ),
     })
 }
 
@@ -248,6 +285,8 @@ mod tests {
         // DDIM from the same hub file: set_alpha_to_one present (false), clip_sample false.
         let ddim = with_class(&hub, "DDIMScheduler").unwrap();
         assert!(!ddim.set_alpha_to_one && !ddim.clip_sample);
-        assert!(with_class(&hub, "EulerDiscreteScheduler").is_err());
+        assert!(with_class(&hub, "LMSDiscreteScheduler").is_err());
+        let euler = with_class(&hub, EULER_DISCRETE).unwrap();
+        assert_eq!(euler.timestep_spacing, TimestepSpacing::Linspace);
     }
 }
