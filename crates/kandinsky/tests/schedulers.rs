@@ -102,9 +102,9 @@ fn bad_configs_and_step_counts_are_errors() {
     c.variance_type = Some("learned".into());
     assert!(from_config(&c).is_err());
     let mut c = config("ddim_2_1");
-    c.class_name = "EulerDiscreteScheduler".into();
+    c.class_name = "LMSDiscreteScheduler".into();
     let err = from_config(&c).err().unwrap().to_string();
-    assert!(err.contains("EulerDiscreteScheduler"), "{err}");
+    assert!(err.contains("LMSDiscreteScheduler"), "{err}");
     let mut s = from_config(&config("ddpm_2_2")).unwrap();
     assert!(s.set_timesteps(0).is_err());
     assert!(s.set_timesteps(1001).is_err());
@@ -259,4 +259,110 @@ fn dpm_solver_refuses_what_it_does_not_implement() {
     let mut s = from_config(&config("dpmpp_2m_trailing_vpred")).unwrap();
     assert!(s.set_timesteps(61).is_err());
     assert!(s.set_timesteps(60).is_ok());
+}
+
+/// `EulerDiscreteScheduler` / `EulerAncestralDiscreteScheduler` `.from_config(hub file)` against
+/// diffusers (`tools/make_euler_fixtures.py`): timesteps, σ, `init_noise_sigma`, a whole 10-step
+/// loop on a stand-in model (`ε = 0.5 · scaled input + 0.1`, the ancestral noise drawn from a
+/// seeded generator), and `add_noise`.
+#[test]
+fn euler_schedulers_match_diffusers() {
+    use kandinsky::schedulers::{EULER_ANCESTRAL_DISCRETE, EULER_DISCRETE};
+    let io = load_io(&fixtures().join("schedulers/euler.safetensors"));
+    let leading = HUB_DDIM_2_1.replace(
+        "\"thresholding\": false",
+        "\"thresholding\": false, \"timestep_spacing\": \"leading\"",
+    );
+    let trailing = HUB_DDPM_2_2.replace(
+        "\"thresholding\": false",
+        "\"thresholding\": false, \"timestep_spacing\": \"trailing\"",
+    );
+    let cases = [
+        (
+            "euler_from_ddim_2_1",
+            EULER_DISCRETE,
+            HUB_DDIM_2_1.to_string(),
+        ),
+        (
+            "euler_a_from_ddpm_2_2",
+            EULER_ANCESTRAL_DISCRETE,
+            HUB_DDPM_2_2.to_string(),
+        ),
+        ("euler_leading", EULER_DISCRETE, leading),
+        ("euler_a_trailing", EULER_ANCESTRAL_DISCRETE, trailing),
+    ];
+    let get = |k: &str| io.get(k).unwrap_or_else(|| panic!("fixture {k}")).clone();
+    for (name, class, base) in cases {
+        let config = with_class(&SchedulerConfig::from_json(&base).unwrap(), class).unwrap();
+        for n in [10, 25] {
+            let mut s = from_config(&config).unwrap();
+            s.set_timesteps(n).unwrap();
+            let ours: Vec<f32> = s
+                .timesteps()
+                .iter()
+                .map(|&i| s.model_timestep(i) as f32)
+                .collect();
+            let want: Vec<f32> = get(&format!("{name}.timesteps_{n}")).to_vec1().unwrap();
+            assert_eq!(ours, want, "{name} timesteps {n}");
+            let sigma0: Vec<f32> = get(&format!("{name}.init_noise_sigma_{n}"))
+                .to_vec1()
+                .unwrap();
+            assert!(
+                (s.init_noise_sigma() as f32 - sigma0[0]).abs() <= 1e-6 * sigma0[0],
+                "{name} init_noise_sigma {} vs {}",
+                s.init_noise_sigma(),
+                sigma0[0]
+            );
+            // σ through `add_noise` of zeros and ones: σ_i exactly.
+            let sigmas: Vec<f32> = get(&format!("{name}.sigmas_{n}")).to_vec1().unwrap();
+            let zero = Tensor::zeros(1, DType::F32, &Device::Cpu).unwrap();
+            let one = Tensor::ones(1, DType::F32, &Device::Cpu).unwrap();
+            for (i, want) in sigmas.iter().enumerate().take(n) {
+                let got: Vec<f32> = s.add_noise(&zero, &one, i).unwrap().to_vec1().unwrap();
+                assert!(
+                    (got[0] - want).abs() <= 2e-7 * want.max(1.0),
+                    "{name} σ_{i}: {} vs {want}",
+                    got[0]
+                );
+            }
+        }
+        let mut s = from_config(&config).unwrap();
+        s.set_timesteps(10).unwrap();
+        let mut g = TorchGenerator::new(0);
+        let mut x = (g.randn((1, 4, 8, 8), &Device::Cpu).unwrap() * s.init_noise_sigma()).unwrap();
+        let mut noise_gen = TorchGenerator::new(1);
+        let steps = s.timesteps().to_vec();
+        for (i, &t) in steps.iter().enumerate() {
+            let input = s.scale_model_input(&x, t).unwrap();
+            if i == 0 || i == 5 {
+                assert_close(
+                    &format!("{name} input {i}"),
+                    &input,
+                    &get(&format!("{name}.input_{i}")),
+                );
+            }
+            let eps = ((&input * 0.5).unwrap() + 0.1).unwrap();
+            x = s.step(&eps, t, &x, &mut noise_gen).unwrap();
+            if i == 0 {
+                assert_close(
+                    &format!("{name} step 0"),
+                    &x,
+                    &get(&format!("{name}.after_0")),
+                );
+            }
+        }
+        assert_close(&format!("{name} final"), &x, &get(&format!("{name}.final")));
+        let noised = s
+            .add_noise(
+                &get(&format!("{name}.x0")),
+                &get(&format!("{name}.noise")),
+                3,
+            )
+            .unwrap();
+        assert_close(
+            &format!("{name} add_noise"),
+            &noised,
+            &get(&format!("{name}.noised_3")),
+        );
+    }
 }

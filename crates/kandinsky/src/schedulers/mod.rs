@@ -79,14 +79,15 @@ pub fn betas_for_alpha_bar(n: usize) -> Vec<f32> {
         .collect()
 }
 
-/// `torch.cumprod(1 - betas)` in f32.
+/// `torch.cumprod(1 - betas)` of an f32 tensor: `1 - b` in f32, the running product in f64
+/// (torch's CPU accumulation type for float), each prefix stored as f32.
 pub fn alphas_cumprod(betas: &[f32]) -> Vec<f32> {
-    let mut acc = 1f32;
+    let mut acc = 1f64;
     betas
         .iter()
         .map(|b| {
-            acc *= 1.0 - b;
-            acc
+            acc *= (1.0 - b) as f64;
+            acc as f32
         })
         .collect()
 }
