@@ -357,9 +357,9 @@ impl Queue {
     }
 }
 
-/// Steps between live previews of the decoder.
+/// Steps between live previews of the decoder (A1111 shows one every 10 steps).
 fn preview_every(steps: usize) -> usize {
-    (steps / 10).max(2)
+    (steps / 10).clamp(2, 10)
 }
 
 /// The longest side of a preview image.

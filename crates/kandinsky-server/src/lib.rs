@@ -433,6 +433,30 @@ async fn require_token(
     }
 }
 
+/// Refuses a body whose declared length is over [`MAX_BODY_BYTES`] before reading it (bodies
+/// without a length are cut at the limit by the extractors).
+async fn limit_body(request: Request, next: Next) -> Response {
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_BODY_BYTES as u64) {
+        let mut response = ApiError::too_large(format!(
+            "the request body is larger than the server's limit ({} MiB)",
+            MAX_BODY_BYTES >> 20
+        ))
+        .into_response();
+        // The unread body would otherwise have to be drained first.
+        response.headers_mut().insert(
+            header::CONNECTION,
+            header::HeaderValue::from_static("close"),
+        );
+        return response;
+    }
+    next.run(request).await
+}
+
 /// Every route: the page, the native API, the A1111 API.
 pub fn router(state: Arc<AppState>) -> Router {
     use a1111 as a;
@@ -485,7 +509,8 @@ pub fn router(state: Arc<AppState>) -> Router {
             state.clone(),
             require_token,
         ))
-        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES));
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(axum::middleware::from_fn(limit_body));
     Router::new()
         .merge(web::routes())
         .merge(apis)
