@@ -50,8 +50,32 @@
     return msg || `The server answered ${resp.status} ${resp.statusText || ''}`.trim();
   }
 
+  // With `kandinsky serve --api-token T` every API call needs `Authorization: Bearer T`: the
+  // page asks once, keeps it in localStorage and sends it (EventSource cannot send headers, so
+  // the event stream gets it as `?token=`).
+  const tokenKey = 'kandinsky-api-token';
+  const token = () => localStorage.getItem(tokenKey) || '';
+
+  async function apiFetch(url, opts) {
+    const withToken = () => {
+      const o = Object.assign({}, opts || {});
+      o.headers = Object.assign({}, o.headers || {});
+      if (token()) o.headers.Authorization = 'Bearer ' + token();
+      return o;
+    };
+    let resp = await fetch(url, withToken());
+    if (resp.status === 401) {
+      const t = window.prompt('This server needs an API token (kandinsky serve --api-token):', '');
+      if (t) {
+        localStorage.setItem(tokenKey, t.trim());
+        resp = await fetch(url, withToken());
+      }
+    }
+    return resp;
+  }
+
   async function getJSON(url) {
-    const resp = await fetch(url, { headers: { Accept: 'application/json' } });
+    const resp = await apiFetch(url, { headers: { Accept: 'application/json' } });
     if (!resp.ok) throw new Error(await errorMessage(resp));
     return resp.json();
   }
@@ -275,7 +299,7 @@
 
     let resp;
     try {
-      resp = await fetch('/api/v1/jobs', {
+      resp = await apiFetch('/api/v1/jobs', {
         method: 'POST',
         headers: { 'Content-Type': 'application/json', Accept: 'application/json' },
         body: JSON.stringify(request),
@@ -304,7 +328,8 @@
     setProgress(created.position != null ? `Queued: position ${created.position}` : 'Queued', 0);
     if (job.cancelRequested) sendCancel(job);
 
-    const es = new EventSource(`/api/v1/jobs/${encodeURIComponent(job.id)}/events`);
+    const es = new EventSource(`/api/v1/jobs/${encodeURIComponent(job.id)}/events` +
+      (token() ? '?token=' + encodeURIComponent(token()) : ''));
     job.es = es;
     es.onmessage = (ev) => {
       job.errors = 0;
@@ -363,7 +388,7 @@
 
   async function sendCancel(job) {
     try {
-      const resp = await fetch(`/api/v1/jobs/${encodeURIComponent(job.id)}`, { method: 'DELETE' });
+      const resp = await apiFetch(`/api/v1/jobs/${encodeURIComponent(job.id)}`, { method: 'DELETE' });
       if (!resp.ok && !job.finished) showError(await errorMessage(resp));
     } catch (e) {
       if (!job.finished) showError(`Could not cancel: ${e.message}`);
