@@ -37,7 +37,10 @@ fn serve() -> Serve {
     let url = format!("http://127.0.0.1:{port}");
     let start = Instant::now();
     while ureq::get(&format!("{url}/api/v1/models")).call().is_err() {
-        assert!(start.elapsed() < Duration::from_secs(30), "server did not start");
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "server did not start"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     Serve { child, url }
@@ -69,8 +72,17 @@ fn the_server_gives_the_cli_pixels() {
         let out = dir.path().join(format!("t2i-{sampler}.png"));
         run_ok(
             &strings(&[
-                "generate", "--prompt", prompt, "--seed", "9", "--steps", "12", "--prior-steps", "6",
-                "--scheduler", sampler,
+                "generate",
+                "--prompt",
+                prompt,
+                "--seed",
+                "9",
+                "--steps",
+                "12",
+                "--prior-steps",
+                "6",
+                "--scheduler",
+                sampler,
             ]),
             &out,
         );
@@ -86,7 +98,18 @@ fn the_server_gives_the_cli_pixels() {
         fixture("small_model/inpaint_mask.png"),
     );
     let out = dir.path().join("inpaint.png");
-    let mut args = strings(&["inpaint", "--prompt", prompt, "--seed", "4", "--steps", "12", "--prior-steps", "6", "--image"]);
+    let mut args = strings(&[
+        "inpaint",
+        "--prompt",
+        prompt,
+        "--seed",
+        "4",
+        "--steps",
+        "12",
+        "--prior-steps",
+        "6",
+        "--image",
+    ]);
     args.extend([image.clone(), "--mask".into(), mask.clone()]);
     run_ok(&args, &out);
     let cli = image::open(&out).unwrap().to_rgb8();
@@ -101,7 +124,13 @@ fn the_server_gives_the_cli_pixels() {
 #[test]
 fn serve_refuses_bad_flags() {
     let out = bin()
-        .args(["serve", "--model", "/no/such/model", "--prior", "/no/such/prior"])
+        .args([
+            "serve",
+            "--model",
+            "/no/such/model",
+            "--prior",
+            "/no/such/prior",
+        ])
         .output()
         .unwrap();
     assert!(!out.status.success());

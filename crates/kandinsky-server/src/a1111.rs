@@ -173,8 +173,8 @@ impl Fields {
             None => default,
             Some(Value::Bool(b)) => *b,
             Some(Value::Number(n)) => match n.as_f64() {
-                Some(x) if x == 0.0 => false,
-                Some(x) if x == 1.0 => true,
+                Some(0.0) => false,
+                Some(1.0) => true,
                 _ => return Err(bad()),
             },
             Some(Value::String(s)) => match s.to_ascii_lowercase().as_str() {

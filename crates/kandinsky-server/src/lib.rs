@@ -315,7 +315,7 @@ impl AppState {
 pub enum ServerError {
     /// The models.
     #[error(transparent)]
-    Catalog(#[from] catalog::CatalogError),
+    Catalog(#[from] Box<catalog::CatalogError>),
     /// The socket.
     #[error("serving: {0}")]
     Io(#[from] std::io::Error),
@@ -330,10 +330,9 @@ pub struct Server {
 impl Server {
     /// Checks the models (configs only: weights load on first use) and starts the worker.
     pub fn start(config: ServerConfig) -> Result<Self, ServerError> {
-        let catalog = Arc::new(Catalog::from_specs(
-            &config.models,
-            config.prior.as_deref(),
-        )?);
+        let catalog = Arc::new(
+            Catalog::from_specs(&config.models, config.prior.as_deref()).map_err(Box::new)?,
+        );
         let queue = Queue::new(config.queue);
         let worker = jobs::spawn_worker(
             queue.clone(),

@@ -37,11 +37,14 @@ async fn js(c: &Client, script: &str) -> Value {
 }
 
 async fn text(c: &Client, id: &str) -> String {
-    js(c, &format!("return document.getElementById('{id}').textContent.trim();"))
-        .await
-        .as_str()
-        .unwrap_or_default()
-        .to_string()
+    js(
+        c,
+        &format!("return document.getElementById('{id}').textContent.trim();"),
+    )
+    .await
+    .as_str()
+    .unwrap_or_default()
+    .to_string()
 }
 
 /// Polls `script` until it returns true.
@@ -69,7 +72,12 @@ async fn set(c: &Client, id: &str, value: &str) {
 }
 
 async fn click(c: &Client, css: &str) {
-    c.find(Locator::Css(css)).await.expect(css).click().await.expect(css);
+    c.find(Locator::Css(css))
+        .await
+        .expect(css)
+        .click()
+        .await
+        .expect(css);
 }
 
 /// The viewport position of a world point of the canvas.
@@ -114,7 +122,10 @@ fn the_editor_in_a_real_browser() {
         which("chromedriver"),
         which("chromium").or_else(|| which("chromium-browser")),
     ) else {
-        assert!(!required, "KANDINSKY_BROWSER_TEST=require but chromium / chromedriver are not installed");
+        assert!(
+            !required,
+            "KANDINSKY_BROWSER_TEST=require but chromium / chromedriver are not installed"
+        );
         eprintln!("skipped: chromium and chromedriver are not installed (apt-get install chromium chromium-driver)");
         return;
     };
