@@ -256,6 +256,7 @@ fn inpaint_keeps_the_unmasked_part() {
         args.push(fixture("images/drawing_64x64.png"));
         args.push("--mask".into());
         args.push(fixture("images/mask_64x64.png"));
+        args.extend(strings(&["--width", "64", "--height", "64"]));
         args.extend(strings(extra));
         args.extend(tiny(model, prior, "4", "3", "41"));
         run_ok(&args, &out);
