@@ -81,8 +81,8 @@ def main():
     r = api.txt2img(prompt="a green triangle", width=64, height=64, steps=400)
     w.join()
     assert any(p["progress"] > 0 for p in seen), seen[-1]
-    assert r.images == [], "an interrupted job answers 200 without images"
-    print("progress seen, interrupt answered 200 with", len(r.images), "images")
+    assert len(r.images) == 1 and r.image.size == (64, 64), "an interrupt answers 200 with the unfinished image"
+    print("progress seen, interrupt answered 200 with the unfinished image")
     api.util_wait_for_ready()
     print("OK: webuiapi", webuiapi.__version__ if hasattr(webuiapi, "__version__") else "0.9.17", "works unchanged")
 

@@ -419,7 +419,7 @@ async fn run(
                 false,
             )
         }
-        // A1111 answers an interrupt with what it has; a cancelled job here has no image.
+        // Cancelled through the native API while an A1111 request waited on it: no image.
         JobState::Cancelled => (Vec::new(), true),
         _ => {
             return Err(A1111Error::runtime(
@@ -443,7 +443,7 @@ async fn run(
         "job_timestamp": timestamp(job.submitted), "clip_skip": 1,
         "is_using_inpainting_conditioning": img2img && job.work.kind == kandinsky::pipelines::auto_pipeline::DecoderKind::Inpaint,
         "version": format!("kandinsky-rs {}", env!("CARGO_PKG_VERSION")),
-        "interrupted": interrupted,
+        "interrupted": interrupted || job.stop_after.load(std::sync::atomic::Ordering::Relaxed),
     });
     let mut parameters = c.parameters;
     if img2img
@@ -723,7 +723,7 @@ pub async fn progress(State(state): State<Arc<AppState>>) -> Json<Value> {
     Json(json!({
         "progress": progress,
         "eta_relative": (elapsed / progress - elapsed).max(0.0),
-        "state": {"skipped": false, "interrupted": job.cancel.load(std::sync::atomic::Ordering::Relaxed),
+        "state": {"skipped": false, "interrupted": job.stop_after.load(std::sync::atomic::Ordering::Relaxed),
                   "stopping_generation": false, "job": job_name, "job_count": s.run.1,
                   "job_timestamp": timestamp(job.submitted), "job_no": s.run.0,
                   "sampling_step": s.step, "sampling_steps": s.steps},
@@ -732,19 +732,17 @@ pub async fn progress(State(state): State<Arc<AppState>>) -> Json<Value> {
     }))
 }
 
-/// `POST /sdapi/v1/interrupt` (and `skip`): stops the running job before its next step.
+/// `POST /sdapi/v1/interrupt`: the running generation ends before its next step and its
+/// unfinished latents are decoded and returned (200); no further image of the request is made.
 pub async fn interrupt(State(state): State<Arc<AppState>>) -> Json<Value> {
-    if let Some(job) = state.queue.running() {
-        state.queue.cancel(&job);
-    }
+    state.queue.interrupt(true);
     Json(json!({}))
 }
 
-/// `POST /sdapi/v1/skip`: as interrupt (a job here is one pass), answered with `null`.
+/// `POST /sdapi/v1/skip`: as interrupt, but the request's next images are still made; answered
+/// with `null` as A1111 does.
 pub async fn skip(State(state): State<Arc<AppState>>) -> Json<Value> {
-    if let Some(job) = state.queue.running() {
-        state.queue.cancel(&job);
-    }
+    state.queue.interrupt(false);
     Json(Value::Null)
 }
 

@@ -141,6 +141,10 @@ pub struct Job {
     pub changes: watch::Sender<u64>,
     /// Set to cancel it.
     pub cancel: CancelFlag,
+    /// Set to end the current generation early with its unfinished image (A1111 interrupt/skip).
+    pub interrupt: CancelFlag,
+    /// Set to run no further generations of the job (A1111 interrupt).
+    pub stop_after: AtomicBool,
     /// When it was submitted (for the A1111 `job_timestamp`).
     pub submitted: std::time::SystemTime,
 }
@@ -254,6 +258,8 @@ impl Queue {
             }),
             changes,
             cancel: Arc::new(AtomicBool::new(false)),
+            interrupt: Arc::new(AtomicBool::new(false)),
+            stop_after: AtomicBool::new(false),
             submitted: std::time::SystemTime::now(),
         });
         inner.waiting.push_back(job.clone());
@@ -321,6 +327,17 @@ impl Queue {
         let waiting: Vec<_> = self.lock().waiting.iter().cloned().collect();
         for job in waiting {
             job.changes.send_modify(|v| *v += 1);
+        }
+    }
+
+    /// A1111's interrupt (`and_stop`) or skip: the running generation ends before its next step
+    /// with its unfinished image; with `and_stop` no further generation of the job runs.
+    pub fn interrupt(&self, and_stop: bool) {
+        if let Some(job) = self.running() {
+            if and_stop {
+                job.stop_after.store(true, Ordering::Relaxed);
+            }
+            job.interrupt.store(true, Ordering::Relaxed);
         }
     }
 
@@ -449,6 +466,7 @@ fn run_job(
         }
     };
     pipe.set_cancel_flag(job.cancel.clone());
+    pipe.set_interrupt_flag(job.interrupt.clone());
     let mut output = JobOutput {
         pngs: Vec::new(),
         seeds: Vec::new(),
@@ -456,6 +474,9 @@ fn run_job(
     };
     let runs = job.work.runs.len();
     for (r, run) in job.work.runs.iter().enumerate() {
+        if job.stop_after.load(Ordering::Relaxed) {
+            break;
+        }
         let preview_job = job.clone();
         pipe.set_preview(Some(Preview {
             every: preview_every(run.request.params.steps),
@@ -493,6 +514,8 @@ fn run_job(
             )?);
             output.seeds.push(run.seed);
         }
+        // A skip ends only this generation.
+        job.interrupt.store(false, Ordering::Relaxed);
     }
     pipe.set_preview(None);
     Ok(output)

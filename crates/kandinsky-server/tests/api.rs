@@ -434,6 +434,37 @@ fn a1111_api_subset() {
     assert_eq!(status, 422);
     let (status, v) = post(&u("interrupt"), &json!({}));
     assert_eq!((status, v), (200, json!({})));
+    // Interrupt a running batch: 200 with the unfinished first image, the second never made.
+    let url = s.url.clone();
+    let long = std::thread::spawn(move || {
+        post(
+            &format!("{url}/sdapi/v1/txt2img"),
+            &json!({"prompt": PROMPT, "seed": 1, "steps": 400, "width": 64, "height": 64, "batch_size": 2}),
+        )
+    });
+    loop {
+        let (_, p) = get(&u("progress"));
+        if p["state"]["sampling_step"].as_u64().unwrap_or(0) >= 5 && p["state"]["job_count"] == 2 {
+            assert!(p["progress"].as_f64().unwrap() > 0.0, "{p:.300}");
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let (status, v) = post(&u("interrupt"), &json!({}));
+    assert_eq!((status, v), (200, json!({})));
+    let (status, r) = long.join().unwrap();
+    assert_eq!(status, 200, "{r:.300}");
+    assert_eq!(
+        r["images"].as_array().unwrap().len(),
+        1,
+        "the unfinished image only"
+    );
+    assert_eq!(decode(&r["images"][0]).dimensions(), (64, 64));
+    let info: Value = serde_json::from_str(r["info"].as_str().unwrap()).unwrap();
+    assert_eq!(info["interrupted"], true);
+    // The server goes on, idle again.
+    let (_, p) = get(&u("progress"));
+    assert_eq!(p["state"]["job_count"], 0);
 }
 
 fn init_b64() -> String {

@@ -475,6 +475,7 @@ pub struct AutoPipeline {
     prior: Option<KandinskyPriorPipeline>,
     decoder: Option<Decoder>,
     cancel: Option<CancelFlag>,
+    interrupt: Option<CancelFlag>,
     preview: Option<Preview>,
 }
 
@@ -522,6 +523,7 @@ impl AutoPipeline {
             prior: None,
             decoder: None,
             cancel: None,
+            interrupt: None,
             preview: None,
         })
     }
@@ -542,6 +544,16 @@ impl AutoPipeline {
             decoder.core_mut().cancel = Some(flag.clone());
         }
         self.cancel = Some(flag);
+    }
+
+    /// A flag that, once set, ends the decoder's loop before its next step and decodes the
+    /// latents as they are (AUTOMATIC1111's interrupt: an unfinished image instead of an error).
+    /// The prior stage runs to its end.
+    pub fn set_interrupt_flag(&mut self, flag: CancelFlag) {
+        if let Some(decoder) = &mut self.decoder {
+            decoder.core_mut().interrupt = Some(flag.clone());
+        }
+        self.interrupt = Some(flag);
     }
 
     /// Live previews of the decoder's latents (see [`Preview`]); `None` turns them off.
@@ -729,6 +741,7 @@ impl AutoPipeline {
             };
             decoder.core_mut().cancel = self.cancel.clone();
             decoder.core_mut().preview = self.preview.clone();
+            decoder.core_mut().interrupt = self.interrupt.clone();
             self.decoder = Some(decoder);
         }
         Ok(self.decoder.as_mut().expect("loaded above"))

@@ -126,6 +126,9 @@ pub(crate) struct DecoderCore {
     pub scheduler: SchedulerConfig,
     pub device: Device,
     pub cancel: Option<CancelFlag>,
+    /// Set: the loop stops before its next step and the current latents are decoded (A1111's
+    /// interrupt), instead of failing as a cancel does.
+    pub interrupt: Option<CancelFlag>,
     pub preview: Option<Preview>,
 }
 
@@ -140,6 +143,7 @@ impl DecoderCore {
             )?,
             device: device.clone(),
             cancel: None,
+            interrupt: None,
             preview: None,
         })
     }
@@ -277,6 +281,13 @@ impl DecoderCore {
         };
         for (i, &t) in ts.iter().enumerate() {
             check_cancelled(self.cancel.as_ref())?;
+            if self
+                .interrupt
+                .as_ref()
+                .is_some_and(|f| f.load(std::sync::atomic::Ordering::Relaxed))
+            {
+                break;
+            }
             // diffusers' Kandinsky pipelines skip `scale_model_input`, which only the Euler
             // schedulers need; without it their first input would be ~σ_max times too large.
             let xs = scheduler.scale_model_input(&x, t)?;
