@@ -2,6 +2,7 @@
 
 mod bench;
 mod decode;
+mod download;
 mod eval;
 mod generate;
 mod serve;
@@ -62,6 +63,9 @@ enum Command {
     Eval(eval::EvalArgs),
     /// Train a stage of our small Kandinsky on the synthetic shapes world (resumable).
     Train(train::TrainArgs),
+    /// Download a preset's or a hub id's pipeline into the Hugging Face cache (what loading needs
+    /// only; resumable; sha256-checked).
+    Download(download::DownloadArgs),
     /// Decode a latent to a PNG with a MoVQ model (the last stage of every pipeline).
     Decode(decode::DecodeArgs),
 }
@@ -91,6 +95,7 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Bench(args) => bench::run(&args),
         Command::Decode(args) => decode::run(&args),
+        Command::Download(args) => download::run(&args),
         Command::Generate(args) => generate::run(&args),
         Command::Img2img(args) => generate::run_img2img(&args),
         Command::Mix(args) => generate::run_mix(&args),

@@ -6,6 +6,7 @@
 //! `config.json` and weights.
 
 pub mod cache;
+pub mod hub;
 mod weights;
 
 pub use weights::{ParamStore, WeightStore, Weights};
