@@ -15,7 +15,7 @@ use axum::Json;
 use kandinsky::pipelines::auto_pipeline::{
     GenerationParams, ImageToImage, Inpainting, Mode, Prompt, Request, TextToImage,
 };
-use kandinsky::vae_image_processor::Rgb8;
+use kandinsky::vae_image_processor::{resize_rgb8, Rgb8};
 use serde_json::{json, Map, Value};
 use std::sync::Arc;
 
@@ -364,6 +364,47 @@ fn common(state: &AppState, f: &Fields, img2img: bool) -> A1111Result<Common> {
     })
 }
 
+impl Common {
+    /// The prompt and its negative (an empty negative is none).
+    fn prompt(&self) -> Prompt {
+        Prompt {
+            prompt: self.prompt.clone(),
+            negative_prompt: Some(self.negative_prompt.clone()).filter(|n| !n.is_empty()),
+        }
+    }
+}
+
+/// One generation per image, image `i` with seed `seed + i` (A1111's `all_seeds`), checked
+/// against the model before anything is queued.
+fn work(
+    state: &AppState,
+    model: &crate::catalog::ModelEntry,
+    c: &Common,
+    mode: Mode,
+    extra: &[(&str, String)],
+) -> A1111Result<Work> {
+    let mut runs = Vec::new();
+    let mut infotexts = Vec::new();
+    for i in 0..c.count {
+        let request = Request {
+            mode: mode.clone(),
+            params: params(c),
+        };
+        if i == 0 {
+            state.catalog.check(model, &request)?;
+        }
+        let seed = c.seed.wrapping_add(i as u64);
+        infotexts.push(infotext(c, seed, extra));
+        runs.push(Run { request, seed });
+    }
+    Ok(Work {
+        model: model.name.clone(),
+        kind: mode.decoder_kind(),
+        runs,
+        infotexts,
+    })
+}
+
 /// A1111's infotext: prompt, negative prompt, then `k: v` pairs.
 fn infotext(c: &Common, seed: u64, extra: &[(&str, String)]) -> String {
     let mut s = c.prompt.clone();
@@ -506,53 +547,13 @@ pub async fn txt2img(
     let f = Fields::parse(body)?;
     let c = common(&state, &f, false)?;
     let model = state.catalog.get(Some(&c.model))?;
-    let prompt = Prompt {
-        prompt: c.prompt.clone(),
-        negative_prompt: Some(c.negative_prompt.clone()).filter(|n| !n.is_empty()),
-    };
-    let mut runs = Vec::new();
-    let mut infotexts = Vec::new();
-    for i in 0..c.count {
-        let request = Request {
-            mode: Mode::TextToImage(TextToImage {
-                prompt: prompt.clone(),
-                latents: None,
-                prior_latents: None,
-            }),
-            params: params(&c),
-        };
-        if i == 0 {
-            state.catalog.check(model, &request)?;
-        }
-        let seed = c.seed.wrapping_add(i as u64);
-        infotexts.push(infotext(&c, seed, &[]));
-        runs.push(Run { request, seed });
-    }
-    let work = Work {
-        model: model.name.clone(),
-        kind: kandinsky::pipelines::auto_pipeline::DecoderKind::TextToImage,
-        runs,
-        infotexts,
-    };
+    let mode = Mode::TextToImage(TextToImage {
+        prompt: c.prompt(),
+        latents: None,
+        prior_latents: None,
+    });
+    let work = work(&state, model, &c, mode, &[])?;
     run(&state, c, work, Value::Null, json!({}), false).await
-}
-
-/// `image` at `w × h` (Pillow bicubic), as A1111's `resize_mode` 0.
-fn resize(image: &Rgb8, w: usize, h: usize) -> Rgb8 {
-    if (image.width, image.height) == (w, h) {
-        return image.clone();
-    }
-    Rgb8 {
-        width: w,
-        height: h,
-        data: kandinsky::clip_image_processor::resize_bicubic_rgb8(
-            image.width,
-            image.height,
-            &image.data,
-            w,
-            h,
-        ),
-    }
 }
 
 /// `POST /sdapi/v1/img2img`: image-to-image, or inpainting when `mask` is given.
@@ -588,7 +589,7 @@ pub async fn img2img(
     let model = state.catalog.get(Some(&c.model))?;
     let strength = f.float("denoising_strength", 0.75)?;
     let mask_text = f.opt_string("mask")?;
-    let (kind, mode_of, extra, denoise) = if let Some(mask_text) = mask_text {
+    let (mode_of, extra, denoise) = if let Some(mask_text) = mask_text {
         let blur = match f.get("mask_blur") {
             Some(_) => f.int("mask_blur", 4)? as f64,
             None => f.int("mask_blur_x", 4)? as f64,
@@ -611,16 +612,13 @@ pub async fn img2img(
             if invert {
                 mask.data.iter_mut().for_each(|v| *v = 255 - *v);
             }
-            Ok((resize(&image, w, h), resize(&mask, w, h)))
+            // A1111's `resize_mode` 0: just resize.
+            Ok((resize_rgb8(&image, w, h), resize_rgb8(&mask, w, h)))
         })
         .await
         .map_err(|e| A1111Error::runtime(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
-        let prompt = Prompt {
-            prompt: c.prompt.clone(),
-            negative_prompt: Some(c.negative_prompt.clone()).filter(|n| !n.is_empty()),
-        };
         let mode = Mode::Inpainting(Inpainting {
-            prompt,
+            prompt: c.prompt(),
             image,
             mask,
             mask_blur: Some(blur),
@@ -631,38 +629,26 @@ pub async fn img2img(
         if invert {
             extra["Mask mode"] = json!("Inpaint not masked");
         }
-        (
-            kandinsky::pipelines::auto_pipeline::DecoderKind::Inpaint,
-            mode,
-            extra,
-            Value::Null,
-        )
+        (mode, extra, Value::Null)
     } else {
         let image = tokio::task::spawn_blocking(move || -> A1111Result<Rgb8> {
             Ok(to_rgb8(&decode_image(&first, "init_images[0]")?))
         })
         .await
         .map_err(|e| A1111Error::runtime(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
-        let prompt = Prompt {
-            prompt: c.prompt.clone(),
-            negative_prompt: Some(c.negative_prompt.clone()).filter(|n| !n.is_empty()),
-        };
         let mode = Mode::ImageToImage(ImageToImage {
-            prompt,
+            prompt: c.prompt(),
             image,
             strength: strength.min(1.0),
             prior_strength: None,
             prior_latents: None,
         });
         (
-            kandinsky::pipelines::auto_pipeline::DecoderKind::TextToImage,
             mode,
             json!({"Denoising strength": strength}),
             json!(strength),
         )
     };
-    let mut runs = Vec::new();
-    let mut infotexts = Vec::new();
     let extra_pairs: Vec<(&str, String)> = extra
         .as_object()
         .map(|o| {
@@ -676,24 +662,7 @@ pub async fn img2img(
                 .collect()
         })
         .unwrap_or_default();
-    for i in 0..c.count {
-        let request = Request {
-            mode: mode_of.clone(),
-            params: params(&c),
-        };
-        if i == 0 {
-            state.catalog.check(model, &request)?;
-        }
-        let seed = c.seed.wrapping_add(i as u64);
-        infotexts.push(infotext(&c, seed, &extra_pairs));
-        runs.push(Run { request, seed });
-    }
-    let work = Work {
-        model: model.name.clone(),
-        kind,
-        runs,
-        infotexts,
-    };
+    let work = work(&state, model, &c, mode_of, &extra_pairs)?;
     run(&state, c, work, denoise, extra, true).await
 }
 

@@ -30,6 +30,30 @@ impl Rgb8 {
     }
 }
 
+/// `image` at `width × height` (Pillow bicubic), or a copy when it already has that size.
+pub fn resize_rgb8(image: &Rgb8, width: usize, height: usize) -> Rgb8 {
+    if (image.width, image.height) == (width, height) {
+        return image.clone();
+    }
+    let data = crate::clip_image_processor::resize_bicubic_rgb8(
+        image.width,
+        image.height,
+        &image.data,
+        width,
+        height,
+    );
+    Rgb8 {
+        width,
+        height,
+        data,
+    }
+}
+
+/// Pillow's RGB → L: `(19595 R + 38470 G + 7471 B + 2^15) >> 16`.
+pub(crate) fn pillow_luma(p: &[u8]) -> u8 {
+    ((p[0] as u32 * 19595 + p[1] as u32 * 38470 + p[2] as u32 * 7471 + 0x8000) >> 16) as u8
+}
+
 /// A buffer of `len` bytes must hold a non-empty `width × height` RGB8 image.
 pub(crate) fn check_rgb8(width: usize, height: usize, len: usize) -> Result<()> {
     if width == 0 || height == 0 || len != width * height * 3 {
@@ -219,14 +243,7 @@ pub fn overlay_unmasked(
     let binary: Vec<f32> = mask
         .data
         .chunks_exact(3)
-        .map(|p| {
-            let l = (p[0] as u32 * 19595 + p[1] as u32 * 38470 + p[2] as u32 * 7471 + 0x8000) >> 16;
-            if l > 128 {
-                255.0
-            } else {
-                0.0
-            }
-        })
+        .map(|p| if pillow_luma(p) > 128 { 255.0 } else { 0.0 })
         .collect();
     let blurred = gaussian_blur(&binary, w, h, mask_blur);
     let mut data = Vec::with_capacity(original.data.len());
@@ -309,17 +326,7 @@ pub fn numbered_path(path: &Path, index: usize, count: usize) -> std::path::Path
 /// resized to `width × height` (Pillow bicubic) when it differs, `/255`, `(1, 3, H, W)` in [0, 1]
 /// — the recipe of diffusers' ControlNet examples.
 pub fn prepare_hint(image: &Rgb8, width: usize, height: usize, device: &Device) -> Result<Tensor> {
-    let rgb = if (image.width, image.height) == (width, height) {
-        image.data.clone()
-    } else {
-        crate::clip_image_processor::resize_bicubic_rgb8(
-            image.width,
-            image.height,
-            &image.data,
-            width,
-            height,
-        )
-    };
+    let rgb = resize_rgb8(image, width, height).data;
     let t = chw_tensor(rgb, width, height, device)?;
     Ok((t / 255.0)?.unsqueeze(0)?)
 }

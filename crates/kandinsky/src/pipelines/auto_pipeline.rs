@@ -36,7 +36,8 @@ use crate::pipelines::{check_strength, CancelFlag, Preview};
 use crate::schedulers::{with_class, SchedulerClass, SchedulerConfig};
 use crate::utils::torch_utils::TorchGenerator;
 use crate::vae_image_processor::{
-    extend_canvas, overlay_unmasked, prepare_hint, prepare_image, to_rgb8, Margins, Rgb8,
+    extend_canvas, overlay_unmasked, prepare_hint, prepare_image, resize_rgb8, to_rgb8, Margins,
+    Rgb8,
 };
 use candle_core::{DType, Device, Tensor};
 use std::path::{Path, PathBuf};
@@ -702,7 +703,7 @@ impl AutoPipeline {
             Some((original, mask, blur)) => images
                 .iter()
                 .map(|generated| {
-                    let fit = |img: &Rgb8| resized(img, generated.width, generated.height);
+                    let fit = |img: &Rgb8| resize_rgb8(img, generated.width, generated.height);
                     overlay_unmasked(&fit(&original), generated, &fit(&mask), blur)
                 })
                 .collect(),
@@ -953,21 +954,6 @@ fn check_mask_blur(blur: Option<f64>) -> Result<()> {
             "mask blur must be a finite number ≥ 0, got {b}"
         ))),
         _ => Ok(()),
-    }
-}
-
-/// `img` at `width × height` (Pillow bicubic when the size differs).
-fn resized(img: &Rgb8, width: usize, height: usize) -> Rgb8 {
-    if (img.width, img.height) == (width, height) {
-        return img.clone();
-    }
-    let data = crate::clip_image_processor::resize_bicubic_rgb8(
-        img.width, img.height, &img.data, width, height,
-    );
-    Rgb8 {
-        width,
-        height,
-        data,
     }
 }
 

@@ -378,9 +378,7 @@ pub fn prepare_mask_and_masked_image(
     let keep: Vec<f32> = resize(mask, Filter::Lanczos, None)
         .chunks_exact(3)
         .map(|p| {
-            // Pillow's RGB → L: (19595 R + 38470 G + 7471 B + 2^15) >> 16.
-            let l = (p[0] as u32 * 19595 + p[1] as u32 * 38470 + p[2] as u32 * 7471 + 0x8000) >> 16;
-            if l as f32 / 255.0 >= 0.5 {
+            if crate::vae_image_processor::pillow_luma(p) as f32 / 255.0 >= 0.5 {
                 0.0
             } else {
                 1.0

@@ -2,7 +2,7 @@
 //! `EulerAncestralDiscreteScheduler` (A1111's "Euler a"): an Euler step down to σ_down, then
 //! fresh noise of σ_up drawn from the generator at every step, as diffusers draws it.
 
-use super::scheduling_euler_discrete::{zip, Sigmas};
+use super::scheduling_euler_discrete::{sigma_schedule_methods, zip, Sigmas};
 use super::{Scheduler, SchedulerConfig};
 use crate::error::Result;
 use crate::utils::torch_utils::TorchGenerator;
@@ -24,13 +24,7 @@ impl EulerAncestralDiscreteScheduler {
 }
 
 impl Scheduler for EulerAncestralDiscreteScheduler {
-    fn set_timesteps(&mut self, n: usize) -> Result<()> {
-        self.sigmas.set(n)
-    }
-
-    fn timesteps(&self) -> &[usize] {
-        &self.sigmas.entries
-    }
+    sigma_schedule_methods!();
 
     fn step(
         &mut self,
@@ -50,25 +44,5 @@ impl Scheduler for EulerAncestralDiscreteScheduler {
         })?;
         let noise = generator.randn(eps.shape(), eps.device())?;
         zip(&x, &noise, |x, n| x + n * up)
-    }
-
-    fn add_noise(&self, original: &Tensor, noise: &Tensor, i: usize) -> Result<Tensor> {
-        self.sigmas.add_noise(original, noise, i)
-    }
-
-    fn uses_learned_variance(&self) -> bool {
-        false
-    }
-
-    fn model_timestep(&self, i: usize) -> f64 {
-        self.sigmas.timestep(i)
-    }
-
-    fn scale_model_input(&self, sample: &Tensor, i: usize) -> Result<Tensor> {
-        self.sigmas.scale(sample, i)
-    }
-
-    fn init_noise_sigma(&self) -> f64 {
-        self.sigmas.init_noise_sigma()
     }
 }

@@ -169,6 +169,41 @@ impl Sigmas {
     }
 }
 
+/// The [`Scheduler`] methods both Euler schedulers take from their [`Sigmas`] (a field
+/// `sigmas`): everything but `step`.
+macro_rules! sigma_schedule_methods {
+    () => {
+        fn set_timesteps(&mut self, n: usize) -> Result<()> {
+            self.sigmas.set(n)
+        }
+
+        fn timesteps(&self) -> &[usize] {
+            &self.sigmas.entries
+        }
+
+        fn add_noise(&self, original: &Tensor, noise: &Tensor, i: usize) -> Result<Tensor> {
+            self.sigmas.add_noise(original, noise, i)
+        }
+
+        fn uses_learned_variance(&self) -> bool {
+            false
+        }
+
+        fn model_timestep(&self, i: usize) -> f64 {
+            self.sigmas.timestep(i)
+        }
+
+        fn scale_model_input(&self, sample: &Tensor, i: usize) -> Result<Tensor> {
+            self.sigmas.scale(sample, i)
+        }
+
+        fn init_noise_sigma(&self) -> f64 {
+            self.sigmas.init_noise_sigma()
+        }
+    };
+}
+pub(crate) use sigma_schedule_methods;
+
 /// `f` on every element, in f32.
 pub(crate) fn map(x: &Tensor, f: impl Fn(f32) -> f32) -> Result<Tensor> {
     let v: Vec<f32> = x
@@ -218,13 +253,7 @@ impl EulerDiscreteScheduler {
 }
 
 impl Scheduler for EulerDiscreteScheduler {
-    fn set_timesteps(&mut self, n: usize) -> Result<()> {
-        self.sigmas.set(n)
-    }
-
-    fn timesteps(&self) -> &[usize] {
-        &self.sigmas.entries
-    }
+    sigma_schedule_methods!();
 
     fn step(
         &mut self,
@@ -240,25 +269,5 @@ impl Scheduler for EulerDiscreteScheduler {
             let pred = x - sigma * e;
             x + (x - pred) / sigma * dt
         })
-    }
-
-    fn add_noise(&self, original: &Tensor, noise: &Tensor, i: usize) -> Result<Tensor> {
-        self.sigmas.add_noise(original, noise, i)
-    }
-
-    fn uses_learned_variance(&self) -> bool {
-        false
-    }
-
-    fn model_timestep(&self, i: usize) -> f64 {
-        self.sigmas.timestep(i)
-    }
-
-    fn scale_model_input(&self, sample: &Tensor, i: usize) -> Result<Tensor> {
-        self.sigmas.scale(sample, i)
-    }
-
-    fn init_noise_sigma(&self) -> f64 {
-        self.sigmas.init_noise_sigma()
     }
 }
