@@ -1,11 +1,12 @@
-//! `kandinsky download`: a preset's or a hub id's pipeline repositories into the Hugging Face
-//! cache (the library's `loading::hub`), with a progress line.
+//! `kandinsky download`, and the same download on first use of a preset or hub id with
+//! `--model`: a pipeline's repositories into the Hugging Face cache (the library's
+//! `loading::hub`), with one line saying what and how much, and a progress bar.
 
 use anyhow::Result;
-use kandinsky::loading::hub::{download, HubOptions};
-use kandinsky::loading::preset;
-use std::io::Write;
-use std::time::Instant;
+use indicatif::{ProgressBar, ProgressStyle};
+use kandinsky::loading::hub::{self, HubOptions, HubStatus, Plan};
+use kandinsky::loading::{is_hub_id, preset, resolve_model_dir, PipelineDirs};
+use std::path::{Path, PathBuf};
 
 #[derive(clap::Args)]
 pub struct DownloadArgs {
@@ -14,9 +15,6 @@ pub struct DownloadArgs {
     /// Branch, tag or commit.
     #[arg(long, default_value = "main")]
     revision: String,
-    /// Fetch nothing (as `HF_HUB_OFFLINE=1`): say what is missing.
-    #[arg(long)]
-    offline: bool,
 }
 
 pub fn run(a: &DownloadArgs) -> Result<()> {
@@ -24,38 +22,13 @@ pub fn run(a: &DownloadArgs) -> Result<()> {
         Some(p) => vec![p.decoder.to_string(), p.prior.to_string()],
         None => vec![a.model.clone()],
     };
-    let mut options = HubOptions::from_env();
-    options.offline |= a.offline;
+    let options = HubOptions::from_env();
     for repo in repos {
-        eprintln!(
-            "fetching {repo}@{} from {} into {}",
-            a.revision,
-            options.endpoint,
-            options.cache.display()
-        );
-        let start = Instant::now();
-        let mut last = Instant::now();
-        let mut progress = |file: &str, done: u64, total: u64| {
-            if last.elapsed().as_millis() < 200 && done != total {
-                return;
-            }
-            last = Instant::now();
-            let rate = done as f64 / start.elapsed().as_secs_f64().max(1e-3);
-            let eta = if total > done && rate > 0.0 {
-                format!(", ETA {:.0} s", (total - done) as f64 / rate)
-            } else {
-                String::new()
-            };
-            eprint!(
-                "\r{file}: {:.1}/{:.1} MB, {:.1} MB/s{eta}        ",
-                done as f64 / 1e6,
-                total as f64 / 1e6,
-                rate / 1e6
-            );
-            let _ = std::io::stderr().flush();
-        };
-        let got = download(&repo, &a.revision, &options, &mut progress)?;
-        eprintln!();
+        let plan = hub::plan(&repo, &a.revision, &options)?;
+        announce(&plan, &options);
+        let bar = progress_bar();
+        let got = hub::fetch(&plan, &options, &|s| show(&bar, s))?;
+        bar.finish_and_clear();
         println!(
             "{repo}: {} files fetched ({:.1} MB), {} already cached → {}",
             got.fetched.0,
@@ -65,4 +38,82 @@ pub fn run(a: &DownloadArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// The line before a fetch: what, how much, from where, to where.
+fn announce(plan: &Plan, options: &HubOptions) {
+    let resumed: u64 = plan.files.iter().map(|f| f.partial).sum();
+    eprintln!(
+        "fetching {}@{} ({}): {} files, {}{} from {} into {}",
+        plan.repo,
+        plan.revision,
+        &plan.commit[..plan.commit.len().min(12)],
+        plan.files.len(),
+        human_bytes(plan.bytes_to_fetch()),
+        if resumed > 0 {
+            format!(" (resuming; {} already here)", human_bytes(resumed))
+        } else {
+            String::new()
+        },
+        options.endpoint,
+        options.cache.display()
+    );
+}
+
+fn human_bytes(n: u64) -> String {
+    match n {
+        n if n >= 1 << 30 => format!("{:.2} GB", n as f64 / 1e9),
+        n if n >= 1 << 20 => format!("{:.1} MB", n as f64 / 1e6),
+        n => format!("{:.1} kB", n as f64 / 1e3),
+    }
+}
+
+fn progress_bar() -> ProgressBar {
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}, ETA {eta}",
+        )
+        .expect("a valid template")
+        .progress_chars("#>-"),
+    );
+    bar
+}
+
+fn show(bar: &ProgressBar, s: HubStatus) {
+    bar.set_length(s.total);
+    bar.set_position(s.done);
+    bar.set_message(format!("{}/{} files", s.files_done, s.files));
+}
+
+/// A `--model` / `--prior` value as a directory: a directory as is; a hub id from the cache,
+/// fetched first when the cache lacks it (or holds only part of it) and we are not offline.
+pub fn ensure_model(model: &str) -> Result<PathBuf> {
+    if Path::new(model).is_dir() || !is_hub_id(model) {
+        return Ok(resolve_model_dir(model)?);
+    }
+    let options = HubOptions::from_env();
+    let bar = progress_bar();
+    let dir = hub::ensure(
+        model,
+        &options,
+        &mut |plan| announce(plan, &options),
+        &|s| show(&bar, s),
+    )?;
+    bar.finish_and_clear();
+    Ok(dir)
+}
+
+/// The decoder and prior directories of `--model` (a directory, a hub id or a preset) and
+/// `--prior`, fetching what the cache lacks; `None` when there is no prior to use.
+pub fn ensure_pipeline(model: &str, prior: Option<&str>) -> Result<Option<PipelineDirs>> {
+    let named = preset(model).filter(|_| !Path::new(model).is_dir());
+    let decoder = named.map_or(model, |p| p.decoder);
+    let Some(prior) = prior.or(named.map(|p| p.prior)) else {
+        return Ok(None);
+    };
+    Ok(Some(PipelineDirs {
+        decoder: ensure_model(decoder)?,
+        prior: ensure_model(prior)?,
+    }))
 }

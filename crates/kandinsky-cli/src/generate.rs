@@ -3,9 +3,7 @@
 
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
-use kandinsky::loading::{
-    given_or_small, read_tensor, resolve_pipeline_dirs, small_model_dirs, PipelineDirs,
-};
+use kandinsky::loading::{given_or_small, read_tensor, small_model_dirs, PipelineDirs};
 use kandinsky::pipelines::auto_pipeline::{
     AutoPipeline, Controlnet, ControlnetImage, DecoderKind, GenerationParams, ImageToImage,
     Inpainting, LoadOptions, Mixing, Mode, Outpainting, Prompt, Request, Stage, TextToImage,
@@ -303,7 +301,7 @@ fn model_dirs(a: &CommonArgs, kind: DecoderKind) -> Result<PipelineDirs> {
         dirs.prior = given_or_small(a.prior.as_deref(), "prior")?;
         return Ok(dirs);
     };
-    resolve_pipeline_dirs(model, a.prior.as_deref())?
+    crate::download::ensure_pipeline(model, a.prior.as_deref())?
         .context("--prior is required unless --model is a preset name or omitted")
 }
 

@@ -22,6 +22,9 @@ struct Cli {
     /// weights, f32 activations, norms and softmax; half the weight memory).
     #[arg(long, global = true, value_enum, default_value_t = Precision::F32)]
     dtype: Precision,
+    /// Never touch the network (as `HF_HUB_OFFLINE=1`): presets and hub ids must be in the cache.
+    #[arg(long, global = true)]
+    offline: bool,
 }
 
 /// The `--dtype` values.
@@ -80,6 +83,10 @@ fn main() -> std::process::ExitCode {
     if cli.threads == Some(0) {
         eprintln!("error: --threads must be at least 1");
         return std::process::ExitCode::FAILURE;
+    }
+    if cli.offline {
+        // SAFETY: no other thread exists yet.
+        unsafe { std::env::set_var("HF_HUB_OFFLINE", "1") };
     }
     if matches!(&cli.command, Command::Train(t) if t.runs_threads()) {
         // SAFETY: no other thread exists yet.

@@ -37,6 +37,16 @@ pub fn run(a: &ServeArgs) -> Result<()> {
     if a.queue == 0 {
         anyhow::bail!("--queue must be at least 1");
     }
+    // Presets and hub ids are fetched now, on first use, rather than failing later.
+    for spec in &a.models {
+        let what = match spec.split_once('=') {
+            Some((_, w)) if !std::path::Path::new(spec).exists() => w,
+            _ => spec.as_str(),
+        };
+        if what != "small" && !std::path::Path::new(what).exists() {
+            crate::download::ensure_pipeline(what, a.prior.as_deref())?;
+        }
+    }
     let config = ServerConfig {
         models: a.models.clone(),
         prior: a.prior.clone(),

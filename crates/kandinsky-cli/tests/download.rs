@@ -33,6 +33,9 @@ struct Hub {
     token: Option<String>,
     mode: Mutex<Mode>,
     range_requests: AtomicUsize,
+    /// CDN downloads under way, and the most seen at once.
+    in_flight: AtomicUsize,
+    max_in_flight: AtomicUsize,
 }
 
 fn files_of(dir: &Path, prefix: &str, out: &mut BTreeMap<String, Vec<u8>>) {
@@ -166,6 +169,11 @@ async fn handle(State(hub): State<Arc<Hub>>, request: Request) -> Response {
             h.insert(header::CONTENT_LENGTH, bytes.len().into());
             return (StatusCode::OK, h, Body::from_stream(stream)).into_response();
         }
+        // Long enough for parallel downloads to overlap.
+        let now = hub.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        hub.max_in_flight.fetch_max(now, Ordering::SeqCst);
+        tokio::time::sleep(std::time::Duration::from_millis(150)).await;
+        hub.in_flight.fetch_sub(1, Ordering::SeqCst);
         return (StatusCode::OK, bytes).into_response();
     }
     StatusCode::NOT_FOUND.into_response()
@@ -197,6 +205,8 @@ fn start_hub(token: Option<&str>) -> Running {
         token: token.map(str::to_string),
         mode: Mutex::new(Mode::Normal),
         range_requests: AtomicUsize::new(0),
+        in_flight: AtomicUsize::new(0),
+        max_in_flight: AtomicUsize::new(0),
     });
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -320,9 +330,13 @@ fn an_interrupted_download_resumes_and_a_corrupt_file_is_refused() {
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
+    // Every CDN file is corrupted: no LFS blob (64 hex digits) may be complete; downloads stopped
+    // by the failure stay `.incomplete` for the next run.
     assert!(
-        blobs.iter().all(|b| b.len() == 40),
-        "only small git blobs: {blobs:?}"
+        blobs
+            .iter()
+            .all(|b| b.len() == 40 || b.ends_with(".incomplete")),
+        "only small git blobs and partial files: {blobs:?}"
     );
     assert!(!repo
         .join("snapshots")
@@ -376,4 +390,115 @@ fn a_gated_repo_needs_the_token_and_generate_uses_the_cache() {
         "dirs.png",
     );
     assert_eq!(from_cache, from_dirs);
+}
+
+/// `generate` with hub ids and the hub stand-in: (success, stdout + stderr, image).
+fn generate_from_hub(
+    hub: &Running,
+    cache: &Path,
+    extra: &[&str],
+    out: &Path,
+) -> (bool, String, Option<image::RgbImage>) {
+    let o = bin()
+        .args([
+            "generate",
+            "--model",
+            "test-org/tiny-decoder",
+            "--prior",
+            "test-org/tiny-prior",
+            "--prompt",
+            "a red cat",
+        ])
+        .args("--width 64 --height 64 --steps 3 --prior-steps 2 --seed 5".split(' '))
+        .args(extra)
+        .arg("--output")
+        .arg(out)
+        .env("HF_ENDPOINT", &hub.url)
+        .env("HF_HUB_CACHE", cache)
+        .env_remove("HF_TOKEN")
+        .env_remove("HF_HUB_OFFLINE")
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let image = o
+        .status
+        .success()
+        .then(|| image::open(out).unwrap().to_rgb8());
+    (o.status.success(), text, image)
+}
+
+#[test]
+fn first_use_fetches_in_parallel_and_offline_names_what_is_missing() {
+    let hub = start_hub(None);
+    let cache = tempfile::tempdir().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let png = out.path().join("a.png");
+    // Offline with an empty cache: refused, nothing fetched.
+    let (ok, text, _) = generate_from_hub(&hub, cache.path(), &["--offline"], &png);
+    assert!(
+        !ok && text.contains("offline") && text.contains("does not hold it"),
+        "{text}"
+    );
+    assert!(!repo_dir(cache.path(), "test-org/tiny-decoder").exists());
+    // First use: one line saying what and how much, then the download, then the image.
+    let (ok, text, first) = generate_from_hub(&hub, cache.path(), &[], &png);
+    assert!(ok, "{text}");
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("fetching test-org/tiny-decoder@main"))
+        .unwrap_or_else(|| panic!("no fetch line: {text}"));
+    let decoder_bytes: usize = hub.hub.repos["test-org/tiny-decoder"]
+        .iter()
+        .filter(|(n, _)| *n != "README.md" && !n.ends_with(".bin"))
+        .map(|(_, b)| b.len())
+        .sum();
+    assert!(
+        line.contains(&format!("{:.1} MB", decoder_bytes as f64 / 1e6))
+            || line.contains(&format!("{:.1} kB", decoder_bytes as f64 / 1e3)),
+        "{line} vs {decoder_bytes} bytes"
+    );
+    assert!(text.contains("fetching test-org/tiny-prior@main"), "{text}");
+    assert!(
+        hub.hub.max_in_flight.load(Ordering::SeqCst) >= 2,
+        "files are fetched in parallel"
+    );
+    let from_dirs = {
+        let o = bin()
+            .args(["generate", "--prompt", "a red cat", "--model"])
+            .arg(fixture("pipelines/tiny-2-2-decoder"))
+            .arg("--prior")
+            .arg(fixture("pipelines/tiny-2-2-prior"))
+            .args("--width 64 --height 64 --steps 3 --prior-steps 2 --seed 5".split(' '))
+            .arg("--output")
+            .arg(out.path().join("dirs.png"))
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        image::open(out.path().join("dirs.png")).unwrap().to_rgb8()
+    };
+    assert_eq!(first.unwrap(), from_dirs);
+    // Second use: no fetch at all, even without --offline.
+    let (ok, text, _) = generate_from_hub(&hub, cache.path(), &[], &png);
+    assert!(ok && !text.contains("fetching"), "{text}");
+    // A snapshot that lost a file: offline names it; online fetches that file only.
+    let snap = repo_dir(cache.path(), "test-org/tiny-decoder")
+        .join("snapshots")
+        .join(COMMIT);
+    let weights = snap.join("unet/diffusion_pytorch_model.safetensors");
+    let blob = std::fs::canonicalize(&weights).unwrap();
+    std::fs::remove_file(&weights).unwrap();
+    std::fs::remove_file(&blob).unwrap();
+    let (ok, text, _) = generate_from_hub(&hub, cache.path(), &["--offline"], &png);
+    assert!(!ok && text.contains("missing: unet/ weights"), "{text}");
+    let (ok, text, again) = generate_from_hub(&hub, cache.path(), &[], &png);
+    assert!(ok, "{text}");
+    assert!(
+        text.contains("test-org/tiny-decoder@main (0123456789ab): 1 files"),
+        "{text}"
+    );
+    assert_eq!(again.unwrap(), from_dirs);
 }

@@ -59,26 +59,31 @@ pub fn resolve_model_dir(model: &str) -> Result<PathBuf> {
     resolve_model_dir_in(model, &hf_hub_cache())
 }
 
+/// Whether `model` has the form of a hub id, `org/name` (letters, digits, `-`, `_`, `.`).
+pub fn is_hub_id(model: &str) -> bool {
+    let parts: Vec<&str> = model.split('/').collect();
+    parts.len() == 2
+        && parts.iter().all(|p| {
+            !p.is_empty()
+                && p.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        })
+        && !model.starts_with('.')
+}
+
 /// [`resolve_model_dir`] with an explicit hub cache directory.
 pub fn resolve_model_dir_in(model: &str, cache: &Path) -> Result<PathBuf> {
     let path = Path::new(model);
     if path.is_dir() {
         return Ok(path.to_path_buf());
     }
-    let parts: Vec<&str> = model.split('/').collect();
-    let looks_like_hub_id = parts.len() == 2
-        && parts.iter().all(|p| {
-            !p.is_empty()
-                && p.chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-        })
-        && !model.starts_with('.');
-    if !looks_like_hub_id {
+    if !is_hub_id(model) {
         return Err(Error::NotFound {
             what: "model directory".into(),
             path: path.to_path_buf(),
         });
     }
+    let parts: Vec<&str> = model.split('/').collect();
     let repo_dir = cache.join(format!("models--{}--{}", parts[0], parts[1]));
     let not_cached = || Error::NotCached {
         repo: model.to_string(),
