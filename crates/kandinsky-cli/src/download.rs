@@ -5,7 +5,9 @@
 use anyhow::Result;
 use indicatif::{ProgressBar, ProgressStyle};
 use kandinsky::loading::hub::{self, HubOptions, HubStatus, Plan};
-use kandinsky::loading::{is_hub_id, preset, resolve_model_dir, PipelineDirs};
+use kandinsky::loading::{
+    is_hub_id, preset, resolve_model_dir, resolve_pipeline_dirs_with, PipelineDirs,
+};
 use std::path::{Path, PathBuf};
 
 #[derive(clap::Args)]
@@ -107,13 +109,5 @@ pub fn ensure_model(model: &str) -> Result<PathBuf> {
 /// The decoder and prior directories of `--model` (a directory, a hub id or a preset) and
 /// `--prior`, fetching what the cache lacks; `None` when there is no prior to use.
 pub fn ensure_pipeline(model: &str, prior: Option<&str>) -> Result<Option<PipelineDirs>> {
-    let named = preset(model).filter(|_| !Path::new(model).is_dir());
-    let decoder = named.map_or(model, |p| p.decoder);
-    let Some(prior) = prior.or(named.map(|p| p.prior)) else {
-        return Ok(None);
-    };
-    Ok(Some(PipelineDirs {
-        decoder: ensure_model(decoder)?,
-        prior: ensure_model(prior)?,
-    }))
+    resolve_pipeline_dirs_with(model, prior, ensure_model)
 }

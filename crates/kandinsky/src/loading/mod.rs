@@ -202,14 +202,24 @@ pub fn given_or_small(given: Option<&str>, part: &str) -> Result<PathBuf> {
 /// preset name (whose prior is used when `prior` is `None`); `None` when a directory or hub id
 /// comes without a prior.
 pub fn resolve_pipeline_dirs(model: &str, prior: Option<&str>) -> Result<Option<PipelineDirs>> {
+    resolve_pipeline_dirs_with(model, prior, resolve_model_dir)
+}
+
+/// [`resolve_pipeline_dirs`] with another way to turn a directory or hub id into a directory
+/// (e.g. one that downloads what the cache lacks).
+pub fn resolve_pipeline_dirs_with<E>(
+    model: &str,
+    prior: Option<&str>,
+    mut resolve: impl FnMut(&str) -> std::result::Result<PathBuf, E>,
+) -> std::result::Result<Option<PipelineDirs>, E> {
     let named = preset(model).filter(|_| !Path::new(model).is_dir());
     let decoder = named.map_or(model, |p| p.decoder);
     let Some(prior) = prior.or(named.map(|p| p.prior)) else {
         return Ok(None);
     };
     Ok(Some(PipelineDirs {
-        decoder: resolve_model_dir(decoder)?,
-        prior: resolve_model_dir(prior)?,
+        decoder: resolve(decoder)?,
+        prior: resolve(prior)?,
     }))
 }
 
