@@ -127,8 +127,15 @@ fn sync(t: &Tensor) -> Result<()> {
     Ok(())
 }
 
+/// The device of `--device` (set once by [`run`]).
+static DEVICE: std::sync::OnceLock<Device> = std::sync::OnceLock::new();
+
+fn dev() -> &'static Device {
+    DEVICE.get().unwrap_or(&Device::Cpu)
+}
+
 fn randn(shape: &[usize]) -> Result<Tensor> {
-    Ok(Tensor::randn(0f32, 1.0, shape, &Device::Cpu)?)
+    Ok(Tensor::randn(0f32, 1.0, shape, &Device::Cpu)?.to_device(dev())?)
 }
 
 /// Prompt-like token ids: a start token, `n` words, the end token, padding to 77.
@@ -143,11 +150,11 @@ fn token_ids(vocab: usize, bos: u32, eos: u32, pad: u32, n: usize) -> Result<Ten
         r[n + 1] = eos;
         rows.extend(r);
     }
-    Ok(Tensor::from_vec(rows, (2, 77), &Device::Cpu)?)
+    Ok(Tensor::from_vec(rows, (2, 77), dev())?)
 }
 
 fn weights(dtype: DType) -> Weights {
-    Weights::random(dtype, &Device::Cpu)
+    Weights::random(dtype, dev())
 }
 
 /// Builds and times one stage; returns (best, runs).
@@ -196,7 +203,7 @@ fn run_stage(stage: &str, a: &BenchArgs, dtype: DType) -> Result<(f64, Vec<f64>)
             for (i, m) in mask.iter_mut().enumerate() {
                 *m = u8::from(i % 77 < 12);
             }
-            let mask = Tensor::from_vec(mask, (2, 77), &Device::Cpu)?;
+            let mask = Tensor::from_vec(mask, (2, 77), dev())?;
             time_best(runs, || {
                 for step in 0..a.prior_steps {
                     let t = 999.0 - step as f64 * 40.0;
@@ -235,7 +242,7 @@ fn run_stage(stage: &str, a: &BenchArgs, dtype: DType) -> Result<(f64, Vec<f64>)
             let model = MultilingualClip::new(&weights(dtype), &c)?;
             let ids = token_ids(c.transformer.vocab_size, 0, 2, 1, 12)?;
             let mask: Vec<u32> = (0..2 * 77).map(|i| u32::from(i % 77 < 14)).collect();
-            let mask = Tensor::from_vec(mask, (2, 77), &Device::Cpu)?;
+            let mask = Tensor::from_vec(mask, (2, 77), dev())?;
             time_best(runs, || sync(&model.forward(&ids, &mask)?.0))
         }
         "vision-bigg" => {
@@ -250,7 +257,7 @@ fn run_stage(stage: &str, a: &BenchArgs, dtype: DType) -> Result<(f64, Vec<f64>)
                 .as_deref()
                 .context("load-unet-2.2 needs --model-dir (write one with --prepare)")?;
             time_best(runs, || {
-                let m = UNet2DConditionModel::load(dir, dtype, &Device::Cpu)?;
+                let m = UNet2DConditionModel::load(dir, dtype, dev())?;
                 drop(m);
                 Ok(())
             })
@@ -378,7 +385,14 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         anyhow::ensure!(known, "unknown stage '{s}' (one of {})", STAGES.join(", "));
     }
     let dtype = crate::compute_dtype();
-    let dname = if dtype == DType::BF16 { "bf16" } else { "f32" };
+    let device = crate::compute_device()?;
+    let dname = match dtype {
+        DType::BF16 => "bf16",
+        DType::F16 => "f16",
+        _ => "f32",
+    };
+    let device_name = if device.is_cuda() { "cuda" } else { "cpu" };
+    let _ = DEVICE.set(device);
     let threads = rayon::current_num_threads();
     for stage in &stages {
         reset_peak_rss();
@@ -388,12 +402,12 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         if args.json {
             println!(
                 "{}",
-                serde_json::json!({"impl": "rust", "dtype": dname, "stage": stage, "threads": threads,
+                serde_json::json!({"impl": "rust", "dtype": dname, "device": device_name, "stage": stage, "threads": threads,
                     "best_s": best, "runs_s": times, "peak_rss_bytes": rss})
             );
         } else {
             println!(
-                "{stage:<16} {dname:<5} best {best:>8.3} s of {times:.3?}; peak RSS {:.2} GiB",
+                "{stage:<16} {dname:<5} {device_name:<4} best {best:>8.3} s of {times:.3?}; peak RSS {:.2} GiB",
                 rss as f64 / (1u64 << 30) as f64
             );
         }

@@ -37,7 +37,8 @@ pub fn run(args: &DecodeArgs) -> Result<()> {
     } else {
         component_dir(&dir, "movq")?
     };
-    let movq = VQModel::load(&dir, crate::compute_dtype(), &Device::Cpu)?;
+    let device = crate::compute_device()?;
+    let movq = VQModel::load(&dir, crate::compute_dtype(), &device)?;
     let latents = match &args.latents {
         Some(p) => {
             let mut t = candle_core::safetensors::load(p, &Device::Cpu)
@@ -61,7 +62,7 @@ pub fn run(args: &DecodeArgs) -> Result<()> {
         "latents must have shape (B, 4, h, w), found {:?}",
         latents.dims()
     );
-    let images = movq.decode(&latents.to_dtype(DType::F32)?, true)?;
+    let images = movq.decode(&latents.to_dtype(DType::F32)?.to_device(&device)?, true)?;
     let rgb = to_rgb8(&images)?;
     for (i, image) in rgb.iter().enumerate() {
         let path = numbered_path(&args.output, i, rgb.len());

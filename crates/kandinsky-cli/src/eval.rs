@@ -87,6 +87,7 @@ pub fn run(a: &EvalArgs) -> Result<()> {
         oracle: s.oracle,
         save: s.save.clone(),
         dtype: crate::compute_dtype(),
+        device: crate::compute_device()?,
     };
     let rows = eval_shapes(&settings, &mut |name, done, n| {
         eprint!("\r{name}: {done}/{n}");

@@ -323,6 +323,7 @@ fn run_job(a: &CommonArgs, job: Job) -> Result<()> {
         &dirs.prior,
         LoadOptions {
             dtype: crate::compute_dtype(),
+            device: crate::compute_device()?,
             ..LoadOptions::default()
         },
     )?;

@@ -18,10 +18,14 @@ struct Cli {
     /// Threads for the kernels (default: every core).
     #[arg(long, global = true)]
     threads: Option<usize>,
-    /// Compute precision: `f32` (the parity reference) or `bf16` (bf16 GEMM and convolution
-    /// weights, f32 activations, norms and softmax; half the weight memory).
+    /// Compute precision: `f32` (the parity reference), `bf16` (on the CPU: bf16 GEMM and
+    /// convolution weights with f32 activations; on a GPU: bf16 throughout) or `f16` (weights and
+    /// activations in f16; meant for GPUs). Norms and softmax run in f32 in every case.
     #[arg(long, global = true, value_enum, default_value_t = Precision::F32)]
     dtype: Precision,
+    /// Where the networks run: `cpu`, `cuda` or `cuda:N` (binaries built with `--features cuda`).
+    #[arg(long, global = true, default_value = "cpu", value_parser = parse_device)]
+    device: DeviceArg,
     /// Never touch the network (as `HF_HUB_OFFLINE=1`): presets and hub ids must be in the cache.
     #[arg(long, global = true)]
     offline: bool,
@@ -32,6 +36,56 @@ struct Cli {
 enum Precision {
     F32,
     Bf16,
+    F16,
+}
+
+/// The `--device` values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum DeviceArg {
+    Cpu,
+    Cuda(usize),
+}
+
+fn parse_device(s: &str) -> Result<DeviceArg, String> {
+    match s {
+        "cpu" => Ok(DeviceArg::Cpu),
+        "cuda" => Ok(DeviceArg::Cuda(0)),
+        _ => s
+            .strip_prefix("cuda:")
+            .and_then(|n| n.parse().ok())
+            .map(DeviceArg::Cuda)
+            .ok_or_else(|| format!("'{s}' is not cpu, cuda or cuda:N")),
+    }
+}
+
+static DEVICE: std::sync::OnceLock<DeviceArg> = std::sync::OnceLock::new();
+
+/// The device chosen with `--device`, opened; an error that says what is missing when this
+/// binary has no CUDA or the machine has no such GPU.
+pub fn compute_device() -> anyhow::Result<candle_core::Device> {
+    match DEVICE.get().copied().unwrap_or(DeviceArg::Cpu) {
+        DeviceArg::Cpu => Ok(candle_core::Device::Cpu),
+        DeviceArg::Cuda(n) => {
+            if !cfg!(feature = "cuda") {
+                anyhow::bail!(
+                    "--device cuda: this kandinsky was built without CUDA; rebuild it with `cargo build --release -p kandinsky-cli --features cuda` (needs the CUDA toolkit's nvcc; see README)"
+                );
+            }
+            candle_core::Device::new_cuda(n).map_err(|e| {
+                anyhow::anyhow!(
+                    "--device cuda:{n}: no usable CUDA device {n} ({e}); check `nvidia-smi` and the NVIDIA driver"
+                )
+            })
+        }
+    }
+}
+
+/// Refuses `--device cuda` for a subcommand that runs on the CPU only.
+pub fn cpu_only(what: &str) -> anyhow::Result<()> {
+    if DEVICE.get().copied().unwrap_or(DeviceArg::Cpu) != DeviceArg::Cpu {
+        anyhow::bail!("{what} runs on the CPU only; drop --device");
+    }
+    Ok(())
 }
 
 static DTYPE: std::sync::OnceLock<candle_core::DType> = std::sync::OnceLock::new();
@@ -79,7 +133,9 @@ fn main() -> std::process::ExitCode {
     let _ = DTYPE.set(match cli.dtype {
         Precision::F32 => candle_core::DType::F32,
         Precision::Bf16 => candle_core::DType::BF16,
+        Precision::F16 => candle_core::DType::F16,
     });
+    let _ = DEVICE.set(cli.device);
     if cli.threads == Some(0) {
         eprintln!("error: --threads must be at least 1");
         return std::process::ExitCode::FAILURE;

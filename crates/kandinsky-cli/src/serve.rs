@@ -54,6 +54,7 @@ pub fn run(a: &ServeArgs) -> Result<()> {
         api_token: a.api_token.clone().filter(|t| !t.is_empty()),
         load: LoadOptions {
             dtype: crate::compute_dtype(),
+            device: crate::compute_device()?,
             ..LoadOptions::default()
         },
         max_loaded: a.max_loaded,

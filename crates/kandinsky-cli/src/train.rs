@@ -227,6 +227,7 @@ impl StageArgs {
 }
 
 pub fn run(a: &TrainArgs) -> Result<()> {
+    crate::cpu_only("training")?;
     match &a.stage {
         Stage::Movq(s) => {
             let opts = s.options()?;

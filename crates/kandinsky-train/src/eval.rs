@@ -206,6 +206,8 @@ pub struct ShapesEval {
     pub save: Option<PathBuf>,
     /// Compute dtype of the networks (f32, or bf16 compute).
     pub dtype: DType,
+    /// Device of the networks.
+    pub device: Device,
 }
 
 /// One row of the evaluation table.
@@ -243,7 +245,7 @@ pub fn eval_shapes(
             source: e,
         })?;
     }
-    let device = Device::Cpu;
+    let device = s.device.clone();
     let prior = KandinskyPriorPipeline::load(&s.prior, s.dtype, &device)
         .map_err(|e| e.within(format!("loading the prior from {}", s.prior.display())))?;
     let decoder = KandinskyPipeline::load(&s.decoder, s.dtype, &device)

@@ -4,7 +4,7 @@
 
 mod common;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use common::{assert_close, fixtures, load_io};
 use kandinsky::models::clip::{ClipTextModelWithProjection, ClipVisionModelWithProjection};
 use kandinsky::models::transformers::prior_transformer::PriorTransformer;
@@ -20,7 +20,7 @@ fn ids(t: &Tensor) -> Tensor {
 
 fn clip_text(name: &str) {
     let d = dir(name);
-    let model = ClipTextModelWithProjection::load(&d, DType::F32, &Device::Cpu).unwrap();
+    let model = ClipTextModelWithProjection::load(&d, DType::F32, &common::device()).unwrap();
     let io = load_io(&d.join("io.safetensors"));
     let out = model.forward(&ids(&io["input_ids"]), None).unwrap();
     assert_close(
@@ -65,7 +65,7 @@ fn clip_text_modern_eos_pooling() {
 
 fn clip_vision(name: &str) {
     let d = dir(name);
-    let model = ClipVisionModelWithProjection::load(&d, DType::F32, &Device::Cpu).unwrap();
+    let model = ClipVisionModelWithProjection::load(&d, DType::F32, &common::device()).unwrap();
     let io = load_io(&d.join("io.safetensors"));
     let out = model.forward(&io["pixel_values"]).unwrap();
     assert_close(
@@ -93,7 +93,7 @@ fn clip_vision_2_2_gelu() {
 #[test]
 fn mclip() {
     let d = dir("mclip");
-    let model = MultilingualClip::load(&d, DType::F32, &Device::Cpu).unwrap();
+    let model = MultilingualClip::load(&d, DType::F32, &common::device()).unwrap();
     let io = load_io(&d.join("io.safetensors"));
     let (pooled, hidden) = model
         .forward(&ids(&io["input_ids"]), &io["attention_mask"])
@@ -104,7 +104,7 @@ fn mclip() {
 
 fn prior(name: &str) {
     let d = dir(name);
-    let model = PriorTransformer::load(&d, DType::F32, &Device::Cpu).unwrap();
+    let model = PriorTransformer::load(&d, DType::F32, &common::device()).unwrap();
     let io = load_io(&d.join("io.safetensors"));
     let out = model
         .forward(

@@ -3,7 +3,7 @@
 
 mod common;
 
-use candle_core::{DType, Device};
+use candle_core::DType;
 use common::{assert_close, fixtures, load_io};
 use kandinsky::loading::Weights;
 use kandinsky::models::{VQModel, VQModelConfig};
@@ -11,7 +11,7 @@ use kandinsky::models::{VQModel, VQModelConfig};
 fn check(name: &str) {
     let dir = fixtures().join("movq").join(name);
     let config = VQModelConfig::load(&dir).unwrap();
-    let w = Weights::from_dir(&dir, DType::F32, &Device::Cpu).unwrap();
+    let w = Weights::from_dir(&dir, DType::F32, &common::device()).unwrap();
     let movq = VQModel::new(&w, &config).unwrap();
     let io = load_io(&dir.join("io.safetensors"));
     for j in 0..2 {

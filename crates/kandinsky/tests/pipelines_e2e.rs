@@ -4,7 +4,7 @@
 
 mod common;
 
-use candle_core::{DType, Device};
+use candle_core::DType;
 use common::{fixtures, load_io};
 use kandinsky::pipelines::decoder::DecoderParams;
 use kandinsky::pipelines::kandinsky::pipeline_kandinsky::KandinskyPipeline;
@@ -28,15 +28,20 @@ fn run(version: &str) {
     .unwrap();
     let reference = load_io(&dir.join(format!("e2e_{version}.safetensors")));
     let (prior_dir, decoder) = if version == "2_2" {
-        let d = KandinskyV22Pipeline::load(&dir.join("tiny-2-2-decoder"), DType::F32, &Device::Cpu)
-            .unwrap();
+        let d = KandinskyV22Pipeline::load(
+            &dir.join("tiny-2-2-decoder"),
+            DType::F32,
+            &common::device(),
+        )
+        .unwrap();
         ("tiny-2-2-prior", Decoder::V22(Box::new(d)))
     } else {
-        let d = KandinskyPipeline::load(&dir.join("tiny-2-1"), DType::F32, &Device::Cpu).unwrap();
+        let d =
+            KandinskyPipeline::load(&dir.join("tiny-2-1"), DType::F32, &common::device()).unwrap();
         ("tiny-2-1-prior", Decoder::V21(Box::new(d)))
     };
     let prior =
-        KandinskyPriorPipeline::load(&dir.join(prior_dir), DType::F32, &Device::Cpu).unwrap();
+        KandinskyPriorPipeline::load(&dir.join(prior_dir), DType::F32, &common::device()).unwrap();
     for case in cases.as_array().unwrap() {
         let name = case["name"].as_str().unwrap();
         let mut g = TorchGenerator::new(case["seed"].as_u64().unwrap());
@@ -103,7 +108,8 @@ fn mixing_and_variations_match_diffusers() {
             ("tiny-2-1-prior", "tiny-2-1")
         };
         let prior =
-            KandinskyPriorPipeline::load(&dir.join(prior_dir), DType::F32, &Device::Cpu).unwrap();
+            KandinskyPriorPipeline::load(&dir.join(prior_dir), DType::F32, &common::device())
+                .unwrap();
         let inputs: Vec<(MixInput, f64)> = case["items"]
             .as_array()
             .unwrap()
@@ -135,12 +141,13 @@ fn mixing_and_variations_match_diffusers() {
             guidance_scale: 4.0,
         };
         let img = if version == "2_2" {
-            let d =
-                KandinskyV22Pipeline::load(&dir.join(dec_dir), DType::F32, &Device::Cpu).unwrap();
+            let d = KandinskyV22Pipeline::load(&dir.join(dec_dir), DType::F32, &common::device())
+                .unwrap();
             d.call(&emb, &neg, dp, &mut g, None, &mut |_, _| {})
                 .unwrap()
         } else {
-            let d = KandinskyPipeline::load(&dir.join(dec_dir), DType::F32, &Device::Cpu).unwrap();
+            let d =
+                KandinskyPipeline::load(&dir.join(dec_dir), DType::F32, &common::device()).unwrap();
             d.call(
                 &[String::new()],
                 None,
@@ -166,15 +173,20 @@ fn img2img(version: &str) {
             .unwrap();
     let reference = load_io(&dir.join(format!("e2e_img2img_{version}.safetensors")));
     let (prior_dir, decoder) = if version == "2_2" {
-        let d = KandinskyV22Pipeline::load(&dir.join("tiny-2-2-decoder"), DType::F32, &Device::Cpu)
-            .unwrap();
+        let d = KandinskyV22Pipeline::load(
+            &dir.join("tiny-2-2-decoder"),
+            DType::F32,
+            &common::device(),
+        )
+        .unwrap();
         ("tiny-2-2-prior", Decoder::V22(Box::new(d)))
     } else {
-        let d = KandinskyPipeline::load(&dir.join("tiny-2-1"), DType::F32, &Device::Cpu).unwrap();
+        let d =
+            KandinskyPipeline::load(&dir.join("tiny-2-1"), DType::F32, &common::device()).unwrap();
         ("tiny-2-1-prior", Decoder::V21(Box::new(d)))
     };
     let prior =
-        KandinskyPriorPipeline::load(&dir.join(prior_dir), DType::F32, &Device::Cpu).unwrap();
+        KandinskyPriorPipeline::load(&dir.join(prior_dir), DType::F32, &common::device()).unwrap();
     for case in cases.as_array().unwrap() {
         let name = case["name"].as_str().unwrap();
         let (height, width) = (
@@ -193,9 +205,14 @@ fn img2img(version: &str) {
             .call(&prompts, negative, params, &mut g, None, &mut |_, _| {})
             .unwrap();
         let image = rgb8(case["image"].as_str().unwrap());
-        let image =
-            kandinsky::vae_image_processor::prepare_image(&image, width, height, 2, &Device::Cpu)
-                .unwrap();
+        let image = kandinsky::vae_image_processor::prepare_image(
+            &image,
+            width,
+            height,
+            2,
+            &common::device(),
+        )
+        .unwrap();
         let steps = case["steps"].as_u64().unwrap() as usize;
         let dp = DecoderParams {
             height,
@@ -277,16 +294,21 @@ fn inpaint(version: &str) {
             .unwrap();
     let reference = load_io(&dir.join("e2e_inpaint.safetensors"));
     let (prior_dir, decoder) = if version == "2_2" {
-        let d = KandinskyV22Pipeline::load(&dir.join("tiny-2-2-inpaint"), DType::F32, &Device::Cpu)
-            .unwrap();
+        let d = KandinskyV22Pipeline::load(
+            &dir.join("tiny-2-2-inpaint"),
+            DType::F32,
+            &common::device(),
+        )
+        .unwrap();
         ("tiny-2-2-prior", Decoder::V22(Box::new(d)))
     } else {
-        let d = KandinskyPipeline::load(&dir.join("tiny-2-1-inpaint"), DType::F32, &Device::Cpu)
-            .unwrap();
+        let d =
+            KandinskyPipeline::load(&dir.join("tiny-2-1-inpaint"), DType::F32, &common::device())
+                .unwrap();
         ("tiny-2-1-prior", Decoder::V21(Box::new(d)))
     };
     let prior =
-        KandinskyPriorPipeline::load(&dir.join(prior_dir), DType::F32, &Device::Cpu).unwrap();
+        KandinskyPriorPipeline::load(&dir.join(prior_dir), DType::F32, &common::device()).unwrap();
     for case in cases.as_array().unwrap() {
         let name = case["name"].as_str().unwrap();
         let mut g = TorchGenerator::new(case["seed"].as_u64().unwrap());
@@ -315,7 +337,7 @@ fn inpaint(version: &str) {
         let image = rgb8(case["image"].as_str().unwrap());
         let mask = rgb8(case["mask"].as_str().unwrap());
         let (mask, image) =
-            prepare_mask_and_masked_image(&image, &mask, dp.width, dp.height, &Device::Cpu)
+            prepare_mask_and_masked_image(&image, &mask, dp.width, dp.height, &common::device())
                 .unwrap();
         let img = match &decoder {
             Decoder::V22(d) => d
@@ -360,11 +382,15 @@ fn controlnet_and_emb2emb_match_diffusers() {
         serde_json::from_str(&std::fs::read_to_string(dir.join("e2e_controlnet.json")).unwrap())
             .unwrap();
     let reference = load_io(&dir.join("e2e_controlnet.safetensors"));
-    let decoder =
-        KandinskyV22Pipeline::load(&dir.join("tiny-2-2-controlnet"), DType::F32, &Device::Cpu)
+    let decoder = KandinskyV22Pipeline::load(
+        &dir.join("tiny-2-2-controlnet"),
+        DType::F32,
+        &common::device(),
+    )
+    .unwrap();
+    let prior =
+        KandinskyPriorPipeline::load(&dir.join("tiny-2-2-prior"), DType::F32, &common::device())
             .unwrap();
-    let prior = KandinskyPriorPipeline::load(&dir.join("tiny-2-2-prior"), DType::F32, &Device::Cpu)
-        .unwrap();
     for case in cases.as_array().unwrap() {
         let name = case["name"].as_str().unwrap();
         let mut g = TorchGenerator::new(case["seed"].as_u64().unwrap());
@@ -399,7 +425,7 @@ fn controlnet_and_emb2emb_match_diffusers() {
             &rgb8(case["hint"].as_str().unwrap()),
             dp.width,
             dp.height,
-            &Device::Cpu,
+            &common::device(),
         )
         .unwrap();
         let image = case["image"].as_str().map(|p| {
@@ -408,7 +434,7 @@ fn controlnet_and_emb2emb_match_diffusers() {
                 dp.width,
                 dp.height,
                 8,
-                &Device::Cpu,
+                &common::device(),
             )
             .unwrap()
         });

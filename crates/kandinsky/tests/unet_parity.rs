@@ -3,7 +3,7 @@
 
 mod common;
 
-use candle_core::{DType, Device};
+use candle_core::DType;
 use common::{assert_close, fixtures, load_io};
 use kandinsky::loading::Weights;
 use kandinsky::models::{UNet2DConditionConfig, UNet2DConditionModel, UNetConditioning};
@@ -11,7 +11,7 @@ use kandinsky::models::{UNet2DConditionConfig, UNet2DConditionModel, UNetConditi
 fn check(name: &str) {
     let dir = fixtures().join("unet").join(name);
     let config = UNet2DConditionConfig::load(&dir).unwrap();
-    let w = Weights::from_dir(&dir, DType::F32, &Device::Cpu).unwrap();
+    let w = Weights::from_dir(&dir, DType::F32, &common::device()).unwrap();
     let unet = UNet2DConditionModel::new(&w, &config).unwrap();
     let io = load_io(&dir.join("io.safetensors"));
     for j in 0..2 {

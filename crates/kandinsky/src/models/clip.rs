@@ -306,9 +306,13 @@ impl ClipTextModelWithProjection {
             pooled.push(h.i((i, pooled_index(row, self.eos_token_id)))?);
         }
         let pooled = Tensor::stack(&pooled, 0)?;
+        // Outputs in f32 whatever the compute dtype, as every model's.
         Ok(ClipTextOutput {
-            text_embeds: self.text_projection.forward(&pooled)?,
-            last_hidden_state: h,
+            text_embeds: self
+                .text_projection
+                .forward(&pooled)?
+                .to_dtype(DType::F32)?,
+            last_hidden_state: h.to_dtype(DType::F32)?,
         })
     }
 }
@@ -471,8 +475,11 @@ impl ClipVisionModelWithProjection {
         }
         let pooled = self.post_layernorm.forward(&h.i((.., 0))?)?;
         Ok(ClipVisionOutput {
-            image_embeds: self.visual_projection.forward(&pooled)?,
-            last_hidden_state: h,
+            image_embeds: self
+                .visual_projection
+                .forward(&pooled)?
+                .to_dtype(DType::F32)?,
+            last_hidden_state: h.to_dtype(DType::F32)?,
         })
     }
 }

@@ -10,10 +10,27 @@ pub fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
 }
 
+/// The device the parity tests run on: the CPU, or `cuda[:N]` from `KANDINSKY_TEST_DEVICE`
+/// (test binaries built with `--features cuda`, on a GPU machine: `tools/device_check.sh`).
+pub fn device() -> Device {
+    match std::env::var("KANDINSKY_TEST_DEVICE").as_deref() {
+        Err(_) | Ok("") | Ok("cpu") => Device::Cpu,
+        Ok(d) => {
+            let n = d
+                .strip_prefix("cuda")
+                .map(|n| n.trim_start_matches(':'))
+                .map(|n| if n.is_empty() { Ok(0) } else { n.parse() })
+                .unwrap_or_else(|| panic!("KANDINSKY_TEST_DEVICE={d}: not cpu or cuda[:N]"))
+                .expect("a device number");
+            Device::new_cuda(n).expect("the CUDA device of KANDINSKY_TEST_DEVICE")
+        }
+    }
+}
+
 /// Loads an `io.safetensors` of inputs and reference outputs, as f32 (inputs may be stored as
-/// fp16 when their values are exactly representable).
+/// fp16 when their values are exactly representable), on [`device`].
 pub fn load_io(path: &std::path::Path) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(path, &Device::Cpu)
+    candle_core::safetensors::load(path, &device())
         .expect("fixture io file")
         .into_iter()
         .map(|(k, v)| {

@@ -86,6 +86,8 @@ pub struct VQModel {
     spatial: bool,
     scale_factor: usize,
     latent_channels: usize,
+    /// Activation dtype (the weights' compute dtype).
+    dtype: candle_core::DType,
 }
 
 impl VQModel {
@@ -114,6 +116,7 @@ impl VQModel {
         }
         let vq_dim = c.vq_embed_dim.unwrap_or(c.latent_channels);
         Ok(Self {
+            dtype: w.dtype(),
             encoder: Encoder::new(
                 &w.pp("encoder"),
                 c.in_channels,
@@ -172,22 +175,33 @@ impl VQModel {
     }
 
     /// `encode`: image in [-1, 1] `(B, 3, H, W)` → `quant_conv(encoder(x))` (not quantised).
+    ///
+    /// Inputs of any float dtype are cast to the model's compute dtype; the output is f32.
     pub fn encode(&self, x: &Tensor) -> Result<Tensor> {
-        self.quant_conv.forward(&self.encoder.forward(x)?)
+        let x = x.to_dtype(self.dtype)?;
+        Ok(self
+            .quant_conv
+            .forward(&self.encoder.forward(&x)?)?
+            .to_dtype(candle_core::DType::F32)?)
     }
 
     /// `decode(h, force_not_quantize)`: quantises unless `force_not_quantize` (Kandinsky's
     /// pipelines always force), then `post_quant_conv` and the decoder conditioned on the
     /// (quantised) latent.
+    ///
+    /// Inputs of any float dtype are cast to the model's compute dtype; the output is f32.
     pub fn decode(&self, h: &Tensor, force_not_quantize: bool) -> Result<Tensor> {
+        let h = &h.to_dtype(self.dtype)?;
         let quant = if force_not_quantize {
             h.clone()
         } else {
             self.quantize.quantize(h)?
         };
         let x = self.post_quant_conv.forward(&quant)?;
-        self.decoder
-            .forward(&x, if self.spatial { Some(&quant) } else { None })
+        Ok(self
+            .decoder
+            .forward(&x, if self.spatial { Some(&quant) } else { None })?
+            .to_dtype(candle_core::DType::F32)?)
     }
 
     /// The codebook quantiser.

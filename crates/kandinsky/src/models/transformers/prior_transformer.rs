@@ -133,6 +133,8 @@ pub struct PriorTransformer {
     clip_mean: Tensor,
     clip_std: Tensor,
     config: PriorTransformerConfig,
+    /// Activation dtype (the weights' compute dtype).
+    dtype: DType,
 }
 
 fn optional_layer_norm(
@@ -186,6 +188,7 @@ impl PriorTransformer {
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
+            dtype: w.dtype(),
             time_embedding: TimestepEmbedding::new(
                 &w.pp("time_embedding"),
                 inner,
@@ -215,8 +218,9 @@ impl PriorTransformer {
                 clip_dim,
                 true,
             )?,
-            clip_mean: w.get((1, clip_dim), "clip_mean")?,
-            clip_std: w.get((1, clip_dim), "clip_std")?,
+            // In f32, as the latents the pipeline post-processes.
+            clip_mean: w.get((1, clip_dim), "clip_mean")?.to_dtype(DType::F32)?,
+            clip_std: w.get((1, clip_dim), "clip_std")?.to_dtype(DType::F32)?,
             config: c.clone(),
         })
     }
@@ -257,6 +261,8 @@ impl PriorTransformer {
     }
 
     /// [`Self::forward`] with one timestep per sample (training).
+    ///
+    /// Inputs of any float dtype are cast to the model's compute dtype; the output is f32.
     pub fn forward_timesteps(
         &self,
         hidden_states: &Tensor,
@@ -265,6 +271,12 @@ impl PriorTransformer {
         encoder_hidden_states: Option<&Tensor>,
         attention_mask: Option<&Tensor>,
     ) -> Result<Tensor> {
+        let hidden_states = &hidden_states.to_dtype(self.dtype)?;
+        let proj_embedding = &proj_embedding.to_dtype(self.dtype)?;
+        let encoder_hidden_states = encoder_hidden_states
+            .map(|t| t.to_dtype(self.dtype))
+            .transpose()?;
+        let encoder_hidden_states = encoder_hidden_states.as_ref();
         let b = hidden_states.dim(0)?;
         if timesteps.len() != b {
             return Err(Error::InvalidArgument(format!(
@@ -328,7 +340,10 @@ impl PriorTransformer {
                 "null (read-out of several tokens)",
             ));
         };
-        self.proj_to_clip_embeddings.forward(&h)
+        Ok(self
+            .proj_to_clip_embeddings
+            .forward(&h)?
+            .to_dtype(DType::F32)?)
     }
 
     /// `(1 - mask) · -10000` over the text keys (the extra tokens are never masked) plus the

@@ -11,7 +11,7 @@ use crate::models::embeddings::{
 };
 use crate::models::nn::{check_act_fn, silu, Conv2d, GroupNorm};
 use crate::models::resnet::{ResnetConfig, TimeEmbeddingNorm};
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 use serde::Deserialize;
 
 /// A config value that diffusers accepts as a scalar or as one value per block.
@@ -224,6 +224,8 @@ pub struct UNet2DConditionModel {
     up_blocks: Vec<UpBlock>,
     conv_norm_out: GroupNorm,
     conv_out: Conv2d,
+    /// Activation dtype (the weights' compute dtype).
+    dtype: DType,
 }
 
 fn require<T>(v: Option<T>, key: &str, why: &str) -> Result<T> {
@@ -419,6 +421,7 @@ impl UNet2DConditionModel {
         }
 
         Ok(Self {
+            dtype: w.dtype(),
             config: c.clone(),
             conv_in: Conv2d::new(
                 &w.pp("conv_in"),
@@ -486,7 +489,29 @@ impl UNet2DConditionModel {
     }
 
     /// [`Self::forward`] with one timestep per sample (training).
+    ///
+    /// Inputs of any float dtype are cast to the model's compute dtype; the output is f32.
     pub fn forward_timesteps(
+        &self,
+        sample: &Tensor,
+        timesteps: &[f64],
+        cond: &UNetConditioning,
+    ) -> Result<Tensor> {
+        let cast = |t: Option<&Tensor>| t.map(|t| t.to_dtype(self.dtype)).transpose();
+        let (image_embeds, text_embeds) = (cast(cond.image_embeds)?, cast(cond.text_embeds)?);
+        let (encoder_hidden_states, hint) = (cast(cond.encoder_hidden_states)?, cast(cond.hint)?);
+        let cond = UNetConditioning {
+            image_embeds: image_embeds.as_ref(),
+            text_embeds: text_embeds.as_ref(),
+            encoder_hidden_states: encoder_hidden_states.as_ref(),
+            hint: hint.as_ref(),
+        };
+        Ok(self
+            .forward_in_dtype(&sample.to_dtype(self.dtype)?, timesteps, &cond)?
+            .to_dtype(DType::F32)?)
+    }
+
+    fn forward_in_dtype(
         &self,
         sample: &Tensor,
         timesteps: &[f64],

@@ -72,6 +72,12 @@ impl MultilingualClip {
         let m = attention_mask.to_dtype(embs.dtype())?;
         let summed = embs.broadcast_mul(&m.unsqueeze(2)?)?.sum(1)?;
         let pooled = summed.broadcast_div(&m.sum_keepdim(1)?)?;
-        Ok((self.linear_transformation.forward(&pooled)?, embs))
+        // Outputs in f32 whatever the compute dtype, as every model's.
+        Ok((
+            self.linear_transformation
+                .forward(&pooled)?
+                .to_dtype(DType::F32)?,
+            embs.to_dtype(DType::F32)?,
+        ))
     }
 }
