@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Every stage of a real Kandinsky 2.1 / 2.2 generation, timed in our Rust implementation and in
 PyTorch + diffusers/transformers in the same invocation, with random weights of the real configs
-(fixtures/real_configs/). Each stage runs in its own process per implementation (so each peak RSS
+(crates/kandinsky/real_configs/). Each stage runs in its own process per implementation (so each peak RSS
 is that stage's own), best of --runs after one warm-up, with the same thread count on both sides.
 
     cargo build --release -p kandinsky-cli
@@ -22,7 +22,7 @@ import sys
 import time
 
 ROOT = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-REAL = os.path.join(ROOT, "fixtures", "real_configs")
+REAL = os.path.join(ROOT, "crates", "kandinsky", "real_configs")
 STAGES = ["unet-2.2-32", "unet-2.2-64", "unet-2.1-32", "unet-2.1-64", "prior-2.2", "prior-2.1",
           "movq-decode-256", "movq-decode-512", "movq-encode-512", "text-clip-l", "text-clip-bigg",
           "text-mclip", "vision-bigg", "load-unet-2.2"]

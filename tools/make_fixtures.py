@@ -1145,7 +1145,7 @@ def make_extras():
 # ---------------------------------------------------------------------------------------------
 # Real configs: names and shapes of the real-size state dicts, built on the meta device.
 def make_real_shapes():
-    real = os.path.join(ROOT, "real_configs")
+    real = os.path.join(ROOT, "..", "crates", "kandinsky", "real_configs")
     out = {}
     for repo in sorted(os.listdir(real)):
         for comp, cls in [("unet", UNet2DConditionModel), ("movq", VQModel)]:

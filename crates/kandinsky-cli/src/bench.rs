@@ -1,5 +1,5 @@
 //! `kandinsky bench`: every stage of a real Kandinsky 2.1 / 2.2 generation, timed with random
-//! weights of the real configurations (`fixtures/real_configs/`), in the dtype of `--dtype`.
+//! weights of the real configurations (`kandinsky::models::real_configs`), in the dtype of `--dtype`.
 //! `tools/bench.py` runs the same work in PyTorch and prints both side by side.
 
 use anyhow::{bail, Context, Result};
@@ -18,25 +18,10 @@ use kandinsky::pipelines::kandinsky::text_encoder::{MClipConfig, MultilingualCli
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-macro_rules! real_config {
-    ($path:literal) => {
-        include_str!(concat!(
-            "../../../fixtures/real_configs/",
-            $path,
-            "/config.json"
-        ))
-    };
-}
-
-const UNET_2_2: &str = real_config!("kandinsky-2-2-decoder/unet");
-const UNET_2_1: &str = real_config!("kandinsky-2-1/unet");
-const PRIOR_2_2: &str = real_config!("kandinsky-2-2-prior/prior");
-const PRIOR_2_1: &str = real_config!("kandinsky-2-1-prior/prior");
-const CLIP_BIGG_TEXT: &str = real_config!("kandinsky-2-2-prior/text_encoder");
-const CLIP_BIGG_VISION: &str = real_config!("kandinsky-2-2-prior/image_encoder");
-const CLIP_L_TEXT: &str = real_config!("kandinsky-2-1-prior/text_encoder");
-const MCLIP: &str = real_config!("kandinsky-2-1/text_encoder");
-const MOVQ: &str = real_config!("movq");
+use kandinsky::models::real_configs::{
+    CLIP_BIGG_TEXT, CLIP_BIGG_VISION, CLIP_L_TEXT, MCLIP, MOVQ, PRIOR_2_1, PRIOR_2_2, UNET_2_1,
+    UNET_2_2,
+};
 
 /// Every stage, in table order.
 pub const STAGES: &[&str] = &[

@@ -5,7 +5,7 @@ use candle_core::{DType, Device};
 use kandinsky::loading::{component_dir, given_or_small};
 use kandinsky::models::VQModel;
 use kandinsky::utils::torch_utils::TorchGenerator;
-use kandinsky::vae_image_processor::{numbered_path, save_png, to_rgb8};
+use kandinsky::vae_image_processor::{numbered_path, to_rgb8};
 use std::path::PathBuf;
 
 #[derive(clap::Args)]
@@ -65,14 +65,7 @@ pub fn run(args: &DecodeArgs) -> Result<()> {
     let images = movq.decode(&latents.to_dtype(DType::F32)?.to_device(&device)?, true)?;
     let rgb = to_rgb8(&images)?;
     for (i, image) in rgb.iter().enumerate() {
-        let path = numbered_path(&args.output, i, rgb.len());
-        save_png(&path, image, &[])?;
-        println!(
-            "wrote {} ({}x{})",
-            path.display(),
-            image.width,
-            image.height
-        );
+        crate::generate::write_image(&numbered_path(&args.output, i, rgb.len()), image, &[])?;
     }
     Ok(())
 }

@@ -30,18 +30,8 @@ struct ShapesArgs {
     /// Prompts per language.
     #[arg(long, default_value_t = 200)]
     n: usize,
-    /// Decoder steps.
-    #[arg(long, default_value_t = 100)]
-    steps: usize,
-    /// Prior steps.
-    #[arg(long, default_value_t = 25)]
-    prior_steps: usize,
-    /// Decoder guidance.
-    #[arg(long, default_value_t = 4.0)]
-    guidance: f64,
-    /// Prior guidance.
-    #[arg(long, default_value_t = 4.0)]
-    prior_guidance: f64,
+    #[command(flatten)]
+    sampling: crate::generate::SamplingArgs,
     /// Seed of the generator (one per language).
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -78,10 +68,10 @@ pub fn run(a: &EvalArgs) -> Result<()> {
         decoder: given_or_small(s.model.as_deref(), "decoder")?,
         prior: given_or_small(s.prior.as_deref(), "prior")?,
         n: s.n,
-        steps: s.steps,
-        prior_steps: s.prior_steps,
-        guidance: s.guidance,
-        prior_guidance: s.prior_guidance,
+        steps: s.sampling.steps,
+        prior_steps: s.sampling.prior_steps,
+        guidance: s.sampling.guidance,
+        prior_guidance: s.sampling.prior_guidance,
         seed: s.seed,
         batch: s.batch,
         oracle: s.oracle,

@@ -6,8 +6,8 @@ use candle_core::{Device, Tensor};
 use kandinsky::loading::{given_or_small, read_tensor, small_model_dirs, PipelineDirs};
 use kandinsky::pipelines::auto_pipeline::{
     AutoPipeline, Controlnet, ControlnetImage, DecoderKind, GenerationParams, ImageToImage,
-    Inpainting, LoadOptions, Mixing, Mode, Outpainting, Prompt, Request, Stage, TextToImage,
-    Variations, Version,
+    Inpainting, Mixing, Mode, Outpainting, Prompt, Request, Stage, TextToImage, Variations,
+    Version,
 };
 use kandinsky::pipelines::kandinsky::pipeline_kandinsky_prior::MixInput;
 use kandinsky::schedulers::SchedulerClass;
@@ -37,7 +37,7 @@ pub enum SchedulerChoice {
 }
 
 impl SchedulerChoice {
-    fn class(self) -> Option<SchedulerClass> {
+    pub(crate) fn class(self) -> Option<SchedulerClass> {
         match self {
             SchedulerChoice::Default => None,
             SchedulerChoice::Ddim => Some(SchedulerClass::Ddim),
@@ -103,6 +103,39 @@ pub struct CommonArgs {
     /// Output PNG; with several images `-<i>` is inserted before the extension.
     #[arg(long, default_value = "image.png")]
     output: PathBuf,
+}
+
+/// The sampling settings of commands that run many generations (`batch`, `eval`).
+#[derive(clap::Args)]
+pub struct SamplingArgs {
+    /// Decoder steps.
+    #[arg(long, default_value_t = 100)]
+    pub steps: usize,
+    /// Prior steps.
+    #[arg(long, default_value_t = 25)]
+    pub prior_steps: usize,
+    /// Decoder guidance.
+    #[arg(long, default_value_t = 4.0)]
+    pub guidance: f64,
+    /// Prior guidance.
+    #[arg(long, default_value_t = 4.0)]
+    pub prior_guidance: f64,
+}
+
+/// Writes one image and says so.
+pub(crate) fn write_image(
+    path: &Path,
+    image: &Rgb8,
+    text: &[(&str, &str)],
+) -> kandinsky::Result<()> {
+    save_png(path, image, text)?;
+    println!(
+        "wrote {} ({}x{})",
+        path.display(),
+        image.width,
+        image.height
+    );
+    Ok(())
 }
 
 /// A prompt and its negative.
@@ -291,17 +324,32 @@ fn progress_bar() -> impl FnMut(Stage, usize, usize) {
 /// The model and prior directories: `--model` as a directory, a hub id or a preset name, or
 /// the small model when it is omitted.
 fn model_dirs(a: &CommonArgs, kind: DecoderKind) -> Result<PipelineDirs> {
-    let Some(model) = &a.model else {
-        if kind == DecoderKind::Controlnet {
-            bail!(
-                "there is no default ControlNet model (the small model is 2.1-style); pass --model kandinsky-2-2-controlnet-depth or a directory"
-            );
-        }
-        let mut dirs = small_model_dirs(kind == DecoderKind::Inpaint)?;
-        dirs.prior = given_or_small(a.prior.as_deref(), "prior")?;
+    if a.model.is_none() && kind == DecoderKind::Controlnet {
+        bail!(
+            "there is no default ControlNet model (the small model is 2.1-style); pass --model kandinsky-2-2-controlnet-depth or a directory"
+        );
+    }
+    let inpaint = kind == DecoderKind::Inpaint;
+    pipeline_dirs_of(a.model.as_deref(), a.prior.as_deref(), inpaint)
+}
+
+/// Text-to-image decoder and prior directories of `--model` / `--prior` (the small model's when
+/// `model` is `None`), fetching presets and hub ids the cache lacks.
+pub(crate) fn pipeline_dirs(model: Option<&str>, prior: Option<&str>) -> Result<PipelineDirs> {
+    pipeline_dirs_of(model, prior, false)
+}
+
+fn pipeline_dirs_of(
+    model: Option<&str>,
+    prior: Option<&str>,
+    inpaint: bool,
+) -> Result<PipelineDirs> {
+    let Some(model) = model else {
+        let mut dirs = small_model_dirs(inpaint)?;
+        dirs.prior = given_or_small(prior, "prior")?;
         return Ok(dirs);
     };
-    crate::download::ensure_pipeline(model, a.prior.as_deref())?
+    crate::download::ensure_pipeline(model, prior)?
         .context("--prior is required unless --model is a preset name or omitted")
 }
 
@@ -318,15 +366,8 @@ fn run_job(a: &CommonArgs, job: Job) -> Result<()> {
         }
     }
     let dirs = model_dirs(a, job.mode.decoder_kind())?;
-    let mut pipe = AutoPipeline::from_pretrained(
-        &dirs.decoder,
-        &dirs.prior,
-        LoadOptions {
-            dtype: crate::compute_dtype(),
-            device: crate::compute_device()?,
-            ..LoadOptions::default()
-        },
-    )?;
+    let mut pipe =
+        AutoPipeline::from_pretrained(&dirs.decoder, &dirs.prior, crate::load_options()?)?;
     let request = Request {
         mode: job.mode,
         params: GenerationParams {
@@ -350,7 +391,13 @@ fn run_job(a: &CommonArgs, job: Job) -> Result<()> {
     });
     eprintln!("seed {seed}");
     let mut generator = TorchGenerator::new(seed);
-    let images = pipe.generate(request, &mut generator, &mut progress_bar())?;
+    let n = a.num_images;
+    if n > plan.images_per_run {
+        eprintln!(
+            "{n} images: in runs of {} (what fits in memory at once), each written when its run ends",
+            plan.images_per_run
+        );
+    }
     let sampler = match (a.scheduler.class(), pipe.info().version) {
         (None, Version::V2_1) => "DDIM (model default)",
         (None, Version::V2_2) => "DDPM (model default)",
@@ -372,16 +419,18 @@ fn run_job(a: &CommonArgs, job: Job) -> Result<()> {
             "small (models/small/prior)"
         }),
     );
-    for (i, image) in images.iter().enumerate() {
-        let path = numbered_path(&a.output, i, images.len());
-        save_png(&path, image, &[("parameters", &parameters)])?;
-        println!(
-            "wrote {} ({}x{})",
-            path.display(),
-            image.width,
-            image.height
-        );
-    }
+    pipe.generate_chunked(
+        request,
+        &mut generator,
+        &mut progress_bar(),
+        &mut |i, image| {
+            write_image(
+                &numbered_path(&a.output, i, n),
+                &image,
+                &[("parameters", &parameters)],
+            )
+        },
+    )?;
     Ok(())
 }
 

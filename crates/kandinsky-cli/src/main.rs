@@ -1,5 +1,6 @@
 //! The `kandinsky` command: a thin layer over the library (argument parsing, progress, errors).
 
+mod batch;
 mod bench;
 mod decode;
 mod download;
@@ -80,6 +81,15 @@ pub fn compute_device() -> anyhow::Result<candle_core::Device> {
     }
 }
 
+/// The pipelines' load options from `--dtype` and `--device`.
+pub fn load_options() -> anyhow::Result<kandinsky::pipelines::auto_pipeline::LoadOptions> {
+    Ok(kandinsky::pipelines::auto_pipeline::LoadOptions {
+        dtype: compute_dtype(),
+        device: compute_device()?,
+        ..Default::default()
+    })
+}
+
 /// Refuses `--device cuda` for a subcommand that runs on the CPU only.
 pub fn cpu_only(what: &str) -> anyhow::Result<()> {
     if DEVICE.get().copied().unwrap_or(DeviceArg::Cpu) != DeviceArg::Cpu {
@@ -97,6 +107,9 @@ pub fn compute_dtype() -> candle_core::DType {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Text to image for every line of a JSONL file, resumable, split over machines with
+    /// `--shard i/n` or `--shard auto` (Kubernetes Indexed Jobs, Slurm arrays).
+    Batch(batch::BatchArgs),
     /// Time every stage of a real 2.1 / 2.2 generation (UNet steps, prior, MoVQ, text and image
     /// encoders, loading) with random weights of the real configurations.
     Bench(bench::BenchArgs),
@@ -156,6 +169,7 @@ fn main() -> std::process::ExitCode {
         }
     }
     let result = match cli.command {
+        Command::Batch(args) => batch::run(&args),
         Command::Bench(args) => bench::run(&args),
         Command::Decode(args) => decode::run(&args),
         Command::Download(args) => download::run(&args),

@@ -1,7 +1,6 @@
 //! `kandinsky serve`: flags → [`kandinsky_server::ServerConfig`], then serve until Ctrl-C.
 
 use anyhow::{Context, Result};
-use kandinsky::pipelines::auto_pipeline::LoadOptions;
 use kandinsky_server::{Server, ServerConfig};
 use std::net::IpAddr;
 
@@ -52,11 +51,7 @@ pub fn run(a: &ServeArgs) -> Result<()> {
         prior: a.prior.clone(),
         queue: a.queue,
         api_token: a.api_token.clone().filter(|t| !t.is_empty()),
-        load: LoadOptions {
-            dtype: crate::compute_dtype(),
-            device: crate::compute_device()?,
-            ..LoadOptions::default()
-        },
+        load: crate::load_options()?,
         max_loaded: a.max_loaded,
         public: !a.host.is_loopback(),
         port: a.port,

@@ -202,7 +202,9 @@ pub fn save_png(path: &Path, image: &Rgb8, text: &[(&str, &str)]) -> Result<()> 
         let file = std::fs::File::create(&tmp).map_err(|e| e.to_string())?;
         let mut w = std::io::BufWriter::new(file);
         write_png(&mut w, image, text)?;
-        std::io::Write::flush(&mut w).map_err(|e| e.to_string())
+        std::io::Write::flush(&mut w).map_err(|e| e.to_string())?;
+        // On disk before the rename makes it visible, so a crash never shows a short file.
+        w.get_ref().sync_all().map_err(|e| e.to_string())
     };
     if let Err(e) = write() {
         let _ = std::fs::remove_file(&tmp);

@@ -274,3 +274,85 @@ fn half_precision_images_are_within_3_of_f32() {
         }
     }
 }
+
+/// A batch larger than one run's memory budget runs in parts, each drawing from the generator in
+/// turn; a batch within it gives `generate`'s images exactly.
+#[test]
+fn large_batches_run_in_parts_that_fit() {
+    let dir = fixtures().join("pipelines");
+    let pipe = |budget| {
+        AutoPipeline::from_pretrained(
+            &dir.join("tiny-2-2-decoder"),
+            &dir.join("tiny-2-2-prior"),
+            LoadOptions {
+                batch_latent_pixels: budget,
+                ..LoadOptions::default()
+            },
+        )
+        .unwrap()
+    };
+    let many = |n| {
+        let mut r = request(None);
+        r.params.num_images = n;
+        r
+    };
+    // The latent pixels of one 64 px image, from the plan under a budget of 2^20.
+    let latent_pixels = (1 << 20) / pipe(1 << 20).check(&many(1)).unwrap().images_per_run;
+    let mut small = pipe(2 * latent_pixels);
+    assert_eq!(small.check(&many(5)).unwrap().images_per_run, 2);
+    let mut got = Vec::new();
+    small
+        .generate_chunked(
+            many(5),
+            &mut TorchGenerator::new(3),
+            &mut |_, _, _| {},
+            &mut |i, image| {
+                got.push((i, image));
+                Ok(())
+            },
+        )
+        .unwrap();
+    assert_eq!(got.iter().map(|g| g.0).collect::<Vec<_>>(), [0, 1, 2, 3, 4]);
+    // The parts are runs of 2, 2 and 1 from one generator.
+    let mut generator = TorchGenerator::new(3);
+    let mut want = Vec::new();
+    for n in [2, 2, 1] {
+        want.extend(
+            pipe(usize::MAX)
+                .generate(many(n), &mut generator, &mut |_, _, _| {})
+                .unwrap(),
+        );
+    }
+    assert!(got.iter().map(|g| &g.1).eq(want.iter()));
+    // Within the budget: exactly `generate`.
+    let mut got = Vec::new();
+    pipe(usize::MAX)
+        .generate_chunked(
+            many(3),
+            &mut TorchGenerator::new(3),
+            &mut |_, _, _| {},
+            &mut |_, image| {
+                got.push(image);
+                Ok(())
+            },
+        )
+        .unwrap();
+    let want = pipe(usize::MAX)
+        .generate(many(3), &mut TorchGenerator::new(3), &mut |_, _, _| {})
+        .unwrap();
+    assert_eq!(got, want);
+    // Given latents are for one run: refused when the batch needs several.
+    let mut r = many(5);
+    if let kandinsky::pipelines::auto_pipeline::Mode::TextToImage(m) = &mut r.mode {
+        m.latents = Some(
+            candle_core::Tensor::zeros(
+                (5, 4, 8, 8),
+                candle_core::DType::F32,
+                &candle_core::Device::Cpu,
+            )
+            .unwrap(),
+        );
+    }
+    let err = small.check(&r).unwrap_err().to_string();
+    assert!(err.contains("do not fit in one run"), "{err}");
+}

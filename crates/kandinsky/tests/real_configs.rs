@@ -70,7 +70,7 @@ fn compare(key: &str, w: &Weights, expected_params: Option<u64>) {
 }
 
 fn unet(repo: &str, expected_params: Option<u64>) {
-    let dir = fixtures().join("real_configs").join(repo).join("unet");
+    let dir = real_configs().join(repo).join("unet");
     let config = UNet2DConditionConfig::load(&dir).unwrap();
     let w = Weights::meta(DType::F32);
     UNet2DConditionModel::new(&w, &config).unwrap();
@@ -104,7 +104,7 @@ fn unet_2_2_controlnet_depth() {
 
 #[test]
 fn movq() {
-    let dir = fixtures().join("real_configs").join("movq");
+    let dir = real_configs().join("movq");
     let config = VQModelConfig::load(&dir).unwrap();
     let w = Weights::meta(DType::F32);
     VQModel::new(&w, &config).unwrap();
@@ -112,13 +112,7 @@ fn movq() {
 }
 
 fn component<C: serde::de::DeserializeOwned>(key: &str) -> C {
-    kandinsky::loading::read_json(
-        &fixtures()
-            .join("real_configs")
-            .join(key)
-            .join("config.json"),
-    )
-    .unwrap()
+    kandinsky::loading::read_json(&real_configs().join(key).join("config.json")).unwrap()
 }
 
 #[test]
@@ -192,4 +186,9 @@ fn mclip_xlm_roberta_large() {
     let w = Weights::meta(DType::F32);
     MultilingualClip::new(&w, &component::<MClipConfig>("kandinsky-2-1/text_encoder")).unwrap();
     compare("kandinsky-2-1/text_encoder", &w, None);
+}
+
+/// The embedded configurations' directory (`kandinsky::models::real_configs`).
+fn real_configs() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("real_configs")
 }

@@ -5,6 +5,7 @@ pub mod autoencoders;
 pub mod clip;
 pub mod embeddings;
 pub mod nn;
+pub mod real_configs;
 pub mod resnet;
 pub mod transformers;
 pub mod unets;

@@ -46,6 +46,10 @@ use std::path::{Path, PathBuf};
 /// SimpleCrossAttn level holds (h/2·w/2)² scores per head.
 pub const MAX_LATENT_PIXELS: usize = 192 * 192;
 
+/// The default of [`LoadOptions::batch_latent_pixels`]: a larger batch runs in parts of at most
+/// this many latent pixels (the linear activations of the largest single image).
+pub const MAX_BATCH_LATENT_PIXELS: usize = MAX_LATENT_PIXELS;
+
 /// Kandinsky 2.1 (the decoder also reads the prompt through M-CLIP) or 2.2 (image embedding only).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Version {
@@ -123,6 +127,9 @@ pub struct LoadOptions {
     /// Keep both stages in memory between requests (a server); otherwise each stage is loaded
     /// when it runs and freed after, so the prior is gone before the decoder loads.
     pub keep_loaded: bool,
+    /// The most latent pixels one run holds over its whole batch ([`Plan::images_per_run`]);
+    /// lower it where memory is short.
+    pub batch_latent_pixels: usize,
 }
 
 impl Default for LoadOptions {
@@ -131,6 +138,7 @@ impl Default for LoadOptions {
             dtype: DType::F32,
             device: Device::Cpu,
             keep_loaded: false,
+            batch_latent_pixels: MAX_BATCH_LATENT_PIXELS,
         }
     }
 }
@@ -351,6 +359,19 @@ mode_from!(
 );
 
 impl Mode {
+    /// Whether initial latents (decoder or prior) are given.
+    pub fn has_latents(&self) -> bool {
+        match self {
+            Mode::TextToImage(m) => m.latents.is_some() || m.prior_latents.is_some(),
+            Mode::ImageToImage(m) => m.prior_latents.is_some(),
+            Mode::Inpainting(m) => m.latents.is_some() || m.prior_latents.is_some(),
+            Mode::Outpainting(m) => m.latents.is_some() || m.prior_latents.is_some(),
+            Mode::Mixing(m) => m.latents.is_some(),
+            Mode::Variations(m) => m.latents.is_some(),
+            Mode::Controlnet(m) => m.latents.is_some() || m.prior_latents.is_some(),
+        }
+    }
+
     /// The decoder kind this mode runs on.
     pub fn decoder_kind(&self) -> DecoderKind {
         match self {
@@ -399,6 +420,9 @@ pub struct Plan {
     pub width: usize,
     /// Output height in pixels.
     pub height: usize,
+    /// Images one run holds in memory at once ([`LoadOptions::batch_latent_pixels`]): a request for more
+    /// runs in parts with [`AutoPipeline::generate_chunked`].
+    pub images_per_run: usize,
 }
 
 /// Which stage a progress report is about.
@@ -667,7 +691,19 @@ impl AutoPipeline {
                 height.div_ceil(grid) * grid
             )));
         }
-        Ok(Plan { width, height })
+        let latent_pixels = latent_size(height, f) * latent_size(width, f);
+        let images_per_run = (self.options.batch_latent_pixels / latent_pixels.max(1)).max(1);
+        if p.num_images > images_per_run && request.mode.has_latents() {
+            return Err(invalid(format!(
+                "{} images of {width}x{height} do not fit in one run (at most {images_per_run}), and given latents are for one run: ask for fewer images",
+                p.num_images
+            )));
+        }
+        Ok(Plan {
+            width,
+            height,
+            images_per_run,
+        })
     }
 
     /// Runs a request: [`Self::check`], the prior stage, then the decoder stage, both drawing
@@ -708,6 +744,55 @@ impl AutoPipeline {
                 })
                 .collect(),
         }
+    }
+
+    /// [`Self::generate`] for any number of images, in runs of at most
+    /// [`Plan::images_per_run`] (both stages kept loaded between them), each image handed to
+    /// `on_image` with its index as soon as its run ends, so memory stays bounded however many
+    /// are asked for. A request that fits in one run gives exactly [`Self::generate`]'s images;
+    /// a larger one draws each run from `generator` in turn.
+    pub fn generate_chunked(
+        &mut self,
+        request: Request,
+        generator: &mut TorchGenerator,
+        progress: Progress,
+        on_image: &mut dyn FnMut(usize, Rgb8) -> Result<()>,
+    ) -> Result<()> {
+        let plan = self.check(&request)?;
+        let n = request.params.num_images;
+        if n <= plan.images_per_run {
+            for (i, image) in self
+                .generate(request, generator, progress)?
+                .into_iter()
+                .enumerate()
+            {
+                on_image(i, image)?;
+            }
+            return Ok(());
+        }
+        let keep = self.options.keep_loaded;
+        self.options.keep_loaded = true;
+        let mut run = || -> Result<()> {
+            let mut done = 0;
+            while done < n {
+                let mut part = request.clone();
+                part.params.num_images = (n - done).min(plan.images_per_run);
+                let images = self.generate(part, generator, progress)?;
+                let count = images.len();
+                for (i, image) in images.into_iter().enumerate() {
+                    on_image(done + i, image)?;
+                }
+                done += count;
+            }
+            Ok(())
+        };
+        let result = run();
+        self.options.keep_loaded = keep;
+        if !keep {
+            self.prior = None;
+            self.decoder = None;
+        }
+        result
     }
 
     fn prior(&mut self) -> Result<&KandinskyPriorPipeline> {
