@@ -9,7 +9,7 @@ pub mod cache;
 pub mod hub;
 mod weights;
 
-pub use weights::{ParamStore, WeightStore, Weights};
+pub use weights::{check_config_size, ParamStore, WeightStore, Weights, MAX_PARAMETERS};
 
 use crate::error::{Error, Result};
 use serde::de::DeserializeOwned;

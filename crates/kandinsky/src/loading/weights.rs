@@ -69,13 +69,32 @@ impl StreamedSafetensors {
                 [a, b] => (a.as_u64().ok_or_else(bad)?, b.as_u64().ok_or_else(bad)?),
                 _ => return Err(bad()),
             };
-            let want = shape.iter().product::<usize>() as u64 * dtype.size_in_bytes() as u64;
-            if b < a || b - a != want || data_start + b > size {
+            // Checked: a hostile header may declare sizes whose product overflows.
+            let want = shape
+                .iter()
+                .try_fold(dtype.size_in_bytes() as u64, |acc, &d| {
+                    acc.checked_mul(d as u64)
+                });
+            let end = data_start.checked_add(b);
+            if b < a || Some(b - a) != want || end.is_none_or(|e| e > size) {
                 return Err(format!(
                     "tensor '{name}': data range {a}..{b} does not hold {shape:?} {dtype:?} in a {size}-byte file"
                 ));
             }
             tensors.insert(name, (dtype, shape, data_start + a..data_start + b));
+        }
+        // Tensors may not share bytes (the format forbids it; a file that does is corrupt).
+        let mut ranges: Vec<(&std::ops::Range<u64>, &String)> =
+            tensors.iter().map(|(n, (_, _, r))| (r, n)).collect();
+        ranges.sort_by_key(|(r, _)| (r.start, r.end));
+        for pair in ranges.windows(2) {
+            let ((a, na), (b, nb)) = (pair[0], pair[1]);
+            if b.start < a.end && !a.is_empty() && !b.is_empty() {
+                return Err(format!(
+                    "tensors '{na}' and '{nb}' overlap (bytes {}..{} and {}..{})",
+                    a.start, a.end, b.start, b.end
+                ));
+            }
         }
         Ok(Self { file, tensors })
     }
@@ -92,6 +111,30 @@ impl StreamedSafetensors {
             .map_err(|e| e.to_string())?;
         Tensor::from_raw_buffer(&bytes, *dtype, shape, device).map_err(|e| e.to_string())
     }
+}
+
+/// The most parameters a model built from a `config.json` may declare; the largest real component
+/// (the 2.2 prior's CLIP bigG vision tower) has 1.8 B.
+pub const MAX_PARAMETERS: u64 = 20_000_000_000;
+
+/// Builds a model with `build` on meta weights (names and shapes only, nothing allocated) and
+/// refuses a config that declares more than [`MAX_PARAMETERS`] parameters: absurd sizes are
+/// refused from the config alone, before any weight is read.
+pub fn check_config_size<T>(dir: &Path, build: impl FnOnce(&Weights) -> Result<T>) -> Result<()> {
+    let meta = Weights::meta(DType::F32);
+    build(&meta)?;
+    let n: u128 = meta
+        .recorded()
+        .iter()
+        .map(|(_, s)| s.iter().fold(1u128, |a, &d| a.saturating_mul(d as u128)))
+        .fold(0u128, u128::saturating_add);
+    if n > MAX_PARAMETERS as u128 {
+        return Err(Error::InvalidArgument(format!(
+            "{}: its config.json declares a model of {n} parameters (at most {MAX_PARAMETERS}); refused before loading",
+            dir.display()
+        )));
+    }
+    Ok(())
 }
 
 /// The weight files of one component directory, indexed by tensor name.

@@ -171,6 +171,7 @@ impl VQModel {
         device: &candle_core::Device,
     ) -> Result<Self> {
         let config = VQModelConfig::load(dir)?;
+        crate::loading::check_config_size(dir, |w| Self::new(w, &config))?;
         Self::new(&Weights::from_dir(dir, dtype, device)?, &config)
     }
 

@@ -228,6 +228,7 @@ impl PriorTransformer {
     /// Loads a `prior/` component directory.
     pub fn load(dir: &std::path::Path, dtype: DType, device: &Device) -> Result<Self> {
         let c: PriorTransformerConfig = crate::loading::read_json(&dir.join("config.json"))?;
+        crate::loading::check_config_size(dir, |w| Self::new(w, &c))?;
         Self::new(&Weights::from_dir(dir, dtype, device)?, &c)
     }
 

@@ -466,6 +466,7 @@ impl UNet2DConditionModel {
         device: &candle_core::Device,
     ) -> Result<Self> {
         let config = UNet2DConditionConfig::load(dir)?;
+        crate::loading::check_config_size(dir, |w| Self::new(w, &config))?;
         Self::new(&Weights::from_dir(dir, dtype, device)?, &config)
     }
 

@@ -1,0 +1,221 @@
+//! Hostile and broken model files, each refused with a clear error before anything large is
+//! allocated or anything is executed: a pickle that calls a global, safetensors headers that lie
+//! (gigabytes of header, sizes past the end of the file, overflowing shapes, overlapping tensors),
+//! and a config of absurd size.
+
+mod common;
+
+use kandinsky::loading::{WeightStore, MAX_PARAMETERS};
+use kandinsky::models::{UNet2DConditionModel, VQModel};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+/// A safetensors file from a raw header (as given) and `data`.
+fn safetensors(dir: &Path, header: &str, data: &[u8]) -> std::path::PathBuf {
+    let path = dir.join("model.safetensors");
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(header.as_bytes());
+    bytes.extend_from_slice(data);
+    std::fs::write(&path, bytes).unwrap();
+    path
+}
+
+/// Opens `path` and returns the error, which must come quickly.
+fn refused(path: &Path) -> String {
+    let start = Instant::now();
+    let err = match WeightStore::open(&[path.to_path_buf()]) {
+        Ok(_) => panic!("{} was accepted", path.display()),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        start.elapsed() < Duration::from_secs(2),
+        "slow refusal: {err}"
+    );
+    err
+}
+
+#[test]
+fn lying_safetensors_headers_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = [0u8; 64];
+    for (header, words) in [
+        // A tensor of 4 TiB declared in a 100-byte header.
+        (
+            r#"{"w":{"dtype":"F32","shape":[1048576,1048576],"data_offsets":[0,4398046511104]}}"#,
+            "does not hold",
+        ),
+        // A shape whose element count overflows 64 bits, with an empty range.
+        (
+            r#"{"w":{"dtype":"F32","shape":[4294967296,4294967296,16],"data_offsets":[0,0]}}"#,
+            "does not hold",
+        ),
+        // An end offset that overflows when added to the header's.
+        (
+            r#"{"w":{"dtype":"U8","shape":[1],"data_offsets":[18446744073709551614,18446744073709551615]}}"#,
+            "does not hold",
+        ),
+        // Past the end of the file.
+        (
+            r#"{"w":{"dtype":"F32","shape":[32],"data_offsets":[0,128]}}"#,
+            "does not hold",
+        ),
+        // Two tensors over the same bytes.
+        (
+            r#"{"a":{"dtype":"F32","shape":[4],"data_offsets":[0,16]},"b":{"dtype":"F32","shape":[4],"data_offsets":[8,24]}}"#,
+            "overlap",
+        ),
+        // Reversed offsets.
+        (
+            r#"{"w":{"dtype":"F32","shape":[2],"data_offsets":[8,0]}}"#,
+            "does not hold",
+        ),
+        (
+            r#"{"w":{"dtype":"F32","shape":[-1],"data_offsets":[0,4]}}"#,
+            "invalid header entry",
+        ),
+        (
+            r#"{"w":{"dtype":"C64","shape":[1],"data_offsets":[0,8]}}"#,
+            "unsupported dtype",
+        ),
+        (r#"not json"#, "invalid header"),
+    ] {
+        let path = safetensors(dir.path(), header, &data);
+        let err = refused(&path);
+        assert!(err.contains(words), "{header}: {err}");
+    }
+    // A header length of 5 GB in a file of a few bytes.
+    let path = dir.path().join("huge-header.safetensors");
+    let mut bytes = 5_000_000_000u64.to_le_bytes().to_vec();
+    bytes.extend_from_slice(b"{}");
+    std::fs::write(&path, bytes).unwrap();
+    assert!(refused(&path).contains("invalid header length"));
+    // Truncated: fewer than the 8 length bytes.
+    std::fs::write(&path, [1u8, 2, 3]).unwrap();
+    assert!(refused(&path).contains("too small"));
+}
+
+/// CRC-32 (IEEE), for the zip writer below.
+fn crc32(data: &[u8]) -> u32 {
+    let mut crc = 0xffff_ffffu32;
+    for &b in data {
+        crc ^= b as u32;
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0xedb8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
+
+/// A zip archive of stored (uncompressed) files, as `torch.save` writes `.bin` files:
+/// `archive/data.pkl` and friends.
+fn zip_stored(files: &[(&str, &[u8])]) -> Vec<u8> {
+    let (mut out, mut central) = (Vec::new(), Vec::new());
+    for (name, data) in files {
+        let offset = out.len() as u32;
+        let (crc, len, name_len) = (crc32(data), data.len() as u32, name.len() as u16);
+        out.extend_from_slice(&0x0403_4b50u32.to_le_bytes());
+        out.extend_from_slice(&[20, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+        for v in [crc, len, len] {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+        out.extend_from_slice(&name_len.to_le_bytes());
+        out.extend_from_slice(&0u16.to_le_bytes());
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(data);
+        central.extend_from_slice(&0x0201_4b50u32.to_le_bytes());
+        central.extend_from_slice(&[20, 0, 20, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+        for v in [crc, len, len] {
+            central.extend_from_slice(&v.to_le_bytes());
+        }
+        central.extend_from_slice(&name_len.to_le_bytes());
+        central.extend_from_slice(&[0; 12]);
+        central.extend_from_slice(&offset.to_le_bytes());
+        central.extend_from_slice(name.as_bytes());
+    }
+    let (start, size) = (out.len() as u32, central.len() as u32);
+    out.extend_from_slice(&central);
+    out.extend_from_slice(&0x0605_4b50u32.to_le_bytes());
+    out.extend_from_slice(&[0, 0, 0, 0]);
+    let n = files.len() as u16;
+    out.extend_from_slice(&n.to_le_bytes());
+    out.extend_from_slice(&n.to_le_bytes());
+    out.extend_from_slice(&size.to_le_bytes());
+    out.extend_from_slice(&start.to_le_bytes());
+    out.extend_from_slice(&0u16.to_le_bytes());
+    out
+}
+
+#[test]
+fn a_pickle_that_calls_a_global_is_refused_without_running_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let marker = dir.path().join("pwned");
+    let command = format!("touch {}", marker.display());
+    // Protocol 2: GLOBAL os.system, the command, TUPLE1, REDUCE, STOP — what `pickle.dumps` of an
+    // object whose __reduce__ returns (os.system, (command,)) holds.
+    let mut p = b"\x80\x02cos\nsystem\nq\x00X".to_vec();
+    p.extend_from_slice(&(command.len() as u32).to_le_bytes());
+    p.extend_from_slice(command.as_bytes());
+    p.extend_from_slice(b"q\x01\x85q\x02Rq\x03.");
+    let path = dir.path().join("diffusion_pytorch_model.bin");
+    std::fs::write(&path, &p).unwrap();
+    let err = refused(&path);
+    assert!(!marker.exists(), "the pickle's command ran");
+    assert!(err.contains(&path.display().to_string()), "{err}");
+    // As torch.save writes it (a zip holding `archive/data.pkl`), alone and as the value of a
+    // state dict's key: still no tensors, still nothing run.
+    let mut in_dict = b"\x80\x02}q\x00X\x01\x00\x00\x00wq\x01cos\nsystem\nq\x02X".to_vec();
+    in_dict.extend_from_slice(&(command.len() as u32).to_le_bytes());
+    in_dict.extend_from_slice(command.as_bytes());
+    in_dict.extend_from_slice(b"q\x03\x85q\x04Rq\x05s.");
+    for pickle in [&p, &in_dict] {
+        let zip = zip_stored(&[("archive/data.pkl", pickle), ("archive/version", b"3\n")]);
+        std::fs::write(&path, zip).unwrap();
+        let err = refused(&path);
+        assert!(!marker.exists(), "the pickle's command ran");
+        // The archive and its pickle were read (not refused as a bad zip) and held no tensor.
+        assert!(err.contains("no tensors found in the pickle"), "{err}");
+    }
+}
+
+#[test]
+fn a_config_of_absurd_size_is_refused_from_the_config_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    // The tiny fixture UNet with channels of a 10^12-parameter model, and no weights at all:
+    // refused from config.json before the missing weights are even looked for.
+    let src = common::fixtures().join("unet/dummy_2_2/config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src).unwrap()).unwrap();
+    config["block_out_channels"] = serde_json::json!([262144, 262144]);
+    std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
+    let start = Instant::now();
+    let err = UNet2DConditionModel::load(
+        dir.path(),
+        candle_core::DType::F32,
+        &candle_core::Device::Cpu,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("parameters") && err.contains(&MAX_PARAMETERS.to_string()),
+        "{err}"
+    );
+    assert!(start.elapsed() < Duration::from_secs(5));
+    // The same for a MoVQ.
+    let src = common::fixtures().join("movq/dummy/config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src).unwrap()).unwrap();
+    config["block_out_channels"] = serde_json::json!([1048576, 1048576]);
+    std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
+    let err = VQModel::load(
+        dir.path(),
+        candle_core::DType::F32,
+        &candle_core::Device::Cpu,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("parameters"), "{err}");
+}
