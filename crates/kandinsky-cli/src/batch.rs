@@ -179,6 +179,7 @@ pub fn run(a: &BatchArgs) -> Result<()> {
             ..crate::load_options()?
         },
     )?;
+    pipe.verify()?;
     // Every line of every shard is checked before any work, so all shards fail alike and early.
     let mut jobs = Vec::new();
     for (n, line) in &lines {

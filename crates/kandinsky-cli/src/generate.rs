@@ -381,8 +381,10 @@ fn run_job(a: &CommonArgs, job: Job) -> Result<()> {
             scheduler: a.scheduler.class(),
         },
     };
-    // Everything that can be checked is checked before the (slow) prior runs.
+    // Everything that can be checked is checked before the (slow) prior runs: the request, and
+    // every weight file's headers against its config.
     let plan = pipe.check(&request)?;
+    pipe.verify()?;
     let seed = a.seed.unwrap_or_else(|| {
         let t = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)

@@ -4,12 +4,10 @@
 use crate::error::ApiError;
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
-use image::{DynamicImage, GenericImageView, ImageReader};
-use kandinsky::vae_image_processor::{encode_png, Rgb8};
-use std::io::Cursor;
+use image::{DynamicImage, GenericImageView};
+use kandinsky::vae_image_processor::{encode_png, DecodeError, Rgb8};
 
-/// The largest input image, in pixels.
-pub const MAX_INPUT_PIXELS: u64 = 4096 * 4096;
+pub use kandinsky::vae_image_processor::MAX_INPUT_PIXELS;
 
 /// Decodes a base64 image (PNG or JPEG; an optional `data:image/...;base64,` prefix), refusing
 /// it before decoding when its header declares more than [`MAX_INPUT_PIXELS`]. `what` names the
@@ -30,33 +28,12 @@ pub fn decode_image(text: &str, what: &str) -> Result<DynamicImage, ApiError> {
         .decode(cleaned.as_bytes())
         .or_else(|_| base64::engine::general_purpose::STANDARD_NO_PAD.decode(cleaned.as_bytes()))
         .map_err(|e| ApiError::bad_request(format!("{what} is not valid base64: {e}")))?;
-    let reader = ImageReader::new(Cursor::new(&bytes))
-        .with_guessed_format()
-        .map_err(|e| ApiError::bad_request(format!("{what}: {e}")))?;
-    if reader.format().is_none() {
-        return Err(ApiError::bad_request(format!(
-            "{what} is not a PNG or JPEG image"
-        )));
-    }
-    let (w, h) = reader
-        .into_dimensions()
-        .map_err(|e| ApiError::bad_request(format!("{what} is not a readable image: {e}")))?;
-    if w as u64 * h as u64 > MAX_INPUT_PIXELS || w == 0 || h == 0 {
-        return Err(ApiError::too_large(format!(
-            "{what} is {w}x{h}: images may have at most {MAX_INPUT_PIXELS} pixels (4096x4096)"
-        )));
-    }
-    let mut reader = ImageReader::new(Cursor::new(&bytes))
-        .with_guessed_format()
-        .map_err(|e| ApiError::bad_request(format!("{what}: {e}")))?;
-    let mut limits = image::Limits::default();
-    limits.max_image_width = Some(w);
-    limits.max_image_height = Some(h);
-    limits.max_alloc = Some(MAX_INPUT_PIXELS * 8);
-    reader.limits(limits);
-    reader
-        .decode()
-        .map_err(|e| ApiError::bad_request(format!("{what} is not a readable image: {e}")))
+    kandinsky::vae_image_processor::decode_image(&bytes).map_err(|e| match e {
+        DecodeError::TooLarge { .. } => ApiError::too_large(format!("{what}: {e}")),
+        DecodeError::NotAnImage(m) => {
+            ApiError::bad_request(format!("{what} is not a readable PNG or JPEG image: {m}"))
+        }
+    })
 }
 
 /// RGB pixels; transparency is flattened onto white (A1111's `img2img_background_color`).

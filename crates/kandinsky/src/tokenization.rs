@@ -42,6 +42,31 @@ fn tok_err(path: &Path, e: impl std::fmt::Display) -> Error {
     }
 }
 
+/// `Tokenizer::from_file`, with the `tokenizers` crate's panics on some malformed files (found by
+/// fuzzing: a bad `decoder` entry panics inside its deserializer) turned into errors.
+fn tokenizer_from_file(path: &Path) -> Result<Tokenizer> {
+    let size = std::fs::metadata(path)
+        .map_err(|e| Error::io(path, e))?
+        .len();
+    if size > MAX_TOKENIZER_BYTES {
+        return Err(tok_err(
+            path,
+            format!("{size} bytes (a tokenizer.json has at most {MAX_TOKENIZER_BYTES})"),
+        ));
+    }
+    std::panic::catch_unwind(|| Tokenizer::from_file(path))
+        .map_err(|_| {
+            tok_err(
+                path,
+                "malformed tokenizer.json (the tokenizers crate panicked on it)",
+            )
+        })?
+        .map_err(|e| tok_err(path, e))
+}
+
+/// The largest `tokenizer.json` read (XLM-R's full one is 17 MB).
+const MAX_TOKENIZER_BYTES: u64 = 256 << 20;
+
 /// A special-token setting of `tokenizer_config.json`: a string or `{"content": ...}`.
 fn token_setting(cfg: &serde_json::Value, key: &str) -> Option<String> {
     match cfg.get(key)? {
@@ -68,7 +93,7 @@ impl PromptTokenizer {
             .unwrap_or(77) as usize;
         let json = dir.join("tokenizer.json");
         let inner = if json.is_file() {
-            Tokenizer::from_file(&json).map_err(|e| tok_err(&json, e))?
+            tokenizer_from_file(&json)?
         } else {
             Self::clip_bpe(&dir.join("vocab.json"), &dir.join("merges.txt"), &pad)?
         };
@@ -160,7 +185,7 @@ impl PromptTokenizer {
                 path: json,
             });
         }
-        let inner = Tokenizer::from_file(&json).map_err(|e| tok_err(&json, e))?;
+        let inner = tokenizer_from_file(&json)?;
         Self::with_specials(inner, "<s>", "</s>", "<pad>", 77, dir)
     }
 

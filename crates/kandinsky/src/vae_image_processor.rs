@@ -84,17 +84,65 @@ pub(crate) fn normalize(
 
 /// Reads an image file (PNG or JPEG) as RGB8.
 pub fn read_rgb8(path: &Path) -> Result<Rgb8> {
-    let img = image::open(path)
-        .map_err(|e| Error::Image {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        })?
+    let err = |message: String| Error::Image {
+        path: path.to_path_buf(),
+        message,
+    };
+    let bytes = std::fs::read(path).map_err(|e| err(e.to_string()))?;
+    let img = decode_image(&bytes)
+        .map_err(|e| err(e.to_string()))?
         .to_rgb8();
     Ok(Rgb8 {
         width: img.width() as usize,
         height: img.height() as usize,
         data: img.into_raw(),
     })
+}
+
+/// The largest input image, in pixels (4096 × 4096).
+pub const MAX_INPUT_PIXELS: u64 = 4096 * 4096;
+
+/// Why [`decode_image`] refused bytes.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    /// Not a PNG or JPEG, or a damaged one.
+    #[error("{0}")]
+    NotAnImage(String),
+    /// The header declares more than [`MAX_INPUT_PIXELS`] (a decompression bomb, or too large).
+    #[error("the image is {width}x{height}: images may have at most {MAX_INPUT_PIXELS} pixels (4096x4096)")]
+    TooLarge {
+        /// Declared width.
+        width: u32,
+        /// Declared height.
+        height: u32,
+    },
+}
+
+/// Decodes a PNG or JPEG, refusing it from its header, before decoding, when it declares more
+/// than [`MAX_INPUT_PIXELS`] (decompression bombs), and bounding what the decoder may allocate.
+pub fn decode_image(bytes: &[u8]) -> std::result::Result<image::DynamicImage, DecodeError> {
+    use image::ImageReader;
+    use std::io::Cursor;
+    let not = |e: image::ImageError| DecodeError::NotAnImage(e.to_string());
+    let reader = ImageReader::new(Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| DecodeError::NotAnImage(e.to_string()))?;
+    if reader.format().is_none() {
+        return Err(DecodeError::NotAnImage("not a PNG or JPEG image".into()));
+    }
+    let (width, height) = reader.into_dimensions().map_err(not)?;
+    if width as u64 * height as u64 > MAX_INPUT_PIXELS || width == 0 || height == 0 {
+        return Err(DecodeError::TooLarge { width, height });
+    }
+    let mut reader = ImageReader::new(Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| DecodeError::NotAnImage(e.to_string()))?;
+    let mut limits = image::Limits::default();
+    limits.max_image_width = Some(width);
+    limits.max_image_height = Some(height);
+    limits.max_alloc = Some(MAX_INPUT_PIXELS * 8);
+    reader.limits(limits);
+    reader.decode().map_err(not)
 }
 
 /// diffusers' `VaeImageProcessor.preprocess` for the img2img pipelines: the size rounded down to a

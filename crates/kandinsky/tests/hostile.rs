@@ -204,6 +204,38 @@ fn a_config_of_absurd_size_is_refused_from_the_config_alone() {
         "{err}"
     );
     assert!(start.elapsed() < Duration::from_secs(5));
+    // Counts that build Rust structures one by one (a billion layers) are refused from the JSON.
+    for (key, value, words) in [
+        (
+            "layers_per_block",
+            serde_json::json!(1_000_000_000),
+            "beyond any real model",
+        ),
+        (
+            "block_out_channels",
+            serde_json::json!(vec![32; 100_000]),
+            "entries",
+        ),
+        (
+            "sample_size",
+            serde_json::json!(1e300),
+            "beyond any real model",
+        ),
+    ] {
+        let mut c = config.clone();
+        c[key] = value;
+        std::fs::write(dir.path().join("config.json"), c.to_string()).unwrap();
+        let start = Instant::now();
+        let err = UNet2DConditionModel::load(
+            dir.path(),
+            candle_core::DType::F32,
+            &candle_core::Device::Cpu,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains(words), "{key}: {err}");
+        assert!(start.elapsed() < Duration::from_secs(2));
+    }
     // The same for a MoVQ.
     let src = common::fixtures().join("movq/dummy/config.json");
     let mut config: serde_json::Value =
@@ -218,4 +250,56 @@ fn a_config_of_absurd_size_is_refused_from_the_config_alone() {
     .unwrap_err()
     .to_string();
     assert!(err.contains("parameters"), "{err}");
+}
+
+/// A PNG whose header declares `width × height` (and holds no pixels).
+fn png_header_only(width: u32, height: u32) -> Vec<u8> {
+    let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+    let mut chunk = |kind: &[u8], data: &[u8]| {
+        png.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        let mut body = kind.to_vec();
+        body.extend_from_slice(data);
+        png.extend_from_slice(&body);
+        png.extend_from_slice(&crc32(&body).to_be_bytes());
+    };
+    let mut ihdr = width.to_be_bytes().to_vec();
+    ihdr.extend_from_slice(&height.to_be_bytes());
+    ihdr.extend_from_slice(&[8, 2, 0, 0, 0]);
+    chunk(b"IHDR", &ihdr);
+    // An empty zlib stream: the decoder needs an IDAT to report the header's size.
+    chunk(b"IDAT", b"\x78\x9c\x03\x00\x00\x00\x00\x01");
+    chunk(b"IEND", &[]);
+    png
+}
+
+#[test]
+fn decompression_bombs_are_refused_from_the_header() {
+    use kandinsky::vae_image_processor::{decode_image, read_rgb8, DecodeError};
+    let dir = tempfile::tempdir().unwrap();
+    // 100 000 × 100 000 RGB would be 30 GB of pixels.
+    let path = dir.path().join("bomb.png");
+    std::fs::write(&path, png_header_only(100_000, 100_000)).unwrap();
+    let start = Instant::now();
+    let err = read_rgb8(&path).unwrap_err().to_string();
+    assert!(
+        err.contains("at most") && err.contains("100000x100000"),
+        "{err}"
+    );
+    assert!(start.elapsed() < Duration::from_secs(1));
+    assert!(matches!(
+        decode_image(&png_header_only(5000, 5000)),
+        Err(DecodeError::TooLarge {
+            width: 5000,
+            height: 5000
+        })
+    ));
+    // Within the limit but without pixels: a clear error, not a panic.
+    assert!(matches!(
+        decode_image(&png_header_only(64, 64)),
+        Err(DecodeError::NotAnImage(_))
+    ));
+    assert!(matches!(
+        decode_image(b"GIF89a"),
+        Err(DecodeError::NotAnImage(_))
+    ));
 }

@@ -9,7 +9,9 @@ pub mod cache;
 pub mod hub;
 mod weights;
 
-pub use weights::{check_config_size, ParamStore, WeightStore, Weights, MAX_PARAMETERS};
+pub use weights::{
+    check_config_size, verify_weights, ParamStore, WeightStore, Weights, MAX_PARAMETERS,
+};
 
 use crate::error::{Error, Result};
 use serde::de::DeserializeOwned;
@@ -24,11 +26,64 @@ pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T> {
             path: path.to_path_buf(),
         });
     }
+    let size = std::fs::metadata(path)
+        .map_err(|e| Error::io(path, e))?
+        .len();
+    if size > MAX_JSON_BYTES {
+        return Err(Error::InvalidArgument(format!(
+            "{}: {size} bytes; a config file has at most {MAX_JSON_BYTES}",
+            path.display()
+        )));
+    }
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    serde_json::from_str(&text).map_err(|source| Error::Json {
+    let json = |source| Error::Json {
         path: path.to_path_buf(),
         source,
-    })
+    };
+    let value: serde_json::Value = serde_json::from_str(&text).map_err(json)?;
+    check_config_values(&value).map_err(|m| {
+        Error::InvalidArgument(format!(
+            "{}: {m}; refused before building anything",
+            path.display()
+        ))
+    })?;
+    serde_json::from_value(value).map_err(json)
+}
+
+/// The largest config file read (the real ones are a few kB).
+pub const MAX_JSON_BYTES: u64 = 16 << 20;
+
+/// Bounds on what a config may declare, checked on its JSON before any model is built from it:
+/// numbers of layers, blocks and heads build Rust structures one by one, so a config that
+/// declares a billion of them must be refused before, not discovered by running out of memory.
+/// No integer exceeds 2^31, no list 65 536 entries, no layer or head count 4096.
+pub fn check_config_values(value: &serde_json::Value) -> std::result::Result<(), String> {
+    fn walk(key: &str, v: &serde_json::Value) -> std::result::Result<(), String> {
+        match v {
+            serde_json::Value::Number(n) => {
+                let count = key.ends_with("layers")
+                    || key.ends_with("layers_per_block")
+                    || key.ends_with("attention_heads")
+                    || key == "attention_head_dim";
+                let limit = if count { 4096.0 } else { 2f64.powi(31) };
+                match n.as_f64() {
+                    Some(x) if x.abs() > limit => Err(format!(
+                        "'{key}' = {n} is beyond any real model (at most {limit})"
+                    )),
+                    _ => Ok(()),
+                }
+            }
+            serde_json::Value::Array(items) => {
+                if items.len() > 65_536 {
+                    return Err(format!("'{key}' lists {} entries", items.len()));
+                }
+                items.iter().try_for_each(|i| walk(key, i))
+            }
+            serde_json::Value::Object(map) => map.iter().try_for_each(|(k, v)| walk(k, v)),
+            _ => Ok(()),
+        }
+    }
+    walk("", value)
 }
 
 /// The Hugging Face hub cache directory, as `huggingface_hub` computes it:

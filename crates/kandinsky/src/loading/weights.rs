@@ -137,6 +137,21 @@ pub fn check_config_size<T>(dir: &Path, build: impl FnOnce(&Weights) -> Result<T
     Ok(())
 }
 
+/// Checks a component directory against its config without reading any weight: the model
+/// `build` makes from names and shapes only ([`check_config_size`]), then every tensor it needs
+/// found in the weight files' headers with its shape. A broken or mismatched checkpoint is found
+/// in milliseconds, before any stage runs.
+pub fn verify_weights<T>(dir: &Path, build: impl Fn(&Weights) -> Result<T>) -> Result<()> {
+    check_config_size(dir, &build)?;
+    let meta = Weights::meta(DType::F32);
+    build(&meta)?;
+    let store = WeightStore::from_dir(dir)?;
+    for (name, shape) in meta.recorded() {
+        store.check(&name, &shape)?;
+    }
+    Ok(())
+}
+
 /// The weight files of one component directory, indexed by tensor name.
 pub struct WeightStore {
     files: Vec<(PathBuf, WeightFile)>,
@@ -263,6 +278,23 @@ impl WeightStore {
             .join(", ")
     }
 
+    /// Checks that `name` is stored with `shape` (from the headers only); its file's index.
+    pub fn check(&self, name: &str, shape: &[usize]) -> Result<usize> {
+        let (file_idx, found) = self.index.get(name).ok_or_else(|| Error::MissingTensor {
+            name: name.to_string(),
+            files: self.files_list(),
+        })?;
+        if found.as_slice() != shape {
+            return Err(Error::ShapeMismatch {
+                name: name.to_string(),
+                expected: shape.to_vec(),
+                found: found.clone(),
+                file: self.files[*file_idx].0.clone(),
+            });
+        }
+        Ok(*file_idx)
+    }
+
     /// Loads one tensor, checking its shape and converting it to `dtype` on `device`.
     pub fn load(
         &self,
@@ -271,19 +303,7 @@ impl WeightStore {
         dtype: DType,
         device: &Device,
     ) -> Result<Tensor> {
-        let (file_idx, found) = self.index.get(name).ok_or_else(|| Error::MissingTensor {
-            name: name.to_string(),
-            files: self.files_list(),
-        })?;
-        let (path, file) = &self.files[*file_idx];
-        if found.as_slice() != shape {
-            return Err(Error::ShapeMismatch {
-                name: name.to_string(),
-                expected: shape.to_vec(),
-                found: found.clone(),
-                file: path.clone(),
-            });
-        }
+        let (path, file) = &self.files[self.check(name, shape)?];
         let invalid = |e: candle_core::Error| Error::InvalidWeights {
             path: path.clone(),
             message: format!("tensor '{name}': {e}"),

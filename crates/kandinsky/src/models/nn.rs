@@ -311,6 +311,11 @@ impl LayerNorm {
 
 /// `[γ; β]` as one `(2, C)` tensor.
 fn gamma_beta(weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    // Meta weights (stride-0 placeholders) stay unmaterialised, so that building a model from a
+    // config alone allocates nothing however large the config says it is.
+    if weight.stride().contains(&0) && bias.stride().contains(&0) {
+        return Ok(weight.unsqueeze(0)?.broadcast_as((2, weight.dim(0)?))?);
+    }
     Ok(Tensor::stack(&[weight, bias], 0)?)
 }
 

@@ -746,6 +746,52 @@ impl AutoPipeline {
         }
     }
 
+    /// Checks every weight file of both stages against its config from the headers alone
+    /// ([`crate::loading::verify_weights`]): a missing, truncated or mismatched checkpoint is
+    /// found in milliseconds, before the prior runs, rather than after it.
+    pub fn verify(&self) -> Result<()> {
+        use crate::loading::{read_json, verify_weights};
+        use crate::models::clip::{
+            ClipTextConfig, ClipTextModelWithProjection, ClipVisionConfig,
+            ClipVisionModelWithProjection,
+        };
+        use crate::models::transformers::prior_transformer::{
+            PriorTransformer, PriorTransformerConfig,
+        };
+        use crate::models::{UNet2DConditionModel, VQModel};
+        use crate::pipelines::kandinsky::text_encoder::{MClipConfig, MultilingualClip};
+        let config = |dir: &Path| dir.join("config.json");
+        let p = &self.info.prior_dir;
+        let prior = || -> Result<()> {
+            let d = component_dir(p, "prior")?;
+            let c: PriorTransformerConfig = read_json(&config(&d))?;
+            verify_weights(&d, |w| PriorTransformer::new(w, &c))?;
+            let d = component_dir(p, "text_encoder")?;
+            let c: ClipTextConfig = read_json(&config(&d))?;
+            verify_weights(&d, |w| ClipTextModelWithProjection::new(w, &c))?;
+            let d = component_dir(p, "image_encoder")?;
+            let c: ClipVisionConfig = read_json(&config(&d))?;
+            verify_weights(&d, |w| ClipVisionModelWithProjection::new(w, &c))
+        };
+        prior().map_err(|e| stage_error("prior", p, e))?;
+        let d = &self.info.decoder_dir;
+        let decoder = || -> Result<()> {
+            let u = component_dir(d, "unet")?;
+            let c = UNet2DConditionConfig::load(&u)?;
+            verify_weights(&u, |w| UNet2DConditionModel::new(w, &c))?;
+            let m = component_dir(d, "movq")?;
+            let c = VQModelConfig::load(&m)?;
+            verify_weights(&m, |w| VQModel::new(w, &c))?;
+            if self.info.version == Version::V2_1 {
+                let t = component_dir(d, "text_encoder")?;
+                let c: MClipConfig = read_json(&config(&t))?;
+                verify_weights(&t, |w| MultilingualClip::new(w, &c))?;
+            }
+            Ok(())
+        };
+        decoder().map_err(|e| stage_error("decoder", d, e))
+    }
+
     /// [`Self::generate`] for any number of images, in runs of at most
     /// [`Plan::images_per_run`] (both stages kept loaded between them), each image handed to
     /// `on_image` with its index as soon as its run ends, so memory stays bounded however many

@@ -314,6 +314,9 @@ impl Default for SchedulerConfig {
     }
 }
 
+/// The most training timesteps a scheduler config may declare (the real ones have 1000).
+pub const MAX_TRAIN_TIMESTEPS: usize = 100_000;
+
 impl SchedulerConfig {
     /// Reads `scheduler_config.json`.
     pub fn load(path: &Path) -> Result<Self> {
@@ -343,7 +346,21 @@ impl SchedulerConfig {
             serde_json::from_str(&quote_non_finite(text)).map_err(json_err)?;
         let present: Option<BTreeSet<String>> =
             value.as_object().map(|o| o.keys().cloned().collect());
+        let refused = |m: String| {
+            Error::InvalidArgument(format!(
+                "{}: {m}; refused before building anything",
+                path.display()
+            ))
+        };
+        crate::loading::check_config_values(&value).map_err(refused)?;
         let mut config: SchedulerConfig = serde_json::from_value(value).map_err(json_err)?;
+        // The schedule holds one value per training timestep.
+        if config.num_train_timesteps > MAX_TRAIN_TIMESTEPS {
+            return Err(refused(format!(
+                "num_train_timesteps = {} (at most {MAX_TRAIN_TIMESTEPS})",
+                config.num_train_timesteps
+            )));
+        }
         if let Some(keys) = &present {
             if [
                 super::DPM_SOLVER_MULTISTEP,
