@@ -20,10 +20,10 @@ case "${1:-}" in
     fi
     mkdir -p "$AWAY"
     if [ "$part" = tests ]; then
-      move=(models fixtures/formats fixtures/real_shapes.json fixtures/rng fixtures/schedulers fixtures/small_model)
+      move=(models fuzz fixtures/formats fixtures/real_shapes.json fixtures/rng fixtures/schedulers fixtures/small_model)
       bins=(unet_parity movq_parity encoder_parity pipelines_e2e)
     else
-      move=(fixtures)
+      move=(fixtures fuzz)
       bins=(kandinsky)
     fi
     for p in "${move[@]}"; do
@@ -50,7 +50,7 @@ PY
     [ -d "$AWAY" ] || exit 0
     for f in "$AWAY"/cuda-bin/*; do [ -e "$f" ] && mv "$f" target/cuda-bin/; done
     rmdir "$AWAY/cuda-bin" 2>/dev/null || true
-    for p in models fixtures fixtures/formats fixtures/real_shapes.json fixtures/rng fixtures/schedulers fixtures/small_model; do
+    for p in models fuzz fixtures fixtures/formats fixtures/real_shapes.json fixtures/rng fixtures/schedulers fixtures/small_model; do
       if [ -e "$AWAY/$p" ] && [ ! -e "$p" ]; then mv "$AWAY/$p" "$p"; fi
     done
     find "$AWAY" -depth -type d -empty -delete

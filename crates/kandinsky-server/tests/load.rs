@@ -173,6 +173,8 @@ fn fifty_clients_against_a_small_queue() {
                             } else {
                                 t.failures.push(format!("invalid {bad}: {status} {v}"));
                             }
+                            drop(t);
+                            std::thread::sleep(Duration::from_millis(20));
                         }
                         // Submitted, then cancelled (queued or running), or followed to its end.
                         1 | 2 => {

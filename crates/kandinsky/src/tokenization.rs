@@ -54,7 +54,11 @@ fn tokenizer_from_file(path: &Path) -> Result<Tokenizer> {
             format!("{size} bytes (a tokenizer.json has at most {MAX_TOKENIZER_BYTES})"),
         ));
     }
-    std::panic::catch_unwind(|| Tokenizer::from_file(path))
+    // Invalid JSON is refused here; some valid JSON still makes the crate panic, hence the catch.
+    let text = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    serde_json::from_slice::<serde_json::Value>(&text)
+        .map_err(|e| tok_err(path, format!("not valid JSON: {e}")))?;
+    std::panic::catch_unwind(|| Tokenizer::from_bytes(&text))
         .map_err(|_| {
             tok_err(
                 path,

@@ -152,6 +152,113 @@ pub fn verify_weights<T>(dir: &Path, build: impl Fn(&Weights) -> Result<T>) -> R
     Ok(())
 }
 
+/// A PyTorch `.bin` (a zip) whose entries declare more bytes than the file holds is refused
+/// before candle reads it: candle allocates what an entry declares (found by fuzzing: a 3 kB file
+/// declaring a 4 GB `data.pkl`). Entries are stored, not compressed, in `torch.save` files.
+fn check_zip_sizes(path: &Path) -> std::result::Result<(), String> {
+    let file = std::fs::File::open(path).map_err(|e| e.to_string())?;
+    let len = file.metadata().map_err(|e| e.to_string())?.len();
+    let mut archive =
+        zip::ZipArchive::new(file).map_err(|e| format!("not a PyTorch zip archive: {e}"))?;
+    for i in 0..archive.len() {
+        let entry = archive.by_index_raw(i).map_err(|e| e.to_string())?;
+        if entry.size() > len || entry.compressed_size() > len {
+            return Err(format!(
+                "zip entry '{}' declares {} bytes in a {len}-byte file",
+                entry.name().unwrap_or_default(),
+                entry.size()
+            ));
+        }
+    }
+    for i in 0..archive.len() {
+        let mut entry = archive.by_index(i).map_err(|e| e.to_string())?;
+        let name = entry.name().unwrap_or_default().to_string();
+        if name.ends_with("data.pkl") {
+            let mut bytes = Vec::new();
+            std::io::Read::read_to_end(&mut entry, &mut bytes).map_err(|e| e.to_string())?;
+            check_pickle(&bytes).map_err(|e| format!("{name}: {e}"))?;
+        }
+    }
+    Ok(())
+}
+
+/// Walks a pickle's opcodes without interpreting them: every length it declares must fit in what
+/// remains, every opcode must be one of the protocol's. candle's reader allocates a declared
+/// length before reading it (found by fuzzing: a 2 kB pickle declaring a 4 GB string).
+pub fn check_pickle(p: &[u8]) -> std::result::Result<(), String> {
+    let mut i = 0usize;
+    let take = |i: &mut usize, n: u64| -> std::result::Result<(), String> {
+        let end = (*i as u64).checked_add(n).filter(|&e| e <= p.len() as u64);
+        match end {
+            Some(e) => {
+                *i = e as usize;
+                Ok(())
+            }
+            None => Err(format!("opcode at {} declares {n} bytes past the end", *i)),
+        }
+    };
+    let le = |b: &[u8]| b.iter().rev().fold(0u64, |a, &x| (a << 8) | x as u64);
+    while i < p.len() {
+        let op = p[i];
+        i += 1;
+        match op {
+            b'.' => return Ok(()),
+            b'('
+            | b'0'
+            | b'1'
+            | b'2'
+            | b'N'
+            | b')'
+            | b']'
+            | b'}'
+            | b'a'
+            | b'b'
+            | b'e'
+            | b'l'
+            | b'o'
+            | b's'
+            | b'u'
+            | b't'
+            | b'R'
+            | b'Q'
+            | b'd'
+            | 0x81
+            | 0x85..=0x89
+            | 0x8f
+            | 0x90..=0x94
+            | 0x97
+            | 0x98 => {}
+            b'K' | b'h' | b'q' | 0x80 | 0x82 => take(&mut i, 1)?,
+            b'M' | 0x83 => take(&mut i, 2)?,
+            b'J' | b'j' | b'r' | 0x84 => take(&mut i, 4)?,
+            b'G' | 0x95 => take(&mut i, 8)?,
+            b'U' | b'C' | 0x8c | 0x8a | b'T' | b'B' | b'X' | 0x8b | 0x8d | 0x8e | 0x96 => {
+                let width = match op {
+                    b'U' | b'C' | 0x8c | 0x8a => 1,
+                    b'T' | b'B' | b'X' | 0x8b => 4,
+                    _ => 8,
+                };
+                let start = i;
+                take(&mut i, width)?;
+                let n = le(&p[start..i]);
+                take(&mut i, n)?;
+            }
+            b'I' | b'L' | b'F' | b'S' | b'V' | b'P' | b'g' | b'p' | b'c' | b'i' => {
+                let lines = if op == b'c' || op == b'i' { 2 } else { 1 };
+                for _ in 0..lines {
+                    let nl = p[i..]
+                        .iter()
+                        .position(|&b| b == b'\n')
+                        .ok_or_else(|| format!("opcode at {} has no end of line", i - 1))?;
+                    i += nl + 1;
+                }
+            }
+            other => return Err(format!("unknown pickle opcode 0x{other:02x} at {}", i - 1)),
+        }
+    }
+    Err("the pickle has no STOP".into())
+}
+
 /// The weight files of one component directory, indexed by tensor name.
 pub struct WeightStore {
     files: Vec<(PathBuf, WeightFile)>,
@@ -237,6 +344,10 @@ impl WeightStore {
                 }
                 WeightFile::Safetensors(st)
             } else {
+                check_zip_sizes(path).map_err(|message| Error::InvalidWeights {
+                    path: path.clone(),
+                    message,
+                })?;
                 let pth = PthTensors::new(path, None).map_err(invalid)?;
                 if pth.tensor_infos().is_empty() {
                     return Err(Error::InvalidWeights {
