@@ -30,6 +30,12 @@ pub struct ServeArgs {
     /// Pipelines kept in memory at once (least recently used dropped first).
     #[arg(long, default_value_t = 2)]
     max_loaded: usize,
+    /// Follow symlinks in model directories that lead outside them. Off, such a directory is
+    /// refused, so whoever can write into a served model directory cannot make the server read
+    /// other files; links inside it, and a Hugging Face cache snapshot's links into its blobs,
+    /// are followed either way.
+    #[arg(long)]
+    follow_symlinks: bool,
 }
 
 pub fn run(a: &ServeArgs) -> Result<()> {
@@ -55,6 +61,7 @@ pub fn run(a: &ServeArgs) -> Result<()> {
         max_loaded: a.max_loaded,
         public: !a.host.is_loopback(),
         port: a.port,
+        follow_symlinks: a.follow_symlinks,
         ..ServerConfig::default()
     };
     let server = Server::start(config)?;

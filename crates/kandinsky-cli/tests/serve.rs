@@ -4,47 +4,8 @@
 mod common;
 
 use base64::Engine;
-use common::{bin, fixture, run_ok, strings};
+use common::{bin, fixture, run_ok, serve, strings};
 use serde_json::{json, Value};
-use std::process::{Child, Stdio};
-use std::time::{Duration, Instant};
-
-/// A `kandinsky serve` child on a free loopback port, killed on drop.
-struct Serve {
-    child: Child,
-    url: String,
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn serve() -> Serve {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let child = bin()
-        .args(["serve", "--port", &port.to_string()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let url = format!("http://127.0.0.1:{port}");
-    let start = Instant::now();
-    while ureq::get(&format!("{url}/api/v1/models")).call().is_err() {
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "server did not start"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Serve { child, url }
-}
 
 fn job(url: &str, body: Value) -> image::RgbImage {
     let mut r = ureq::post(&format!("{url}/api/v1/jobs?wait=true"))
@@ -65,7 +26,7 @@ fn b64_file(path: &str) -> String {
 
 #[test]
 fn the_server_gives_the_cli_pixels() {
-    let s = serve();
+    let s = serve(&[]);
     let dir = tempfile::tempdir().unwrap();
     let prompt = "a small red circle on the left on a white background";
     for sampler in ["default", "euler-a"] {

@@ -476,3 +476,97 @@ fn train_unet_and_inpainting_unet_on_trained_encoders() {
     );
     assert!(stdout.contains("generated, Russian"), "{stdout}");
 }
+
+/// The optimizer step a checkpoint holds, reading every tensor (a truncated file fails here).
+fn checkpoint_step(path: &std::path::Path) -> i64 {
+    let all = candle_core::safetensors::load(path, &candle_core::Device::Cpu)
+        .unwrap_or_else(|e| panic!("{} is not a complete checkpoint: {e}", path.display()));
+    assert!(
+        all.len() > 3,
+        "{} holds {} tensors",
+        path.display(),
+        all.len()
+    );
+    all["adamw.step"].to_vec1::<i64>().unwrap()[0]
+}
+
+#[test]
+fn a_training_run_killed_while_checkpointing_resumes_from_a_complete_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let ckpt = out.join("checkpoint.safetensors");
+    let tmp = out.join("checkpoint.tmp");
+    let steps = 16;
+    let args = strings(&[
+        "train",
+        "movq",
+        "--out",
+        &out.display().to_string(),
+        "--steps",
+        &steps.to_string(),
+        "--batch",
+        "1",
+        "--checkpoint-every",
+        "1",
+    ]);
+    let (mut mid_write, mut last_step) = (0, 0);
+    for attempt in 0..6 {
+        let mut child = bin()
+            .args(&args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        // SIGKILL the moment a checkpoint is being written (nothing can clean up after it),
+        // letting more saves complete first in each attempt so that the run progresses.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        let running = |child: &mut std::process::Child| {
+            child.try_wait().unwrap().is_none() && std::time::Instant::now() < deadline
+        };
+        for save in 0..=attempt {
+            while !tmp.exists() && running(&mut child) {}
+            if save < attempt {
+                while tmp.exists() && running(&mut child) {}
+            }
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+        if tmp.exists() {
+            mid_write += 1;
+        }
+        if ckpt.exists() {
+            let step = checkpoint_step(&ckpt);
+            assert!(
+                step >= last_step && step < steps,
+                "step {step} after {last_step}"
+            );
+            last_step = step;
+        }
+        if mid_write >= 3 {
+            break;
+        }
+    }
+    assert!(
+        mid_write >= 1,
+        "no kill landed while a checkpoint was being written"
+    );
+    assert!(last_step > 0, "no checkpoint survived the kills");
+    eprintln!("{mid_write} kills while writing a checkpoint; resuming from step {last_step}");
+    let res = bin().args(&args).output().unwrap();
+    let stdout = String::from_utf8_lossy(&res.stdout);
+    assert!(
+        res.status.success() && stdout.contains(&format!("steps {last_step}..{steps}")),
+        "{stdout}{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    assert_eq!(checkpoint_step(&ckpt), steps);
+    assert!(!tmp.exists(), "a temporary checkpoint was left behind");
+    let names: Vec<_> = std::fs::read_dir(out.join("movq"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        names.iter().all(|n| !n.ends_with(".tmp")) && names.len() == 2,
+        "{names:?}"
+    );
+}

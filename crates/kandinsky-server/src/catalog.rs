@@ -3,7 +3,9 @@
 //! serves every mode its decoders allow.
 
 use crate::error::ApiError;
-use kandinsky::loading::{preset, resolve_pipeline_dirs, small_model_dirs, PipelineDirs};
+use kandinsky::loading::{
+    check_confined, preset, resolve_pipeline_dirs, small_model_dirs, PipelineDirs,
+};
 use kandinsky::pipelines::auto_pipeline::{
     AutoPipeline, DecoderKind, LoadOptions, ModelInfo, Plan, Request, Version,
 };
@@ -48,6 +50,8 @@ impl ModelEntry {
 pub struct Catalog {
     /// The models.
     pub models: Vec<ModelEntry>,
+    /// Whether symlinks in model directories may lead outside them.
+    follow_symlinks: bool,
 }
 
 /// Why the catalog could not be built.
@@ -64,6 +68,16 @@ pub enum CatalogError {
     /// A directory or hub id came without `--prior`.
     #[error("model '{0}' is a directory or hub id: pass --prior too")]
     NoPrior(String),
+    /// A model directory holds a symlink that leads outside it.
+    #[error(
+        "model '{spec}': {error} (the server follows no such link; --follow-symlinks allows them)"
+    )]
+    Symlink {
+        /// The `--model` value.
+        spec: String,
+        /// The link.
+        error: kandinsky::Error,
+    },
     /// Two decoders under one name disagree.
     #[error("model name '{name}': {why}")]
     Conflict {
@@ -77,9 +91,18 @@ pub enum CatalogError {
 impl Catalog {
     /// The catalog of `--model` values (`[NAME=]SPEC`, SPEC = `small`, a preset name, a
     /// directory or a hub id; entries with the same name are merged), `prior` applying to
-    /// directories and hub ids. No spec: the shipped small model.
-    pub fn from_specs(specs: &[String], prior: Option<&str>) -> Result<Self, CatalogError> {
-        let mut catalog = Catalog { models: Vec::new() };
+    /// directories and hub ids. No spec: the shipped small model. Unless `follow_symlinks`, a
+    /// model directory with a symlink leading outside it is refused (see
+    /// [`check_confined`]), here and again before its weights load.
+    pub fn from_specs(
+        specs: &[String],
+        prior: Option<&str>,
+        follow_symlinks: bool,
+    ) -> Result<Self, CatalogError> {
+        let mut catalog = Catalog {
+            models: Vec::new(),
+            follow_symlinks,
+        };
         let specs = if specs.is_empty() {
             vec!["small".to_string()]
         } else {
@@ -129,6 +152,14 @@ impl Catalog {
             }
             let name = name.unwrap_or(default_name);
             for d in dirs {
+                if !follow_symlinks {
+                    for dir in [&d.decoder, &d.prior] {
+                        check_confined(dir).map_err(|error| CatalogError::Symlink {
+                            spec: spec.clone(),
+                            error,
+                        })?;
+                    }
+                }
                 let pipe =
                     AutoPipeline::from_pretrained(&d.decoder, &d.prior, LoadOptions::default())
                         .map_err(err)?;
@@ -193,7 +224,8 @@ impl Catalog {
         self.models.iter().map(|m| m.name.clone()).collect()
     }
 
-    /// The directories of a model's decoder of `kind`.
+    /// The directories of a model's decoder of `kind`, checked for symlinks leading outside
+    /// them unless the catalog follows them.
     pub fn dirs(&self, name: &str, kind: DecoderKind) -> kandinsky::Result<PipelineDirs> {
         let info = self
             .models
@@ -203,6 +235,11 @@ impl Catalog {
             .ok_or_else(|| {
                 kandinsky::Error::InvalidArgument(format!("model '{name}' has no {kind:?} decoder"))
             })?;
+        if !self.follow_symlinks {
+            // Again at load time: the directory may have changed since the server started.
+            check_confined(&info.decoder_dir)?;
+            check_confined(&info.prior_dir)?;
+        }
         Ok(PipelineDirs {
             decoder: info.decoder_dir,
             prior: info.prior_dir,

@@ -225,6 +225,8 @@ pub struct ServerConfig {
     pub public: bool,
     /// The port (reported by A1111's `cmd-flags`).
     pub port: u16,
+    /// Follow symlinks in model directories that lead outside them (refused when false).
+    pub follow_symlinks: bool,
 }
 
 impl Default for ServerConfig {
@@ -239,6 +241,7 @@ impl Default for ServerConfig {
             limits: Limits::default(),
             public: false,
             port: 7860,
+            follow_symlinks: false,
         }
     }
 }
@@ -331,7 +334,12 @@ impl Server {
     /// Checks the models (configs only: weights load on first use) and starts the worker.
     pub fn start(config: ServerConfig) -> Result<Self, ServerError> {
         let catalog = Arc::new(
-            Catalog::from_specs(&config.models, config.prior.as_deref()).map_err(Box::new)?,
+            Catalog::from_specs(
+                &config.models,
+                config.prior.as_deref(),
+                config.follow_symlinks,
+            )
+            .map_err(Box::new)?,
         );
         let queue = Queue::new(config.queue);
         let worker = jobs::spawn_worker(

@@ -499,3 +499,73 @@ fn the_token_guards_every_api_call() {
     let (status, _, _) = call("GET", &format!("{}/", s.url), None, &[]);
     assert_eq!(status, 200);
 }
+
+/// Copies a directory tree (files only).
+fn copy_tree(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let dest = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_tree(&entry.path(), &dest);
+        } else {
+            std::fs::copy(entry.path(), &dest).unwrap();
+        }
+    }
+}
+
+#[test]
+fn model_directories_with_symlinks_leading_outside_are_not_served() {
+    use kandinsky::pipelines::auto_pipeline::DecoderKind;
+    use kandinsky_server::Server;
+    let small = kandinsky::loading::small_model_dirs(false).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let decoder = tmp.path().join("decoder");
+    copy_tree(&small.decoder, &decoder);
+    let weights = decoder.join("unet/diffusion_pytorch_model.safetensors");
+    let config = |follow_symlinks| ServerConfig {
+        models: vec![format!("m={}", decoder.display())],
+        prior: Some(small.prior.display().to_string()),
+        follow_symlinks,
+        ..ServerConfig::default()
+    };
+    // A copy is served; the served directory then gains a link to a file outside it, which is
+    // refused when the weights are about to load.
+    let server = Server::start(config(false)).unwrap();
+    std::fs::remove_file(&weights).unwrap();
+    std::os::unix::fs::symlink(
+        small
+            .decoder
+            .join("unet/diffusion_pytorch_model.safetensors"),
+        &weights,
+    )
+    .unwrap();
+    let err = server
+        .state()
+        .catalog
+        .dirs("m", DecoderKind::TextToImage)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("is a symlink to") && err.contains("outside the model directory"),
+        "{err}"
+    );
+    drop(server);
+    // At start-up: refused with the way out named; allowed when asked for.
+    let err = match Server::start(config(false)) {
+        Ok(_) => panic!("served a directory whose weights link outside it"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        err.contains("model 'm=")
+            && err.contains("outside the model directory")
+            && err.contains("--follow-symlinks"),
+        "{err}"
+    );
+    let server = Server::start(config(true)).unwrap();
+    assert!(server
+        .state()
+        .catalog
+        .dirs("m", DecoderKind::TextToImage)
+        .is_ok());
+}

@@ -59,15 +59,39 @@ pub fn export_component(
         path: cfg.clone(),
         source,
     })?;
-    std::fs::write(&cfg, text + "\n").map_err(|e| Error::io(&cfg, e))?;
+    write_file_atomic(&cfg, (text + "\n").as_bytes())?;
     write_atomic(&dir.join(weights_file), params)
 }
 
+/// Writes `tensors` as safetensors to `path` so that a reader (or a run resumed after a kill)
+/// finds either the previous file or the complete new one: a temporary file, flushed to disk,
+/// then renamed over it.
 pub(crate) fn write_atomic(path: &Path, tensors: &HashMap<String, Tensor>) -> Result<()> {
     let tmp = path.with_extension("tmp");
     candle_core::safetensors::save(tensors, &tmp).map_err(|e| Error::InvalidWeights {
         path: tmp.clone(),
         message: e.to_string(),
     })?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+    commit(&tmp, path)
+}
+
+/// [`write_atomic`] for plain bytes.
+fn write_file_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes).map_err(|e| Error::io(&tmp, e))?;
+    commit(&tmp, path)
+}
+
+/// Flushes `tmp`, renames it to `path` and flushes the directory entry, so that the rename cannot
+/// reach the disk before the data (a power cut would otherwise leave a truncated file).
+fn commit(tmp: &Path, path: &Path) -> Result<()> {
+    std::fs::File::open(tmp)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| Error::io(tmp, e))?;
+    std::fs::rename(tmp, path).map_err(|e| Error::io(path, e))?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        // Not every file system can sync a directory; the rename itself is done either way.
+        let _ = std::fs::File::open(dir).and_then(|d| d.sync_all());
+    }
+    Ok(())
 }

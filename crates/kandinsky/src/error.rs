@@ -100,6 +100,17 @@ pub enum Error {
         /// not repeat it).
         error: Box<Error>,
     },
+    /// A symlink in a model directory leads outside it (refused where links are confined, e.g.
+    /// by the server).
+    #[error("{} is a symlink to {}, outside the model directory {}", link.display(), target.display(), root.display())]
+    SymlinkOutside {
+        /// The link.
+        link: PathBuf,
+        /// Where it leads.
+        target: PathBuf,
+        /// The directory links must stay in.
+        root: PathBuf,
+    },
     /// The caller's cancellation flag was set; the run stopped between two steps.
     #[error("cancelled")]
     Cancelled,

@@ -300,3 +300,146 @@ fn decompression_bombs_are_refused_from_the_header() {
         Err(DecodeError::NotAnImage(_))
     ));
 }
+
+/// A safetensors file of one tensor `w` of `dtype` and raw little-endian `data`.
+fn one_tensor(dir: &Path, dtype: &str, count: usize, data: &[u8]) -> std::path::PathBuf {
+    let header = format!(
+        r#"{{"w":{{"dtype":"{dtype}","shape":[{count}],"data_offsets":[0,{}]}}}}"#,
+        data.len()
+    );
+    safetensors(dir, &header, data)
+}
+
+fn f32_le_bytes(values: &[f32]) -> Vec<u8> {
+    values.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+#[test]
+fn non_finite_weights_are_refused_when_read() {
+    use candle_core::{DType, Device};
+    let dir = tempfile::tempdir().unwrap();
+    let load = |path: &Path, n: usize| {
+        WeightStore::open(&[path.to_path_buf()])
+            .unwrap()
+            .load("w", &[n], DType::F32, &Device::Cpu)
+    };
+    // Past the first scanning block, so the reported index is not the block's.
+    let n = 10_000;
+    let mut values = vec![0.5f32; n];
+    let f32s = |values: &[f32]| one_tensor(dir.path(), "F32", n, &f32_le_bytes(values));
+    let path = f32s(&values);
+    assert_eq!(
+        load(&path, n)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap(),
+        5000.0
+    );
+    for (i, bad) in [
+        (9_000, f32::NAN),
+        (4_097, f32::INFINITY),
+        (0, f32::NEG_INFINITY),
+    ] {
+        values.fill(0.5);
+        values[i] = bad;
+        let path = f32s(&values);
+        let err = load(&path, n).unwrap_err().to_string();
+        assert!(
+            err.contains("tensor 'w'")
+                && err.contains(&format!(
+                    "non-finite value (NaN or infinity) at element {i}"
+                )),
+            "{bad} at {i}: {err}"
+        );
+    }
+    // Half precision: f16 infinity (0x7c00), bf16 NaN (0x7fc0); the largest finite f16 passes.
+    for (dtype, bits, ok) in [
+        ("F16", 0x7c00u16, false),
+        ("BF16", 0x7fc0, false),
+        ("F16", 0x7bff, true),
+    ] {
+        let data: Vec<u8> = [0x3c00u16, bits, 0]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        let path = one_tensor(dir.path(), dtype, 3, &data);
+        let got = load(&path, 3);
+        assert_eq!(got.is_ok(), ok, "{dtype} {bits:#x}: {got:?}");
+        if !ok {
+            assert!(got.unwrap_err().to_string().contains("at element 1"));
+        }
+    }
+    // Integer tensors are not floats: every bit pattern is a value.
+    let path = one_tensor(dir.path(), "U8", 4, &[0xff; 4]);
+    assert!(WeightStore::open(&[path])
+        .unwrap()
+        .load("w", &[4], DType::U8, &Device::Cpu)
+        .is_ok());
+}
+
+#[test]
+fn symlinks_leading_outside_a_model_directory_are_found() {
+    use kandinsky::loading::check_confined;
+    use std::os::unix::fs::symlink;
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    std::fs::create_dir_all(root.join("outside")).unwrap();
+    std::fs::write(root.join("outside/secret"), b"secret").unwrap();
+    let model = root.join("model");
+    std::fs::create_dir_all(model.join("unet")).unwrap();
+    std::fs::create_dir_all(model.join("vq")).unwrap();
+    std::fs::write(model.join("unet/config.json"), b"{}").unwrap();
+    // Links that stay inside (a shared component, a file) are fine.
+    symlink(model.join("vq"), model.join("movq")).unwrap();
+    symlink("../unet/config.json", model.join("vq/config.json")).unwrap();
+    // A dangling link reads nothing: left to the loader.
+    symlink(root.join("nowhere"), model.join("vq/gone")).unwrap();
+    check_confined(&model).unwrap();
+    // The model directory itself may be reached through a link.
+    symlink(&model, root.join("alias")).unwrap();
+    check_confined(&root.join("alias")).unwrap();
+
+    let outside = |link: &Path, target: &Path| {
+        symlink(target, link).unwrap();
+        let err = check_confined(&model).unwrap_err();
+        assert!(
+            matches!(&err, kandinsky::Error::SymlinkOutside { link: l, .. }
+                if l.file_name() == link.file_name()),
+            "{err}"
+        );
+        assert!(
+            err.to_string().contains("outside the model directory"),
+            "{err}"
+        );
+        std::fs::remove_file(link).unwrap();
+    };
+    let weights = model.join("unet/diffusion_pytorch_model.safetensors");
+    outside(&weights, &root.join("outside/secret"));
+    outside(&weights, Path::new("/etc/passwd"));
+    outside(&weights, Path::new("../../outside/secret"));
+    // A directory link that leaves, and a link inside a linked directory that leaves.
+    outside(&model.join("text_encoder"), &root.join("outside"));
+    outside(&model.join("vq/model.safetensors"), Path::new("/dev/zero"));
+    check_confined(&model).unwrap();
+
+    // A Hugging Face cache snapshot links into its repository's blobs: allowed; past them: not.
+    let repo = root.join("hub/models--org--name");
+    let snapshot = repo.join("snapshots/0123abcd");
+    std::fs::create_dir_all(repo.join("blobs")).unwrap();
+    std::fs::create_dir_all(snapshot.join("unet")).unwrap();
+    std::fs::write(repo.join("blobs/aa11"), b"{}").unwrap();
+    symlink("../../../blobs/aa11", snapshot.join("unet/config.json")).unwrap();
+    check_confined(&snapshot).unwrap();
+    check_confined(&snapshot.join("unet")).unwrap();
+    symlink(
+        root.join("outside/secret"),
+        snapshot.join("unet/x.safetensors"),
+    )
+    .unwrap();
+    assert!(matches!(
+        check_confined(&snapshot),
+        Err(kandinsky::Error::SymlinkOutside { .. })
+    ));
+}

@@ -142,3 +142,42 @@ pub fn run_fails(args: &[String], out: &std::path::Path, needle: &str) {
     assert!(!err.contains("panicked"), "{args:?}: {err}");
     assert!(!out.exists(), "{args:?} left an output file");
 }
+
+/// A `kandinsky serve` child on a free loopback port, killed on drop.
+pub struct Serve {
+    pub child: std::process::Child,
+    pub url: String,
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `kandinsky serve` with `extra` flags and waits until it answers.
+pub fn serve(extra: &[&str]) -> Serve {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let child = bin()
+        .args(["serve", "--port", &port.to_string()])
+        .args(extra)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let url = format!("http://127.0.0.1:{port}");
+    let start = std::time::Instant::now();
+    while ureq::get(&format!("{url}/api/v1/models")).call().is_err() {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(30),
+            "server did not start"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    Serve { child, url }
+}

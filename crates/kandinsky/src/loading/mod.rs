@@ -10,7 +10,8 @@ pub mod hub;
 mod weights;
 
 pub use weights::{
-    check_config_size, verify_weights, ParamStore, WeightStore, Weights, MAX_PARAMETERS,
+    check_config_size, first_non_finite, verify_weights, ParamStore, WeightStore, Weights,
+    MAX_PARAMETERS,
 };
 
 use crate::error::{Error, Result};
@@ -341,6 +342,80 @@ impl ModelIndex {
             components,
         })
     }
+}
+
+/// Most directory entries [`check_confined`] walks (a model directory has tens).
+const MAX_WALKED_ENTRIES: usize = 100_000;
+
+/// Deepest directory nesting [`check_confined`] walks (diffusers' layout is two levels deep).
+const MAX_WALKED_DEPTH: usize = 8;
+
+/// Refuses a model directory in which a symlink leads outside it, so that whoever can write into
+/// a served model directory cannot make the server read other files (`/etc/…`, `/dev/zero`).
+///
+/// The directory may itself be reached through a link (it is resolved first). Links that stay
+/// inside are followed and what they lead to is checked too. In a Hugging Face cache snapshot
+/// (`models--org--name/snapshots/<rev>/…`) the bound is the repository's cache folder, whose
+/// `blobs/` the snapshot's links point into. Dangling links are left to the loader (which reports
+/// them as missing when it needs them).
+pub fn check_confined(dir: &Path) -> Result<()> {
+    let start = dir.canonicalize().map_err(|e| Error::io(dir, e))?;
+    let root = confinement_root(&start);
+    let mut stack = vec![(start, 0usize)];
+    let mut walked = 0usize;
+    while let Some((d, depth)) = stack.pop() {
+        let entries = std::fs::read_dir(&d).map_err(|e| Error::io(&d, e))?;
+        for entry in entries {
+            let entry = entry.map_err(|e| Error::io(&d, e))?;
+            walked += 1;
+            if walked > MAX_WALKED_ENTRIES {
+                return Err(Error::InvalidArgument(format!(
+                    "{} holds more than {MAX_WALKED_ENTRIES} entries: not a model directory",
+                    dir.display()
+                )));
+            }
+            let path = entry.path();
+            let kind = entry.file_type().map_err(|e| Error::io(&path, e))?;
+            let is_dir = if kind.is_symlink() {
+                let Ok(target) = path.canonicalize() else {
+                    continue;
+                };
+                if !target.starts_with(&root) {
+                    return Err(Error::SymlinkOutside {
+                        link: path,
+                        target,
+                        root,
+                    });
+                }
+                target.is_dir()
+            } else {
+                kind.is_dir()
+            };
+            if is_dir {
+                if depth >= MAX_WALKED_DEPTH {
+                    return Err(Error::InvalidArgument(format!(
+                        "{} nests deeper than {MAX_WALKED_DEPTH} directories: not a model directory",
+                        dir.display()
+                    )));
+                }
+                stack.push((path, depth + 1));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The folder links from `dir` (canonical) may lead into: `dir`, or the repository folder of a
+/// Hugging Face cache snapshot.
+fn confinement_root(dir: &Path) -> PathBuf {
+    let parts: Vec<_> = dir.components().collect();
+    for i in 1..parts.len().saturating_sub(1) {
+        let repo = parts[i - 1].as_os_str().to_string_lossy();
+        if parts[i].as_os_str() == "snapshots" && repo.starts_with("models--") {
+            return parts[..i].iter().collect();
+        }
+    }
+    dir.to_path_buf()
 }
 
 /// The directory of one component (`unet`, `movq`, ...) of a model directory; an error naming the

@@ -109,8 +109,44 @@ impl StreamedSafetensors {
         self.file
             .read_exact_at(&mut bytes, range.start)
             .map_err(|e| e.to_string())?;
+        if let Some(i) = first_non_finite(&bytes, *dtype) {
+            return Err(non_finite_message(i));
+        }
         Tensor::from_raw_buffer(&bytes, *dtype, shape, device).map_err(|e| e.to_string())
     }
+}
+
+/// The index of the first NaN or infinity among little-endian values of `dtype` (none for integer
+/// types). Weights are checked as they are read: no network works with them, and a NaN would
+/// only surface as a black image after the whole run.
+pub fn first_non_finite(bytes: &[u8], dtype: DType) -> Option<usize> {
+    fn scan<const N: usize>(bytes: &[u8], exponent: u64) -> Option<usize> {
+        let bad = |c: &[u8]| {
+            let mut v = [0u8; 8];
+            v[..N].copy_from_slice(c);
+            u64::from_le_bytes(v) & exponent == exponent
+        };
+        // Blocks keep the common (all finite) case a branch-free, vectorisable reduction.
+        const BLOCK: usize = 4096;
+        for (b, block) in bytes.chunks(BLOCK * N).enumerate() {
+            if block.chunks_exact(N).fold(false, |any, c| any | bad(c)) {
+                let i = block.chunks_exact(N).position(bad)?;
+                return Some(b * BLOCK + i);
+            }
+        }
+        None
+    }
+    match dtype {
+        DType::F32 => scan::<4>(bytes, 0x7f80_0000),
+        DType::F16 => scan::<2>(bytes, 0x7c00),
+        DType::BF16 => scan::<2>(bytes, 0x7f80),
+        DType::F64 => scan::<8>(bytes, 0x7ff0_0000_0000_0000),
+        _ => None,
+    }
+}
+
+fn non_finite_message(index: usize) -> String {
+    format!("non-finite value (NaN or infinity) at element {index}: the model cannot work with it")
 }
 
 /// The most parameters a model built from a `config.json` may declare; the largest real component
@@ -433,6 +469,18 @@ impl WeightStore {
                 .ok_or_else(|| Error::MissingTensor {
                     name: name.to_string(),
                     files: path.display().to_string(),
+                })
+                .and_then(|t| {
+                    if t.dtype().is_float() {
+                        let values = t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+                        if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+                            return Err(Error::InvalidWeights {
+                                path: path.clone(),
+                                message: format!("tensor '{name}': {}", non_finite_message(i)),
+                            });
+                        }
+                    }
+                    Ok(t)
                 })?
                 .to_device(device)?,
         };

@@ -1,26 +1,79 @@
-//! The server under load on loopback with the small model: 50 concurrent clients for a bounded
-//! time, mixing every mode, cancellations, progress streams and invalid requests, against a queue
-//! smaller than the load. Every accepted job completes with its reference pixels (same request and
-//! seed as before the load), every refused one gets 429 with `Retry-After`, progress streams end,
-//! memory stays bounded. Prints throughput and latency percentiles.
+//! `kandinsky serve` under load on loopback with the small model, as a user runs it: 50 concurrent
+//! clients for a bounded time, mixing every mode, cancellations, progress streams and invalid
+//! requests, against a queue smaller than the load. Every accepted job completes with the pixels
+//! the CLI gives for the same parameters and seed (`kandinsky generate`, `img2img`, `inpaint`,
+//! `outpaint`, `mix`, `variations`), every refused one gets 429 with `Retry-After`, progress
+//! streams end, the server's memory stays bounded. Prints throughput and latency percentiles.
 //!
 //! `KANDINSKY_LOAD_SECONDS` sets the load's duration (default 15).
 
 mod common;
 
-use common::{call, get, png_b64, post, start};
-use kandinsky_server::ServerConfig;
+use base64::Engine;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::io::BufRead;
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 const CLIENTS: usize = 50;
 
-/// Resident set size of this process (server and clients), bytes.
-fn rss() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
+fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(300)))
+        .build()
+        .into()
+}
+
+/// `(status, JSON body, Retry-After)` of a request.
+fn call(method: &str, url: &str, body: Option<&str>) -> (u16, Value, Option<String>) {
+    let agent = agent();
+    let mut response = match (method, body) {
+        ("GET", _) => agent.get(url).call(),
+        ("DELETE", _) => agent.delete(url).call(),
+        (_, body) => agent
+            .post(url)
+            .header("Content-Type", "application/json")
+            .send(body.unwrap_or("").as_bytes()),
+    }
+    .expect("request");
+    let status = response.status().as_u16();
+    let retry = response
+        .headers()
+        .get("retry-after")
+        .map(|v| v.to_str().unwrap().to_string());
+    let text = response.body_mut().read_to_string().unwrap();
+    let json = serde_json::from_str(&text).unwrap_or(Value::String(text));
+    (status, json, retry)
+}
+
+fn get(url: &str) -> (u16, Value) {
+    let (s, v, _) = call("GET", url, None);
+    (s, v)
+}
+
+/// The pixels of a response's images.
+fn pixels(images: &Value) -> Vec<image::RgbImage> {
+    images
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|b64| {
+                    let bytes = base64::engine::general_purpose::STANDARD
+                        .decode(b64.as_str().expect("a base64 string"))
+                        .expect("base64");
+                    image::load_from_memory(&bytes).expect("png").to_rgb8()
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Resident set size of the server process, bytes.
+fn rss(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
         .lines()
         .find(|l| l.starts_with("VmRSS:"))
@@ -28,17 +81,32 @@ fn rss() -> u64 {
         .map_or(0, |kb| kb * 1024)
 }
 
-/// The requests of the load, by name: every mode, two seeds.
-fn requests() -> Vec<(String, Value)> {
-    let drawing = png_b64(64, 64, |x, y| {
+/// Writes an RGB PNG and returns its base64.
+fn png(path: &Path, width: u32, height: u32, pixel: impl Fn(u32, u32) -> [u8; 3]) -> String {
+    image::RgbImage::from_fn(width, height, |x, y| image::Rgb(pixel(x, y)))
+        .save(path)
+        .unwrap();
+    base64::engine::general_purpose::STANDARD.encode(std::fs::read(path).unwrap())
+}
+
+/// The requests of the load, by name: every mode, two seeds; each with its CLI arguments.
+fn requests(dir: &Path) -> Vec<(String, Value, Vec<String>)> {
+    let file = |name: &str| dir.join(name).display().to_string();
+    let drawing = png(&dir.join("drawing.png"), 64, 64, |x, y| {
         if (16..48).contains(&x) && (16..48).contains(&y) {
             [200, 30, 30]
         } else {
             [240, 240, 40]
         }
     });
-    let mask = png_b64(64, 64, |x, _| if x >= 32 { [255; 3] } else { [0; 3] });
-    let small = png_b64(48, 48, |_, _| [240, 240, 40]);
+    let mask = png(&dir.join("mask.png"), 64, 64, |x, _| {
+        if x >= 32 {
+            [255; 3]
+        } else {
+            [0; 3]
+        }
+    });
+    let small = png(&dir.join("small.png"), 48, 48, |_, _| [240, 240, 40]);
     let prompt = "a large blue square in the centre on a yellow background";
     let mut out = Vec::new();
     for seed in [1, 2] {
@@ -50,33 +118,76 @@ fn requests() -> Vec<(String, Value)> {
             }
             b
         };
-        for (name, body) in [
-            ("text", with(json!({}))),
-            ("euler-a", with(json!({"sampler": "euler-a"}))),
+        let cli = |command: &str, extra: &[&str]| {
+            let mut args = common::strings(&[command]);
+            if command != "mix" && command != "variations" {
+                args.extend(common::strings(&["--prompt", prompt]));
+            }
+            args.extend(common::strings(&[
+                "--steps",
+                "4",
+                "--prior-steps",
+                "2",
+                "--seed",
+                &seed.to_string(),
+            ]));
+            args.extend(common::strings(extra));
+            args
+        };
+        for (name, body, args) in [
+            ("text", with(json!({})), cli("generate", &[])),
+            (
+                "euler-a",
+                with(json!({"sampler": "euler-a"})),
+                cli("generate", &["--scheduler", "euler-a"]),
+            ),
             (
                 "image",
                 with(json!({"mode": "image_to_image", "image": drawing, "strength": 0.5})),
+                cli(
+                    "img2img",
+                    &["--image", &file("drawing.png"), "--strength", "0.5"],
+                ),
             ),
             (
                 "inpaint",
                 with(json!({"mode": "inpainting", "image": drawing, "mask": mask})),
+                cli(
+                    "inpaint",
+                    &["--image", &file("drawing.png"), "--mask", &file("mask.png")],
+                ),
             ),
             (
                 "outpaint",
                 with(json!({"mode": "outpainting", "image": small, "margins": {"left": 16}})),
+                cli("outpaint", &["--image", &file("small.png"), "--left", "16"]),
             ),
             (
                 "mix",
                 with(
                     json!({"mode": "mixing", "inputs": [{"text": "a red circle", "weight": 0.5}, {"image": drawing, "weight": 0.5}]}),
                 ),
+                cli(
+                    "mix",
+                    &[
+                        "--input",
+                        "a red circle",
+                        "--weight",
+                        "0.5",
+                        "--input",
+                        &file("drawing.png"),
+                        "--weight",
+                        "0.5",
+                    ],
+                ),
             ),
             (
                 "variations",
                 with(json!({"mode": "variations", "image": drawing})),
+                cli("variations", &["--image", &file("drawing.png")]),
             ),
         ] {
-            out.push((format!("{name}-{seed}"), body));
+            out.push((format!("{name}-{seed}"), body, args));
         }
     }
     out
@@ -102,7 +213,7 @@ struct Tally {
 
 /// Reads a job's event stream to its end; its last state.
 fn stream_end(url: &str, id: &str) -> String {
-    let mut response = common::agent()
+    let mut response = agent()
         .get(&format!("{url}/api/v1/jobs/{id}/events"))
         .call()
         .unwrap();
@@ -122,24 +233,38 @@ fn fifty_clients_against_a_small_queue() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(15);
-    let s = start(ServerConfig {
-        queue: 4,
-        ..ServerConfig::default()
-    });
-    let url = s.url.clone();
-    // References: each request once, before the load.
-    let requests = requests();
     let mut reference = BTreeMap::new();
+    let dir = tempfile::tempdir().unwrap();
+    let requests: Vec<(String, Value)> = requests(dir.path())
+        .into_iter()
+        .map(|(name, body, args)| {
+            // The reference: what the CLI writes for the same parameters and seed.
+            let out = dir.path().join(format!("{name}.png"));
+            common::run_ok(&args, &out);
+            reference.insert(name.clone(), vec![image::open(&out).unwrap().to_rgb8()]);
+            (name, body)
+        })
+        .collect();
+    let s = common::serve(&["--queue", "4"]);
+    let url = s.url.clone();
+    // Each request once before the load (which also loads both decoders): the CLI's pixels.
     for (name, body) in &requests {
-        let (status, v) = post(&format!("{url}/api/v1/jobs?wait=true"), body);
+        let (status, v, _) = call(
+            "POST",
+            &format!("{url}/api/v1/jobs?wait=true"),
+            Some(&body.to_string()),
+        );
         assert_eq!(
             (status, v["state"].as_str()),
             (200, Some("done")),
             "{name}: {v:.300}"
         );
-        reference.insert(name.clone(), v["result"]["images"].clone());
+        assert!(
+            pixels(&v["result"]["images"]) == reference[name],
+            "{name}: the server's pixels differ from the CLI's"
+        );
     }
-    let rss_before = rss();
+    let rss_before = rss(s.child.id());
     let tally = Arc::new(Mutex::new(Tally::default()));
     let requests = Arc::new(requests);
     let reference = Arc::new(reference);
@@ -163,7 +288,7 @@ fn fifty_clients_against_a_small_queue() {
                         // Invalid requests: a 4xx that says what is wrong, never a 5xx.
                         0 => {
                             let bad = INVALID[(i / 10) % INVALID.len()];
-                            let (status, v, _) = call("POST", &jobs, Some(bad), &[]);
+                            let (status, v, _) = call("POST", &jobs, Some(bad));
                             let mut t = tally.lock().unwrap();
                             if (400..500).contains(&status) && status != 429 {
                                 assert!(v["error"].is_string(), "{v}");
@@ -178,7 +303,7 @@ fn fifty_clients_against_a_small_queue() {
                         }
                         // Submitted, then cancelled (queued or running), or followed to its end.
                         1 | 2 => {
-                            let (status, v, _) = call("POST", &jobs, Some(&body.to_string()), &[]);
+                            let (status, v, _) = call("POST", &jobs, Some(&body.to_string()));
                             if status == 429 {
                                 tally.lock().unwrap().refused += 1;
                                 std::thread::sleep(Duration::from_millis(50));
@@ -187,7 +312,7 @@ fn fifty_clients_against_a_small_queue() {
                             assert_eq!(status, 202, "{v}");
                             let id = v["id"].as_str().unwrap().to_string();
                             if i % 10 == 1 {
-                                let (_, v, _) = call("DELETE", &format!("{jobs}/{id}"), None, &[]);
+                                let (_, v, _) = call("DELETE", &format!("{jobs}/{id}"), None);
                                 let state = v["state"].as_str().unwrap_or("").to_string();
                                 let end_state = stream_end(&url, &id);
                                 let mut t = tally.lock().unwrap();
@@ -202,7 +327,9 @@ fn fifty_clients_against_a_small_queue() {
                                 let (_, v) = get(&format!("{jobs}/{id}"));
                                 let mut t = tally.lock().unwrap();
                                 t.streams += 1;
-                                if end_state == "done" && v["result"]["images"] == reference[name] {
+                                if end_state == "done"
+                                    && pixels(&v["result"]["images"]) == reference[name]
+                                {
                                     t.done += 1;
                                 } else {
                                     t.failures.push(format!("{name} streamed: {end_state}"));
@@ -216,11 +343,10 @@ fn fifty_clients_against_a_small_queue() {
                                 "POST",
                                 &format!("{jobs}?wait=true"),
                                 Some(&body.to_string()),
-                                &[],
                             );
                             let mut t = tally.lock().unwrap();
                             match status {
-                                200 if v["result"]["images"] == reference[name] => {
+                                200 if pixels(&v["result"]["images"]) == reference[name] => {
                                     t.done += 1;
                                     t.latencies.push(t0.elapsed().as_secs_f64());
                                 }
@@ -245,7 +371,7 @@ fn fifty_clients_against_a_small_queue() {
     // The server is still healthy and drains.
     let (status, _) = get(&format!("{url}/api/v1/models"));
     assert_eq!(status, 200);
-    let rss_after = rss();
+    let rss_after = rss(s.child.id());
     let mut t = tally.lock().unwrap();
     t.latencies.sort_by(f64::total_cmp);
     let pct = |p: f64| {
