@@ -5,7 +5,7 @@
 
 use anyhow::Result;
 use kandinsky::loading::given_or_small;
-use kandinsky_train::eval::{eval_shapes, Accuracy, ShapesEval};
+use kandinsky_train::eval::{eval_inpainting, eval_shapes, Accuracy, ShapesEval};
 
 #[derive(clap::Args)]
 pub struct EvalArgs {
@@ -46,6 +46,13 @@ struct ShapesArgs {
     /// with its prompt in the PNG's `parameters` text.
     #[arg(long)]
     save: Option<std::path::PathBuf>,
+    /// The inpainting decoder of the inpainting section; default `models/small/decoder-inpaint`
+    /// when `--model` is omitted (none otherwise).
+    #[arg(long)]
+    inpaint_model: Option<String>,
+    /// Scenes per language of the inpainting section (0: skip it).
+    #[arg(long, default_value_t = 40)]
+    inpaint_n: usize,
 }
 
 fn row(name: &str, a: &Accuracy, fd: Option<f64>) -> String {
@@ -93,10 +100,38 @@ pub fn run(a: &EvalArgs) -> Result<()> {
             );
         }
     }
+    let inpaint = match (&s.inpaint_model, &s.model) {
+        _ if s.inpaint_n == 0 => None,
+        (Some(m), _) => Some(given_or_small(Some(m), "decoder-inpaint")?),
+        (None, None) => Some(given_or_small(None, "decoder-inpaint")?),
+        (None, Some(_)) => None,
+    };
+    let inpaint_rows = match inpaint {
+        Some(decoder) => {
+            eval_inpainting(&settings, &decoder, s.inpaint_n, &mut |name, done, n| {
+                eprint!("\r{name}: {done}/{n}");
+                if done == n {
+                    eprintln!();
+                }
+            })?
+        }
+        None => Vec::new(),
+    };
     println!("| images | n | background | object colour | shape | position | size | Fréchet distance (CLIP) |");
     println!("|---|---|---|---|---|---|---|---|");
     for r in rows {
         println!("{}", row(r.name, &r.accuracy, r.frechet));
+    }
+    if !inpaint_rows.is_empty() {
+        println!();
+        println!("| inpainting (no compositing) | n | mean change of the kept pixels (/255) | worst image (/255) | MoVQ round trip (floor, /255) |");
+        println!("|---|---|---|---|---|");
+        for r in inpaint_rows {
+            println!(
+                "| {} | {} | {:.2} | {:.2} | {:.2} |",
+                r.name, r.n, r.kept_change, r.worst, r.movq_floor
+            );
+        }
     }
     Ok(())
 }

@@ -89,6 +89,11 @@ enum Stage {
         /// training code, delete it.)
         #[arg(long)]
         pool_cache: Option<PathBuf>,
+        /// With `--inpaint`: the fraction of examples that take another scene's conditioning,
+        /// their loss counting only the kept area, so that the model keeps the unmasked part
+        /// whatever the prompt says (0: every prompt describes its own image).
+        #[arg(long, default_value_t = 0.0)]
+        mismatch: f32,
     },
     /// Assemble the stage outputs under `--runs` (clip/, mclip/, movq/, prior/, unet/,
     /// inpaint/) into diffusers model directories: OUT/prior, OUT/decoder, OUT/decoder-inpaint.
@@ -272,6 +277,7 @@ pub fn run(a: &TrainArgs) -> Result<()> {
             v_weight_cap,
             init,
             pool_cache,
+            mismatch,
         } => {
             let mut opts = s.options()?;
             if *pool == 0 {
@@ -279,6 +285,9 @@ pub fn run(a: &TrainArgs) -> Result<()> {
             }
             if !(v_weight_cap.is_finite() && *v_weight_cap >= 0.0) {
                 bail!("--v-weight-cap must be 0 or a positive number");
+            }
+            if !(0.0..=1.0).contains(mismatch) || (*mismatch > 0.0 && !*inpaint) {
+                bail!("--mismatch is a fraction between 0 and 1, for --inpaint");
             }
             if let Some(init) = init {
                 if !*inpaint {
@@ -312,6 +321,7 @@ pub fn run(a: &TrainArgs) -> Result<()> {
                 &pool,
                 *inpaint,
                 *v_weight_cap,
+                *mismatch,
                 &mut s.logger(name, "ε loss"),
             )?;
             s.report(name, &r, &["unet"]);

@@ -461,6 +461,10 @@ fn train_unet_and_inpainting_unet_on_trained_encoders() {
             "2",
             "--prior-steps",
             "2",
+            "--inpaint-model",
+            &model("decoder-inpaint"),
+            "--inpaint-n",
+            "2",
         ])
         .output()
         .unwrap();
@@ -475,6 +479,24 @@ fn train_unet_and_inpainting_unet_on_trained_encoders() {
         "{stdout}"
     );
     assert!(stdout.contains("generated, Russian"), "{stdout}");
+    // The inpainting section: the kept pixels' change and the MoVQ's floor, in 1/255.
+    let row = stdout
+        .lines()
+        .find(|l| l.starts_with("| inpainted, Russian | 2 |"))
+        .unwrap_or_else(|| panic!("{stdout}"));
+    let cells: Vec<f64> = row
+        .split('|')
+        .filter_map(|c| c.trim().parse().ok())
+        .collect();
+    assert_eq!(cells.len(), 4, "{row}");
+    assert!(
+        cells[1..].iter().all(|v| (0.0..=255.0).contains(v)),
+        "{row}"
+    );
+    assert!(
+        cells[2] >= cells[1],
+        "the worst image is below the mean: {row}"
+    );
 }
 
 /// The optimizer step a checkpoint holds, reading every tensor (a truncated file fails here).

@@ -15,7 +15,7 @@ use kandinsky::pipelines::kandinsky::pipeline_kandinsky_prior::{
 };
 use kandinsky::utils::torch_utils::TorchGenerator;
 use kandinsky::vae_image_processor::{save_png, to_rgb8};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// Accuracy per attribute over a set of images.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -333,4 +333,189 @@ pub fn eval_shapes(
         prior_cosine: None,
     });
     Ok(rows)
+}
+
+/// One row of the inpainting table.
+#[derive(Debug, Clone)]
+pub struct InpaintRow {
+    /// "inpainted, English" or "inpainted, Russian".
+    pub name: &'static str,
+    /// Images.
+    pub n: usize,
+    /// Mean absolute change of the kept pixels (outside the mask), in 1/255 per channel.
+    pub kept_change: f64,
+    /// The largest per-image mean change of the kept pixels, in 1/255.
+    pub worst: f64,
+    /// The same measure for the MoVQ's round trip of the input (its quantised latents decoded):
+    /// the floor a decoder that reproduces the kept latents exactly would reach.
+    pub movq_floor: f64,
+}
+
+/// The repainted area (`true`) of the `kind`-th held-out mask: the left, right, top or bottom
+/// half, or the centre square.
+pub fn repaint_mask(kind: usize, side: usize) -> Vec<bool> {
+    let h = side / 2;
+    (0..side * side)
+        .map(|i| {
+            let (y, x) = (i / side, i % side);
+            match kind % 5 {
+                0 => x < h,
+                1 => x >= h,
+                2 => y < h,
+                3 => y >= h,
+                _ => {
+                    (side / 4..side - side / 4).contains(&x)
+                        && (side / 4..side - side / 4).contains(&y)
+                }
+            }
+        })
+        .collect()
+}
+
+/// Inpainting as a user runs it, with no compositing after the fact: a real render of a
+/// held-out scene, one of five masks ([`repaint_mask`]) and the prompt of another held-out scene
+/// (so the prompt asks for something the kept part does not show, as when a user repaints a
+/// region). Measures how much the pipeline changes the pixels it should keep.
+///
+/// `inpaint_decoder` is the 2.1-style inpainting decoder directory (`KandinskyInpaintPipeline`),
+/// `n` the scenes per language; the prior, sampler settings, seed, device and `save` (inpainted
+/// images as `inpaint-en-000.png`, … with their `-input.png` and `-mask.png`) come from `s`.
+pub fn eval_inpainting(
+    s: &ShapesEval,
+    inpaint_decoder: &Path,
+    n: usize,
+    progress: &mut dyn FnMut(&str, usize, usize),
+) -> Result<Vec<InpaintRow>> {
+    use kandinsky::pipelines::decoder::prepare_mask_and_masked_image;
+    use kandinsky::vae_image_processor::Rgb8;
+    if n == 0 || s.steps == 0 || s.prior_steps < 2 {
+        return Err(Error::InvalidArgument(
+            "n and steps must be at least 1, prior steps at least 2".into(),
+        ));
+    }
+    if let Some(dir) = &s.save {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    }
+    let device = s.device.clone();
+    let prior = KandinskyPriorPipeline::load(&s.prior, s.dtype, &device)
+        .map_err(|e| e.within(format!("loading the prior from {}", s.prior.display())))?;
+    let decoder = KandinskyPipeline::load(inpaint_decoder, s.dtype, &device).map_err(|e| {
+        e.within(format!(
+            "loading the inpainting decoder from {}",
+            inpaint_decoder.display()
+        ))
+    })?;
+    let movq = kandinsky::models::VQModel::load(
+        &kandinsky::loading::component_dir(inpaint_decoder, "movq")?,
+        s.dtype,
+        &device,
+    )?;
+    // Mean absolute difference of the kept pixels, in 1/255.
+    let kept_change = |a: &[u8], b: &[u8], repaint: &[bool]| {
+        let (mut diff, mut kept) = (0u64, 0u64);
+        for (p, &r) in repaint.iter().enumerate() {
+            if !r {
+                for c in 0..3 {
+                    diff += a[3 * p + c].abs_diff(b[3 * p + c]) as u64;
+                }
+                kept += 3;
+            }
+        }
+        diff as f64 / kept.max(1) as f64
+    };
+    let mut rows = Vec::new();
+    for (lang, name, tag) in [
+        (Language::En, "inpainted, English", "en"),
+        (Language::Ru, "inpainted, Russian", "ru"),
+    ] {
+        let prompts = eval_prompts(lang, n.max(2));
+        let mut gen = TorchGenerator::new(s.seed);
+        let mut rng = Rng::new(s.seed ^ 0x1a9 ^ lang as u64);
+        let (mut sum, mut worst, mut floor) = (0.0f64, 0.0f64, 0.0f64);
+        for i in 0..n {
+            let image = Rgb8 {
+                width: SIDE,
+                height: SIDE,
+                data: prompts[i].0.render(SIDE, &mut rng),
+            };
+            let text = prompts[(i + 1 + prompts.len() / 2) % prompts.len()]
+                .1
+                .clone();
+            let repaint = repaint_mask(i, SIDE);
+            let mask = Rgb8 {
+                width: SIDE,
+                height: SIDE,
+                data: repaint
+                    .iter()
+                    .flat_map(|&r| [if r { 255 } else { 0 }; 3])
+                    .collect(),
+            };
+            let (mask_t, image_t) =
+                prepare_mask_and_masked_image(&image, &mask, SIDE, SIDE, &device)?;
+            let params = PriorParams {
+                steps: s.prior_steps,
+                guidance_scale: s.prior_guidance,
+                num_images_per_prompt: 1,
+            };
+            let texts = [text];
+            let (emb, neg) = prior.call(&texts, None, params, &mut gen, None, &mut |_, _| {})?;
+            let dp = DecoderParams {
+                height: SIDE,
+                width: SIDE,
+                steps: s.steps,
+                guidance_scale: s.guidance,
+            };
+            let out = decoder.inpaint(
+                &texts,
+                None,
+                &image_t,
+                &mask_t,
+                &emb,
+                &neg,
+                dp,
+                &mut gen,
+                None,
+                &mut |_, _| {},
+            )?;
+            let got = to_rgb8(&out)?.remove(0);
+            let change = kept_change(&got.data, &image.data, &repaint);
+            let round_trip = to_rgb8(&movq.decode(&movq.encode(&image_t)?, false)?)?.remove(0);
+            floor += kept_change(&round_trip.data, &image.data, &repaint);
+            sum += change;
+            worst = worst.max(change);
+            if let Some(dir) = &s.save {
+                let path = dir.join(format!("inpaint-{tag}-{i:03}.png"));
+                save_png(&path, &got, &[("parameters", &texts[0])])?;
+                let path = dir.join(format!("inpaint-{tag}-{i:03}-input.png"));
+                save_png(&path, &image, &[("parameters", &prompts[i].1)])?;
+                let path = dir.join(format!("inpaint-{tag}-{i:03}-mask.png"));
+                save_png(&path, &mask, &[])?;
+            }
+            progress(name, i + 1, n);
+        }
+        rows.push(InpaintRow {
+            name,
+            n,
+            kept_change: sum / n as f64,
+            worst,
+            movq_floor: floor / n as f64,
+        });
+    }
+    Ok(rows)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_held_out_masks_repaint_halves_and_the_centre() {
+        let side = 8;
+        let areas: Vec<usize> = (0..5)
+            .map(|k| super::repaint_mask(k, side).iter().filter(|&&r| r).count())
+            .collect();
+        assert_eq!(areas, [32, 32, 32, 32, 16]);
+        let left = super::repaint_mask(0, side);
+        assert!(left[0] && !left[side - 1]);
+        let centre = super::repaint_mask(4, side);
+        assert!(centre[3 * side + 3] && !centre[0]);
+    }
 }

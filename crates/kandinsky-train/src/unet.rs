@@ -75,6 +75,8 @@ pub struct NoisyBatch {
     /// Each example's loss weight, [`timestep_weights`] at its timestep.
     weights: Vec<f32>,
     cond: UNetCond,
+    /// Per-position loss weights `(B, 1, h, w)` (see [`NoisyBatch::with_loss_weights`]).
+    positions: Option<Tensor>,
 }
 
 impl NoisyBatch {
@@ -111,7 +113,15 @@ impl NoisyBatch {
             weights: ts.iter().map(|&t| tw[t]).collect(),
             ts,
             cond: cond.clone(),
+            positions: None,
         })
+    }
+
+    /// Weights the ε loss per latent position `(B, 1, h, w)`, e.g. to count only the kept area of
+    /// an inpainting example whose conditioning describes another scene.
+    pub fn with_loss_weights(mut self, weights: Option<Tensor>) -> Self {
+        self.positions = weights;
+        self
     }
 
     /// The weighted ε loss plus the variance-channel target of the batch's `rows`, scaled by
@@ -143,7 +153,12 @@ impl NoisyBatch {
         let out = unet.forward_timesteps(&input, &tf, &cond)?;
         let eps = out.narrow(1, 0, c)?;
         let noise = self.noise.narrow(0, start, n)?;
-        let per_example = (eps - noise)?.sqr()?.flatten_from(1)?.mean(1)?;
+        let sq = (eps - noise)?.sqr()?;
+        let sq = match &self.positions {
+            Some(w) => sq.broadcast_mul(&w.narrow(0, start, n)?)?,
+            None => sq,
+        };
+        let per_example = sq.flatten_from(1)?.mean(1)?;
         let eps_loss = (per_example.mean_all()? * share)?;
         let w = Tensor::new(&self.weights[rows], &Device::Cpu)?;
         let weighted = (per_example * w)?.mean_all()?;
@@ -383,6 +398,22 @@ impl DecoderPool {
         inpaint: bool,
         rng: &mut Rng,
     ) -> Result<(Tensor, UNetCond, Option<Tensor>)> {
+        let (x0, cond, extra, _) = self.batch_mismatched(batch, inpaint, 0.0, rng)?;
+        Ok((x0, cond, extra))
+    }
+
+    /// [`DecoderPool::batch`] where, for inpainting, a `mismatch` fraction of the examples takes
+    /// the conditioning of another pool entry, with loss weights `(B, 1, h, w)` that count only
+    /// their kept area (normalised to the example's mean): the kept latents must come through
+    /// whatever the prompt says, as when a user repaints a region with a new prompt, while the
+    /// repainted area has no target. With `mismatch` 0 it draws exactly what `batch` draws.
+    pub fn batch_mismatched(
+        &self,
+        batch: usize,
+        inpaint: bool,
+        mismatch: f32,
+        rng: &mut Rng,
+    ) -> Result<(Tensor, UNetCond, Option<Tensor>, Option<Tensor>)> {
         if self.is_empty() {
             return Err(kandinsky::error::Error::InvalidArgument(
                 "the training pool is empty".into(),
@@ -393,8 +424,26 @@ impl DecoderPool {
         let x0 = self
             .latents
             .index_select(&Tensor::new(idx.as_slice(), &Device::Cpu)?, 0)?;
+        let mismatched: Vec<bool> = if inpaint && mismatch > 0.0 {
+            (0..batch).map(|_| rng.unit() < mismatch).collect()
+        } else {
+            vec![false; batch]
+        };
+        let cond_idx: Vec<u32> = idx
+            .iter()
+            .zip(&mismatched)
+            .map(|(&i, &m)| {
+                if m {
+                    // Another entry (the pool's scenes differ, so its prompt does too).
+                    let j = rng.below(self.len() - 1) as u32;
+                    j + (j >= i) as u32
+                } else {
+                    i
+                }
+            })
+            .collect();
         let pick = |pool: &Tensor, uncond: &Tensor| -> Result<Tensor> {
-            let rows: Vec<Tensor> = idx
+            let rows: Vec<Tensor> = cond_idx
                 .iter()
                 .zip(&drop)
                 .map(|(&i, &d)| {
@@ -425,13 +474,31 @@ impl DecoderPool {
                     }
                 }
             }
+            let positions = if mismatched.iter().any(|&m| m) {
+                let mut weights = vec![1f32; batch * h * w];
+                for (b, _) in mismatched.iter().enumerate().filter(|(_, &m)| m) {
+                    let row = &keep[b * h * w..(b + 1) * h * w];
+                    let kept: f32 = row.iter().sum();
+                    let scale = if kept > 0.0 {
+                        (h * w) as f32 / kept
+                    } else {
+                        0.0
+                    };
+                    for (o, &k) in weights[b * h * w..(b + 1) * h * w].iter_mut().zip(row) {
+                        *o = k * scale;
+                    }
+                }
+                Some(Tensor::from_vec(weights, (batch, 1, h, w), &Device::Cpu)?)
+            } else {
+                None
+            };
             let mask = Tensor::from_vec(keep, (batch, 1, h, w), &Device::Cpu)?;
             let masked = x0.broadcast_mul(&mask)?;
-            Some(Tensor::cat(&[masked, mask], 1)?)
+            (Some(Tensor::cat(&[masked, mask], 1)?), positions)
         } else {
-            None
+            (None, None)
         };
-        Ok((x0, cond, extra))
+        Ok((x0, cond, extra.0, extra.1))
     }
 }
 
@@ -449,7 +516,8 @@ pub fn inpaint_init(
     let mut out = std::collections::HashMap::new();
     for (name, shape) in shapes {
         let t = weights.get(shape.as_slice(), &name)?;
-        let t = if name == "conv_in.weight" {
+        // An inpainting UNet (9 inputs already) is taken as it is, to fine-tune it.
+        let t = if name == "conv_in.weight" && t.dim(1)? < 9 {
             let (o, i, kh, kw) = t.dims4()?;
             let zeros = Tensor::zeros((o, 9 - i, kh, kw), t.dtype(), t.device())?;
             Tensor::cat(&[&t, &zeros], 1)?
@@ -468,6 +536,7 @@ pub fn train_unet(
     pool: &DecoderPool,
     inpaint: bool,
     weight_cap: f64,
+    mismatch: f32,
     log: &mut dyn FnMut(u64, f32, f32),
 ) -> Result<super::trainer::TrainReport> {
     let mut value = super::trainer::parse_config(SMALL_UNET_CONFIG, "unet")?;
@@ -487,7 +556,8 @@ pub fn train_unet(
         |unet, vars, step| {
             let mut rng = Rng::new(opts.seed ^ 0x0e7 ^ step.wrapping_mul(0x1000_0001));
             let mut generator = TorchGenerator::new(opts.seed ^ step.wrapping_mul(104_729));
-            let (x0, cond, extra) = pool.batch(opts.batch, inpaint, &mut rng)?;
+            let (x0, cond, extra, positions) =
+                pool.batch_mismatched(opts.batch, inpaint, mismatch, &mut rng)?;
             NoisyBatch::new(
                 &x0,
                 &cond,
@@ -496,6 +566,7 @@ pub fn train_unet(
                 &mut rng,
                 &mut generator,
             )?
+            .with_loss_weights(positions)
             .grads(unet, vars, GRAD_PARTS)
         },
         |params| {
@@ -612,4 +683,88 @@ pub fn fingerprint(dirs: &[PathBuf]) -> Result<String> {
         }
     }
     Ok(format!("{h:016x}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::DType;
+
+    /// A pool of `n` entries whose tensors say which entry they are: latents `i·64 + k`, image
+    /// embedding `[2i, 2i + 1]`.
+    fn numbered_pool(n: usize) -> DecoderPool {
+        let d = Device::Cpu;
+        let count = |shape: &[usize]| {
+            let len: usize = shape.iter().product();
+            Tensor::arange(0f32, len as f32, &d)
+                .unwrap()
+                .reshape(shape)
+                .unwrap()
+        };
+        DecoderPool {
+            latents: count(&[n, 4, 4, 4]),
+            image_embeds: count(&[n, 2]),
+            text_embeds: count(&[n, 2]),
+            hidden: count(&[n, 3, 2]),
+            uncond: (
+                Tensor::zeros((1, 2), DType::F32, &d).unwrap(),
+                Tensor::zeros((1, 2), DType::F32, &d).unwrap(),
+                Tensor::zeros((1, 3, 2), DType::F32, &d).unwrap(),
+            ),
+        }
+    }
+
+    #[test]
+    fn mismatched_inpainting_examples_count_only_their_kept_area() {
+        let pool = numbered_pool(6);
+        let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        // Without mismatches: exactly what `batch` draws (the recipe's earlier runs).
+        let (x0, cond, extra) = pool.batch(8, true, &mut Rng::new(3)).unwrap();
+        let (x0m, condm, extram, weights) = pool
+            .batch_mismatched(8, true, 0.0, &mut Rng::new(3))
+            .unwrap();
+        assert_eq!(flat(&x0), flat(&x0m));
+        assert_eq!(flat(&cond.0), flat(&condm.0));
+        assert_eq!(flat(&extra.unwrap()), flat(&extram.unwrap()));
+        assert!(weights.is_none());
+
+        let b = 64;
+        let (x0, cond, extra, weights) = pool
+            .batch_mismatched(b, true, 1.0, &mut Rng::new(5))
+            .unwrap();
+        let (extra, weights) = (extra.unwrap(), weights.unwrap());
+        let (mut other, mut dropped) = (0, 0);
+        for r in 0..b {
+            let entry = flat(&x0.get(r).unwrap())[0] as usize / 64;
+            let img = flat(&cond.0.get(r).unwrap());
+            if img == [0.0, 0.0] {
+                dropped += 1;
+            } else {
+                assert_ne!(
+                    img[0] as usize / 2,
+                    entry,
+                    "row {r} kept its own conditioning"
+                );
+                other += 1;
+            }
+            // The keep-mask is the extra input's last channel; the loss counts only where it is 1,
+            // scaled to a mean of 1 over the example.
+            let keep = flat(&extra.get(r).unwrap().narrow(0, 4, 1).unwrap());
+            let w = flat(&weights.get(r).unwrap());
+            let kept: f32 = keep.iter().sum();
+            for (k, w) in keep.iter().zip(&w) {
+                let want = if kept > 0.0 { k * 16.0 / kept } else { 0.0 };
+                assert!((w - want).abs() < 1e-6, "row {r}: {w} for keep {k}");
+            }
+        }
+        assert!(
+            other > 0 && dropped < b / 2,
+            "{other} mismatched, {dropped} dropped"
+        );
+        // Text-to-image batches never mismatch.
+        let (_, _, extra, weights) = pool
+            .batch_mismatched(8, false, 1.0, &mut Rng::new(5))
+            .unwrap();
+        assert!(extra.is_none() && weights.is_none());
+    }
 }
