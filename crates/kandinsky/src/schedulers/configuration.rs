@@ -355,9 +355,10 @@ impl SchedulerConfig {
         crate::loading::check_config_values(&value).map_err(refused)?;
         let mut config: SchedulerConfig = serde_json::from_value(value).map_err(json_err)?;
         // The schedule holds one value per training timestep.
-        if config.num_train_timesteps > MAX_TRAIN_TIMESTEPS {
+        // Below 2 there is no schedule to step through (and no step size between timesteps).
+        if !(2..=MAX_TRAIN_TIMESTEPS).contains(&config.num_train_timesteps) {
             return Err(refused(format!(
-                "num_train_timesteps = {} (at most {MAX_TRAIN_TIMESTEPS})",
+                "num_train_timesteps = {} (between 2 and {MAX_TRAIN_TIMESTEPS})",
                 config.num_train_timesteps
             )));
         }
@@ -405,5 +406,20 @@ mod tests {
         // Absent from a DPM-Solver file: the class default, not DDIM/DDPM's "leading".
         assert_eq!(c.timestep_spacing, TimestepSpacing::Linspace);
         assert!(!c.has_key("timestep_spacing") && c.has_key("prediction_type"));
+    }
+
+    #[test]
+    fn schedules_without_two_timesteps_are_refused() {
+        // Found by the configs fuzz target: 0 underflowed `n - 1` building the betas.
+        for n in [0, 1, MAX_TRAIN_TIMESTEPS + 1] {
+            let json =
+                format!(r#"{{"_class_name": "UnCLIPScheduler", "num_train_timesteps": {n}}}"#);
+            let err = SchedulerConfig::from_json(&json).unwrap_err().to_string();
+            assert!(
+                err.contains(&format!("num_train_timesteps = {n} (between 2 and")),
+                "{err}"
+            );
+        }
+        assert_eq!(cfg(r#"{"num_train_timesteps": 2}"#).num_train_timesteps, 2);
     }
 }

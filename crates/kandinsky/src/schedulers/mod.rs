@@ -47,8 +47,10 @@ pub fn betas(c: &SchedulerConfig) -> Result<Vec<f32>> {
 /// `torch.linspace(start, end, n, dtype=float32)`: the first half counts up from `start`, the
 /// second half down from `end`.
 pub fn linspace_f32(start: f32, end: f32, n: usize) -> Vec<f32> {
-    if n == 1 {
-        return vec![start];
+    match n {
+        0 => return Vec::new(),
+        1 => return vec![start],
+        _ => {}
     }
     let step = (end - start) / (n - 1) as f32;
     let half = n / 2;
