@@ -119,8 +119,13 @@ pub fn run(a: &EvalArgs) -> Result<()> {
     };
     println!("| images | n | background | object colour | shape | position | size | Fréchet distance (CLIP) |");
     println!("|---|---|---|---|---|---|---|---|");
-    for r in rows {
+    for r in &rows {
         println!("{}", row(r.name, &r.accuracy, r.frechet));
+    }
+    for r in &rows {
+        if let Some(e) = r.pixel_error {
+            println!("\n{}: mean absolute error {e:.2}/255", r.name);
+        }
     }
     if !inpaint_rows.is_empty() {
         println!();

@@ -4,12 +4,14 @@
 use anyhow::{bail, Context, Result};
 use kandinsky_train::clip::train_clip;
 use kandinsky_train::mclip::train_mclip;
-use kandinsky_train::movq::{train_movq, SMALL_MOVQ_CONFIG};
+use kandinsky_train::movq::{small_movq_config, train_movq, MovqLoss};
 use kandinsky_train::optim::AdamWConfig;
 use kandinsky_train::prior::{clip_tokenizer, train_prior, FrozenClip};
 use kandinsky_train::tokenizer::read_pieces_tsv_gz;
 use kandinsky_train::trainer::{TrainOptions, TrainReport};
-use kandinsky_train::unet::{cached_pool, train_unet, DecoderTeachers, PoolOrigin};
+use kandinsky_train::unet::{
+    cached_pool, train_unet, unet_init, DecoderTeachers, Family, PoolOrigin, UNetKind, UNetStage,
+};
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -29,7 +31,20 @@ impl TrainArgs {
 #[derive(clap::Subcommand)]
 enum Stage {
     /// The MoVQ autoencoder (reconstruction + VQ codebook/commitment losses).
-    Movq(StageArgs),
+    Movq {
+        #[command(flatten)]
+        args: StageArgs,
+        /// Train the decoder on the unquantised latents, which Kandinsky's pipelines decode,
+        /// instead of the quantised ones (straight-through).
+        #[arg(long)]
+        unquantised: bool,
+        /// Weight of an L1 pixel loss beside the MSE.
+        #[arg(long, default_value_t = 0.0)]
+        l1: f64,
+        /// Channels of the latent (Kandinsky's MoVQ has 4).
+        #[arg(long, default_value_t = 4)]
+        latent_channels: usize,
+    },
     /// The small CLIP: text and vision towers, contrastive on English and Russian captions.
     Clip {
         #[command(flatten)]
@@ -53,8 +68,9 @@ enum Stage {
         #[arg(long, default_value = "fixtures/tokenizers/xlm_roberta/pieces.tsv.gz")]
         pieces: PathBuf,
     },
-    /// The decoder UNet (`text_image` conditioning, ε prediction, 10 % unconditional), or with
-    /// `--inpaint` the 9-channel inpainting UNet (random rectangular masks), on MoVQ latents.
+    /// The decoder UNet (2.1: `text_image` conditioning; 2.2: `image`; ε prediction, 10 %
+    /// unconditional), or with `--inpaint` the 9-channel inpainting UNet (random rectangular
+    /// masks), or with `--depth-control` the 2.2 depth ControlNet, on MoVQ latents.
     Unet {
         #[command(flatten)]
         args: StageArgs,
@@ -67,9 +83,16 @@ enum Stage {
         /// The M-CLIP stage's output directory (`text_encoder/`, `tokenizer/`).
         #[arg(long)]
         mclip: PathBuf,
+        /// The Kandinsky family: 2.1 (`KandinskyPipeline`) or 2.2 (`KandinskyV22Pipeline`).
+        #[arg(long, default_value = "2.1", value_parser = ["2.1", "2.2"])]
+        family: String,
         /// Train the inpainting UNet instead.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "depth_control")]
         inpaint: bool,
+        /// Train the depth ControlNet (`KandinskyV22ControlnetPipeline`, 2.2 only) instead: the
+        /// hint is the example's depth image at 8 times the latent's size.
+        #[arg(long)]
+        depth_control: bool,
         /// Training examples whose teacher outputs (latents, embeddings) are computed once and
         /// then drawn from with fresh noise.
         #[arg(long, default_value_t = 8192)]
@@ -78,8 +101,9 @@ enum Stage {
         /// normalised to mean 1; 0 keeps the plain ε loss.
         #[arg(long, default_value_t = 0.0)]
         v_weight_cap: f64,
-        /// With `--inpaint`: start from this trained text-to-image UNet stage (its `unet/`),
-        /// `conv_in` widened with zeros for the extra inputs.
+        /// Start from this trained UNet stage (its `unet/`): `conv_in` widened with zeros for
+        /// the extra inputs of an inpainting UNet or a ControlNet; a 2.1 UNet's text parameters
+        /// dropped for a 2.2 one.
         #[arg(long)]
         init: Option<PathBuf>,
         /// Keep the teachers' outputs in this file: reused when it was written from the same
@@ -234,11 +258,27 @@ impl StageArgs {
 pub fn run(a: &TrainArgs) -> Result<()> {
     crate::cpu_only("training")?;
     match &a.stage {
-        Stage::Movq(s) => {
+        Stage::Movq {
+            args: s,
+            unquantised,
+            l1,
+            latent_channels,
+        } => {
             let opts = s.options()?;
+            if !(1..=64).contains(latent_channels) {
+                bail!("--latent-channels must be between 1 and 64, got {latent_channels}");
+            }
+            if !(l1.is_finite() && *l1 >= 0.0) {
+                bail!("--l1 must be a number ≥ 0, got {l1}");
+            }
+            let how = MovqLoss {
+                quantised: !unquantised,
+                l1: *l1,
+            };
             let r = train_movq(
                 &opts,
-                SMALL_MOVQ_CONFIG,
+                &small_movq_config(*latent_channels)?,
+                how,
                 &mut s.logger("movq", "reconstruction"),
             )?;
             s.report("movq", &r, &["movq"]);
@@ -272,7 +312,9 @@ pub fn run(a: &TrainArgs) -> Result<()> {
             movq,
             clip,
             mclip,
+            family,
             inpaint,
+            depth_control,
             pool,
             v_weight_cap,
             init,
@@ -289,17 +331,30 @@ pub fn run(a: &TrainArgs) -> Result<()> {
             if !(0.0..=1.0).contains(mismatch) || (*mismatch > 0.0 && !*inpaint) {
                 bail!("--mismatch is a fraction between 0 and 1, for --inpaint");
             }
+            let family = if family == "2.2" {
+                Family::V22
+            } else {
+                Family::V21
+            };
+            let kind = match (*inpaint, *depth_control) {
+                (true, _) => UNetKind::Inpaint,
+                (_, true) => UNetKind::DepthControl,
+                _ => UNetKind::TextToImage,
+            };
+            if kind == UNetKind::DepthControl && family != Family::V22 {
+                bail!("--depth-control trains a Kandinsky 2.2 ControlNet: add --family 2.2");
+            }
             if let Some(init) = init {
-                if !*inpaint {
-                    bail!("--init is for --inpaint (it widens a text-to-image UNet)");
-                }
-                opts.init =
-                    kandinsky_train::unet::inpaint_init(&init.join("unet")).with_context(|| {
-                        format!("loading the UNet to start from, {}", init.display())
-                    })?;
+                opts.init = unet_init(&init.join("unet"), family, kind).with_context(|| {
+                    format!("loading the UNet to start from, {}", init.display())
+                })?;
             }
             let teachers = DecoderTeachers::load(movq, clip, mclip)?;
-            let name = if *inpaint { "unet-inpaint" } else { "unet" };
+            let name = match kind {
+                UNetKind::TextToImage => "unet",
+                UNetKind::Inpaint => "unet-inpaint",
+                UNetKind::DepthControl => "unet-depth",
+            };
             let dirs = DecoderTeachers::dirs(movq, clip, mclip);
             let settings = (opts.seed, *pool, opts.image_size);
             let (pool, origin) = cached_pool(&teachers, &dirs, settings, pool_cache.as_deref())?;
@@ -316,14 +371,13 @@ pub fn run(a: &TrainArgs) -> Result<()> {
                     pool.len()
                 ),
             }
-            let r = train_unet(
-                &opts,
-                &pool,
-                *inpaint,
-                *v_weight_cap,
-                *mismatch,
-                &mut s.logger(name, "ε loss"),
-            )?;
+            let stage = UNetStage {
+                family,
+                kind,
+                weight_cap: *v_weight_cap,
+                mismatch: *mismatch,
+            };
+            let r = train_unet(&opts, &pool, stage, &mut s.logger(name, "ε loss"))?;
             s.report(name, &r, &["unet"]);
         }
         Stage::Assemble {

@@ -209,6 +209,30 @@ fn train_unet_and_inpainting_unet_on_trained_encoders() {
     let p = |n: &str| dir.path().join(n).display().to_string();
     let tok = fixture("tokenizers/clip");
     let pieces = fixture("tokenizers/xlm_roberta/pieces.tsv.gz");
+    // A decoder UNet stage on the trained teachers: `flags`, then its output, the teachers and
+    // the pool's size, then `more`.
+    let unet = |flags: &[&str], out: &str, more: &[&str]| {
+        let mut a = strings(&["train", "unet"]);
+        a.extend(strings(flags));
+        a.extend(strings(&[
+            "--out",
+            &p(out),
+            "--movq",
+            &p("movq"),
+            "--clip",
+            &p("clip"),
+            "--mclip",
+            &p("mclip"),
+            "--batch",
+            "2",
+            "--pool",
+            "3",
+        ]));
+        a.extend(strings(more));
+        a
+    };
+    let cache = p("pool.safetensors");
+    let (unet_dir, unet_2_2) = (p("unet"), p("unet-2-2"));
     let runs: Vec<Vec<String>> = vec![
         strings(&[
             "train",
@@ -248,47 +272,29 @@ fn train_unet_and_inpainting_unet_on_trained_encoders() {
             "--pieces",
             &pieces,
         ]),
-        strings(&[
-            "train",
-            "unet",
-            "--out",
-            &p("unet"),
-            "--movq",
-            &p("movq"),
-            "--clip",
-            &p("clip"),
-            "--mclip",
-            &p("mclip"),
-            "--steps",
-            "2",
-            "--batch",
-            "2",
-            "--pool",
-            "3",
-            "--pool-cache",
-            &p("pool.safetensors"),
-        ]),
-        strings(&[
-            "train",
-            "unet",
-            "--inpaint",
-            "--out",
-            &p("inpaint"),
-            "--movq",
-            &p("movq"),
-            "--clip",
-            &p("clip"),
-            "--mclip",
-            &p("mclip"),
-            "--steps",
-            "1",
-            "--batch",
-            "2",
-            "--pool",
-            "3",
-            "--init",
-            &p("unet"),
-        ]),
+        unet(&[], "unet", &["--steps", "2", "--pool-cache", &cache]),
+        unet(
+            &["--inpaint"],
+            "inpaint",
+            &["--steps", "1", "--init", &unet_dir],
+        ),
+        // The 2.2 sibling: its decoder starts from the 2.1 one, its inpainting UNet and depth
+        // ControlNet from its decoder.
+        unet(
+            &["--family", "2.2"],
+            "unet-2-2",
+            &["--steps", "1", "--pool-cache", &cache, "--init", &unet_dir],
+        ),
+        unet(
+            &["--family", "2.2", "--inpaint", "--mismatch", "0.5"],
+            "inpaint-2-2",
+            &["--steps", "1", "--pool-cache", &cache, "--init", &unet_2_2],
+        ),
+        unet(
+            &["--family", "2.2", "--depth-control"],
+            "depth-2-2",
+            &["--steps", "1", "--pool-cache", &cache, "--init", &unet_2_2],
+        ),
     ];
     let mut logs = vec![];
     for args in &runs {
@@ -362,6 +368,41 @@ fn train_unet_and_inpainting_unet_on_trained_encoders() {
         .unwrap();
     assert!(max_diff < 0.1 * scale, "{max_diff} vs {scale}");
     assert_eq!(inpaint["conv_in.weight"].dims(), &[64, 9, 3, 3]);
+    // The 2.2 UNets: image conditioning only, the text's parameters gone, the resnets carried
+    // over from the 2.1 UNet (one step away), the ControlNet's hint block added.
+    for (d, ch, embed) in [
+        ("unet-2-2", 4, "image"),
+        ("inpaint-2-2", 9, "image"),
+        ("depth-2-2", 8, "image_hint"),
+    ] {
+        let unet = kandinsky::models::UNet2DConditionModel::load(
+            &dir.path().join(d).join("unet"),
+            candle_core::DType::F32,
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
+        assert_eq!(unet.config().in_channels, ch, "{d}");
+        assert_eq!(unet.config().addition_embed_type.as_deref(), Some(embed));
+        let w = weights(d);
+        assert!(!w.keys().any(|k| k.contains("text_proj")), "{d}");
+        assert_eq!(
+            w["encoder_hid_proj.image_embeds.weight"].dims(),
+            &[32 * 64, 64]
+        );
+        let r = "down_blocks.0.resnets.0.conv1.weight";
+        let diff = (&w[r] - &base[r])
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap();
+        assert!(diff.to_scalar::<f32>().unwrap() < 0.05, "{d}");
+        assert_eq!(
+            w.keys()
+                .any(|k| k.starts_with("add_embedding.input_hint_block")),
+            d == "depth-2-2"
+        );
+    }
     // The prior, then the assembled model directories generate through the ordinary commands.
     let more: Vec<Vec<String>> = vec![
         strings(&[
@@ -440,8 +481,39 @@ fn train_unet_and_inpainting_unet_on_trained_encoders() {
         "--prior",
         &model("prior"),
     ]));
-    i.extend(common);
+    i.extend(common.clone());
     run_ok(&i, &dir.path().join("inp.png"));
+    // The 2.2 sibling's directories generate through the same commands (the prior is shared).
+    let mut g = strings(&[
+        "generate",
+        "--prompt",
+        "a large yellow square at the top on a black background",
+        "--model",
+        &model("decoder-2-2"),
+        "--prior",
+        &model("prior"),
+    ]);
+    g.extend(common.clone());
+    run_ok(&g, &dir.path().join("gen-2-2.png"));
+    let mut c = strings(&[
+        "controlnet",
+        "--prompt",
+        "a small green circle on the right on a red background",
+        "--hint",
+        &fixture("images/drawing_64x64.png"),
+        "--model",
+        &model("decoder-2-2-controlnet-depth"),
+        "--prior",
+        &model("prior"),
+    ]);
+    c.extend(common.clone());
+    run_ok(&c, &dir.path().join("depth-2-2.png"));
+    assert_eq!(
+        image::open(dir.path().join("depth-2-2.png"))
+            .unwrap()
+            .width(),
+        64
+    );
     // The evaluation runs on the assembled model and prints its table.
     let res = bin()
         .args([

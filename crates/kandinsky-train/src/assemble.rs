@@ -1,12 +1,17 @@
 //! Assembles the trained stages into diffusers model directories — a `KandinskyPriorPipeline`
 //! (`prior/`), a `KandinskyPipeline` (`decoder/`) and a `KandinskyInpaintPipeline`
-//! (`decoder-inpaint/`) — with fp16 weights (the loaders upcast) to keep the model small.
+//! (`decoder-inpaint/`), and the 2.2 sibling's `KandinskyV22Pipeline`,
+//! `KandinskyV22InpaintPipeline` and `KandinskyV22ControlnetPipeline` ([`V22_DECODERS`]) — with
+//! fp16 weights (the loaders upcast) to keep the model small.
 
 use candle_core::{DType, Tensor};
 use kandinsky::error::{Error, Result};
 use serde_json::json;
 use std::collections::HashMap;
 use std::path::Path;
+
+/// The diffusers version the model directories name (the one the fixtures are made with).
+const DIFFUSERS_VERSION: &str = "0.42.1";
 
 fn write_json(path: &Path, v: &serde_json::Value) -> Result<()> {
     if let Some(dir) = path.parent() {
@@ -48,9 +53,9 @@ fn copy_files(src: &Path, dst: &Path, names: &[&str]) -> Result<()> {
 
 /// Builds `out/{prior,decoder,decoder-inpaint}` from the stage outputs under `runs`
 /// (`clip/`, `mclip/`, `movq/`, `prior/`, `unet/`, `inpaint/`) and the CLIP vocabulary
-/// (`vocab.json`, `merges.txt`).
+/// (`vocab.json`, `merges.txt`), and the 2.2 decoders of [`V22_DECODERS`] whose stages exist.
 pub fn assemble(runs: &Path, clip_vocab: &Path, out: &Path) -> Result<()> {
-    let version = "0.42.1";
+    let version = DIFFUSERS_VERSION;
     // Prior pipeline.
     let p = out.join("prior");
     copy_component(
@@ -105,22 +110,58 @@ pub fn assemble(runs: &Path, clip_vocab: &Path, out: &Path) -> Result<()> {
                 "text_encoder": ["transformers", "CLIPTextModelWithProjection"],
                 "tokenizer": ["transformers", "CLIPTokenizer"]}),
     )?;
-    // Decoders (text-to-image and inpainting) share M-CLIP, its tokenizer, the MoVQ and DDIM.
+    // Decoders share the MoVQ and DDIM; the 2.1 ones also M-CLIP and its tokenizer.
     for (dir, unet, class) in [
         ("decoder", "unet", "KandinskyPipeline"),
         ("decoder-inpaint", "inpaint", "KandinskyInpaintPipeline"),
     ] {
-        let d = out.join(dir);
-        copy_component(
-            &runs.join(unet).join("unet"),
-            &d.join("unet"),
-            "diffusion_pytorch_model.safetensors",
-        )?;
-        copy_component(
-            &runs.join("movq/movq"),
-            &d.join("movq"),
-            "diffusion_pytorch_model.safetensors",
-        )?;
+        decoder(runs, &out.join(dir), unet, class, true)?;
+    }
+    // The 2.2 family, where its stages were trained (the prior directory serves both families,
+    // as `KandinskyV22PriorPipeline` has the same components).
+    for (dir, unet, class) in V22_DECODERS {
+        if runs.join(unet).join("unet").is_dir() {
+            decoder(runs, &out.join(dir), unet, class, false)?;
+        }
+    }
+    Ok(())
+}
+
+/// The 2.2 decoders [`assemble`] writes when their stages exist: (model directory, stage
+/// directory under the runs, diffusers pipeline class).
+pub const V22_DECODERS: [(&str, &str, &str); 3] = [
+    ("decoder-2-2", "unet-2-2", "KandinskyV22Pipeline"),
+    (
+        "decoder-2-2-inpaint",
+        "inpaint-2-2",
+        "KandinskyV22InpaintPipeline",
+    ),
+    (
+        "decoder-2-2-controlnet-depth",
+        "depth-2-2",
+        "KandinskyV22ControlnetPipeline",
+    ),
+];
+
+/// Writes the decoder directory `d` of pipeline `class` from the stage `runs/unet` and the MoVQ,
+/// with M-CLIP and its tokenizer when `text` (2.1).
+fn decoder(runs: &Path, d: &Path, unet: &str, class: &str, text: bool) -> Result<()> {
+    let version = DIFFUSERS_VERSION;
+    copy_component(
+        &runs.join(unet).join("unet"),
+        &d.join("unet"),
+        "diffusion_pytorch_model.safetensors",
+    )?;
+    copy_component(
+        &runs.join("movq/movq"),
+        &d.join("movq"),
+        "diffusion_pytorch_model.safetensors",
+    )?;
+    let mut index = json!({"_class_name": class, "_diffusers_version": version,
+                           "movq": ["diffusers", "VQModel"],
+                           "scheduler": ["diffusers", "DDIMScheduler"],
+                           "unet": ["diffusers", "UNet2DConditionModel"]});
+    if text {
         copy_component(
             &runs.join("mclip/text_encoder"),
             &d.join("text_encoder"),
@@ -135,22 +176,18 @@ pub fn assemble(runs: &Path, clip_vocab: &Path, out: &Path) -> Result<()> {
                 "special_tokens_map.json",
             ],
         )?;
-        write_json(
-            &d.join("scheduler/scheduler_config.json"),
-            &json!({"_class_name": "DDIMScheduler", "_diffusers_version": version,
-                    "beta_end": 0.012, "beta_schedule": "linear", "beta_start": 0.00085,
-                    "clip_sample": false, "num_train_timesteps": 1000,
-                    "prediction_type": "epsilon", "set_alpha_to_one": false, "steps_offset": 1,
-                    "thresholding": false, "timestep_spacing": "leading"}),
-        )?;
-        write_json(
-            &d.join("model_index.json"),
-            &json!({"_class_name": class, "_diffusers_version": version,
-                    "movq": ["diffusers", "VQModel"], "scheduler": ["diffusers", "DDIMScheduler"],
-                    "text_encoder": ["kandinsky", "MultilingualCLIP"],
-                    "tokenizer": ["transformers", "XLMRobertaTokenizerFast"],
-                    "unet": ["diffusers", "UNet2DConditionModel"]}),
-        )?;
+        index["text_encoder"] = json!(["kandinsky", "MultilingualCLIP"]);
+        index["tokenizer"] = json!(["transformers", "XLMRobertaTokenizerFast"]);
     }
-    Ok(())
+    write_json(&d.join("scheduler/scheduler_config.json"), &ddim(version))?;
+    write_json(&d.join("model_index.json"), &index)
+}
+
+/// The decoders' DDIM scheduler (Kandinsky 2.1's linear β schedule).
+fn ddim(version: &str) -> serde_json::Value {
+    json!({"_class_name": "DDIMScheduler", "_diffusers_version": version,
+           "beta_end": 0.012, "beta_schedule": "linear", "beta_start": 0.00085,
+           "clip_sample": false, "num_train_timesteps": 1000,
+           "prediction_type": "epsilon", "set_alpha_to_one": false, "steps_offset": 1,
+           "thresholding": false, "timestep_spacing": "leading"})
 }

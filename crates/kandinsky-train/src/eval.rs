@@ -8,13 +8,14 @@ use super::analyser::{analyse, Score};
 use super::shapes::{eval_prompts, Language, Rng, Scene};
 use candle_core::{DType, Device};
 use kandinsky::error::{Error, Result};
+use kandinsky::models::VQModel;
 use kandinsky::pipelines::decoder::DecoderParams;
 use kandinsky::pipelines::kandinsky::pipeline_kandinsky::KandinskyPipeline;
 use kandinsky::pipelines::kandinsky::pipeline_kandinsky_prior::{
     KandinskyPriorPipeline, PriorParams,
 };
 use kandinsky::utils::torch_utils::TorchGenerator;
-use kandinsky::vae_image_processor::{save_png, to_rgb8};
+use kandinsky::vae_image_processor::{prepare_image, save_png, to_rgb8, Rgb8};
 use std::path::{Path, PathBuf};
 
 /// Accuracy per attribute over a set of images.
@@ -221,6 +222,23 @@ pub struct EvalRow {
     pub frechet: Option<f64>,
     /// Mean cosine between the prior's embedding and the real image's.
     pub prior_cosine: Option<f64>,
+    /// Mean absolute difference to the real renders, in 1/255 per channel (the MoVQ row).
+    pub pixel_error: Option<f64>,
+}
+
+/// Encodes `image` with the MoVQ and decodes the unquantised latent, as the pipelines decode
+/// (`force_not_quantize`): HWC RGB8.
+pub fn movq_round_trip(movq: &VQModel, image: &Rgb8, device: &Device) -> Result<Vec<u8>> {
+    let x = prepare_image(image, image.width, image.height, 1, device)?;
+    Ok(to_rgb8(&movq.decode(&movq.encode(&x)?, true)?)?
+        .remove(0)
+        .data)
+}
+
+/// Mean absolute difference of two equally long RGB8 buffers, in 1/255 per channel.
+fn mean_abs_difference(a: &[u8], b: &[u8]) -> f64 {
+    let sum: u64 = a.iter().zip(b).map(|(x, y)| x.abs_diff(*y) as u64).sum();
+    sum as f64 / a.len().max(1) as f64
 }
 
 /// The image side of the evaluation (the small model's native size).
@@ -259,6 +277,8 @@ pub fn eval_shapes(
     };
     let mut rows = Vec::new();
     let mut all_real: Vec<(Vec<u8>, Scene)> = Vec::new();
+    let mut round_trips: Vec<Vec<u8>> = Vec::new();
+    let mut round_trip_error = 0.0f64;
     for (lang, name, tag) in [
         (Language::En, "generated, English", "en"),
         (Language::Ru, "generated, Russian", "ru"),
@@ -272,6 +292,18 @@ pub fn eval_shapes(
             .iter()
             .map(|(sc, _)| sc.render(SIDE, &mut rng))
             .collect();
+        // The MoVQ's round trip of each real render, decoded as the pipelines decode: what a
+        // UNet that produced the real image's latent exactly would give (the decoder's ceiling).
+        for rgb in &real {
+            let image = Rgb8 {
+                width: SIDE,
+                height: SIDE,
+                data: rgb.clone(),
+            };
+            let decoded = movq_round_trip(decoder.movq(), &image, &device)?;
+            round_trip_error += mean_abs_difference(&decoded, rgb);
+            round_trips.push(decoded);
+        }
         // The real renders' CLIP embeddings: the prior's reference, the oracle's conditioning
         // and the Fréchet distance's second set.
         let real_emb = real
@@ -322,15 +354,24 @@ pub fn eval_shapes(
             accuracy: score(&images, &scenes, SIDE),
             frechet: Some(fd),
             prior_cosine: Some(cos_sum / cos_n as f64),
+            pixel_error: None,
         });
         all_real.extend(real.into_iter().zip(scenes));
     }
     let (real, scenes): (Vec<Vec<u8>>, Vec<Scene>) = all_real.into_iter().unzip();
     rows.push(EvalRow {
+        name: "MoVQ round trip of the real images (decoder ceiling)",
+        accuracy: score(&round_trips, &scenes, SIDE),
+        frechet: None,
+        prior_cosine: None,
+        pixel_error: Some(round_trip_error / round_trips.len() as f64),
+    });
+    rows.push(EvalRow {
         name: "real images (analyser ceiling)",
         accuracy: score(&real, &scenes, SIDE),
         frechet: None,
         prior_cosine: None,
+        pixel_error: None,
     });
     Ok(rows)
 }
@@ -346,8 +387,9 @@ pub struct InpaintRow {
     pub kept_change: f64,
     /// The largest per-image mean change of the kept pixels, in 1/255.
     pub worst: f64,
-    /// The same measure for the MoVQ's round trip of the input (its quantised latents decoded):
-    /// the floor a decoder that reproduces the kept latents exactly would reach.
+    /// The same measure for the MoVQ's round trip of the input ([`movq_round_trip`], decoded
+    /// unquantised as the pipeline decodes): the floor a decoder that reproduces the kept
+    /// latents exactly would reach.
     pub movq_floor: f64,
 }
 
@@ -387,7 +429,6 @@ pub fn eval_inpainting(
     progress: &mut dyn FnMut(&str, usize, usize),
 ) -> Result<Vec<InpaintRow>> {
     use kandinsky::pipelines::decoder::prepare_mask_and_masked_image;
-    use kandinsky::vae_image_processor::Rgb8;
     if n == 0 || s.steps == 0 || s.prior_steps < 2 {
         return Err(Error::InvalidArgument(
             "n and steps must be at least 1, prior steps at least 2".into(),
@@ -405,11 +446,6 @@ pub fn eval_inpainting(
             inpaint_decoder.display()
         ))
     })?;
-    let movq = kandinsky::models::VQModel::load(
-        &kandinsky::loading::component_dir(inpaint_decoder, "movq")?,
-        s.dtype,
-        &device,
-    )?;
     // Mean absolute difference of the kept pixels, in 1/255.
     let kept_change = |a: &[u8], b: &[u8], repaint: &[bool]| {
         let (mut diff, mut kept) = (0u64, 0u64);
@@ -479,8 +515,8 @@ pub fn eval_inpainting(
             )?;
             let got = to_rgb8(&out)?.remove(0);
             let change = kept_change(&got.data, &image.data, &repaint);
-            let round_trip = to_rgb8(&movq.decode(&movq.encode(&image_t)?, false)?)?.remove(0);
-            floor += kept_change(&round_trip.data, &image.data, &repaint);
+            let round_trip = movq_round_trip(decoder.movq(), &image, &device)?;
+            floor += kept_change(&round_trip, &image.data, &repaint);
             sum += change;
             worst = worst.max(change);
             if let Some(dir) = &s.save {

@@ -1,7 +1,9 @@
 //! Stage (c): the MoVQ autoencoder on the synthetic world — reconstruction (MSE) plus the VQ
-//! codebook and commitment losses, with the straight-through estimator. The decoder is trained on
-//! quantised latents but Kandinsky's pipelines decode unquantised ones (`force_not_quantize`); the
-//! commitment loss keeps the two close.
+//! codebook and commitment losses. Kandinsky's pipelines never quantise: they encode to the
+//! unquantised latent and decode the UNet's continuous latents with `force_not_quantize`. The
+//! decoder can be trained on quantised latents (the straight-through estimator, as VQ-GAN) or on
+//! the unquantised ones the pipelines give it ([`MovqLoss::quantised`]); the codebook and
+//! commitment losses train either way, so the codebook stays usable.
 
 use super::checkpoint;
 use super::shapes::{planar_batch, training_examples, Example};
@@ -35,6 +37,17 @@ pub const SMALL_MOVQ_CONFIG: &str = r#"{
   "vq_embed_dim": 4
 }"#;
 
+/// [`SMALL_MOVQ_CONFIG`] with `latent_channels` channels in its latent (and codebook vectors).
+pub fn small_movq_config(latent_channels: usize) -> Result<String> {
+    let mut value = parse_config(SMALL_MOVQ_CONFIG, "movq")?;
+    value["latent_channels"] = latent_channels.into();
+    value["vq_embed_dim"] = latent_channels.into();
+    serde_json::to_string_pretty(&value).map_err(|source| Error::Json {
+        path: PathBuf::from("(movq config)"),
+        source,
+    })
+}
+
 /// A batch of synthetic images `(B, 3, S, S)` in [-1, 1]: examples `first..first + batch`.
 pub fn image_batch(seed: u64, first: u64, batch: usize, side: usize) -> Result<Tensor> {
     image_tensor(&training_examples(seed, first, batch, side), side)
@@ -45,27 +58,54 @@ pub fn image_tensor(examples: &[Example], side: usize) -> Result<Tensor> {
     planar_batch(examples, side, |_, v| v as f32 / 127.5 - 1.0)
 }
 
-/// `(total, reconstruction)` losses of one batch.
-pub fn movq_loss(movq: &VQModel, x: &Tensor) -> Result<(Tensor, Tensor)> {
+/// How the MoVQ's decoder is trained.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MovqLoss {
+    /// Decode the quantised latents (straight-through) rather than the unquantised ones that
+    /// Kandinsky's pipelines decode.
+    pub quantised: bool,
+    /// Weight of an L1 pixel loss added to the MSE (0: MSE only). L1 keeps pulling at small
+    /// errors, which MSE all but ignores: flat colours and sharp corners.
+    pub l1: f64,
+}
+
+impl Default for MovqLoss {
+    fn default() -> Self {
+        Self {
+            quantised: true,
+            l1: 0.0,
+        }
+    }
+}
+
+/// `(total, reconstruction MSE)` losses of one batch.
+pub fn movq_loss(movq: &VQModel, x: &Tensor, how: MovqLoss) -> Result<(Tensor, Tensor)> {
     let z = movq.encode(x)?;
     let zq = movq.quantizer().lookup(&z)?;
     let codebook = (&zq - z.detach())?.sqr()?.mean_all()?;
     let commitment = (&z - zq.detach())?.sqr()?.mean_all()?;
-    let z_st = (&z + (&zq - &z)?.detach())?;
-    let recon = movq.decode(&z_st, true)?;
-    let rec = (recon - x)?.sqr()?.mean_all()?;
-    let total = ((&rec + codebook)? + (commitment * 0.25)?)?;
+    let decoded = if how.quantised {
+        (&z + (&zq - &z)?.detach())?
+    } else {
+        z
+    };
+    let diff = (movq.decode(&decoded, true)? - x)?;
+    let rec = diff.sqr()?.mean_all()?;
+    let mut total = ((&rec + codebook)? + (commitment * 0.25)?)?;
+    if how.l1 > 0.0 {
+        total = (total + (diff.abs()?.mean_all()? * how.l1)?)?;
+    }
     Ok((total, rec))
 }
 
-/// `1 / std` of the quantised latents of 256 held-aside training images (a stream of their own,
-/// so the value depends only on the weights and the seed), or 1 when they are constant.
+/// `1 / std` of the (unquantised, as the pipelines use them) latents of 256 held-aside training
+/// images (a stream of their own, so the value depends only on the weights and the seed), or 1
+/// when they are constant.
 pub fn latent_scale(movq: &VQModel, seed: u64, side: usize) -> Result<f64> {
     let (mut sum, mut sum_sq, mut n) = (0f64, 0f64, 0usize);
     for chunk in 0..8u64 {
         let x = image_batch(seed ^ 0x1a7e_5ca1e, chunk * 32, 32, side)?;
-        let zq = movq.quantizer().lookup(&movq.encode(&x)?.detach())?;
-        let v: Vec<f32> = zq.flatten_all()?.to_vec1()?;
+        let v: Vec<f32> = movq.encode(&x)?.flatten_all()?.to_vec1()?;
         n += v.len();
         for x in v {
             sum += x as f64;
@@ -103,10 +143,11 @@ pub fn standardise_latents(
     Ok(())
 }
 
-/// Trains (or resumes training of) the MoVQ and exports `out_dir/movq/`.
+/// Trains (or resumes training of) the MoVQ with the loss `how` and exports `out_dir/movq/`.
 pub fn train_movq(
     opts: &TrainOptions,
     config_json: &str,
+    how: MovqLoss,
     log: &mut dyn FnMut(u64, f32, f32),
 ) -> Result<TrainReport> {
     let config_value = parse_config(config_json, "movq")?;
@@ -125,7 +166,7 @@ pub fn train_movq(
                 opts.batch,
                 opts.image_size,
             )?;
-            movq_loss(movq, &x)
+            movq_loss(movq, &x, how)
         },
         |params| {
             let movq = VQModel::new(&Weights::trainable(params), &config)?;

@@ -224,6 +224,18 @@ impl Scene {
     /// Renders the scene as `side × side` RGB8 (HWC), with a small jitter of position and size
     /// from `rng` and 4×4 supersampled edges.
     pub fn render(&self, side: usize, rng: &mut Rng) -> Vec<u8> {
+        self.paint(side, rng, self.colour.rgb(), self.background.rgb())
+    }
+
+    /// The depth hint of the scene as [`Scene::render`] would draw it with the same `rng` state
+    /// (same jitter), at any `side`: the object near (light grey, 224), the plain background far
+    /// (dark grey, 32), as a depth estimator's near-is-light map, RGB8 HWC.
+    pub fn render_depth(&self, side: usize, rng: &mut Rng) -> Vec<u8> {
+        self.paint(side, rng, [DEPTH_NEAR; 3], [DEPTH_FAR; 3])
+    }
+
+    /// The scene's silhouette in `fg` on `bg`, jittered by `rng` (three draws).
+    fn paint(&self, side: usize, rng: &mut Rng, fg: [u8; 3], bg: [u8; 3]) -> Vec<u8> {
         let s = side as f32;
         let (fx, fy) = self.position.centre();
         let jitter = 0.03 * s;
@@ -240,7 +252,6 @@ impl Scene {
                 Shape::Triangle => dy >= -r && dy <= r && dx.abs() <= (dy + r) / 2.0,
             }
         };
-        let (fg, bg) = (self.colour.rgb(), self.background.rgb());
         let mut out = Vec::with_capacity(side * side * 3);
         const SS: usize = 4;
         for y in 0..side {
@@ -409,10 +420,21 @@ pub struct Example {
     pub language: Language,
 }
 
+/// Grey level of the object in a depth hint (near).
+pub const DEPTH_NEAR: u8 = 224;
+/// Grey level of the background in a depth hint (far).
+pub const DEPTH_FAR: u8 = 32;
+
 /// The `index`-th training example of the dataset with `seed`: a scene that is not held out,
 /// rendered at `side`, captioned in English or Russian (alternating by index). A pure function of
 /// `(seed, index, side)`, so any example can be regenerated without the ones before it.
 pub fn training_example(seed: u64, index: u64, side: usize) -> Example {
+    let (scene, mut rng) = training_scene(seed, index);
+    example(scene, index, side, &mut rng)
+}
+
+/// The scene of [`training_example`] `index` and the generator state its render starts from.
+fn training_scene(seed: u64, index: u64) -> (Scene, Rng) {
     let mut rng = Rng::new(splitmix64(seed ^ splitmix64(index)));
     let scene = loop {
         let s = Scene::random(&mut rng);
@@ -420,7 +442,14 @@ pub fn training_example(seed: u64, index: u64, side: usize) -> Example {
             break s;
         }
     };
-    example(scene, index, side, &mut rng)
+    (scene, rng)
+}
+
+/// The depth hint ([`Scene::render_depth`]) of [`training_example`] `index`, at `side` (any
+/// size: the geometry is the example's, scaled).
+pub fn training_depth_hint(seed: u64, index: u64, side: usize) -> Vec<u8> {
+    let (scene, mut rng) = training_scene(seed, index);
+    scene.render_depth(side, &mut rng)
 }
 
 /// Renders and captions `scene` as example `index` (English at even indices, Russian at odd).

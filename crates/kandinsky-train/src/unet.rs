@@ -1,7 +1,9 @@
-//! Stage (e) / (f): the decoder UNet (and its 9-channel inpainting variant) — ε prediction under
+//! Stage (e) / (f): the decoder UNets (text-to-image, 9-channel inpainting and, for 2.2, the depth
+//! ControlNet) of both families — ε prediction under
 //! Kandinsky 2.1's linear schedule (β from 0.00085 to 0.012 over 1000 steps, what its DDIM and
 //! DDPM schedulers use), conditioned like `KandinskyPipeline` (`text_image`: CLIP image
-//! embedding, M-CLIP pooled and token embeddings). The learned-variance channels, which the
+//! embedding, M-CLIP pooled and token embeddings), or for the 2.2 family like
+//! `KandinskyV22Pipeline` (`image`: the CLIP image embedding alone). The learned-variance channels, which the
 //! default DDIM sampler ignores but diffusers' pipelines require to exist, are trained towards
 //! `v = -1` (the posterior variance, DDPM's `fixed_small`), so a `learned_range` DDPM samples like
 //! `fixed_small`.
@@ -12,6 +14,7 @@ use candle_core::backprop::GradStore;
 use candle_core::{Device, Tensor};
 use kandinsky::error::Result;
 use kandinsky::models::{UNet2DConditionModel, UNetConditioning};
+use kandinsky::pipelines::auto_pipeline::HINT_BLOCK_FACTOR;
 use kandinsky::schedulers::{alphas_cumprod, linspace_f32};
 use kandinsky::utils::torch_utils::TorchGenerator;
 use std::path::{Path, PathBuf};
@@ -37,6 +40,65 @@ pub const SMALL_UNET_CONFIG: &str = r#"{
   "sample_size": 16,
   "up_block_types": ["SimpleCrossAttnUpBlock2D", "SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"]
 }"#;
+
+/// Which Kandinsky a decoder UNet belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Family {
+    /// Kandinsky 2.1: `text_image` conditioning (CLIP image embedding and M-CLIP's text).
+    #[default]
+    V21,
+    /// Kandinsky 2.2: `image` conditioning (the CLIP image embedding alone).
+    V22,
+}
+
+/// What a decoder UNet stage trains.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum UNetKind {
+    /// The text-to-image decoder (4 input channels).
+    #[default]
+    TextToImage,
+    /// The inpainting decoder (9: noisy latents, masked image latents, mask).
+    Inpaint,
+    /// The 2.2 depth ControlNet (`image_hint`: the latents plus 4 channels its hint block computes
+    /// from a depth image [`HINT_BLOCK_FACTOR`] times the latent's size: 128 pixels for our
+    /// 64-pixel images, whose MoVQ downsamples 4 times).
+    DepthControl,
+}
+
+/// The small decoder UNet's config (diffusers' `config.json`) for `family`, `kind` and a MoVQ
+/// with `latent_channels`: the architecture of [`SMALL_UNET_CONFIG`] with the family's
+/// conditioning, the kind's inputs and the latent's channels (twice as many outputs: ε and the
+/// learned variance).
+pub fn small_unet_config(
+    family: Family,
+    kind: UNetKind,
+    latent_channels: usize,
+) -> Result<serde_json::Value> {
+    let mut value = super::trainer::parse_config(SMALL_UNET_CONFIG, "unet")?;
+    let c = latent_channels;
+    if family == Family::V22 {
+        value["addition_embed_type"] = if kind == UNetKind::DepthControl {
+            "image_hint"
+        } else {
+            "image"
+        }
+        .into();
+        value["encoder_hid_dim_type"] = "image_proj".into();
+    } else if kind == UNetKind::DepthControl {
+        return Err(kandinsky::error::Error::InvalidArgument(
+            "the depth ControlNet is a Kandinsky 2.2 model (--family 2.2)".into(),
+        ));
+    }
+    // The ControlNet's hint block always yields 4 channels (diffusers' `ImageHintTimeEmbedding`).
+    value["in_channels"] = match kind {
+        UNetKind::TextToImage => c,
+        UNetKind::Inpaint => 2 * c + 1,
+        UNetKind::DepthControl => c + 4,
+    }
+    .into();
+    value["out_channels"] = (2 * c).into();
+    Ok(value)
+}
 
 /// Conditioning of one batch, already with dropout applied: `(image_embeds, text_embeds,
 /// encoder_hidden_states)`.
@@ -77,6 +139,8 @@ pub struct NoisyBatch {
     cond: UNetCond,
     /// Per-position loss weights `(B, 1, h, w)` (see [`NoisyBatch::with_loss_weights`]).
     positions: Option<Tensor>,
+    /// The ControlNet's hint `(B, 3, H, W)` (see [`NoisyBatch::with_hint`]).
+    hint: Option<Tensor>,
 }
 
 impl NoisyBatch {
@@ -114,7 +178,14 @@ impl NoisyBatch {
             ts,
             cond: cond.clone(),
             positions: None,
+            hint: None,
         })
+    }
+
+    /// Gives the UNet a hint `(B, 3, H, W)` in [0, 1] (the 2.2 ControlNet's `hint`).
+    pub fn with_hint(mut self, hint: Option<Tensor>) -> Self {
+        self.hint = hint;
+        self
     }
 
     /// Weights the ε loss per latent position `(B, 1, h, w)`, e.g. to count only the kept area of
@@ -142,11 +213,17 @@ impl NoisyBatch {
             txt.narrow(0, start, n)?,
             hidden.narrow(0, start, n)?,
         );
+        let hint = self
+            .hint
+            .as_ref()
+            .map(|h| h.narrow(0, start, n))
+            .transpose()?;
+        // A 2.2 UNet reads the image embedding only and ignores the text.
         let cond = UNetConditioning {
             image_embeds: Some(&img),
             text_embeds: Some(&txt),
             encoder_hidden_states: Some(&hidden),
-            hint: None,
+            hint: hint.as_ref(),
         };
         let tf: Vec<f64> = ts.iter().map(|&t| t as f64).collect();
         let input = self.input.narrow(0, start, n)?;
@@ -245,8 +322,9 @@ pub const COND_DROPOUT: f32 = 0.1;
 const POOL_CHUNK: usize = 64;
 
 impl DecoderTeachers {
-    /// Runs the teachers once over training examples `0..size`: their quantised latents (what the
-    /// MoVQ decoder was trained on), CLIP image embeddings and M-CLIP text conditioning, plus the
+    /// Runs the teachers once over training examples `0..size`: their MoVQ latents (unquantised,
+    /// as the pipelines encode images for image-to-image and inpainting and decode the UNet's
+    /// output), CLIP image embeddings and M-CLIP text conditioning, plus the
     /// pipelines' unconditional inputs. Training then draws from this pool with fresh noise each
     /// step, so the frozen teachers cost nothing per step.
     ///
@@ -257,8 +335,7 @@ impl DecoderTeachers {
             let n = POOL_CHUNK.min(size - first);
             let examples = super::shapes::training_examples(seed, first as u64, n, side);
             let images = super::movq::image_tensor(&examples, side)?;
-            let z = self.movq.encode(&images)?;
-            let latents = self.movq.quantizer().lookup(&z)?.detach();
+            let latents = self.movq.encode(&images)?.detach();
             let pixels = super::clip::clip_pixels(&examples, side)?;
             let img = self.vision.forward(&pixels)?.image_embeds.detach();
             let captions: Vec<&str> = examples.iter().map(|e| e.caption.as_str()).collect();
@@ -379,6 +456,11 @@ impl DecoderPool {
         }))
     }
 
+    /// The channels of the pool's latents (the MoVQ's `latent_channels`).
+    pub fn latent_channels(&self) -> usize {
+        self.latents.dim(1).unwrap_or(4)
+    }
+
     /// Examples in the pool.
     pub fn len(&self) -> usize {
         self.latents.dim(0).unwrap_or(0)
@@ -398,8 +480,8 @@ impl DecoderPool {
         inpaint: bool,
         rng: &mut Rng,
     ) -> Result<(Tensor, UNetCond, Option<Tensor>)> {
-        let (x0, cond, extra, _) = self.batch_mismatched(batch, inpaint, 0.0, rng)?;
-        Ok((x0, cond, extra))
+        let b = self.batch_mismatched(batch, inpaint, 0.0, rng)?;
+        Ok((b.x0, b.cond, b.extra))
     }
 
     /// [`DecoderPool::batch`] where, for inpainting, a `mismatch` fraction of the examples takes
@@ -413,7 +495,7 @@ impl DecoderPool {
         inpaint: bool,
         mismatch: f32,
         rng: &mut Rng,
-    ) -> Result<(Tensor, UNetCond, Option<Tensor>, Option<Tensor>)> {
+    ) -> Result<PoolBatch> {
         if self.is_empty() {
             return Err(kandinsky::error::Error::InvalidArgument(
                 "the training pool is empty".into(),
@@ -498,29 +580,105 @@ impl DecoderPool {
         } else {
             (None, None)
         };
-        Ok((x0, cond, extra.0, extra.1))
+        Ok(PoolBatch {
+            x0,
+            cond,
+            extra: extra.0,
+            positions: extra.1,
+            indices: idx.iter().map(|&i| i as u64).collect(),
+        })
     }
+}
+
+/// A batch drawn from a [`DecoderPool`].
+pub struct PoolBatch {
+    /// Clean latents `(B, 4, h, w)`.
+    pub x0: Tensor,
+    /// The conditioning, dropout applied.
+    pub cond: UNetCond,
+    /// For inpainting: `(masked image latents, keep-mask)` concatenated, `(B, 5, h, w)`.
+    pub extra: Option<Tensor>,
+    /// Per-position loss weights of mismatched inpainting examples.
+    pub positions: Option<Tensor>,
+    /// Which pool entries (training examples) the rows are.
+    pub indices: Vec<u64>,
 }
 
 /// Starting weights for the inpainting UNet from a trained text-to-image UNet directory, as
 /// Kandinsky's inpainting model was initialised: every tensor copied, and `conv_in` widened from
 /// 4 to 9 input channels with zeros for the masked-image latents and the mask, so training starts
-/// from the text-to-image model's behaviour.
+/// from the text-to-image model's behaviour. (An inpainting UNet is taken as it is, to fine-tune
+/// it.)
 pub fn inpaint_init(
     unet_dir: &std::path::Path,
 ) -> Result<std::collections::HashMap<String, Tensor>> {
+    unet_init(unet_dir, Family::V21, UNetKind::Inpaint)
+}
+
+/// Starting weights for a decoder UNet of `family` and `kind` from a trained UNet directory, so
+/// that training starts from that model's behaviour:
+/// - `conv_in` widened with zeros to the kind's inputs (inpainting: 9; the ControlNet: 8, the
+///   hint's 4 channels);
+/// - from a 2.1 UNet to a 2.2 one, the text's parameters dropped (`add_embedding.text_*`,
+///   `encoder_hid_proj.text_proj`) and the 10 image tokens of `encoder_hid_proj.image_embeds`
+///   repeated to the 32 of 2.2's `ImageProjection`; the layer norms 2.2 adds start afresh.
+///
+/// Everything else (the resnets, attention and time embedding) is copied; parameters the target
+/// has and the source lacks (the hint block) are drawn from the stage's seed.
+pub fn unet_init(
+    unet_dir: &std::path::Path,
+    family: Family,
+    kind: UNetKind,
+) -> Result<std::collections::HashMap<String, Tensor>> {
     let store = kandinsky::loading::WeightStore::from_dir(unet_dir)?;
     let shapes = store.shapes();
+    // The latent's channels: half the source's outputs (ε and the learned variance).
+    let latent_channels = shapes
+        .iter()
+        .find(|(n, _)| n.as_str() == "conv_out.weight")
+        .map_or(4, |(_, s)| s[0] / 2);
+    let target = small_unet_config(family, kind, latent_channels)?;
+    let inputs = target["in_channels"].as_u64().unwrap_or(4) as usize;
+    let cross = target["cross_attention_dim"].as_u64().unwrap_or(64) as usize;
+    let from_2_1 = shapes
+        .iter()
+        .any(|(n, _)| n.starts_with("add_embedding.text_proj"));
+    if family == Family::V21 && !from_2_1 {
+        return Err(kandinsky::error::Error::InvalidArgument(format!(
+            "{} is not a Kandinsky 2.1 UNet: a 2.1 UNet starts from a 2.1 one",
+            unet_dir.display()
+        )));
+    }
     let weights =
         kandinsky::loading::Weights::from_store(store, candle_core::DType::F32, &Device::Cpu);
     let mut out = std::collections::HashMap::new();
     for (name, shape) in shapes {
+        let text = name.starts_with("add_embedding.text_")
+            || name.starts_with("encoder_hid_proj.text_proj");
+        if family == Family::V22 && from_2_1 && text {
+            continue;
+        }
         let t = weights.get(shape.as_slice(), &name)?;
-        // An inpainting UNet (9 inputs already) is taken as it is, to fine-tune it.
-        let t = if name == "conv_in.weight" && t.dim(1)? < 9 {
+        let t = if name == "conv_in.weight" {
             let (o, i, kh, kw) = t.dims4()?;
-            let zeros = Tensor::zeros((o, 9 - i, kh, kw), t.dtype(), t.device())?;
+            if i > inputs {
+                return Err(kandinsky::error::Error::InvalidArgument(format!(
+                    "{}: conv_in takes {i} inputs, more than the {inputs} of the UNet to train",
+                    unet_dir.display()
+                )));
+            }
+            let zeros = Tensor::zeros((o, inputs - i, kh, kw), t.dtype(), t.device())?;
             Tensor::cat(&[&t, &zeros], 1)?
+        } else if family == Family::V22
+            && from_2_1
+            && name.starts_with("encoder_hid_proj.image_embeds")
+        {
+            // (10·cross, …) token-major → (32·cross, …): token j starts as token j mod 10.
+            let tokens = t.dim(0)? / cross;
+            let rows: Vec<u32> = (0..32 * cross)
+                .map(|r| (((r / cross) % tokens) * cross + r % cross) as u32)
+                .collect();
+            t.index_select(&Tensor::new(rows.as_slice(), &Device::Cpu)?, 0)?
         } else {
             t
         };
@@ -529,20 +687,47 @@ pub fn inpaint_init(
     Ok(out)
 }
 
-/// Trains (or resumes) the decoder UNet (`in_channels` 4) or the inpainting UNet (9) and exports
-/// `out_dir/unet/`.
+/// What [`train_unet`] trains and how.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct UNetStage {
+    /// The family (conditioning).
+    pub family: Family,
+    /// Text-to-image, inpainting or the depth ControlNet.
+    pub kind: UNetKind,
+    /// The ε loss's per-timestep weight cap ([`timestep_weights`]; 0: plain ε loss).
+    pub weight_cap: f64,
+    /// For inpainting: the fraction of examples conditioned on another scene, their loss on the
+    /// kept area only ([`DecoderPool::batch_mismatched`]).
+    pub mismatch: f32,
+}
+
+/// The depth hints `(B, 3, H, W)` in [0, 1] of training examples `indices` of `seed` (the pool's
+/// entries), `side` pixels wide.
+pub fn depth_hints(seed: u64, indices: &[u64], side: usize) -> Result<Tensor> {
+    let mut data = Vec::with_capacity(indices.len() * 3 * side * side);
+    for &i in indices {
+        let rgb = super::shapes::training_depth_hint(seed, i, side);
+        for c in 0..3 {
+            data.extend((0..side * side).map(|p| rgb[3 * p + c] as f32 / 255.0));
+        }
+    }
+    Ok(Tensor::from_vec(
+        data,
+        (indices.len(), 3, side, side),
+        &Device::Cpu,
+    )?)
+}
+
+/// Trains (or resumes) a decoder UNet of `stage`'s family and kind on the teachers' `pool` (built
+/// from the training examples of `opts.seed`) and exports `out_dir/unet/`.
 pub fn train_unet(
     opts: &super::trainer::TrainOptions,
     pool: &DecoderPool,
-    inpaint: bool,
-    weight_cap: f64,
-    mismatch: f32,
+    stage: UNetStage,
     log: &mut dyn FnMut(u64, f32, f32),
 ) -> Result<super::trainer::TrainReport> {
-    let mut value = super::trainer::parse_config(SMALL_UNET_CONFIG, "unet")?;
-    if inpaint {
-        value["in_channels"] = 9.into();
-    }
+    let value = small_unet_config(stage.family, stage.kind, pool.latent_channels())?;
+    let inpaint = stage.kind == UNetKind::Inpaint;
     let config: kandinsky::models::UNet2DConditionConfig = serde_json::from_value(value.clone())
         .map_err(|source| kandinsky::error::Error::Json {
             path: std::path::PathBuf::from("(unet config)"),
@@ -556,17 +741,24 @@ pub fn train_unet(
         |unet, vars, step| {
             let mut rng = Rng::new(opts.seed ^ 0x0e7 ^ step.wrapping_mul(0x1000_0001));
             let mut generator = TorchGenerator::new(opts.seed ^ step.wrapping_mul(104_729));
-            let (x0, cond, extra, positions) =
-                pool.batch_mismatched(opts.batch, inpaint, mismatch, &mut rng)?;
+            let b = pool.batch_mismatched(opts.batch, inpaint, stage.mismatch, &mut rng)?;
+            let hint = match stage.kind {
+                UNetKind::DepthControl => {
+                    let side = b.x0.dim(2)? * HINT_BLOCK_FACTOR;
+                    Some(depth_hints(opts.seed, &b.indices, side)?)
+                }
+                _ => None,
+            };
             NoisyBatch::new(
-                &x0,
-                &cond,
-                extra.as_ref(),
-                weight_cap,
+                &b.x0,
+                &b.cond,
+                b.extra.as_ref(),
+                stage.weight_cap,
                 &mut rng,
                 &mut generator,
             )?
-            .with_loss_weights(positions)
+            .with_loss_weights(b.positions)
+            .with_hint(hint)
             .grads(unet, vars, GRAD_PARTS)
         },
         |params| {
@@ -720,7 +912,13 @@ mod tests {
         let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         // Without mismatches: exactly what `batch` draws (the recipe's earlier runs).
         let (x0, cond, extra) = pool.batch(8, true, &mut Rng::new(3)).unwrap();
-        let (x0m, condm, extram, weights) = pool
+        let PoolBatch {
+            x0: x0m,
+            cond: condm,
+            extra: extram,
+            positions: weights,
+            ..
+        } = pool
             .batch_mismatched(8, true, 0.0, &mut Rng::new(3))
             .unwrap();
         assert_eq!(flat(&x0), flat(&x0m));
@@ -729,13 +927,20 @@ mod tests {
         assert!(weights.is_none());
 
         let b = 64;
-        let (x0, cond, extra, weights) = pool
+        let PoolBatch {
+            x0,
+            cond,
+            extra,
+            positions: weights,
+            indices,
+        } = pool
             .batch_mismatched(b, true, 1.0, &mut Rng::new(5))
             .unwrap();
         let (extra, weights) = (extra.unwrap(), weights.unwrap());
         let (mut other, mut dropped) = (0, 0);
-        for r in 0..b {
+        for (r, &index) in indices.iter().enumerate() {
             let entry = flat(&x0.get(r).unwrap())[0] as usize / 64;
+            assert_eq!(index, entry as u64);
             let img = flat(&cond.0.get(r).unwrap());
             if img == [0.0, 0.0] {
                 dropped += 1;
@@ -762,9 +967,9 @@ mod tests {
             "{other} mismatched, {dropped} dropped"
         );
         // Text-to-image batches never mismatch.
-        let (_, _, extra, weights) = pool
+        let b = pool
             .batch_mismatched(8, false, 1.0, &mut Rng::new(5))
             .unwrap();
-        assert!(extra.is_none() && weights.is_none());
+        assert!(b.extra.is_none() && b.positions.is_none());
     }
 }

@@ -207,3 +207,39 @@ fn real_images_of_held_out_scenes_score_perfectly() {
         assert_eq!(v, 1.0, "{acc:?}");
     }
 }
+
+#[test]
+fn depth_hints_draw_the_examples_object_near_at_any_size() {
+    use kandinsky_train::shapes::{training_depth_hint, DEPTH_FAR, DEPTH_NEAR};
+    for index in 0..40 {
+        let ex = training_example(3, index, 64);
+        let hint = training_depth_hint(3, index, 128);
+        assert_eq!(hint.len(), 128 * 128 * 3);
+        let bg = ex.scene.background.rgb();
+        let (mut agree, mut object) = (0, 0);
+        for y in 0..64 {
+            for x in 0..64 {
+                let p = (y * 64 + x) * 3;
+                let is_object = ex.image[p..p + 3] == ex.scene.colour.rgb();
+                let is_background = ex.image[p..p + 3] == bg;
+                // The hint's 2×2 block over the pixel, grey (all channels equal).
+                let q = ((2 * y) * 128 + 2 * x) * 3;
+                let (h, g) = (hint[q], hint[q + 1]);
+                assert_eq!(h, g);
+                if is_object {
+                    object += 1;
+                    agree += (h == DEPTH_NEAR) as usize;
+                } else if is_background {
+                    agree += (h == DEPTH_FAR) as usize;
+                } else {
+                    agree += 1; // an edge pixel, blended in both
+                }
+            }
+        }
+        assert!(object > 0, "example {index} has no object");
+        assert!(
+            agree >= 64 * 64 - 16,
+            "example {index}: {agree} of 4096 agree"
+        );
+    }
+}

@@ -240,11 +240,35 @@ fn movq_training_is_deterministic_and_resumes_exactly() {
         tmp.path().join("b"),
         tmp.path().join("c"),
     );
-    train_movq(&tiny_opts(&a, 4), TINY_MOVQ, &mut |_, _, _| {}).unwrap();
-    train_movq(&tiny_opts(&b, 4), TINY_MOVQ, &mut |_, _, _| {}).unwrap();
+    train_movq(
+        &tiny_opts(&a, 4),
+        TINY_MOVQ,
+        Default::default(),
+        &mut |_, _, _| {},
+    )
+    .unwrap();
+    train_movq(
+        &tiny_opts(&b, 4),
+        TINY_MOVQ,
+        Default::default(),
+        &mut |_, _, _| {},
+    )
+    .unwrap();
     assert_same_weights(&exported(&a), &exported(&b));
-    train_movq(&tiny_opts(&c, 2), TINY_MOVQ, &mut |_, _, _| {}).unwrap();
-    let report = train_movq(&tiny_opts(&c, 4), TINY_MOVQ, &mut |_, _, _| {}).unwrap();
+    train_movq(
+        &tiny_opts(&c, 2),
+        TINY_MOVQ,
+        Default::default(),
+        &mut |_, _, _| {},
+    )
+    .unwrap();
+    let report = train_movq(
+        &tiny_opts(&c, 4),
+        TINY_MOVQ,
+        Default::default(),
+        &mut |_, _, _| {},
+    )
+    .unwrap();
     assert_eq!(report.start_step, 2);
     assert_same_weights(&exported(&a), &exported(&c));
     // The export loads as a diffusers component.
@@ -291,7 +315,7 @@ fn movq_loss_falls_on_a_fixed_batch() {
     let store = ParamStore::new(3, &Device::Cpu);
     let movq = VQModel::new(&Weights::trainable(&store), &config).unwrap();
     let x = image_batch(5, 0, 4, 16).unwrap();
-    let (loss, _) = movq_loss(&movq, &x).unwrap();
+    let (loss, _) = movq_loss(&movq, &x, Default::default()).unwrap();
     let grads = loss.backward().unwrap();
     let dead = without_gradient(&store, &grads);
     assert!(dead.is_empty(), "no gradient for {dead:?}");
@@ -302,7 +326,7 @@ fn movq_loss_falls_on_a_fixed_batch() {
     let vars = store.vars();
     let mut losses = Vec::new();
     for _ in 0..40 {
-        let (loss, _) = movq_loss(&movq, &x).unwrap();
+        let (loss, _) = movq_loss(&movq, &x, Default::default()).unwrap();
         losses.push(loss.to_scalar::<f32>().unwrap());
         opt.step(&vars, &loss.backward().unwrap()).unwrap();
     }

@@ -50,6 +50,10 @@ pub const MAX_LATENT_PIXELS: usize = 192 * 192;
 /// this many latent pixels (the linear activations of the largest single image).
 pub const MAX_BATCH_LATENT_PIXELS: usize = MAX_LATENT_PIXELS;
 
+/// Pixels of a ControlNet hint per latent pixel: diffusers' `ImageHintTimeEmbedding` reduces its
+/// hint 8 times to the latent's size, whatever the MoVQ's factor.
+pub const HINT_BLOCK_FACTOR: usize = 8;
+
 /// Kandinsky 2.1 (the decoder also reads the prompt through M-CLIP) or 2.2 (image embedding only).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Version {
@@ -1012,7 +1016,14 @@ impl AutoPipeline {
                 inpaint(&canvas, &mask, m.latents)?
             }
             Mode::Controlnet(m) => Start::Controlnet {
-                hint: prepare_hint(&m.hint, dp.width, dp.height, &device)?,
+                // diffusers' hint block downsamples 8 times: image-sized under Kandinsky 2.2's
+                // MoVQ (also 8), twice the image's size under our small model's (4).
+                hint: prepare_hint(
+                    &m.hint,
+                    dp.width / scale_factor * HINT_BLOCK_FACTOR,
+                    dp.height / scale_factor * HINT_BLOCK_FACTOR,
+                    &device,
+                )?,
                 image: match &m.image {
                     Some(i) => Some((image(&i.image)?, i.strength)),
                     None => None,
