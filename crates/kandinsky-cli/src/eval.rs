@@ -3,9 +3,12 @@
 //! real images in the model's CLIP image-embedding space, next to the analyser's ceiling on the
 //! real images.
 
+use crate::generate::SchedulerChoice;
 use anyhow::Result;
-use kandinsky::loading::given_or_small;
-use kandinsky_train::eval::{eval_inpainting, eval_shapes, Accuracy, ShapesEval};
+use kandinsky::loading::{
+    given_or_small, small_decoder_part, small_named_dirs, SmallDecoder, SMALL_MODEL_NAMES,
+};
+use kandinsky_train::eval::{eval_controlnet, eval_inpainting, eval_shapes, Accuracy, ShapesEval};
 
 #[derive(clap::Args)]
 pub struct EvalArgs {
@@ -21,9 +24,14 @@ enum What {
 
 #[derive(clap::Args)]
 struct ShapesArgs {
-    /// The 2.1-style decoder directory (`KandinskyPipeline`); default `models/small/decoder`.
+    /// The decoder: `small` (default), `small-2-2`, or a decoder directory
+    /// (`KandinskyPipeline` or `KandinskyV22Pipeline`). A small model's name also picks its
+    /// inpainting decoder and (2.2) depth ControlNet for their sections.
     #[arg(long)]
     model: Option<String>,
+    /// The decoder's sampler.
+    #[arg(long, value_enum, default_value_t = SchedulerChoice::Default)]
+    scheduler: SchedulerChoice,
     /// The prior directory; default `models/small/prior`.
     #[arg(long)]
     prior: Option<String>,
@@ -46,13 +54,45 @@ struct ShapesArgs {
     /// with its prompt in the PNG's `parameters` text.
     #[arg(long)]
     save: Option<std::path::PathBuf>,
-    /// The inpainting decoder of the inpainting section; default `models/small/decoder-inpaint`
-    /// when `--model` is omitted (none otherwise).
+    /// The inpainting decoder of the inpainting section; default: the small model's when
+    /// `--model` names one (none otherwise).
     #[arg(long)]
     inpaint_model: Option<String>,
     /// Scenes per language of the inpainting section (0: skip it).
     #[arg(long, default_value_t = 40)]
     inpaint_n: usize,
+    /// The depth ControlNet of the ControlNet section (`KandinskyV22ControlnetPipeline`);
+    /// default: `small-2-2`'s when `--model` is `small-2-2` (none otherwise).
+    #[arg(long)]
+    controlnet_model: Option<String>,
+    /// Scenes per language of the ControlNet section (0: skip it).
+    #[arg(long, default_value_t = 40)]
+    controlnet_n: usize,
+}
+
+/// The decoder directory for a section: `given`, or the small model `model`'s decoder `which`
+/// when `model` names a small model (or is omitted: `small`); `None` otherwise.
+fn section_dir(
+    given: Option<&str>,
+    model: Option<&str>,
+    which: SmallDecoder,
+    n: usize,
+) -> Result<Option<std::path::PathBuf>> {
+    if n == 0 {
+        return Ok(None);
+    }
+    if let Some(g) = given {
+        return Ok(Some(given_or_small(Some(g), "")?));
+    }
+    match model.unwrap_or("small") {
+        m if SMALL_MODEL_NAMES.contains(&m) && !std::path::Path::new(m).is_dir() => {
+            match small_decoder_part(m, which) {
+                Some(_) => Ok(Some(small_named_dirs(m, which)?.decoder)),
+                None => Ok(None),
+            }
+        }
+        _ => Ok(None),
+    }
 }
 
 fn row(name: &str, a: &Accuracy, fd: Option<f64>) -> String {
@@ -71,8 +111,13 @@ fn row(name: &str, a: &Accuracy, fd: Option<f64>) -> String {
 
 pub fn run(a: &EvalArgs) -> Result<()> {
     let What::Shapes(s) = &a.what;
+    let decoder = section_dir(None, s.model.as_deref(), SmallDecoder::TextToImage, 1)?;
+    let decoder = match (decoder, &s.model) {
+        (Some(d), _) => d,
+        (None, m) => given_or_small(m.as_deref(), "decoder")?,
+    };
     let settings = ShapesEval {
-        decoder: given_or_small(s.model.as_deref(), "decoder")?,
+        decoder,
         prior: given_or_small(s.prior.as_deref(), "prior")?,
         n: s.n,
         steps: s.sampling.steps,
@@ -83,6 +128,7 @@ pub fn run(a: &EvalArgs) -> Result<()> {
         batch: s.batch,
         oracle: s.oracle,
         save: s.save.clone(),
+        scheduler: s.scheduler.class(),
         dtype: crate::compute_dtype(),
         device: crate::compute_device()?,
     };
@@ -100,12 +146,12 @@ pub fn run(a: &EvalArgs) -> Result<()> {
             );
         }
     }
-    let inpaint = match (&s.inpaint_model, &s.model) {
-        _ if s.inpaint_n == 0 => None,
-        (Some(m), _) => Some(given_or_small(Some(m), "decoder-inpaint")?),
-        (None, None) => Some(given_or_small(None, "decoder-inpaint")?),
-        (None, Some(_)) => None,
-    };
+    let inpaint = section_dir(
+        s.inpaint_model.as_deref(),
+        s.model.as_deref(),
+        SmallDecoder::Inpaint,
+        s.inpaint_n,
+    )?;
     let inpaint_rows = match inpaint {
         Some(decoder) => {
             eval_inpainting(&settings, &decoder, s.inpaint_n, &mut |name, done, n| {
@@ -115,6 +161,21 @@ pub fn run(a: &EvalArgs) -> Result<()> {
                 }
             })?
         }
+        None => Vec::new(),
+    };
+    let controlnet = section_dir(
+        s.controlnet_model.as_deref(),
+        s.model.as_deref(),
+        SmallDecoder::Controlnet,
+        s.controlnet_n,
+    )?;
+    let control_rows = match controlnet {
+        Some(dir) => eval_controlnet(&settings, &dir, s.controlnet_n, &mut |name, done, n| {
+            eprint!("\r{name}: {done}/{n}");
+            if done == n {
+                eprintln!();
+            }
+        })?,
         None => Vec::new(),
     };
     println!("| images | n | background | object colour | shape | position | size | Fréchet distance (CLIP) |");
@@ -135,6 +196,20 @@ pub fn run(a: &EvalArgs) -> Result<()> {
             println!(
                 "| {} | {} | {:.2} | {:.2} | {:.2} |",
                 r.name, r.n, r.kept_change, r.worst, r.movq_floor
+            );
+        }
+    }
+    if !control_rows.is_empty() {
+        println!();
+        println!("| depth ControlNet (prompt names another position) | n | object where the hint puts it | object where the prompt puts it |");
+        println!("|---|---|---|---|");
+        for r in control_rows {
+            println!(
+                "| {} | {} | {:.1} % | {:.1} % |",
+                r.name,
+                r.n,
+                100.0 * r.hint_position,
+                100.0 * r.prompt_position
             );
         }
     }

@@ -3,7 +3,9 @@
 
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
-use kandinsky::loading::{given_or_small, read_tensor, small_model_dirs, PipelineDirs};
+use kandinsky::loading::{
+    given_or_small, read_tensor, small_named_dirs, PipelineDirs, SmallDecoder, SMALL_MODEL_NAMES,
+};
 use kandinsky::pipelines::auto_pipeline::{
     AutoPipeline, Controlnet, ControlnetImage, DecoderKind, GenerationParams, ImageToImage,
     Inpainting, Mixing, Mode, Outpainting, Prompt, Request, Stage, TextToImage, Variations,
@@ -52,10 +54,12 @@ impl SchedulerChoice {
 /// Flags shared by every generation mode.
 #[derive(clap::Args)]
 pub struct CommonArgs {
-    /// Decoder model: a directory in diffusers layout, a hub id in the Hugging Face cache, or a
+    /// Decoder model: a directory in diffusers layout, a hub id in the Hugging Face cache, a
     /// preset (kandinsky-2-1, kandinsky-2-1-inpaint, kandinsky-2-2, kandinsky-2-2-inpaint,
-    /// kandinsky-2-2-controlnet-depth). Default: our small model shipped in `models/small`
-    /// (its `decoder`, or `decoder-inpaint` for inpainting and outpainting).
+    /// kandinsky-2-2-controlnet-depth), or one of our small models shipped in `models/small`:
+    /// `small` (Kandinsky 2.1) or `small-2-2` (its 2.2 sibling), whose decoder for the mode
+    /// (text-to-image, inpainting, the depth ControlNet) is picked. Default: `small`
+    /// (`small-2-2` for the ControlNet).
     #[arg(long)]
     model: Option<String>,
     /// Prior model: a directory or a hub id; a preset's own prior when omitted, and
@@ -324,30 +328,40 @@ fn progress_bar() -> impl FnMut(Stage, usize, usize) {
 /// The model and prior directories: `--model` as a directory, a hub id or a preset name, or
 /// the small model when it is omitted.
 fn model_dirs(a: &CommonArgs, kind: DecoderKind) -> Result<PipelineDirs> {
-    if a.model.is_none() && kind == DecoderKind::Controlnet {
-        bail!(
-            "there is no default ControlNet model (the small model is 2.1-style); pass --model kandinsky-2-2-controlnet-depth or a directory"
-        );
-    }
-    let inpaint = kind == DecoderKind::Inpaint;
-    pipeline_dirs_of(a.model.as_deref(), a.prior.as_deref(), inpaint)
+    let which = match kind {
+        DecoderKind::TextToImage => SmallDecoder::TextToImage,
+        DecoderKind::Inpaint => SmallDecoder::Inpaint,
+        DecoderKind::Controlnet => SmallDecoder::Controlnet,
+    };
+    pipeline_dirs_of(a.model.as_deref(), a.prior.as_deref(), which)
 }
 
 /// Text-to-image decoder and prior directories of `--model` / `--prior` (the small model's when
 /// `model` is `None`), fetching presets and hub ids the cache lacks.
 pub(crate) fn pipeline_dirs(model: Option<&str>, prior: Option<&str>) -> Result<PipelineDirs> {
-    pipeline_dirs_of(model, prior, false)
+    pipeline_dirs_of(model, prior, SmallDecoder::TextToImage)
 }
 
+/// The directories of `model` (a small model's name, a directory, a hub id or a preset; the small
+/// model when omitted, its 2.2 sibling for the ControlNet), the decoder of a small model being the
+/// one the mode needs (`which`).
 fn pipeline_dirs_of(
     model: Option<&str>,
     prior: Option<&str>,
-    inpaint: bool,
+    which: SmallDecoder,
 ) -> Result<PipelineDirs> {
-    let Some(model) = model else {
-        let mut dirs = small_model_dirs(inpaint)?;
-        dirs.prior = given_or_small(prior, "prior")?;
-        return Ok(dirs);
+    let model = match model {
+        Some(m) if !SMALL_MODEL_NAMES.contains(&m) || Path::new(m).is_dir() => m,
+        _ => {
+            let name = model.unwrap_or(if which == SmallDecoder::Controlnet {
+                "small-2-2"
+            } else {
+                "small"
+            });
+            let mut dirs = small_named_dirs(name, which)?;
+            dirs.prior = given_or_small(prior, "prior")?;
+            return Ok(dirs);
+        }
     };
     crate::download::ensure_pipeline(model, prior)?
         .context("--prior is required unless --model is a preset name or omitted")

@@ -569,6 +569,39 @@ fn train_unet_and_inpainting_unet_on_trained_encoders() {
         cells[2] >= cells[1],
         "the worst image is below the mean: {row}"
     );
+    // The 2.2 sibling under another sampler, with its inpainting and ControlNet sections.
+    let res = bin()
+        .args(["eval", "shapes", "--model", &model("decoder-2-2")])
+        .args(["--prior", &model("prior"), "--scheduler", "dpm++2m"])
+        .args([
+            "--n",
+            "2",
+            "--batch",
+            "2",
+            "--steps",
+            "2",
+            "--prior-steps",
+            "2",
+        ])
+        .args(["--inpaint-model", &model("decoder-2-2-inpaint")])
+        .args(["--inpaint-n", "1", "--controlnet-n", "2"])
+        .args(["--controlnet-model", &model("decoder-2-2-controlnet-depth")])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&res.stdout);
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    for row in [
+        "| generated, English | 2 |",
+        "| inpainted, Russian | 1 |",
+        "| depth ControlNet, English | 2 |",
+        "| depth ControlNet, Russian | 2 |",
+    ] {
+        assert!(stdout.contains(row), "{row}: {stdout}");
+    }
 }
 
 /// The optimizer step a checkpoint holds, reading every tensor (a truncated file fails here).

@@ -4,7 +4,8 @@
 
 use crate::error::ApiError;
 use kandinsky::loading::{
-    check_confined, preset, resolve_pipeline_dirs, small_model_dirs, PipelineDirs,
+    check_confined, preset, resolve_pipeline_dirs, small_decoder_part, small_named_dirs,
+    PipelineDirs, SmallDecoder, SMALL_MODEL_NAMES,
 };
 use kandinsky::pipelines::auto_pipeline::{
     AutoPipeline, DecoderKind, LoadOptions, ModelInfo, Plan, Request, Version,
@@ -121,10 +122,17 @@ impl Catalog {
             };
             let mut dirs: Vec<PipelineDirs> = Vec::new();
             let default_name;
-            if what == "small" {
-                default_name = "small".to_string();
-                dirs.push(small_model_dirs(false).map_err(err)?);
-                dirs.push(small_model_dirs(true).map_err(err)?);
+            if SMALL_MODEL_NAMES.contains(&what) && !Path::new(what).is_dir() {
+                default_name = what.to_string();
+                for which in [
+                    SmallDecoder::TextToImage,
+                    SmallDecoder::Inpaint,
+                    SmallDecoder::Controlnet,
+                ] {
+                    if small_decoder_part(what, which).is_some() {
+                        dirs.push(small_named_dirs(what, which).map_err(err)?);
+                    }
+                }
             } else if preset(what).is_some() && !Path::new(what).is_dir() {
                 default_name = what.to_string();
                 let main = resolve_pipeline_dirs(what, prior)

@@ -6,14 +6,18 @@
 
 use super::analyser::{analyse, Score};
 use super::shapes::{eval_prompts, Language, Rng, Scene};
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor};
 use kandinsky::error::{Error, Result};
+use kandinsky::loading::{component_dir, ModelIndex};
 use kandinsky::models::VQModel;
+use kandinsky::pipelines::auto_pipeline::HINT_BLOCK_FACTOR;
 use kandinsky::pipelines::decoder::DecoderParams;
 use kandinsky::pipelines::kandinsky::pipeline_kandinsky::KandinskyPipeline;
 use kandinsky::pipelines::kandinsky::pipeline_kandinsky_prior::{
     KandinskyPriorPipeline, PriorParams,
 };
+use kandinsky::pipelines::kandinsky2_2::pipeline_kandinsky2_2::KandinskyV22Pipeline;
+use kandinsky::schedulers::{with_class, SchedulerClass, SchedulerConfig};
 use kandinsky::utils::torch_utils::TorchGenerator;
 use kandinsky::vae_image_processor::{prepare_image, save_png, to_rgb8, Rgb8};
 use std::path::{Path, PathBuf};
@@ -182,7 +186,7 @@ pub fn frechet_distance(a: &[Vec<f64>], b: &[Vec<f64>]) -> Result<f64> {
 /// Settings of [`eval_shapes`].
 #[derive(Debug, Clone)]
 pub struct ShapesEval {
-    /// The 2.1-style decoder directory (`KandinskyPipeline`).
+    /// The decoder directory (`KandinskyPipeline` or `KandinskyV22Pipeline`).
     pub decoder: PathBuf,
     /// The prior directory.
     pub prior: PathBuf,
@@ -205,10 +209,98 @@ pub struct ShapesEval {
     pub oracle: bool,
     /// Write every generated image here as `en-000.png`, `ru-000.png`, … (prompt in the PNG).
     pub save: Option<PathBuf>,
+    /// The decoder's sampler (`None`: the model directory's own).
+    pub scheduler: Option<SchedulerClass>,
     /// Compute dtype of the networks (f32, or bf16 compute).
     pub dtype: DType,
     /// Device of the networks.
     pub device: Device,
+}
+
+/// A decoder of either family (its `model_index.json` class decides), as the evaluation drives it.
+pub enum EvalDecoder {
+    /// `KandinskyPipeline` / `KandinskyInpaintPipeline`: reads the prompt through M-CLIP too.
+    V21(Box<KandinskyPipeline>),
+    /// `KandinskyV22Pipeline` / its inpainting and ControlNet variants: the image embedding only.
+    V22(Box<KandinskyV22Pipeline>),
+}
+
+impl EvalDecoder {
+    /// Loads the decoder directory `dir`, its sampler replaced by `scheduler` (built from the
+    /// directory's own config as diffusers' `from_config` does) when given.
+    pub fn load(
+        dir: &Path,
+        dtype: DType,
+        device: &Device,
+        scheduler: Option<SchedulerClass>,
+    ) -> Result<Self> {
+        let index = ModelIndex::load(dir)?;
+        let mut decoder = if index.class_name.starts_with("KandinskyV22") {
+            Self::V22(Box::new(KandinskyV22Pipeline::load(dir, dtype, device)?))
+        } else {
+            Self::V21(Box::new(KandinskyPipeline::load(dir, dtype, device)?))
+        };
+        if let Some(class) = scheduler {
+            let own = SchedulerConfig::load(
+                &component_dir(dir, "scheduler")?.join("scheduler_config.json"),
+            )?;
+            let config = with_class(&own, class.class_name())?;
+            match &mut decoder {
+                Self::V21(d) => d.set_scheduler(config),
+                Self::V22(d) => d.set_scheduler(config),
+            }
+        }
+        Ok(decoder)
+    }
+
+    /// The MoVQ.
+    pub fn movq(&self) -> &VQModel {
+        match self {
+            Self::V21(d) => d.movq(),
+            Self::V22(d) => d.movq(),
+        }
+    }
+
+    /// Text-to-image from the prior's embeddings: `(B, 3, H, W)` in [-1, 1].
+    pub fn generate(
+        &self,
+        texts: &[String],
+        (emb, neg): (&Tensor, &Tensor),
+        params: DecoderParams,
+        generator: &mut TorchGenerator,
+    ) -> Result<Tensor> {
+        match self {
+            Self::V21(d) => d.call(
+                texts,
+                None,
+                emb,
+                neg,
+                params,
+                generator,
+                None,
+                &mut |_, _| {},
+            ),
+            Self::V22(d) => d.call(emb, neg, params, generator, None, &mut |_, _| {}),
+        }
+    }
+
+    /// Inpainting of `image` where `mask` (1 = keep) is 0, as each family's pipeline does it.
+    pub fn inpaint(
+        &self,
+        texts: &[String],
+        (image, mask): (&Tensor, &Tensor),
+        (emb, neg): (&Tensor, &Tensor),
+        params: DecoderParams,
+        generator: &mut TorchGenerator,
+    ) -> Result<Tensor> {
+        let none = &mut |_, _| {};
+        match self {
+            Self::V21(d) => d.inpaint(
+                texts, None, image, mask, emb, neg, params, generator, None, none,
+            ),
+            Self::V22(d) => d.inpaint(image, mask, emb, neg, params, generator, None, none),
+        }
+    }
 }
 
 /// One row of the evaluation table.
@@ -266,7 +358,7 @@ pub fn eval_shapes(
     let device = s.device.clone();
     let prior = KandinskyPriorPipeline::load(&s.prior, s.dtype, &device)
         .map_err(|e| e.within(format!("loading the prior from {}", s.prior.display())))?;
-    let decoder = KandinskyPipeline::load(&s.decoder, s.dtype, &device)
+    let decoder = EvalDecoder::load(&s.decoder, s.dtype, &device, s.scheduler)
         .map_err(|e| e.within(format!("loading the decoder from {}", s.decoder.display())))?;
     let features = |e: &candle_core::Tensor| -> Result<Vec<f64>> {
         Ok(e.flatten_all()?
@@ -332,7 +424,7 @@ pub fn eval_shapes(
                 steps: s.steps,
                 guidance_scale: s.guidance,
             };
-            let out = decoder.call(&texts, None, &emb, &neg, dp, &mut gen, None, &mut |_, _| {})?;
+            let out = decoder.generate(&texts, (&emb, &neg), dp, &mut gen)?;
             for (image, text) in to_rgb8(&out)?.into_iter().zip(&texts) {
                 if let Some(dir) = &s.save {
                     let path = dir.join(format!("{tag}-{:03}.png", images.len()));
@@ -373,6 +465,119 @@ pub fn eval_shapes(
         prior_cosine: None,
         pixel_error: None,
     });
+    Ok(rows)
+}
+
+/// One row of the ControlNet table.
+#[derive(Debug, Clone)]
+pub struct ControlRow {
+    /// "depth ControlNet, English" or "…, Russian".
+    pub name: &'static str,
+    /// Images.
+    pub n: usize,
+    /// Fraction of images whose object is where the hint put it.
+    pub hint_position: f64,
+    /// Fraction whose object is where the prompt (which names another position) put it.
+    pub prompt_position: f64,
+}
+
+/// The depth ControlNet against a prompt that disagrees with its hint: for each held-out scene, its
+/// depth hint ([`Scene::render_depth`], at the size the hint block needs) and the prompt of another
+/// held-out scene with the object elsewhere; the analyser reads where the object came out.
+/// `controlnet` is a `KandinskyV22ControlnetPipeline` directory; the prior, sampler settings, seed
+/// and device come from `s` (and `save`: `control-en-000.png` with its `-hint.png`).
+pub fn eval_controlnet(
+    s: &ShapesEval,
+    controlnet: &Path,
+    n: usize,
+    progress: &mut dyn FnMut(&str, usize, usize),
+) -> Result<Vec<ControlRow>> {
+    if n == 0 || s.steps == 0 || s.prior_steps < 2 {
+        return Err(Error::InvalidArgument(
+            "n and steps must be at least 1, prior steps at least 2".into(),
+        ));
+    }
+    if let Some(dir) = &s.save {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    }
+    let device = s.device.clone();
+    let prior = KandinskyPriorPipeline::load(&s.prior, s.dtype, &device)
+        .map_err(|e| e.within(format!("loading the prior from {}", s.prior.display())))?;
+    let EvalDecoder::V22(decoder) = EvalDecoder::load(controlnet, s.dtype, &device, s.scheduler)
+        .map_err(|e| {
+            e.within(format!(
+                "loading the ControlNet from {}",
+                controlnet.display()
+            ))
+        })?
+    else {
+        return Err(Error::InvalidArgument(format!(
+            "{} is not a Kandinsky 2.2 ControlNet decoder",
+            controlnet.display()
+        )));
+    };
+    let hint_side = SIDE / decoder.scale_factor() * HINT_BLOCK_FACTOR;
+    let mut rows = Vec::new();
+    for (lang, name, tag) in [
+        (Language::En, "depth ControlNet, English", "en"),
+        (Language::Ru, "depth ControlNet, Russian", "ru"),
+    ] {
+        let prompts = eval_prompts(lang, n.max(2));
+        let mut gen = TorchGenerator::new(s.seed);
+        let mut rng = Rng::new(s.seed ^ 0xc0_417 ^ lang as u64);
+        let (mut at_hint, mut at_prompt) = (0usize, 0usize);
+        for i in 0..n {
+            let scene = prompts[i].0;
+            // The next held-out scene (by the same offset as inpainting's) with another position.
+            let other = (1..prompts.len())
+                .map(|k| &prompts[(i + k + prompts.len() / 2) % prompts.len()])
+                .find(|(o, _)| o.position != scene.position)
+                .unwrap_or(&prompts[(i + 1) % prompts.len()]);
+            let depth = Rgb8 {
+                width: hint_side,
+                height: hint_side,
+                data: scene.render_depth(hint_side, &mut rng),
+            };
+            let hint = kandinsky::vae_image_processor::prepare_hint(
+                &depth, hint_side, hint_side, &device,
+            )?;
+            let texts = [other.1.clone()];
+            let params = PriorParams {
+                steps: s.prior_steps,
+                guidance_scale: s.prior_guidance,
+                num_images_per_prompt: 1,
+            };
+            let (emb, neg) = prior.call(&texts, None, params, &mut gen, None, &mut |_, _| {})?;
+            let dp = DecoderParams {
+                height: SIDE,
+                width: SIDE,
+                steps: s.steps,
+                guidance_scale: s.guidance,
+            };
+            let out =
+                decoder.controlnet(&hint, None, &emb, &neg, dp, &mut gen, None, &mut |_, _| {})?;
+            let got = to_rgb8(&out)?.remove(0);
+            let reading = analyse(&got.data, SIDE);
+            at_hint += (reading.position == Some(scene.position)) as usize;
+            at_prompt += (reading.position == Some(other.0.position)) as usize;
+            if let Some(dir) = &s.save {
+                let path = dir.join(format!("control-{tag}-{i:03}.png"));
+                save_png(&path, &got, &[("parameters", &texts[0])])?;
+                save_png(
+                    &dir.join(format!("control-{tag}-{i:03}-hint.png")),
+                    &depth,
+                    &[],
+                )?;
+            }
+            progress(name, i + 1, n);
+        }
+        rows.push(ControlRow {
+            name,
+            n,
+            hint_position: at_hint as f64 / n as f64,
+            prompt_position: at_prompt as f64 / n as f64,
+        });
+    }
     Ok(rows)
 }
 
@@ -419,7 +624,9 @@ pub fn repaint_mask(kind: usize, side: usize) -> Vec<bool> {
 /// (so the prompt asks for something the kept part does not show, as when a user repaints a
 /// region). Measures how much the pipeline changes the pixels it should keep.
 ///
-/// `inpaint_decoder` is the 2.1-style inpainting decoder directory (`KandinskyInpaintPipeline`),
+/// `inpaint_decoder` is an inpainting decoder directory (`KandinskyInpaintPipeline` or
+/// `KandinskyV22InpaintPipeline`; 2.2's pipeline puts the known latents back after every step,
+/// diffusers' own behaviour, which is not compositing of the output),
 /// `n` the scenes per language; the prior, sampler settings, seed, device and `save` (inpainted
 /// images as `inpaint-en-000.png`, … with their `-input.png` and `-mask.png`) come from `s`.
 pub fn eval_inpainting(
@@ -440,12 +647,13 @@ pub fn eval_inpainting(
     let device = s.device.clone();
     let prior = KandinskyPriorPipeline::load(&s.prior, s.dtype, &device)
         .map_err(|e| e.within(format!("loading the prior from {}", s.prior.display())))?;
-    let decoder = KandinskyPipeline::load(inpaint_decoder, s.dtype, &device).map_err(|e| {
-        e.within(format!(
-            "loading the inpainting decoder from {}",
-            inpaint_decoder.display()
-        ))
-    })?;
+    let decoder =
+        EvalDecoder::load(inpaint_decoder, s.dtype, &device, s.scheduler).map_err(|e| {
+            e.within(format!(
+                "loading the inpainting decoder from {}",
+                inpaint_decoder.display()
+            ))
+        })?;
     // Mean absolute difference of the kept pixels, in 1/255.
     let kept_change = |a: &[u8], b: &[u8], repaint: &[bool]| {
         let (mut diff, mut kept) = (0u64, 0u64);
@@ -501,18 +709,7 @@ pub fn eval_inpainting(
                 steps: s.steps,
                 guidance_scale: s.guidance,
             };
-            let out = decoder.inpaint(
-                &texts,
-                None,
-                &image_t,
-                &mask_t,
-                &emb,
-                &neg,
-                dp,
-                &mut gen,
-                None,
-                &mut |_, _| {},
-            )?;
+            let out = decoder.inpaint(&texts, (&image_t, &mask_t), (&emb, &neg), dp, &mut gen)?;
             let got = to_rgb8(&out)?.remove(0);
             let change = kept_change(&got.data, &image.data, &repaint);
             let round_trip = movq_round_trip(decoder.movq(), &image, &device)?;

@@ -236,12 +236,56 @@ pub struct PipelineDirs {
 
 /// The small model's prior and its decoder (`decoder-inpaint` when `inpaint`).
 pub fn small_model_dirs(inpaint: bool) -> Result<PipelineDirs> {
-    Ok(PipelineDirs {
-        decoder: small_model_dir(if inpaint {
-            "decoder-inpaint"
+    let which = if inpaint {
+        SmallDecoder::Inpaint
+    } else {
+        SmallDecoder::TextToImage
+    };
+    small_named_dirs("small", which)
+}
+
+/// Our small models' names (what `--model` accepts): `small`, the Kandinsky 2.1 model, and
+/// `small-2-2`, its 2.2 sibling; both share `models/small/prior`.
+pub const SMALL_MODEL_NAMES: [&str; 2] = ["small", "small-2-2"];
+
+/// Which of a small model's decoders a mode needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SmallDecoder {
+    /// Text-to-image (also image-to-image, mixing and variations).
+    TextToImage,
+    /// Inpainting and outpainting.
+    Inpaint,
+    /// The depth ControlNet (2.2 only).
+    Controlnet,
+}
+
+/// The component directory of the small model `name`'s decoder `which`: `decoder`,
+/// `decoder-inpaint` for `small`; `decoder-2-2`, `decoder-2-2-inpaint`,
+/// `decoder-2-2-controlnet-depth` for `small-2-2`. `None` when `name` is not a small model or
+/// has no such decoder (2.1 has no ControlNet).
+pub fn small_decoder_part(name: &str, which: SmallDecoder) -> Option<&'static str> {
+    Some(match (name, which) {
+        ("small", SmallDecoder::TextToImage) => "decoder",
+        ("small", SmallDecoder::Inpaint) => "decoder-inpaint",
+        ("small-2-2", SmallDecoder::TextToImage) => "decoder-2-2",
+        ("small-2-2", SmallDecoder::Inpaint) => "decoder-2-2-inpaint",
+        ("small-2-2", SmallDecoder::Controlnet) => "decoder-2-2-controlnet-depth",
+        _ => return None,
+    })
+}
+
+/// The small model `name`'s decoder `which` and the shared prior, checked to exist (`name` one of
+/// [`SMALL_MODEL_NAMES`]).
+pub fn small_named_dirs(name: &str, which: SmallDecoder) -> Result<PipelineDirs> {
+    let part = small_decoder_part(name, which).ok_or_else(|| {
+        Error::InvalidArgument(if SMALL_MODEL_NAMES.contains(&name) {
+            format!("the small model '{name}' has no {which:?} decoder (the depth ControlNet is small-2-2's)")
         } else {
-            "decoder"
-        })?,
+            format!("'{name}' is not a small model ({})", SMALL_MODEL_NAMES.join(", "))
+        })
+    })?;
+    Ok(PipelineDirs {
+        decoder: small_model_dir(part)?,
         prior: small_model_dir("prior")?,
     })
 }
