@@ -274,7 +274,8 @@ pub struct ControlnetArgs {
     common: CommonArgs,
     #[command(flatten)]
     prompt: PromptArgs,
-    /// The hint image (a depth map: near = bright), resized to the output size.
+    /// The hint image (a depth map: near = bright), resized to 8 pixels per latent pixel (the
+    /// output size for Kandinsky 2.2, twice it for our small model).
     #[arg(long)]
     hint: PathBuf,
     /// Start from this image (ControlNet image-to-image) instead of noise.

@@ -6,7 +6,7 @@ use kandinsky_train::clip::train_clip;
 use kandinsky_train::mclip::train_mclip;
 use kandinsky_train::movq::{small_movq_config, train_movq, MovqLoss};
 use kandinsky_train::optim::AdamWConfig;
-use kandinsky_train::prior::{clip_tokenizer, train_prior, FrozenClip};
+use kandinsky_train::prior::{train_prior, FrozenClip};
 use kandinsky_train::tokenizer::read_pieces_tsv_gz;
 use kandinsky_train::trainer::{TrainOptions, TrainReport};
 use kandinsky_train::unet::{
@@ -49,7 +49,8 @@ enum Stage {
     Clip {
         #[command(flatten)]
         args: StageArgs,
-        /// The CLIP BPE vocabulary (`vocab.json`, `merges.txt`).
+        /// The real CLIP BPE vocabulary (`vocab.json`, `merges.txt`), which the stage reduces to
+        /// the captions' tokens and writes to `OUT/tokenizer/` for the stages after it.
         #[arg(long, default_value = "fixtures/tokenizers/clip")]
         tokenizer: PathBuf,
     },
@@ -58,12 +59,9 @@ enum Stage {
     Mclip {
         #[command(flatten)]
         args: StageArgs,
-        /// The CLIP stage's output directory (`text_encoder/`, `image_encoder/`).
+        /// The CLIP stage's output directory (`text_encoder/`, `image_encoder/`, `tokenizer/`).
         #[arg(long)]
         clip: PathBuf,
-        /// The CLIP BPE vocabulary (`vocab.json`, `merges.txt`).
-        #[arg(long, default_value = "fixtures/tokenizers/clip")]
-        tokenizer: PathBuf,
         /// The real XLM-R pieces (`piece<TAB>score` lines, gzip).
         #[arg(long, default_value = "fixtures/tokenizers/xlm_roberta/pieces.tsv.gz")]
         pieces: PathBuf,
@@ -128,21 +126,15 @@ enum Stage {
         /// Where to write the model directories.
         #[arg(long)]
         out: PathBuf,
-        /// The CLIP BPE vocabulary (`vocab.json`, `merges.txt`).
-        #[arg(long, default_value = "fixtures/tokenizers/clip")]
-        tokenizer: PathBuf,
     },
     /// The diffusion prior (x0 prediction, cosine schedule, 10 % text dropout) against a trained
     /// CLIP.
     Prior {
         #[command(flatten)]
         args: StageArgs,
-        /// The CLIP stage's output directory (`text_encoder/`, `image_encoder/`).
+        /// The CLIP stage's output directory (`text_encoder/`, `image_encoder/`, `tokenizer/`).
         #[arg(long)]
         clip: PathBuf,
-        /// The CLIP BPE vocabulary (`vocab.json`, `merges.txt`).
-        #[arg(long, default_value = "fixtures/tokenizers/clip")]
-        tokenizer: PathBuf,
     },
 }
 
@@ -285,18 +277,16 @@ pub fn run(a: &TrainArgs) -> Result<()> {
         }
         Stage::Clip { args: s, tokenizer } => {
             let opts = s.options()?;
-            let tok = clip_tokenizer(tokenizer)?;
-            let r = train_clip(&opts, &tok, &mut s.logger("clip", "accuracy"))?;
-            s.report("clip", &r, &["text_encoder", "image_encoder"]);
+            let r = train_clip(&opts, tokenizer, &mut s.logger("clip", "accuracy"))?;
+            s.report("clip", &r, &["text_encoder", "image_encoder", "tokenizer"]);
         }
         Stage::Mclip {
             args: s,
             clip,
-            tokenizer,
             pieces,
         } => {
             let opts = s.options()?;
-            let teacher = FrozenClip::load(clip, tokenizer)?;
+            let teacher = FrozenClip::load(clip, &clip.join("tokenizer"))?;
             let pieces = read_pieces_tsv_gz(pieces)
                 .with_context(|| format!("reading the XLM-R pieces {}", pieces.display()))?;
             let r = train_mclip(
@@ -380,25 +370,17 @@ pub fn run(a: &TrainArgs) -> Result<()> {
             let r = train_unet(&opts, &pool, stage, &mut s.logger(name, "ε loss"))?;
             s.report(name, &r, &["unet"]);
         }
-        Stage::Assemble {
-            runs,
-            out,
-            tokenizer,
-        } => {
-            kandinsky_train::assemble::assemble(runs, tokenizer, out)
+        Stage::Assemble { runs, out } => {
+            kandinsky_train::assemble::assemble(runs, &runs.join("clip/tokenizer"), out)
                 .with_context(|| format!("assembling the model from {}", runs.display()))?;
             println!(
                 "wrote {0}/prior, {0}/decoder, {0}/decoder-inpaint",
                 out.display()
             );
         }
-        Stage::Prior {
-            args: s,
-            clip,
-            tokenizer,
-        } => {
+        Stage::Prior { args: s, clip } => {
             let opts = s.options()?;
-            let frozen = FrozenClip::load(clip, tokenizer)?;
+            let frozen = FrozenClip::load(clip, &clip.join("tokenizer"))?;
             let r = train_prior(&opts, &frozen, &mut s.logger("prior", "cosine to target"))?;
             s.report("prior", &r, &["prior"]);
         }

@@ -119,7 +119,7 @@ fn train_prior_against_a_trained_clip() {
         .arg(&prior)
         .arg("--clip")
         .arg(&clip)
-        .args(["--steps", "2", "--batch", "4", "--tokenizer", &tok])
+        .args(["--steps", "2", "--batch", "4"])
         .output()
         .unwrap();
     assert!(
@@ -137,14 +137,7 @@ fn train_prior_against_a_trained_clip() {
     let res = bin()
         .args(["train", "prior", "--out"])
         .arg(dir.path().join("p2"))
-        .args([
-            "--clip",
-            "/no/such/clip",
-            "--steps",
-            "1",
-            "--tokenizer",
-            &tok,
-        ])
+        .args(["--clip", "/no/such/clip", "--steps", "1"])
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&res.stderr);
@@ -176,15 +169,7 @@ fn train_mclip_exports_an_encoder_and_tokenizer_that_load() {
         .arg(&out)
         .arg("--clip")
         .arg(&clip)
-        .args([
-            "--steps",
-            "2",
-            "--batch",
-            "4",
-            "--tokenizer",
-            &tok,
-            "--pieces",
-        ])
+        .args(["--steps", "2", "--batch", "4", "--pieces"])
         .arg(fixture("tokenizers/xlm_roberta/pieces.tsv.gz"))
         .output()
         .unwrap();
@@ -267,8 +252,6 @@ fn train_unet_and_inpainting_unet_on_trained_encoders() {
             "1",
             "--batch",
             "2",
-            "--tokenizer",
-            &tok,
             "--pieces",
             &pieces,
         ]),
@@ -416,19 +399,8 @@ fn train_unet_and_inpainting_unet_on_trained_encoders() {
             "1",
             "--batch",
             "2",
-            "--tokenizer",
-            &tok,
         ]),
-        strings(&[
-            "train",
-            "assemble",
-            "--runs",
-            &p(""),
-            "--out",
-            &p("model"),
-            "--tokenizer",
-            &tok,
-        ]),
+        strings(&["train", "assemble", "--runs", &p(""), "--out", &p("model")]),
     ];
     for args in more {
         let res = bin().args(&args).output().unwrap();

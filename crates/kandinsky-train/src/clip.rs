@@ -4,7 +4,8 @@
 //! `CLIPVisionModelWithProjection`, so the prior pipeline loads them unchanged.
 
 use super::checkpoint;
-use super::shapes::{grouped_example, planar_batch, training_examples, Example};
+use super::shapes::{caption_sample, grouped_example, planar_batch, training_examples, Example};
+use super::tokenizer::reduce_clip_vocabulary;
 use super::trainer::{parse_config, run_loop, TrainOptions, TrainReport};
 use candle_core::{DType, Device, Tensor, D};
 use kandinsky::error::{Error, Result};
@@ -12,10 +13,10 @@ use kandinsky::loading::{ParamStore, Weights};
 use kandinsky::models::clip::{
     ClipTextConfig, ClipTextModelWithProjection, ClipVisionConfig, ClipVisionModelWithProjection,
 };
-use kandinsky::tokenization::PromptTokenizer;
 use std::path::PathBuf;
 
-/// The text tower: the real CLIP BPE vocabulary (byte-level, so Russian works), 64 wide, 3 layers.
+/// The text tower: the real CLIP BPE vocabulary (byte-level, so Russian works), 64 wide, 3 layers;
+/// [`train_clip`] reduces the vocabulary to the captions' tokens.
 pub const SMALL_CLIP_TEXT_CONFIG: &str = r#"{
   "architectures": ["CLIPTextModelWithProjection"],
   "model_type": "clip_text_model",
@@ -176,14 +177,33 @@ impl Clip {
     }
 }
 
+/// Captions per scene and language the CLIP vocabulary is reduced to.
+const VOCABULARY_CAPTIONS: usize = 8;
+
 /// Trains (or resumes) the CLIP towers and exports `out_dir/text_encoder/` and
-/// `out_dir/image_encoder/` (transformers layout, `model.safetensors`).
+/// `out_dir/image_encoder/` (transformers layout, `model.safetensors`). The text tower's
+/// vocabulary is the real CLIP BPE vocabulary of `vocabulary` (`vocab.json`, `merges.txt`)
+/// reduced to the world's captions ([`reduce_clip_vocabulary`]), written to `out_dir/tokenizer/`
+/// for the stages after it.
 pub fn train_clip(
     opts: &TrainOptions,
-    tokenizer: &PromptTokenizer,
+    vocabulary: &std::path::Path,
     log: &mut dyn FnMut(u64, f32, f32),
 ) -> Result<TrainReport> {
-    let text_value = parse_config(SMALL_CLIP_TEXT_CONFIG, "clip text")?;
+    let tok_dir = opts.out_dir.join("tokenizer");
+    let size = reduce_clip_vocabulary(vocabulary, &caption_sample(VOCABULARY_CAPTIONS), &tok_dir)
+        .map_err(|e| {
+        e.within(format!(
+            "reducing the CLIP vocabulary {}",
+            vocabulary.display()
+        ))
+    })?;
+    let tokenizer = &super::prior::clip_tokenizer(&tok_dir)?;
+    let mut text_value = parse_config(SMALL_CLIP_TEXT_CONFIG, "clip text")?;
+    text_value["vocab_size"] = size.into();
+    text_value["bos_token_id"] = (size - 2).into();
+    text_value["eos_token_id"] = (size - 1).into();
+    text_value["pad_token_id"] = (size - 1).into();
     let vision_value = parse_config(SMALL_CLIP_VISION_CONFIG, "clip vision")?;
     let json_err = |what: &str| {
         let path = PathBuf::from(format!("({what} config)"));

@@ -217,6 +217,42 @@ pub struct ShapesEval {
     pub device: Device,
 }
 
+impl ShapesEval {
+    /// The prior's sampler settings, one image per prompt.
+    fn prior_params(&self) -> PriorParams {
+        PriorParams {
+            steps: self.prior_steps,
+            guidance_scale: self.prior_guidance,
+            num_images_per_prompt: 1,
+        }
+    }
+
+    /// The decoder's sampler settings at the world's image size.
+    fn decoder_params(&self) -> DecoderParams {
+        DecoderParams {
+            height: SIDE,
+            width: SIDE,
+            steps: self.steps,
+            guidance_scale: self.guidance,
+        }
+    }
+
+    /// What a section of `n` scenes per language starts with: the settings checked, the `save`
+    /// directory made and the prior loaded.
+    fn section_prior(&self, n: usize) -> Result<KandinskyPriorPipeline> {
+        if n == 0 || self.steps == 0 || self.prior_steps < 2 {
+            return Err(Error::InvalidArgument(
+                "n and steps must be at least 1, prior steps at least 2".into(),
+            ));
+        }
+        if let Some(dir) = &self.save {
+            std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        }
+        KandinskyPriorPipeline::load(&self.prior, self.dtype, &self.device)
+            .map_err(|e| e.within(format!("loading the prior from {}", self.prior.display())))
+    }
+}
+
 /// A decoder of either family (its `model_index.json` class decides), as the evaluation drives it.
 pub enum EvalDecoder {
     /// `KandinskyPipeline` / `KandinskyInpaintPipeline`: reads the prompt through M-CLIP too.
@@ -405,11 +441,7 @@ pub fn eval_shapes(
         let (mut cos_sum, mut cos_n) = (0.0, 0usize);
         for (i, chunk) in prompts.chunks(s.batch).enumerate() {
             let texts: Vec<String> = chunk.iter().map(|(_, t)| t.clone()).collect();
-            let params = PriorParams {
-                steps: s.prior_steps,
-                guidance_scale: s.prior_guidance,
-                num_images_per_prompt: 1,
-            };
+            let params = s.prior_params();
             let (emb, neg) = prior.call(&texts, None, params, &mut gen, None, &mut |_, _| {})?;
             let truth =
                 candle_core::Tensor::cat(&real_emb[i * s.batch..i * s.batch + chunk.len()], 0)?;
@@ -418,12 +450,7 @@ pub fn eval_shapes(
             cos_sum += cos?.sum_all()?.to_scalar::<f32>()? as f64;
             cos_n += chunk.len();
             let emb = if s.oracle { truth } else { emb };
-            let dp = DecoderParams {
-                height: SIDE,
-                width: SIDE,
-                steps: s.steps,
-                guidance_scale: s.guidance,
-            };
+            let dp = s.decoder_params();
             let out = decoder.generate(&texts, (&emb, &neg), dp, &mut gen)?;
             for (image, text) in to_rgb8(&out)?.into_iter().zip(&texts) {
                 if let Some(dir) = &s.save {
@@ -492,17 +519,8 @@ pub fn eval_controlnet(
     n: usize,
     progress: &mut dyn FnMut(&str, usize, usize),
 ) -> Result<Vec<ControlRow>> {
-    if n == 0 || s.steps == 0 || s.prior_steps < 2 {
-        return Err(Error::InvalidArgument(
-            "n and steps must be at least 1, prior steps at least 2".into(),
-        ));
-    }
-    if let Some(dir) = &s.save {
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    }
+    let prior = s.section_prior(n)?;
     let device = s.device.clone();
-    let prior = KandinskyPriorPipeline::load(&s.prior, s.dtype, &device)
-        .map_err(|e| e.within(format!("loading the prior from {}", s.prior.display())))?;
     let EvalDecoder::V22(decoder) = EvalDecoder::load(controlnet, s.dtype, &device, s.scheduler)
         .map_err(|e| {
             e.within(format!(
@@ -542,18 +560,9 @@ pub fn eval_controlnet(
                 &depth, hint_side, hint_side, &device,
             )?;
             let texts = [other.1.clone()];
-            let params = PriorParams {
-                steps: s.prior_steps,
-                guidance_scale: s.prior_guidance,
-                num_images_per_prompt: 1,
-            };
+            let params = s.prior_params();
             let (emb, neg) = prior.call(&texts, None, params, &mut gen, None, &mut |_, _| {})?;
-            let dp = DecoderParams {
-                height: SIDE,
-                width: SIDE,
-                steps: s.steps,
-                guidance_scale: s.guidance,
-            };
+            let dp = s.decoder_params();
             let out =
                 decoder.controlnet(&hint, None, &emb, &neg, dp, &mut gen, None, &mut |_, _| {})?;
             let got = to_rgb8(&out)?.remove(0);
@@ -636,17 +645,8 @@ pub fn eval_inpainting(
     progress: &mut dyn FnMut(&str, usize, usize),
 ) -> Result<Vec<InpaintRow>> {
     use kandinsky::pipelines::decoder::prepare_mask_and_masked_image;
-    if n == 0 || s.steps == 0 || s.prior_steps < 2 {
-        return Err(Error::InvalidArgument(
-            "n and steps must be at least 1, prior steps at least 2".into(),
-        ));
-    }
-    if let Some(dir) = &s.save {
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    }
+    let prior = s.section_prior(n)?;
     let device = s.device.clone();
-    let prior = KandinskyPriorPipeline::load(&s.prior, s.dtype, &device)
-        .map_err(|e| e.within(format!("loading the prior from {}", s.prior.display())))?;
     let decoder =
         EvalDecoder::load(inpaint_decoder, s.dtype, &device, s.scheduler).map_err(|e| {
             e.within(format!(
@@ -696,19 +696,10 @@ pub fn eval_inpainting(
             };
             let (mask_t, image_t) =
                 prepare_mask_and_masked_image(&image, &mask, SIDE, SIDE, &device)?;
-            let params = PriorParams {
-                steps: s.prior_steps,
-                guidance_scale: s.prior_guidance,
-                num_images_per_prompt: 1,
-            };
+            let params = s.prior_params();
             let texts = [text];
             let (emb, neg) = prior.call(&texts, None, params, &mut gen, None, &mut |_, _| {})?;
-            let dp = DecoderParams {
-                height: SIDE,
-                width: SIDE,
-                steps: s.steps,
-                guidance_scale: s.guidance,
-            };
+            let dp = s.decoder_params();
             let out = decoder.inpaint(&texts, (&image_t, &mask_t), (&emb, &neg), dp, &mut gen)?;
             let got = to_rgb8(&out)?.remove(0);
             let change = kept_change(&got.data, &image.data, &repaint);

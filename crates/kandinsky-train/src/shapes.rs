@@ -509,6 +509,21 @@ pub fn eval_prompts(lang: Language, n: usize) -> Vec<(Scene, String)> {
         .collect()
 }
 
+/// `per_scene` captions of every scene (held-out ones too) in each language, deterministic: the
+/// text the small model's vocabularies are reduced to.
+pub fn caption_sample(per_scene: usize) -> Vec<String> {
+    let mut rng = Rng::new(0xca97_1045);
+    let mut out = Vec::new();
+    for scene in Scene::all() {
+        for lang in [Language::En, Language::Ru] {
+            for _ in 0..per_scene {
+                out.push(scene.caption(lang, &mut rng));
+            }
+        }
+    }
+    out
+}
+
 /// Training examples `first..first + batch` (see [`training_example`]).
 pub fn training_examples(seed: u64, first: u64, batch: usize, side: usize) -> Vec<Example> {
     (0..batch as u64)

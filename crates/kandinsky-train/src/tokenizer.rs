@@ -122,3 +122,120 @@ pub fn save_xlm_roberta(tok: &Tokenizer, dir: &Path) -> Result<()> {
     }
     Ok(())
 }
+
+/// The CLIP BPE vocabulary of `full_dir` (`vocab.json`, `merges.txt`: the real CLIP's) reduced to
+/// what `texts` need, written to `out_dir` (`vocab.json`, `merges.txt`, `tokenizer_config.json`):
+/// the 512 byte-level base tokens, every token the full tokenizer gives for `texts` and the
+/// tokens of the merges that build them, then `<|startoftext|>` and `<|endoftext|>` last (as in
+/// the real vocabulary, so the end token keeps the highest id). Only the merges building kept
+/// tokens are kept, in their order: for each of `texts` BPE then applies the same merges as with
+/// the full vocabulary (a kept merge it did not apply there would have had to be applicable and
+/// ranked first there too), so the captions tokenize to the same tokens (the test checks it),
+/// and any other text still tokenizes (down to bytes). Returns the vocabulary's size.
+///
+/// The full vocabulary is 49,408 tokens, whose embedding table is most of a small CLIP text
+/// tower; the synthetic world's captions use a few hundred.
+pub fn reduce_clip_vocabulary(full_dir: &Path, texts: &[String], out_dir: &Path) -> Result<usize> {
+    use std::collections::{BTreeMap, HashMap};
+    let read = |name: &str| {
+        let p = full_dir.join(name);
+        std::fs::read_to_string(&p).map_err(|e| Error::io(&p, e))
+    };
+    let vocab: BTreeMap<String, u32> = serde_json::from_str(&read("vocab.json")?)
+        .map_err(|e| tok_err(format!("{}: {e}", full_dir.join("vocab.json").display())))?;
+    let merges: Vec<(String, String)> = read("merges.txt")?
+        .lines()
+        .filter(|l| !l.starts_with("#version") && !l.trim().is_empty())
+        .map(|l| {
+            l.split_once(' ')
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .ok_or_else(|| tok_err(format!("merges.txt: bad line '{l}'")))
+        })
+        .collect::<Result<_>>()?;
+    let names: HashMap<u32, &str> = vocab.iter().map(|(t, &i)| (i, t.as_str())).collect();
+    // The merge that builds each token (the first, as BPE ranks them).
+    let mut built_by: HashMap<String, usize> = HashMap::new();
+    for (rank, (a, b)) in merges.iter().enumerate() {
+        built_by.entry(format!("{a}{b}")).or_insert(rank);
+    }
+    let specials = ["<|startoftext|>", "<|endoftext|>"];
+    let full = kandinsky::tokenization::PromptTokenizer::clip_from_files(
+        &full_dir.join("vocab.json"),
+        &full_dir.join("merges.txt"),
+        "<|endoftext|>",
+        77,
+    )?;
+    let mut keep: BTreeSet<String> = vocab
+        .iter()
+        .filter(|(_, &i)| i < 512)
+        .map(|(t, _)| t.clone())
+        .collect();
+    let mut todo: Vec<String> = Vec::new();
+    for t in texts {
+        let (ids, _) = full.encode_one(t)?;
+        for id in ids {
+            let name = names
+                .get(&id)
+                .ok_or_else(|| tok_err(format!("token id {id} is not in the vocabulary")))?;
+            if !specials.contains(name) {
+                todo.push(name.to_string());
+            }
+        }
+    }
+    let mut kept_merges = BTreeSet::new();
+    while let Some(t) = todo.pop() {
+        if !keep.insert(t.clone()) {
+            continue;
+        }
+        if let Some(&rank) = built_by.get(&t) {
+            if kept_merges.insert(rank) {
+                let (a, b) = &merges[rank];
+                todo.push(a.clone());
+                todo.push(b.clone());
+            }
+        }
+    }
+    let mut tokens: Vec<(&str, u32)> = keep
+        .iter()
+        .map(|t| {
+            vocab
+                .get(t)
+                .map(|&i| (t.as_str(), i))
+                .ok_or_else(|| tok_err(format!("'{t}' is not in the vocabulary")))
+        })
+        .collect::<Result<_>>()?;
+    tokens.sort_by_key(|&(_, i)| i);
+    let mut out: BTreeMap<&str, usize> = tokens
+        .iter()
+        .enumerate()
+        .map(|(new, &(t, _))| (t, new))
+        .collect();
+    for s in specials {
+        out.insert(s, out.len());
+    }
+    std::fs::create_dir_all(out_dir).map_err(|e| Error::io(out_dir, e))?;
+    let write = |name: &str, text: String| {
+        let p = out_dir.join(name);
+        std::fs::write(&p, text).map_err(|e| Error::io(&p, e))
+    };
+    write(
+        "vocab.json",
+        serde_json::to_string(&out).map_err(tok_err)? + "\n",
+    )?;
+    let mut m = String::from("#version: 0.2\n");
+    for rank in &kept_merges {
+        let (a, b) = &merges[*rank];
+        m.push_str(&format!("{a} {b}\n"));
+    }
+    write("merges.txt", m)?;
+    let config = serde_json::json!({
+        "tokenizer_class": "CLIPTokenizer", "do_lower_case": true, "model_max_length": 77,
+        "pad_token": "<|endoftext|>", "bos_token": "<|startoftext|>",
+        "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"
+    });
+    write(
+        "tokenizer_config.json",
+        serde_json::to_string_pretty(&config).map_err(tok_err)? + "\n",
+    )?;
+    Ok(out.len())
+}

@@ -817,3 +817,60 @@ fn mclip_loss_falls_on_a_fixed_batch() {
     println!("mclip loss {} -> {}", losses[0], losses[39]);
     assert!(losses[39] < 0.3 * losses[0], "{losses:?}");
 }
+
+/// The small CLIP vocabulary: the real BPE tokens our captions use and the merges that build
+/// them. Captions never seen while reducing (training and held-out ones, both languages) give
+/// the same tokens as with the full 49,408-token vocabulary; other text still tokenizes within
+/// the reduced vocabulary.
+#[test]
+fn reduced_clip_vocabulary_tokenizes_captions_like_the_full_one() {
+    use kandinsky::tokenization::PromptTokenizer;
+    use kandinsky_train::shapes::{caption_sample, eval_prompts, training_example, Language};
+    use kandinsky_train::tokenizer::reduce_clip_vocabulary;
+    let full_dir = fixtures().join("tokenizers/clip");
+    let dir = tempfile::tempdir().unwrap();
+    let size = reduce_clip_vocabulary(&full_dir, &caption_sample(2), dir.path()).unwrap();
+    println!("reduced CLIP vocabulary: {size} tokens");
+    assert!((512..2000).contains(&size), "{size}");
+    let load = |d: &std::path::Path| {
+        let tok = PromptTokenizer::clip_from_files(
+            &d.join("vocab.json"),
+            &d.join("merges.txt"),
+            "<|endoftext|>",
+            77,
+        )
+        .unwrap();
+        let vocab: std::collections::HashMap<String, u32> =
+            serde_json::from_str(&std::fs::read_to_string(d.join("vocab.json")).unwrap()).unwrap();
+        let names: std::collections::HashMap<u32, String> =
+            vocab.into_iter().map(|(t, i)| (i, t)).collect();
+        (tok, names)
+    };
+    let (full, full_names) = load(&full_dir);
+    let (small, small_names) = load(dir.path());
+    // The end token keeps the highest id (the text tower pools there).
+    assert_eq!(small_names[&(size as u32 - 1)], "<|endoftext|>");
+    assert_eq!(small_names[&(size as u32 - 2)], "<|startoftext|>");
+    let tokens =
+        |tok: &PromptTokenizer, names: &std::collections::HashMap<u32, String>, t: &str| {
+            let (ids, _) = tok.encode_one(t).unwrap();
+            ids.iter().map(|i| names[i].clone()).collect::<Vec<_>>()
+        };
+    let mut texts: Vec<String> = (1000..3000)
+        .map(|i| training_example(5, i, 8).caption)
+        .collect();
+    for lang in [Language::En, Language::Ru] {
+        texts.extend(eval_prompts(lang, 300).into_iter().map(|(_, t)| t));
+    }
+    for t in &texts {
+        assert_eq!(
+            tokens(&full, &full_names, t),
+            tokens(&small, &small_names, t),
+            "{t}"
+        );
+    }
+    for odd in ["a purple ☃ 🐈 круг!! on a zebra", "ÆØÅ 12345", ""] {
+        let (ids, _) = small.encode_one(odd).unwrap();
+        assert!(ids.iter().all(|&i| (i as usize) < size), "{odd}: {ids:?}");
+    }
+}

@@ -10,8 +10,8 @@ use crate::utils::torch_utils::TorchGenerator;
 use candle_core::Tensor;
 
 impl KandinskyV22Pipeline {
-    /// `KandinskyV22ControlnetPipeline.__call__` with `hint (1 or B, 3, H, W)` in [0, 1] at the
-    /// output size (`H`, `W` multiples of 64 for the real MoVQ); with `image = Some((image,
+    /// `KandinskyV22ControlnetPipeline.__call__` with `hint (1 or B, 3, H, W)` in [0, 1], 8 pixels
+    /// per latent pixel (the output size for the real MoVQ, `H`, `W` multiples of 64); with `image = Some((image,
     /// strength))` the ControlNet image-to-image pipeline (diffusers' default strength 0.3);
     /// `latents` replaces the initial noise of the text-to-image variant.
     #[allow(clippy::too_many_arguments)]
