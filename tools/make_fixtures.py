@@ -1199,6 +1199,14 @@ SMALL_MODEL_CASES = [
     ("t2i_ru", "generate", "большой зелёный треугольник сверху, фон белый", 2),
     ("inpaint", "inpaint", "a large yellow square in the centre on a purple background", 3),
 ]
+# The 2.2 sibling (`--model small-2-2`), when models/small holds it: the ControlNet's hint is a
+# depth image of a small object on the left, 128x128 (8 pixels per latent pixel).
+SMALL_MODEL_2_2_CASES = [
+    ("t2i_2_2_en", "generate", "a large blue square in the centre on a yellow background", 4),
+    ("t2i_2_2_ru", "generate", "маленький красный круг слева на синем фоне", 5),
+    ("inpaint_2_2", "inpaint", "a large yellow square in the centre on a purple background", 6),
+    ("controlnet_2_2", "controlnet", "a large green circle on a white background", 7),
+]
 
 
 def make_small_model():
@@ -1250,11 +1258,57 @@ def make_small_model():
                       prior_guidance_scale=4.0, height=64, width=64, generator=gen, output_type="np",
                       **extra).images
         out[name] = torch.from_numpy(np.ascontiguousarray(images))
-        cases.append(dict(name=name, mode=mode, prompt=prompt, seed=seed))
+        cases.append(dict(name=name, mode=mode, prompt=prompt, seed=seed, model="small"))
+    if os.path.isdir(os.path.join(SMALL_MODEL, "decoder-2-2")):
+        make_small_model_2_2(out_dir, out, cases, f32)
     save_images(os.path.join(out_dir, "references.safetensors"), out)
     with open(os.path.join(out_dir, "cases.json"), "w") as f:
         json.dump(cases, f, ensure_ascii=False, indent=1)
     print("small-model references written")
+
+
+def make_small_model_2_2(out_dir, out, cases, f32):
+    """The 2.2 sibling's cases through diffusers' 2.2 pipelines (the prior directory is shared:
+    `KandinskyV22PriorPipeline` has the same components)."""
+    import numpy as np
+    from PIL import Image
+    from diffusers import (KandinskyV22CombinedPipeline, KandinskyV22ControlnetPipeline,
+                           KandinskyV22InpaintCombinedPipeline, KandinskyV22InpaintPipeline,
+                           KandinskyV22Pipeline, KandinskyV22PriorPipeline)
+
+    prior = KandinskyV22PriorPipeline.from_pretrained(os.path.join(SMALL_MODEL, "prior"), **f32)
+    parts = dict(prior_prior=prior.prior, prior_image_encoder=prior.image_encoder,
+                 prior_text_encoder=prior.text_encoder, prior_tokenizer=prior.tokenizer,
+                 prior_scheduler=prior.scheduler, prior_image_processor=prior.image_processor)
+    dec = KandinskyV22Pipeline.from_pretrained(os.path.join(SMALL_MODEL, "decoder-2-2"), **f32)
+    t2i = KandinskyV22CombinedPipeline(unet=dec.unet, scheduler=dec.scheduler, movq=dec.movq, **parts)
+    dec = KandinskyV22InpaintPipeline.from_pretrained(os.path.join(SMALL_MODEL, "decoder-2-2-inpaint"), **f32)
+    inp = KandinskyV22InpaintCombinedPipeline(unet=dec.unet, scheduler=dec.scheduler, movq=dec.movq, **parts)
+    ctl = KandinskyV22ControlnetPipeline.from_pretrained(
+        os.path.join(SMALL_MODEL, "decoder-2-2-controlnet-depth"), **f32)
+    # The depth hint: a near (light) small square on the left, far (dark) elsewhere, 128x128.
+    hint = np.full((128, 128, 3), 32, np.uint8)
+    hint[48:80, 12:44] = 224
+    Image.fromarray(hint).save(os.path.join(out_dir, "controlnet_hint.png"))
+    for p in (prior, t2i, inp, ctl):
+        p.set_progress_bar_config(disable=True)
+    common = dict(num_inference_steps=100, guidance_scale=4.0, height=64, width=64, output_type="np")
+    for name, mode, prompt, seed in SMALL_MODEL_2_2_CASES:
+        gen = torch.Generator("cpu").manual_seed(seed)
+        if mode == "generate":
+            images = t2i(prompt=prompt, prior_num_inference_steps=25, prior_guidance_scale=4.0, generator=gen,
+                         **common).images
+        elif mode == "inpaint":
+            images = inp(prompt=prompt, prior_num_inference_steps=25, prior_guidance_scale=4.0, generator=gen,
+                         image=Image.open(os.path.join(out_dir, "inpaint_image.png")).convert("RGB"),
+                         mask_image=Image.open(os.path.join(out_dir, "inpaint_mask.png")), **common).images
+        else:
+            emb, neg = prior(prompt=prompt, num_inference_steps=25, guidance_scale=4.0, generator=gen,
+                             return_dict=False)
+            h = torch.from_numpy(hint).float().div(255).permute(2, 0, 1).unsqueeze(0)
+            images = ctl(image_embeds=emb, negative_image_embeds=neg, hint=h, generator=gen, **common).images
+        out[name] = torch.from_numpy(np.ascontiguousarray(images))
+        cases.append(dict(name=name, mode=mode, prompt=prompt, seed=seed, model="small-2-2"))
 
 
 if __name__ == "__main__":

@@ -284,8 +284,15 @@ pub fn small_named_dirs(name: &str, which: SmallDecoder) -> Result<PipelineDirs>
             format!("'{name}' is not a small model ({})", SMALL_MODEL_NAMES.join(", "))
         })
     })?;
+    let decoder = Path::new(SMALL_MODEL).join(part);
+    if !decoder.join("model_index.json").is_file() {
+        return Err(Error::NotFound {
+            what: format!("the small model '{name}' (its {which:?} decoder)"),
+            path: decoder.join("model_index.json"),
+        });
+    }
     Ok(PipelineDirs {
-        decoder: small_model_dir(part)?,
+        decoder,
         prior: small_model_dir("prior")?,
     })
 }
