@@ -116,6 +116,11 @@ enum Stage {
         /// whatever the prompt says (0: every prompt describes its own image).
         #[arg(long, default_value_t = 0.0)]
         mismatch: f32,
+        /// With `--depth-control`: the fraction of examples conditioned on the same scene with
+        /// the object elsewhere, so that the ControlNet learns to take the position from the
+        /// hint rather than from the prompt.
+        #[arg(long, default_value_t = 0.0)]
+        moved: f32,
     },
     /// Assemble the stage outputs under `--runs` (clip/, mclip/, movq/, prior/, unet/,
     /// inpaint/) into diffusers model directories: OUT/prior, OUT/decoder, OUT/decoder-inpaint.
@@ -310,6 +315,7 @@ pub fn run(a: &TrainArgs) -> Result<()> {
             init,
             pool_cache,
             mismatch,
+            moved,
         } => {
             let mut opts = s.options()?;
             if *pool == 0 {
@@ -333,6 +339,9 @@ pub fn run(a: &TrainArgs) -> Result<()> {
             };
             if kind == UNetKind::DepthControl && family != Family::V22 {
                 bail!("--depth-control trains a Kandinsky 2.2 ControlNet: add --family 2.2");
+            }
+            if !(0.0..=1.0).contains(moved) || (*moved > 0.0 && kind != UNetKind::DepthControl) {
+                bail!("--moved is a fraction between 0 and 1, for --depth-control");
             }
             if let Some(init) = init {
                 opts.init = unet_init(&init.join("unet"), family, kind).with_context(|| {
@@ -366,6 +375,7 @@ pub fn run(a: &TrainArgs) -> Result<()> {
                 kind,
                 weight_cap: *v_weight_cap,
                 mismatch: *mismatch,
+                moved: *moved,
             };
             let r = train_unet(&opts, &pool, stage, &mut s.logger(name, "ε loss"))?;
             s.report(name, &r, &["unet"]);

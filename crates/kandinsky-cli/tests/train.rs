@@ -274,7 +274,7 @@ fn train_unet_and_inpainting_unet_on_trained_encoders() {
             &["--steps", "1", "--pool-cache", &cache, "--init", &unet_2_2],
         ),
         unet(
-            &["--family", "2.2", "--depth-control"],
+            &["--family", "2.2", "--depth-control", "--moved", "0.5"],
             "depth-2-2",
             &["--steps", "1", "--pool-cache", &cache, "--init", &unet_2_2],
         ),

@@ -433,6 +433,11 @@ pub fn training_example(seed: u64, index: u64, side: usize) -> Example {
     example(scene, index, side, &mut rng)
 }
 
+/// The scene of [`training_example`] `index` (without rendering it).
+pub fn training_example_scene(seed: u64, index: u64) -> Scene {
+    training_scene(seed, index).0
+}
+
 /// The scene of [`training_example`] `index` and the generator state its render starts from.
 fn training_scene(seed: u64, index: u64) -> (Scene, Rng) {
     let mut rng = Rng::new(splitmix64(seed ^ splitmix64(index)));

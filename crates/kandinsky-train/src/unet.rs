@@ -586,6 +586,7 @@ impl DecoderPool {
             extra: extra.0,
             positions: extra.1,
             indices: idx.iter().map(|&i| i as u64).collect(),
+            dropped: drop,
         })
     }
 }
@@ -602,6 +603,56 @@ pub struct PoolBatch {
     pub positions: Option<Tensor>,
     /// Which pool entries (training examples) the rows are.
     pub indices: Vec<u64>,
+    /// Which rows got the unconditional conditioning.
+    pub dropped: Vec<bool>,
+}
+
+impl DecoderPool {
+    /// Gives `rows` of `batch` the conditioning of other pool entries: `(row, entry)` pairs.
+    pub fn swap_conditioning(&self, batch: &mut PoolBatch, rows: &[(usize, usize)]) -> Result<()> {
+        let replace = |t: &Tensor, pool: &Tensor| -> Result<Tensor> {
+            let mut parts: Vec<Tensor> = (0..t.dim(0)?)
+                .map(|r| t.narrow(0, r, 1))
+                .collect::<candle_core::Result<_>>()?;
+            for &(r, e) in rows {
+                parts[r] = pool.narrow(0, e, 1)?;
+            }
+            Ok(Tensor::cat(&parts, 0)?)
+        };
+        let (img, txt, hidden) = &batch.cond;
+        batch.cond = (
+            replace(img, &self.image_embeds)?,
+            replace(txt, &self.text_embeds)?,
+            replace(hidden, &self.hidden)?,
+        );
+        Ok(())
+    }
+}
+
+/// For the ControlNet: pairs each training example of `seed` among `0..n` with the examples
+/// showing the same scene with the object elsewhere (same shape, colours and size, another
+/// position), so that part of its examples can be conditioned on an embedding whose position
+/// only the hint corrects.
+pub fn moved_object_partners(seed: u64, n: usize) -> Vec<Vec<usize>> {
+    use std::collections::HashMap;
+    let scenes: Vec<super::shapes::Scene> = (0..n as u64)
+        .map(|i| super::shapes::training_example_scene(seed, i))
+        .collect();
+    let key = |s: &super::shapes::Scene| (s.shape, s.colour, s.background, s.size);
+    let mut by_key: HashMap<_, Vec<usize>> = HashMap::new();
+    for (i, s) in scenes.iter().enumerate() {
+        by_key.entry(key(s)).or_default().push(i);
+    }
+    scenes
+        .iter()
+        .map(|s| {
+            by_key[&key(s)]
+                .iter()
+                .copied()
+                .filter(|&j| scenes[j].position != s.position)
+                .collect()
+        })
+        .collect()
 }
 
 /// Starting weights for the inpainting UNet from a trained text-to-image UNet directory, as
@@ -699,6 +750,9 @@ pub struct UNetStage {
     /// For inpainting: the fraction of examples conditioned on another scene, their loss on the
     /// kept area only ([`DecoderPool::batch_mismatched`]).
     pub mismatch: f32,
+    /// For the ControlNet: the fraction of examples conditioned on the same scene with the object
+    /// elsewhere ([`moved_object_partners`]), so that the position must come from the hint.
+    pub moved: f32,
 }
 
 /// The depth hints `(B, 3, H, W)` in [0, 1] of training examples `indices` of `seed` (the pool's
@@ -728,6 +782,11 @@ pub fn train_unet(
 ) -> Result<super::trainer::TrainReport> {
     let value = small_unet_config(stage.family, stage.kind, pool.latent_channels())?;
     let inpaint = stage.kind == UNetKind::Inpaint;
+    let partners = if stage.kind == UNetKind::DepthControl && stage.moved > 0.0 {
+        moved_object_partners(opts.seed, pool.len())
+    } else {
+        Vec::new()
+    };
     let config: kandinsky::models::UNet2DConditionConfig = serde_json::from_value(value.clone())
         .map_err(|source| kandinsky::error::Error::Json {
             path: std::path::PathBuf::from("(unet config)"),
@@ -741,7 +800,19 @@ pub fn train_unet(
         |unet, vars, step| {
             let mut rng = Rng::new(opts.seed ^ 0x0e7 ^ step.wrapping_mul(0x1000_0001));
             let mut generator = TorchGenerator::new(opts.seed ^ step.wrapping_mul(104_729));
-            let b = pool.batch_mismatched(opts.batch, inpaint, stage.mismatch, &mut rng)?;
+            let mut b = pool.batch_mismatched(opts.batch, inpaint, stage.mismatch, &mut rng)?;
+            if !partners.is_empty() {
+                // A stream of its own, so that the rest of the batch is what it was without.
+                let mut moves = Rng::new(opts.seed ^ 0x30ed ^ step.wrapping_mul(0x1000_0001));
+                let mut swaps = Vec::new();
+                for (row, &entry) in b.indices.iter().enumerate() {
+                    let others = &partners[entry as usize];
+                    if moves.unit() < stage.moved && !b.dropped[row] && !others.is_empty() {
+                        swaps.push((row, others[moves.below(others.len())]));
+                    }
+                }
+                pool.swap_conditioning(&mut b, &swaps)?;
+            }
             let hint = match stage.kind {
                 UNetKind::DepthControl => {
                     let side = b.x0.dim(2)? * HINT_BLOCK_FACTOR;
@@ -907,6 +978,39 @@ mod tests {
     }
 
     #[test]
+    fn moved_object_partners_differ_in_position_only_and_swaps_replace_those_rows() {
+        use crate::shapes::training_example_scene;
+        let partners = moved_object_partners(4, 400);
+        let mut with = 0;
+        for (i, others) in partners.iter().enumerate() {
+            let a = training_example_scene(4, i as u64);
+            with += !others.is_empty() as usize;
+            for &j in others {
+                let b = training_example_scene(4, j as u64);
+                assert_ne!(a.position, b.position);
+                assert_eq!(
+                    (a.shape, a.colour, a.background, a.size),
+                    (b.shape, b.colour, b.background, b.size)
+                );
+            }
+        }
+        // 400 examples over ~1,500 scenes: some have a moved partner, not all.
+        assert!(with > 0 && with < 400, "{with}");
+        let pool = numbered_pool(6);
+        let mut b = pool
+            .batch_mismatched(4, false, 0.0, &mut Rng::new(9))
+            .unwrap();
+        let before = b.cond.0.to_vec2::<f32>().unwrap();
+        pool.swap_conditioning(&mut b, &[(1, 5), (3, 0)]).unwrap();
+        let after = b.cond.0.to_vec2::<f32>().unwrap();
+        assert_eq!(after[0], before[0]);
+        assert_eq!(after[2], before[2]);
+        assert_eq!(after[1], vec![10.0, 11.0]);
+        assert_eq!(after[3], vec![0.0, 1.0]);
+        assert_eq!(b.cond.2.dims(), &[4, 3, 2]);
+    }
+
+    #[test]
     fn mismatched_inpainting_examples_count_only_their_kept_area() {
         let pool = numbered_pool(6);
         let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
@@ -933,6 +1037,7 @@ mod tests {
             extra,
             positions: weights,
             indices,
+            ..
         } = pool
             .batch_mismatched(b, true, 1.0, &mut Rng::new(5))
             .unwrap();
