@@ -1259,7 +1259,8 @@ def make_small_model():
                       **extra).images
         out[name] = torch.from_numpy(np.ascontiguousarray(images))
         cases.append(dict(name=name, mode=mode, prompt=prompt, seed=seed, model="small"))
-    if os.path.isdir(os.path.join(SMALL_MODEL, "decoder-2-2")):
+    if all(os.path.isdir(os.path.join(SMALL_MODEL, d))
+           for d in ("decoder-2-2", "decoder-2-2-inpaint", "decoder-2-2-controlnet-depth")):
         make_small_model_2_2(out_dir, out, cases, f32)
     save_images(os.path.join(out_dir, "references.safetensors"), out)
     with open(os.path.join(out_dir, "cases.json"), "w") as f:

@@ -70,29 +70,29 @@ struct ShapesArgs {
     controlnet_n: usize,
 }
 
-/// The decoder directory for a section: `given`, or the small model `model`'s decoder `which`
-/// when `model` names a small model (or is omitted: `small`); `None` otherwise.
+/// The decoder directory for a section: `given` (a small model's name or a directory), or the
+/// small model `model`'s decoder `which` when `model` names a small model (or is omitted:
+/// `small`); `None` otherwise or when the section is skipped (`n` 0).
 fn section_dir(
     given: Option<&str>,
     model: Option<&str>,
     which: SmallDecoder,
     n: usize,
 ) -> Result<Option<std::path::PathBuf>> {
+    let named = |m: &str| SMALL_MODEL_NAMES.contains(&m) && !std::path::Path::new(m).is_dir();
     if n == 0 {
         return Ok(None);
     }
-    if let Some(g) = given {
-        return Ok(Some(given_or_small(Some(g), "")?));
-    }
-    match model.unwrap_or("small") {
-        m if SMALL_MODEL_NAMES.contains(&m) && !std::path::Path::new(m).is_dir() => {
-            match small_decoder_part(m, which) {
-                Some(_) => Ok(Some(small_named_dirs(m, which)?.decoder)),
-                None => Ok(None),
+    Ok(match given {
+        Some(g) if named(g) => Some(small_named_dirs(g, which)?.decoder),
+        Some(g) => Some(given_or_small(Some(g), "")?),
+        None => match model.unwrap_or("small") {
+            m if named(m) && small_decoder_part(m, which).is_some() => {
+                Some(small_named_dirs(m, which)?.decoder)
             }
-        }
-        _ => Ok(None),
-    }
+            _ => None,
+        },
+    })
 }
 
 fn row(name: &str, a: &Accuracy, fd: Option<f64>) -> String {
@@ -132,6 +132,19 @@ pub fn run(a: &EvalArgs) -> Result<()> {
         dtype: crate::compute_dtype(),
         device: crate::compute_device()?,
     };
+    // Every section's model is found before the first one runs (they take minutes each).
+    let inpaint = section_dir(
+        s.inpaint_model.as_deref(),
+        s.model.as_deref(),
+        SmallDecoder::Inpaint,
+        s.inpaint_n,
+    )?;
+    let controlnet = section_dir(
+        s.controlnet_model.as_deref(),
+        s.model.as_deref(),
+        SmallDecoder::Controlnet,
+        s.controlnet_n,
+    )?;
     let rows = eval_shapes(&settings, &mut |name, done, n| {
         eprint!("\r{name}: {done}/{n}");
         if done == n {
@@ -146,12 +159,6 @@ pub fn run(a: &EvalArgs) -> Result<()> {
             );
         }
     }
-    let inpaint = section_dir(
-        s.inpaint_model.as_deref(),
-        s.model.as_deref(),
-        SmallDecoder::Inpaint,
-        s.inpaint_n,
-    )?;
     let inpaint_rows = match inpaint {
         Some(decoder) => {
             eval_inpainting(&settings, &decoder, s.inpaint_n, &mut |name, done, n| {
@@ -163,12 +170,6 @@ pub fn run(a: &EvalArgs) -> Result<()> {
         }
         None => Vec::new(),
     };
-    let controlnet = section_dir(
-        s.controlnet_model.as_deref(),
-        s.model.as_deref(),
-        SmallDecoder::Controlnet,
-        s.controlnet_n,
-    )?;
     let control_rows = match controlnet {
         Some(dir) => eval_controlnet(&settings, &dir, s.controlnet_n, &mut |name, done, n| {
             eprint!("\r{name}: {done}/{n}");

@@ -48,7 +48,8 @@ pub fn run(a: &ServeArgs) -> Result<()> {
             Some((_, w)) if !std::path::Path::new(spec).exists() => w,
             _ => spec.as_str(),
         };
-        if what != "small" && !std::path::Path::new(what).exists() {
+        let small = kandinsky::loading::SMALL_MODEL_NAMES.contains(&what);
+        if !small && !std::path::Path::new(what).exists() {
             crate::download::ensure_pipeline(what, a.prior.as_deref())?;
         }
     }

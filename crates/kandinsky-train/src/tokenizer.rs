@@ -154,9 +154,14 @@ pub fn reduce_clip_vocabulary(full_dir: &Path, texts: &[String], out_dir: &Path)
         .collect::<Result<_>>()?;
     let names: HashMap<u32, &str> = vocab.iter().map(|(t, &i)| (i, t.as_str())).collect();
     // The merge that builds each token (the first, as BPE ranks them).
+    // The argument above needs one merge per token, as CLIP's vocabulary has.
     let mut built_by: HashMap<String, usize> = HashMap::new();
     for (rank, (a, b)) in merges.iter().enumerate() {
-        built_by.entry(format!("{a}{b}")).or_insert(rank);
+        if built_by.insert(format!("{a}{b}"), rank).is_some() {
+            return Err(tok_err(format!(
+                "merges.txt builds '{a}{b}' twice: not a vocabulary this reduction handles"
+            )));
+        }
     }
     let specials = ["<|startoftext|>", "<|endoftext|>"];
     let full = kandinsky::tokenization::PromptTokenizer::clip_from_files(

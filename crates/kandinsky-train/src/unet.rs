@@ -593,7 +593,7 @@ impl DecoderPool {
 
 /// A batch drawn from a [`DecoderPool`].
 pub struct PoolBatch {
-    /// Clean latents `(B, 4, h, w)`.
+    /// Clean latents `(B, C, h, w)` (C: the MoVQ's latent channels).
     pub x0: Tensor,
     /// The conditioning, dropout applied.
     pub cond: UNetCond,
@@ -675,7 +675,9 @@ pub fn inpaint_init(
 ///   repeated to the 32 of 2.2's `ImageProjection`; the layer norms 2.2 adds start afresh.
 ///
 /// Everything else (the resnets, attention and time embedding) is copied; parameters the target
-/// has and the source lacks (the hint block) are drawn from the stage's seed.
+/// has and the source lacks (the hint block) are drawn from the stage's seed. From 2.1 to 2.2 the
+/// start only approximates the 2.1 model: 2.2's new layer norms rescale what the copied
+/// attention and time-embedding weights see.
 pub fn unet_init(
     unet_dir: &std::path::Path,
     family: Family,
@@ -718,8 +720,12 @@ pub fn unet_init(
                     unet_dir.display()
                 )));
             }
-            let zeros = Tensor::zeros((o, inputs - i, kh, kw), t.dtype(), t.device())?;
-            Tensor::cat(&[&t, &zeros], 1)?
+            if inputs > i {
+                let zeros = Tensor::zeros((o, inputs - i, kh, kw), t.dtype(), t.device())?;
+                Tensor::cat(&[&t, &zeros], 1)?
+            } else {
+                t
+            }
         } else if family == Family::V22
             && from_2_1
             && name.starts_with("encoder_hid_proj.image_embeds")
@@ -899,7 +905,7 @@ pub fn cached_pool(
     let keyed = match cache {
         Some(path) => {
             let key = format!(
-                "seed {seed} pool {size} side {side} teachers {}",
+                "seed {seed} pool {size} side {side} latents unquantised teachers {}",
                 fingerprint(teacher_dirs)?
             );
             let what = || format!("reading the teachers' pool {}", path.display());

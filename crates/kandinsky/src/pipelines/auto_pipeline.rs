@@ -314,7 +314,8 @@ pub struct ControlnetImage {
 pub struct Controlnet {
     /// The prompt.
     pub prompt: Prompt,
-    /// The hint (a depth map: near = bright), resized to the output size.
+    /// The hint (a depth map: near = bright), resized to 8 pixels per latent pixel
+    /// ([`HINT_BLOCK_FACTOR`]: the output size for Kandinsky 2.2's MoVQ).
     pub hint: Rgb8,
     /// Start from this image instead of noise.
     pub image: Option<ControlnetImage>,
