@@ -4,10 +4,9 @@
 //! real images.
 
 use crate::generate::SchedulerChoice;
-use anyhow::Result;
-use kandinsky::loading::{
-    given_or_small, small_decoder_part, small_named_dirs, SmallDecoder, SMALL_MODEL_NAMES,
-};
+use anyhow::{Context, Result};
+use kandinsky::loading::{given_or_small, small_decoder_part, small_named_dirs, SMALL_MODEL_NAMES};
+use kandinsky::pipelines::auto_pipeline::DecoderKind;
 use kandinsky_train::eval::{eval_controlnet, eval_inpainting, eval_shapes, Accuracy, ShapesEval};
 
 #[derive(clap::Args)]
@@ -76,7 +75,7 @@ struct ShapesArgs {
 fn section_dir(
     given: Option<&str>,
     model: Option<&str>,
-    which: SmallDecoder,
+    which: DecoderKind,
     n: usize,
 ) -> Result<Option<std::path::PathBuf>> {
     let named = |m: &str| SMALL_MODEL_NAMES.contains(&m) && !std::path::Path::new(m).is_dir();
@@ -111,11 +110,8 @@ fn row(name: &str, a: &Accuracy, fd: Option<f64>) -> String {
 
 pub fn run(a: &EvalArgs) -> Result<()> {
     let What::Shapes(s) = &a.what;
-    let decoder = section_dir(None, s.model.as_deref(), SmallDecoder::TextToImage, 1)?;
-    let decoder = match (decoder, &s.model) {
-        (Some(d), _) => d,
-        (None, m) => given_or_small(m.as_deref(), "decoder")?,
-    };
+    let decoder = section_dir(s.model.as_deref(), None, DecoderKind::TextToImage, 1)?
+        .context("the small model has a text-to-image decoder")?;
     let settings = ShapesEval {
         decoder,
         prior: given_or_small(s.prior.as_deref(), "prior")?,
@@ -136,13 +132,13 @@ pub fn run(a: &EvalArgs) -> Result<()> {
     let inpaint = section_dir(
         s.inpaint_model.as_deref(),
         s.model.as_deref(),
-        SmallDecoder::Inpaint,
+        DecoderKind::Inpaint,
         s.inpaint_n,
     )?;
     let controlnet = section_dir(
         s.controlnet_model.as_deref(),
         s.model.as_deref(),
-        SmallDecoder::Controlnet,
+        DecoderKind::Controlnet,
         s.controlnet_n,
     )?;
     let rows = eval_shapes(&settings, &mut |name, done, n| {

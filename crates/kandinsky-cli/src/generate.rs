@@ -4,7 +4,7 @@
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use kandinsky::loading::{
-    given_or_small, read_tensor, small_named_dirs, PipelineDirs, SmallDecoder, SMALL_MODEL_NAMES,
+    given_or_small, read_tensor, small_named_dirs, PipelineDirs, SMALL_MODEL_NAMES,
 };
 use kandinsky::pipelines::auto_pipeline::{
     AutoPipeline, Controlnet, ControlnetImage, DecoderKind, GenerationParams, ImageToImage,
@@ -329,18 +329,13 @@ fn progress_bar() -> impl FnMut(Stage, usize, usize) {
 /// The model and prior directories: `--model` as a directory, a hub id or a preset name, or
 /// the small model when it is omitted.
 fn model_dirs(a: &CommonArgs, kind: DecoderKind) -> Result<PipelineDirs> {
-    let which = match kind {
-        DecoderKind::TextToImage => SmallDecoder::TextToImage,
-        DecoderKind::Inpaint => SmallDecoder::Inpaint,
-        DecoderKind::Controlnet => SmallDecoder::Controlnet,
-    };
-    pipeline_dirs_of(a.model.as_deref(), a.prior.as_deref(), which)
+    pipeline_dirs_of(a.model.as_deref(), a.prior.as_deref(), kind)
 }
 
 /// Text-to-image decoder and prior directories of `--model` / `--prior` (the small model's when
 /// `model` is `None`), fetching presets and hub ids the cache lacks.
 pub(crate) fn pipeline_dirs(model: Option<&str>, prior: Option<&str>) -> Result<PipelineDirs> {
-    pipeline_dirs_of(model, prior, SmallDecoder::TextToImage)
+    pipeline_dirs_of(model, prior, DecoderKind::TextToImage)
 }
 
 /// The directories of `model` (a small model's name, a directory, a hub id or a preset; the small
@@ -349,12 +344,12 @@ pub(crate) fn pipeline_dirs(model: Option<&str>, prior: Option<&str>) -> Result<
 fn pipeline_dirs_of(
     model: Option<&str>,
     prior: Option<&str>,
-    which: SmallDecoder,
+    which: DecoderKind,
 ) -> Result<PipelineDirs> {
     let model = match model {
         Some(m) if !SMALL_MODEL_NAMES.contains(&m) || Path::new(m).is_dir() => m,
         _ => {
-            let name = model.unwrap_or(if which == SmallDecoder::Controlnet {
+            let name = model.unwrap_or(if which == DecoderKind::Controlnet {
                 "small-2-2"
             } else {
                 "small"

@@ -291,7 +291,7 @@ pub fn run(a: &TrainArgs) -> Result<()> {
             pieces,
         } => {
             let opts = s.options()?;
-            let teacher = FrozenClip::load(clip, &clip.join("tokenizer"))?;
+            let teacher = FrozenClip::load(clip)?;
             let pieces = read_pieces_tsv_gz(pieces)
                 .with_context(|| format!("reading the XLM-R pieces {}", pieces.display()))?;
             let r = train_mclip(
@@ -381,7 +381,7 @@ pub fn run(a: &TrainArgs) -> Result<()> {
             s.report(name, &r, &["unet"]);
         }
         Stage::Assemble { runs, out } => {
-            kandinsky_train::assemble::assemble(runs, &runs.join("clip/tokenizer"), out)
+            kandinsky_train::assemble::assemble(runs, out)
                 .with_context(|| format!("assembling the model from {}", runs.display()))?;
             println!(
                 "wrote {0}/prior, {0}/decoder, {0}/decoder-inpaint",
@@ -390,7 +390,7 @@ pub fn run(a: &TrainArgs) -> Result<()> {
         }
         Stage::Prior { args: s, clip } => {
             let opts = s.options()?;
-            let frozen = FrozenClip::load(clip, &clip.join("tokenizer"))?;
+            let frozen = FrozenClip::load(clip)?;
             let r = train_prior(&opts, &frozen, &mut s.logger("prior", "cosine to target"))?;
             s.report("prior", &r, &["prior"]);
         }

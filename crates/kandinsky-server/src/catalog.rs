@@ -5,7 +5,7 @@
 use crate::error::ApiError;
 use kandinsky::loading::{
     check_confined, preset, resolve_pipeline_dirs, small_decoder_part, small_named_dirs,
-    PipelineDirs, SmallDecoder, SMALL_MODEL_NAMES,
+    PipelineDirs, SMALL_MODEL_NAMES,
 };
 use kandinsky::pipelines::auto_pipeline::{
     AutoPipeline, DecoderKind, LoadOptions, ModelInfo, Plan, Request, Version,
@@ -125,9 +125,9 @@ impl Catalog {
             if SMALL_MODEL_NAMES.contains(&what) && !Path::new(what).is_dir() {
                 default_name = what.to_string();
                 for which in [
-                    SmallDecoder::TextToImage,
-                    SmallDecoder::Inpaint,
-                    SmallDecoder::Controlnet,
+                    DecoderKind::TextToImage,
+                    DecoderKind::Inpaint,
+                    DecoderKind::Controlnet,
                 ] {
                     if small_decoder_part(what, which).is_some() {
                         dirs.push(small_named_dirs(what, which).map_err(err)?);

@@ -52,9 +52,10 @@ fn copy_files(src: &Path, dst: &Path, names: &[&str]) -> Result<()> {
 }
 
 /// Builds `out/{prior,decoder,decoder-inpaint}` from the stage outputs under `runs`
-/// (`clip/`, `mclip/`, `movq/`, `prior/`, `unet/`, `inpaint/`) and the CLIP vocabulary
-/// (`vocab.json`, `merges.txt`), and the 2.2 decoders of [`V22_DECODERS`] whose stages exist.
-pub fn assemble(runs: &Path, clip_vocab: &Path, out: &Path) -> Result<()> {
+/// (`clip/` with its reduced vocabulary in `clip/tokenizer/`, `mclip/`, `movq/`, `prior/`,
+/// `unet/`, `inpaint/`), and the 2.2 decoders of [`V22_DECODERS`] whose stages exist.
+pub fn assemble(runs: &Path, out: &Path) -> Result<()> {
+    let clip_vocab = runs.join("clip/tokenizer");
     let version = DIFFUSERS_VERSION;
     // Prior pipeline.
     let p = out.join("prior");
@@ -74,7 +75,7 @@ pub fn assemble(runs: &Path, clip_vocab: &Path, out: &Path) -> Result<()> {
         "model.safetensors",
     )?;
     copy_files(
-        clip_vocab,
+        &clip_vocab,
         &p.join("tokenizer"),
         &["vocab.json", "merges.txt"],
     )?;

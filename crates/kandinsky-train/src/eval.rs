@@ -10,7 +10,7 @@ use candle_core::{DType, Device, Tensor};
 use kandinsky::error::{Error, Result};
 use kandinsky::loading::{component_dir, ModelIndex};
 use kandinsky::models::VQModel;
-use kandinsky::pipelines::auto_pipeline::HINT_BLOCK_FACTOR;
+use kandinsky::pipelines::auto_pipeline::{DecoderKind, Version, HINT_BLOCK_FACTOR};
 use kandinsky::pipelines::decoder::DecoderParams;
 use kandinsky::pipelines::kandinsky::pipeline_kandinsky::KandinskyPipeline;
 use kandinsky::pipelines::kandinsky::pipeline_kandinsky_prior::{
@@ -271,7 +271,11 @@ impl EvalDecoder {
         scheduler: Option<SchedulerClass>,
     ) -> Result<Self> {
         let index = ModelIndex::load(dir)?;
-        let mut decoder = if index.class_name.starts_with("KandinskyV22") {
+        let v22 = matches!(
+            DecoderKind::from_class_name(&index.class_name),
+            Some((_, Version::V2_2))
+        );
+        let mut decoder = if v22 {
             Self::V22(Box::new(KandinskyV22Pipeline::load(dir, dtype, device)?))
         } else {
             Self::V21(Box::new(KandinskyPipeline::load(dir, dtype, device)?))

@@ -217,8 +217,8 @@ pub fn clip_tokenizer(dir: &std::path::Path) -> Result<PromptTokenizer> {
 
 impl FrozenClip {
     /// The CLIP stage's towers (`clip_run/text_encoder/`, `clip_run/image_encoder/`), frozen,
-    /// with the tokenizer of `vocabulary` (see [`clip_tokenizer`]).
-    pub fn load(clip_run: &std::path::Path, vocabulary: &std::path::Path) -> Result<Self> {
+    /// with the stage's reduced vocabulary (`clip_run/tokenizer/`, see [`clip_tokenizer`]).
+    pub fn load(clip_run: &std::path::Path) -> Result<Self> {
         let (d, f32) = (Device::Cpu, candle_core::DType::F32);
         let what = || format!("loading the trained CLIP from {}", clip_run.display());
         Ok(Self {
@@ -226,7 +226,7 @@ impl FrozenClip {
                 .map_err(|e| e.within(what()))?,
             vision: ClipVisionModelWithProjection::load(&clip_run.join("image_encoder"), f32, &d)
                 .map_err(|e| e.within(what()))?,
-            tokenizer: clip_tokenizer(vocabulary)?,
+            tokenizer: clip_tokenizer(&clip_run.join("tokenizer"))?,
         })
     }
 }

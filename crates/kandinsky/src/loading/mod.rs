@@ -15,6 +15,7 @@ pub use weights::{
 };
 
 use crate::error::{Error, Result};
+use crate::pipelines::auto_pipeline::DecoderKind;
 use serde::de::DeserializeOwned;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -237,9 +238,9 @@ pub struct PipelineDirs {
 /// The small model's prior and its decoder (`decoder-inpaint` when `inpaint`).
 pub fn small_model_dirs(inpaint: bool) -> Result<PipelineDirs> {
     let which = if inpaint {
-        SmallDecoder::Inpaint
+        DecoderKind::Inpaint
     } else {
-        SmallDecoder::TextToImage
+        DecoderKind::TextToImage
     };
     small_named_dirs("small", which)
 }
@@ -248,35 +249,24 @@ pub fn small_model_dirs(inpaint: bool) -> Result<PipelineDirs> {
 /// `small-2-2`, its 2.2 sibling; both share `models/small/prior`.
 pub const SMALL_MODEL_NAMES: [&str; 2] = ["small", "small-2-2"];
 
-/// Which of a small model's decoders a mode needs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SmallDecoder {
-    /// Text-to-image (also image-to-image, mixing and variations).
-    TextToImage,
-    /// Inpainting and outpainting.
-    Inpaint,
-    /// The depth ControlNet (2.2 only).
-    Controlnet,
-}
-
 /// The component directory of the small model `name`'s decoder `which`: `decoder`,
 /// `decoder-inpaint` for `small`; `decoder-2-2`, `decoder-2-2-inpaint`,
 /// `decoder-2-2-controlnet-depth` for `small-2-2`. `None` when `name` is not a small model or
 /// has no such decoder (2.1 has no ControlNet).
-pub fn small_decoder_part(name: &str, which: SmallDecoder) -> Option<&'static str> {
+pub fn small_decoder_part(name: &str, which: DecoderKind) -> Option<&'static str> {
     Some(match (name, which) {
-        ("small", SmallDecoder::TextToImage) => "decoder",
-        ("small", SmallDecoder::Inpaint) => "decoder-inpaint",
-        ("small-2-2", SmallDecoder::TextToImage) => "decoder-2-2",
-        ("small-2-2", SmallDecoder::Inpaint) => "decoder-2-2-inpaint",
-        ("small-2-2", SmallDecoder::Controlnet) => "decoder-2-2-controlnet-depth",
+        ("small", DecoderKind::TextToImage) => "decoder",
+        ("small", DecoderKind::Inpaint) => "decoder-inpaint",
+        ("small-2-2", DecoderKind::TextToImage) => "decoder-2-2",
+        ("small-2-2", DecoderKind::Inpaint) => "decoder-2-2-inpaint",
+        ("small-2-2", DecoderKind::Controlnet) => "decoder-2-2-controlnet-depth",
         _ => return None,
     })
 }
 
 /// The small model `name`'s decoder `which` and the shared prior, checked to exist (`name` one of
 /// [`SMALL_MODEL_NAMES`]).
-pub fn small_named_dirs(name: &str, which: SmallDecoder) -> Result<PipelineDirs> {
+pub fn small_named_dirs(name: &str, which: DecoderKind) -> Result<PipelineDirs> {
     let part = small_decoder_part(name, which).ok_or_else(|| {
         Error::InvalidArgument(if SMALL_MODEL_NAMES.contains(&name) {
             format!("the small model '{name}' has no {which:?} decoder (the depth ControlNet is small-2-2's)")
