@@ -669,3 +669,41 @@ fn a_training_run_killed_while_checkpointing_resumes_from_a_complete_checkpoint(
         "{names:?}"
     );
 }
+
+/// The second generation's flags refuse what they cannot do, before any work and any output.
+#[test]
+fn new_training_flags_refuse_bad_values_before_working() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let o = out.display().to_string();
+    let unet = |extra: &[&str]| {
+        let mut a = strings(&["train", "unet", "--out", &o, "--movq", "/m", "--clip", "/c"]);
+        a.extend(strings(&["--mclip", "/x"]));
+        a.extend(strings(extra));
+        a
+    };
+    for (args, message) in [
+        (
+            strings(&["train", "movq", "--out", &o, "--latent-channels", "0"]),
+            "--latent-channels",
+        ),
+        (
+            strings(&["train", "movq", "--out", &o, "--l1=-1"]),
+            "--l1",
+        ),
+        (unet(&["--depth-control"]), "--family 2.2"),
+        (unet(&["--moved", "0.5"]), "--moved"),
+        (
+            unet(&["--family", "2.2", "--depth-control", "--moved", "2"]),
+            "--moved",
+        ),
+        (unet(&["--family", "2.3"]), "2.3"),
+        (unet(&["--inpaint", "--depth-control"]), "cannot be used"),
+    ] {
+        let res = bin().args(&args).output().unwrap();
+        let err = String::from_utf8_lossy(&res.stderr);
+        assert!(!res.status.success(), "{args:?} succeeded");
+        assert!(err.contains(message), "{args:?}: {err}");
+        assert!(!out.exists(), "{args:?} wrote {}", out.display());
+    }
+}
