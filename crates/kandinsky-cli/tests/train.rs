@@ -687,10 +687,7 @@ fn new_training_flags_refuse_bad_values_before_working() {
             strings(&["train", "movq", "--out", &o, "--latent-channels", "0"]),
             "--latent-channels",
         ),
-        (
-            strings(&["train", "movq", "--out", &o, "--l1=-1"]),
-            "--l1",
-        ),
+        (strings(&["train", "movq", "--out", &o, "--l1=-1"]), "--l1"),
         (unet(&["--depth-control"]), "--family 2.2"),
         (unet(&["--moved", "0.5"]), "--moved"),
         (
