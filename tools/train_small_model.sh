@@ -1,13 +1,18 @@
 #!/usr/bin/env bash
 # Trains our small Kandinsky end to end on the synthetic shapes world and assembles the diffusers
-# model directories (the default model lives in models/small). Every stage resumes from its
-# checkpoint, so the script can be re-run after an interruption. About 116 minutes on the 2-core
-# development machine (see docs/small-model.md). Usage: tools/train_small_model.sh [RUNS_DIR] [MODEL_DIR]
+# model directories of both families (the default model lives in models/small): Kandinsky 2.1
+# (decoder, decoder-inpaint) and 2.2 (decoder-2-2, decoder-2-2-inpaint, decoder-2-2-controlnet-depth)
+# with one prior. Every stage resumes from its checkpoint, so the script can be re-run after an
+# interruption. Estimated from the stages' rates at about 145 minutes on the 2-core development
+# machine (not yet run end to end in this form; see docs/small-model.md).
+# Usage: tools/train_small_model.sh [RUNS_DIR] [MODEL_DIR]
 # Stages that do not depend on each other run side by side, one core each, with their output in
 # RUNS_DIR/<stage>.log: at these model sizes candle's CPU ops hardly use a second core (a CLIP
 # step takes 0.68 s on two cores and 0.75 s on one), so two stages at once cost almost nothing.
 # The decoder UNets split each batch over both cores themselves.
-# Then: kandinsky eval shapes --model MODEL_DIR/decoder --prior MODEL_DIR/prior
+# Then: kandinsky eval shapes --model MODEL_DIR/decoder --prior MODEL_DIR/prior (and --model
+# MODEL_DIR/decoder-2-2 --inpaint-model MODEL_DIR/decoder-2-2-inpaint --controlnet-model
+# MODEL_DIR/decoder-2-2-controlnet-depth).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${1:-runs}
@@ -21,8 +26,11 @@ export CANDLE_NUM_THREADS=1
 # Keep freed activations in the process: by default glibc returns them to the kernel every step
 # and faults them back in (7 % of a UNet step).
 export GLIBC_TUNABLES=glibc.malloc.trim_threshold=4294967296:glibc.malloc.mmap_threshold=33554432
-# The MoVQ needs no other stage: it trains beside CLIP.
-$K train movq  --out "$RUNS/movq"  --steps 400  --batch 4  --lr 2e-3 --log-every 50 > "$RUNS/movq.log" 2>&1 &
+# The MoVQ needs no other stage: it trains beside CLIP. Three phases (warm restarts at steps 800
+# and 1600), a 4,096-entry codebook, and half its images 2x2 collages of half-size renders: its
+# round trip caps every decoder's shape accuracy, and corners are what it learns last.
+$K train movq  --out "$RUNS/movq"  --steps 2400 --lr-restarts 800,1600 --lr-decay-steps 200 --batch 4 \
+    --lr 2e-3 --codebook-size 4096 --collage 0.5 --log-every 100 > "$RUNS/movq.log" 2>&1 &
 movq=$!
 # CLIP in two phases (the shipped model was trained so), a warm restart of the learning rate at
 # step 2000.
@@ -40,12 +48,24 @@ wait "$movq"
 # The decoder UNet: the ε loss weighted towards the noisy steps (capped v-loss weights), which
 # decide layout and colours. Three phases (warm restarts of the learning rate at steps 2600 and
 # 5000): it was still improving at the end of each. The teachers' pool is built once and kept
-# for the inpainting UNet (and for a resumed run).
-$K train unet --out "$RUNS/unet" --movq "$RUNS/movq" --clip "$RUNS/clip" --mclip "$RUNS/mclip" \
-    --batch 16 --lr 5e-4 --log-every 100 --steps 6400 --lr-restarts 2600,5000 --lr-decay-steps 600 \
-    --v-weight-cap 50 --pool-cache "$RUNS/pool.safetensors"
-$K train unet --inpaint --init "$RUNS/unet" --out "$RUNS/inpaint" --movq "$RUNS/movq" --clip "$RUNS/clip" \
-    --mclip "$RUNS/mclip" --steps 400 --batch 16 --lr 5e-4 --lr-decay-steps 150 --v-weight-cap 50 --log-every 100 \
-    --pool-cache "$RUNS/pool.safetensors"
+# for the other UNets (and for a resumed run).
+UNET_ARGS=(--movq "$RUNS/movq" --clip "$RUNS/clip" --mclip "$RUNS/mclip" --batch 16 --lr 5e-4
+    --v-weight-cap 50 --log-every 100 --pool-cache "$RUNS/pool.safetensors")
+$K train unet --out "$RUNS/unet" "${UNET_ARGS[@]}" --steps 6400 --lr-restarts 2600,5000 --lr-decay-steps 600
+# The 2.1 inpainting UNet from it (conv_in widened by zeros). A fraction of its examples take
+# another scene's prompt and count only the kept area, so that it keeps the unmasked part whatever
+# the prompt says (diffusers' KandinskyInpaintPipeline does not re-impose the known latents).
+$K train unet --inpaint --init "$RUNS/unet" --out "$RUNS/inpaint" "${UNET_ARGS[@]}" \
+    --steps 800 --lr-decay-steps 200 --mismatch 0.3
+# Kandinsky 2.2: its decoder is fine-tuned from the 2.1 UNet (text parameters dropped, image
+# tokens repeated), then its inpainting UNet and depth ControlNet from that. Half of the
+# ControlNet's examples take the prompt of the same scene with the object elsewhere, so that the
+# position comes from the hint.
+$K train unet --family 2.2 --init "$RUNS/unet" --out "$RUNS/unet-2-2" "${UNET_ARGS[@]}" \
+    --steps 1200 --lr-decay-steps 300
+$K train unet --family 2.2 --inpaint --init "$RUNS/unet-2-2" --out "$RUNS/inpaint-2-2" "${UNET_ARGS[@]}" \
+    --steps 400 --lr-decay-steps 150 --mismatch 0.3
+$K train unet --family 2.2 --depth-control --init "$RUNS/unet-2-2" --out "$RUNS/depth-2-2" "${UNET_ARGS[@]}" \
+    --steps 400 --lr-decay-steps 150 --moved 0.5
 wait "$prior"
 $K train assemble --runs "$RUNS" --out "$MODEL"

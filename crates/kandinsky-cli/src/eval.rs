@@ -19,6 +19,45 @@ pub struct EvalArgs {
 enum What {
     /// Score generated images of held-out shape prompts (EN and RU).
     Shapes(ShapesArgs),
+    /// Score a MoVQ's round trip of the held-out renders: the ceiling of any decoder using it.
+    Movq(MovqArgs),
+}
+
+#[derive(clap::Args)]
+struct MovqArgs {
+    /// The MoVQ: its directory, or a directory holding it as `movq/` (a decoder, or a
+    /// `train movq` run); default: the small model's.
+    #[arg(long)]
+    movq: Option<std::path::PathBuf>,
+    /// Renders per language (the held-out prompts of `eval shapes`, same order and seed).
+    #[arg(long, default_value_t = 200)]
+    n: usize,
+    /// Seed of the renders (as `eval shapes --seed`).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+fn run_movq(m: &MovqArgs) -> Result<()> {
+    let dir = match &m.movq {
+        Some(d) => d.clone(),
+        None => given_or_small(None, "decoder")?,
+    };
+    let dir = if dir.join("movq").join("config.json").is_file() {
+        dir.join("movq")
+    } else {
+        dir
+    };
+    let device = crate::compute_device()?;
+    let movq = kandinsky::models::VQModel::load(&dir, crate::compute_dtype(), &device)
+        .with_context(|| format!("loading the MoVQ from {}", dir.display()))?;
+    let rows = kandinsky_train::eval::eval_movq(&movq, m.n, m.seed, &device)?;
+    println!("| images | n | background | object colour | shape | position | size | mean abs. error (/255) |");
+    println!("|---|---|---|---|---|---|---|---|");
+    for r in &rows {
+        let e = r.pixel_error.map_or("—".to_string(), |e| format!("{e:.2}"));
+        println!("{}", row_with(r.name, &r.accuracy, e));
+    }
+    Ok(())
 }
 
 #[derive(clap::Args)]
@@ -94,7 +133,12 @@ fn section_dir(
     })
 }
 
-fn row(name: &str, a: &Accuracy, fd: Option<f64>) -> String {
+/// A table row: the accuracies, then `last` (a number to 3 decimals, or a dash).
+fn row(name: &str, a: &Accuracy, last: Option<f64>) -> String {
+    row_with(name, a, last.map_or("—".to_string(), |f| format!("{f:.3}")))
+}
+
+fn row_with(name: &str, a: &Accuracy, last: String) -> String {
     let pct = |v: f64| format!("{:.1} %", 100.0 * v);
     format!(
         "| {name} | {} | {} | {} | {} | {} | {} | {} |",
@@ -104,12 +148,15 @@ fn row(name: &str, a: &Accuracy, fd: Option<f64>) -> String {
         pct(a.shape),
         pct(a.position),
         pct(a.size),
-        fd.map_or("—".to_string(), |f| format!("{f:.3}"))
+        last
     )
 }
 
 pub fn run(a: &EvalArgs) -> Result<()> {
-    let What::Shapes(s) = &a.what;
+    let s = match &a.what {
+        What::Shapes(s) => s,
+        What::Movq(m) => return run_movq(m),
+    };
     let decoder = section_dir(s.model.as_deref(), None, DecoderKind::TextToImage, 1)?
         .context("the small model has a text-to-image decoder")?;
     let settings = ShapesEval {

@@ -41,6 +41,13 @@ enum Stage {
         /// Weight of an L1 pixel loss beside the MSE.
         #[arg(long, default_value_t = 0.0)]
         l1: f64,
+        /// Fraction of training images that are 2×2 collages of half-size renders (more
+        /// edges and corners per step).
+        #[arg(long, default_value_t = 0.0)]
+        collage: f32,
+        /// Entries of the codebook (Kandinsky's MoVQ has 16,384).
+        #[arg(long, default_value_t = 256)]
+        codebook_size: usize,
         /// Channels of the latent (Kandinsky's MoVQ has 4).
         #[arg(long, default_value_t = 4)]
         latent_channels: usize,
@@ -259,6 +266,8 @@ pub fn run(a: &TrainArgs) -> Result<()> {
             args: s,
             unquantised,
             l1,
+            codebook_size,
+            collage,
             latent_channels,
         } => {
             let opts = s.options()?;
@@ -268,13 +277,20 @@ pub fn run(a: &TrainArgs) -> Result<()> {
             if !(l1.is_finite() && *l1 >= 0.0) {
                 bail!("--l1 must be a number ≥ 0, got {l1}");
             }
+            if !(0.0..=1.0).contains(collage) {
+                bail!("--collage must be a fraction between 0 and 1, got {collage}");
+            }
+            if !(2..=65536).contains(codebook_size) {
+                bail!("--codebook-size must be between 2 and 65,536, got {codebook_size}");
+            }
             let how = MovqLoss {
                 quantised: !unquantised,
                 l1: *l1,
+                collage: *collage,
             };
             let r = train_movq(
                 &opts,
-                &small_movq_config(*latent_channels)?,
+                &small_movq_config(*latent_channels, *codebook_size)?,
                 how,
                 &mut s.logger("movq", "reconstruction"),
             )?;

@@ -523,6 +523,53 @@ fn train_unet_and_inpainting_unet_on_trained_encoders() {
         "{stdout}"
     );
     assert!(stdout.contains("generated, Russian"), "{stdout}");
+    // `eval movq` scores the same round trips as the table's MoVQ row, one row per language.
+    let movq_row = stdout
+        .lines()
+        .find(|l| l.starts_with("| MoVQ round trip of the real images"))
+        .unwrap_or_else(|| panic!("{stdout}"));
+    let percentages = |row: &str| -> Vec<f64> {
+        row.split('|')
+            .filter_map(|c| c.trim().strip_suffix(" %")?.parse().ok())
+            .collect()
+    };
+    let error_of = |text: &str, prefix: &str| -> f64 {
+        let line = text.lines().find(|l| l.starts_with(prefix)).unwrap();
+        let e = line
+            .rsplit("error ")
+            .next()
+            .unwrap()
+            .trim_end_matches("/255");
+        e.parse().unwrap_or_else(|_| panic!("{line}"))
+    };
+    let res = bin()
+        .args(["eval", "movq", "--movq", &model("decoder"), "--n", "4"])
+        .output()
+        .unwrap();
+    let per_language = String::from_utf8_lossy(&res.stdout);
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    let rows: Vec<&str> = per_language
+        .lines()
+        .filter(|l| l.starts_with("| MoVQ round trip, "))
+        .collect();
+    assert_eq!(rows.len(), 2, "{per_language}");
+    let (en, ru) = (percentages(rows[0]), percentages(rows[1]));
+    let both = percentages(movq_row);
+    assert_eq!(both.len(), 5, "{movq_row}");
+    for i in 0..5 {
+        assert!(
+            (both[i] - (en[i] + ru[i]) / 2.0).abs() < 0.01,
+            "{movq_row}\n{per_language}"
+        );
+    }
+    let cell = |row: &str| -> f64 { row.split('|').nth(8).unwrap().trim().parse().unwrap() };
+    let mean = (cell(rows[0]) + cell(rows[1])) / 2.0;
+    let table = error_of(&stdout, "MoVQ round trip of the real images");
+    assert!((mean - table).abs() < 0.011, "{mean} against {table}");
     // The inpainting section: the kept pixels' change and the MoVQ's floor, in 1/255.
     let row = stdout
         .lines()

@@ -367,6 +367,65 @@ pub fn movq_round_trip(movq: &VQModel, image: &Rgb8, device: &Device) -> Result<
         .data)
 }
 
+/// The real renders of the held-out `prompts` in `lang` that `eval shapes` compares with (one
+/// render stream per language and seed).
+pub fn held_out_renders(prompts: &[(Scene, String)], seed: u64, lang: Language) -> Vec<Vec<u8>> {
+    let mut rng = Rng::new(seed ^ lang as u64);
+    prompts
+        .iter()
+        .map(|(sc, _)| sc.render(SIDE, &mut rng))
+        .collect()
+}
+
+/// The MoVQ's round trips ([`movq_round_trip`]) of `SIDE`-pixel RGB8 renders, and their mean
+/// absolute error in 1/255 per channel.
+pub fn round_trips_of(
+    movq: &VQModel,
+    renders: &[Vec<u8>],
+    device: &Device,
+) -> Result<(Vec<Vec<u8>>, f64)> {
+    let mut out = Vec::with_capacity(renders.len());
+    let mut error = 0.0;
+    for rgb in renders {
+        let image = Rgb8 {
+            width: SIDE,
+            height: SIDE,
+            data: rgb.clone(),
+        };
+        let decoded = movq_round_trip(movq, &image, device)?;
+        error += mean_abs_difference(&decoded, rgb);
+        out.push(decoded);
+    }
+    Ok((out, error / renders.len().max(1) as f64))
+}
+
+/// `kandinsky eval movq`: the MoVQ's round trip of the held-out renders of `eval shapes` (same
+/// prompts, renders and seed), scored by the analyser: the ceiling of any decoder with this
+/// MoVQ, in seconds instead of a whole evaluation. One row per language.
+pub fn eval_movq(movq: &VQModel, n: usize, seed: u64, device: &Device) -> Result<Vec<EvalRow>> {
+    if n == 0 {
+        return Err(Error::InvalidArgument("n must be at least 1".into()));
+    }
+    let mut rows = Vec::new();
+    for (lang, name) in [
+        (Language::En, "MoVQ round trip, English prompts' renders"),
+        (Language::Ru, "MoVQ round trip, Russian prompts' renders"),
+    ] {
+        let prompts = eval_prompts(lang, n);
+        let real = held_out_renders(&prompts, seed, lang);
+        let (decoded, error) = round_trips_of(movq, &real, device)?;
+        let scenes: Vec<Scene> = prompts.iter().map(|(sc, _)| *sc).collect();
+        rows.push(EvalRow {
+            name,
+            accuracy: score(&decoded, &scenes, SIDE),
+            frechet: None,
+            prior_cosine: None,
+            pixel_error: Some(error),
+        });
+    }
+    Ok(rows)
+}
+
 /// Mean absolute difference of two equally long RGB8 buffers, in 1/255 per channel.
 fn mean_abs_difference(a: &[u8], b: &[u8]) -> f64 {
     let sum: u64 = a.iter().zip(b).map(|(x, y)| x.abs_diff(*y) as u64).sum();
@@ -419,23 +478,12 @@ pub fn eval_shapes(
         let mut gen = TorchGenerator::new(s.seed);
         let mut images = Vec::new();
         let mut scenes = Vec::new();
-        let mut rng = Rng::new(s.seed ^ lang as u64);
-        let real: Vec<Vec<u8>> = prompts
-            .iter()
-            .map(|(sc, _)| sc.render(SIDE, &mut rng))
-            .collect();
+        let real = held_out_renders(&prompts, s.seed, lang);
         // The MoVQ's round trip of each real render, decoded as the pipelines decode: what a
         // UNet that produced the real image's latent exactly would give (the decoder's ceiling).
-        for rgb in &real {
-            let image = Rgb8 {
-                width: SIDE,
-                height: SIDE,
-                data: rgb.clone(),
-            };
-            let decoded = movq_round_trip(decoder.movq(), &image, &device)?;
-            round_trip_error += mean_abs_difference(&decoded, rgb);
-            round_trips.push(decoded);
-        }
+        let (decoded, error) = round_trips_of(decoder.movq(), &real, &device)?;
+        round_trip_error += error * real.len() as f64;
+        round_trips.extend(decoded);
         // The real renders' CLIP embeddings: the prior's reference, the oracle's conditioning
         // and the Fréchet distance's second set.
         let real_emb = real

@@ -6,7 +6,7 @@
 //! commitment losses train either way, so the codebook stays usable.
 
 use super::checkpoint;
-use super::shapes::{planar_batch, training_examples, Example};
+use super::shapes::{planar_batch, training_example, training_examples, Example, Rng};
 use super::trainer::{parse_config, run_loop, TrainOptions, TrainReport};
 use candle_core::Tensor;
 use kandinsky::error::{Error, Result};
@@ -37,9 +37,11 @@ pub const SMALL_MOVQ_CONFIG: &str = r#"{
   "vq_embed_dim": 4
 }"#;
 
-/// [`SMALL_MOVQ_CONFIG`] with `latent_channels` channels in its latent (and codebook vectors).
-pub fn small_movq_config(latent_channels: usize) -> Result<String> {
+/// [`SMALL_MOVQ_CONFIG`] with `latent_channels` channels in its latent (and codebook vectors)
+/// and `codebook_size` codebook entries.
+pub fn small_movq_config(latent_channels: usize, codebook_size: usize) -> Result<String> {
     let mut value = parse_config(SMALL_MOVQ_CONFIG, "movq")?;
+    value["num_vq_embeddings"] = codebook_size.into();
     value["latent_channels"] = latent_channels.into();
     value["vq_embed_dim"] = latent_channels.into();
     serde_json::to_string_pretty(&value).map_err(|source| Error::Json {
@@ -51,6 +53,61 @@ pub fn small_movq_config(latent_channels: usize) -> Result<String> {
 /// A batch of synthetic images `(B, 3, S, S)` in [-1, 1]: examples `first..first + batch`.
 pub fn image_batch(seed: u64, first: u64, batch: usize, side: usize) -> Result<Tensor> {
     image_tensor(&training_examples(seed, first, batch, side), side)
+}
+
+/// Training image `index` of the MoVQ (`side × side` RGB8, HWC): with probability `collage`
+/// (drawn from the image's own stream; even sides only) a 2×2 collage of four training renders
+/// at `side / 2`, otherwise the training render at `side`. An autoencoder needs no caption, and small objects'
+/// corners, which it learns last, are a few percent of a single render's pixels. A pure function
+/// of its arguments.
+pub fn movq_image(seed: u64, index: u64, side: usize, collage: f32) -> Vec<u8> {
+    let mut rng = Rng::new(seed ^ index.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ 0xc0_11a6e);
+    if collage <= 0.0 || rng.unit() >= collage || side < 2 || side % 2 == 1 {
+        return training_example(seed, index, side).image;
+    }
+    let half = side / 2;
+    let mut out = vec![0u8; side * side * 3];
+    for q in 0..4u64 {
+        // Indices of their own, far from the single renders'.
+        let part = training_example(
+            seed,
+            (1u64 << 62).wrapping_add(index.wrapping_mul(4)) + q,
+            half,
+        )
+        .image;
+        let (ox, oy) = ((q as usize % 2) * half, (q as usize / 2) * half);
+        for y in 0..half {
+            let row = ((oy + y) * side + ox) * 3;
+            out[row..row + half * 3].copy_from_slice(&part[y * half * 3..(y + 1) * half * 3]);
+        }
+    }
+    out
+}
+
+/// The MoVQ's training batch: images `first..first + batch` of [`movq_image`] in [-1, 1].
+pub fn movq_batch(
+    seed: u64,
+    first: u64,
+    batch: usize,
+    side: usize,
+    collage: f32,
+) -> Result<Tensor> {
+    let data: Vec<f32> = (0..batch as u64)
+        .flat_map(|i| {
+            let image = movq_image(seed, first + i, side, collage);
+            // HWC → CHW
+            (0..3).flat_map(move |c| {
+                (0..side * side)
+                    .map(|p| image[p * 3 + c] as f32 / 127.5 - 1.0)
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    Ok(Tensor::from_vec(
+        data,
+        (batch, 3, side, side),
+        &candle_core::Device::Cpu,
+    )?)
 }
 
 /// The examples' images in [-1, 1] (`x / 127.5 - 1`), `(B, 3, S, S)`.
@@ -67,6 +124,9 @@ pub struct MovqLoss {
     /// Weight of an L1 pixel loss added to the MSE (0: MSE only). L1 keeps pulling at small
     /// errors, which MSE all but ignores: flat colours and sharp corners.
     pub l1: f64,
+    /// Fraction of the training images that are collages ([`movq_image`]): four half-size
+    /// renders in a 2×2 grid, so that a step sees four times the edges and corners.
+    pub collage: f32,
 }
 
 impl Default for MovqLoss {
@@ -74,6 +134,7 @@ impl Default for MovqLoss {
         Self {
             quantised: true,
             l1: 0.0,
+            collage: 0.0,
         }
     }
 }
@@ -160,11 +221,12 @@ pub fn train_movq(
         opts,
         |params| VQModel::new(&Weights::trainable(params), &config),
         |movq, step| {
-            let x = image_batch(
+            let x = movq_batch(
                 opts.seed,
                 step * opts.batch as u64,
                 opts.batch,
                 opts.image_size,
+                how.collage,
             )?;
             movq_loss(movq, &x, how)
         },
@@ -182,4 +244,53 @@ pub fn train_movq(
         },
         log,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn collages_tile_four_half_size_renders_and_are_off_by_default() -> Result<()> {
+        let side = 64;
+        // Without collages, the MoVQ's batch is the training renders, as before the option.
+        let plain = movq_batch(5, 10, 3, side, 0.0)?;
+        let reference = image_batch(5, 10, 3, side)?;
+        assert_eq!(
+            (plain - reference)?.abs()?.max_all()?.to_scalar::<f32>()?,
+            0.0
+        );
+        // With every image a collage, each quadrant is a half-size training render.
+        let image = movq_image(5, 7, side, 1.0);
+        let half = side / 2;
+        let mut quadrants = Vec::new();
+        for q in 0..4 {
+            let (ox, oy) = ((q % 2) * half, (q / 2) * half);
+            let mut part = Vec::new();
+            for y in 0..half {
+                let row = ((oy + y) * side + ox) * 3;
+                part.extend_from_slice(&image[row..row + half * 3]);
+            }
+            quadrants.push(part);
+        }
+        for (q, part) in quadrants.iter().enumerate() {
+            let index = (1u64 << 62) + 7 * 4 + q as u64;
+            assert_eq!(
+                part,
+                &training_example(5, index, half).image,
+                "quadrant {q}"
+            );
+        }
+        assert_ne!(quadrants[0], quadrants[1]);
+        // A fraction: about that many collages, deterministically.
+        let count = |f: f32| {
+            (0..400)
+                .filter(|&i| movq_image(1, i, side, f) != training_example(1, i, side).image)
+                .count()
+        };
+        let n = count(0.5);
+        assert!((150..=250).contains(&n), "{n} of 400 collages at 0.5");
+        assert_eq!(n, count(0.5));
+        Ok(())
+    }
 }

@@ -504,7 +504,13 @@ pub fn grouped_example(seed: u64, index: u64, side: usize, group: u64) -> Exampl
 /// Evaluation prompts: `n` captions in `lang` of held-out scenes (cycling through them with
 /// varied wording), deterministic.
 pub fn eval_prompts(lang: Language, n: usize) -> Vec<(Scene, String)> {
-    let held: Vec<Scene> = Scene::all().into_iter().filter(|s| s.held_out()).collect();
+    let mut held: Vec<Scene> = Scene::all().into_iter().filter(|s| s.held_out()).collect();
+    // A fixed shuffle (the same in both languages): `Scene::all` is shape-major, so without it
+    // a short evaluation would see circles only.
+    let mut order = Rng::new(0x5cee_e0de);
+    for i in (1..held.len()).rev() {
+        held.swap(i, order.below(i + 1));
+    }
     let mut rng = Rng::new(0xe7a1 + lang as u64);
     (0..n)
         .map(|i| {

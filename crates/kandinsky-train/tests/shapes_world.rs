@@ -85,6 +85,17 @@ fn held_out_scenes_are_about_a_tenth_and_only_in_eval_prompts() {
         let prompts = eval_prompts(lang, 200);
         assert_eq!(prompts.len(), 200);
         assert!(prompts.iter().all(|(s, _)| s.held_out()));
+        // A short evaluation sees every shape about equally often, in both languages alike.
+        let first: Vec<Scene> = prompts.iter().take(60).map(|(s, _)| *s).collect();
+        for shape in kandinsky_train::shapes::SHAPES {
+            let k = first.iter().filter(|s| s.shape == shape).count();
+            assert!((10..=30).contains(&k), "{k} of 60 are {shape:?}");
+        }
+        let other: Vec<Scene> = eval_prompts(Language::En, 60)
+            .into_iter()
+            .map(|(s, _)| s)
+            .collect();
+        assert_eq!(first, other);
     }
     assert!((0..2000).all(|i| !training_example(3, i, 64).scene.held_out()));
 }
