@@ -19,6 +19,10 @@ fn train_movq_writes_a_checkpoint_resumes_and_exports() {
             "1",
             "--checkpoint-every",
             "1",
+            "--codebook-size",
+            "64",
+            "--collage",
+            "0.5",
         ])
     };
     let res = bin().args(args("2")).output().unwrap();
@@ -28,7 +32,8 @@ fn train_movq_writes_a_checkpoint_resumes_and_exports() {
         String::from_utf8_lossy(&res.stderr)
     );
     assert!(out.join("checkpoint.safetensors").is_file());
-    assert!(out.join("movq/config.json").is_file());
+    let config = std::fs::read_to_string(out.join("movq/config.json")).unwrap();
+    assert!(config.contains("\"num_vq_embeddings\": 64"), "{config}");
     let res = bin().args(args("3")).output().unwrap();
     let stdout = String::from_utf8_lossy(&res.stdout);
     assert!(
@@ -735,6 +740,14 @@ fn new_training_flags_refuse_bad_values_before_working() {
             "--latent-channels",
         ),
         (strings(&["train", "movq", "--out", &o, "--l1=-1"]), "--l1"),
+        (
+            strings(&["train", "movq", "--out", &o, "--collage", "1.5"]),
+            "--collage",
+        ),
+        (
+            strings(&["train", "movq", "--out", &o, "--codebook-size", "1"]),
+            "--codebook-size",
+        ),
         (unet(&["--depth-control"]), "--family 2.2"),
         (unet(&["--moved", "0.5"]), "--moved"),
         (
