@@ -6,7 +6,9 @@
 //! commitment losses train either way, so the codebook stays usable.
 
 use super::checkpoint;
-use super::shapes::{planar_batch, training_example, training_examples, Example, Rng};
+use super::shapes::{
+    planar_batch, planar_images, training_example, training_examples, Example, Rng,
+};
 use super::trainer::{parse_config, run_loop, TrainOptions, TrainReport};
 use candle_core::Tensor;
 use kandinsky::error::{Error, Result};
@@ -57,9 +59,9 @@ pub fn image_batch(seed: u64, first: u64, batch: usize, side: usize) -> Result<T
 
 /// Training image `index` of the MoVQ (`side × side` RGB8, HWC): with probability `collage`
 /// (drawn from the image's own stream; even sides only) a 2×2 collage of four training renders
-/// at `side / 2`, otherwise the training render at `side`. An autoencoder needs no caption, and small objects'
-/// corners, which it learns last, are a few percent of a single render's pixels. A pure function
-/// of its arguments.
+/// at `side / 2`, otherwise the training render at `side`. An autoencoder needs no caption, and
+/// small objects' corners, which it learns last, are a few percent of a single render's pixels.
+/// A pure function of its arguments.
 pub fn movq_image(seed: u64, index: u64, side: usize, collage: f32) -> Vec<u8> {
     let mut rng = Rng::new(seed ^ index.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ 0xc0_11a6e);
     if collage <= 0.0 || rng.unit() >= collage || side < 2 || side % 2 == 1 {
@@ -92,27 +94,21 @@ pub fn movq_batch(
     side: usize,
     collage: f32,
 ) -> Result<Tensor> {
-    let data: Vec<f32> = (0..batch as u64)
-        .flat_map(|i| {
-            let image = movq_image(seed, first + i, side, collage);
-            // HWC → CHW
-            (0..3).flat_map(move |c| {
-                (0..side * side)
-                    .map(|p| image[p * 3 + c] as f32 / 127.5 - 1.0)
-                    .collect::<Vec<_>>()
-            })
-        })
+    let images: Vec<Vec<u8>> = (0..batch as u64)
+        .map(|i| movq_image(seed, first + i, side, collage))
         .collect();
-    Ok(Tensor::from_vec(
-        data,
-        (batch, 3, side, side),
-        &candle_core::Device::Cpu,
-    )?)
+    let images: Vec<&[u8]> = images.iter().map(Vec::as_slice).collect();
+    planar_images(&images, side, to_unit_range)
+}
+
+/// A pixel byte in [-1, 1] (`x / 127.5 - 1`).
+fn to_unit_range(_channel: usize, v: u8) -> f32 {
+    v as f32 / 127.5 - 1.0
 }
 
 /// The examples' images in [-1, 1] (`x / 127.5 - 1`), `(B, 3, S, S)`.
 pub fn image_tensor(examples: &[Example], side: usize) -> Result<Tensor> {
-    planar_batch(examples, side, |_, v| v as f32 / 127.5 - 1.0)
+    planar_batch(examples, side, to_unit_range)
 }
 
 /// How the MoVQ's decoder is trained.

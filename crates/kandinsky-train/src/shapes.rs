@@ -548,17 +548,28 @@ pub fn planar_batch(
     side: usize,
     f: impl Fn(usize, u8) -> f32,
 ) -> kandinsky::Result<candle_core::Tensor> {
-    let mut data = Vec::with_capacity(examples.len() * 3 * side * side);
-    for ex in examples {
+    let images: Vec<&[u8]> = examples.iter().map(|ex| ex.image.as_slice()).collect();
+    planar_images(&images, side, f)
+}
+
+/// `side × side` RGB8 (HWC) images as a `(B, 3, S, S)` tensor, each byte mapped by
+/// `f(channel, value)`.
+pub fn planar_images(
+    images: &[&[u8]],
+    side: usize,
+    f: impl Fn(usize, u8) -> f32,
+) -> kandinsky::Result<candle_core::Tensor> {
+    let mut data = Vec::with_capacity(images.len() * 3 * side * side);
+    for image in images {
         for c in 0..3 {
             for p in 0..side * side {
-                data.push(f(c, ex.image[p * 3 + c]));
+                data.push(f(c, image[p * 3 + c]));
             }
         }
     }
     Ok(candle_core::Tensor::from_vec(
         data,
-        (examples.len(), 3, side, side),
+        (images.len(), 3, side, side),
         &candle_core::Device::Cpu,
     )?)
 }
