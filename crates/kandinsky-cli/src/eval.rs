@@ -7,7 +7,9 @@ use crate::generate::SchedulerChoice;
 use anyhow::{Context, Result};
 use kandinsky::loading::{given_or_small, small_decoder_part, small_named_dirs, SMALL_MODEL_NAMES};
 use kandinsky::pipelines::auto_pipeline::DecoderKind;
-use kandinsky_train::eval::{eval_controlnet, eval_inpainting, eval_shapes, Accuracy, ShapesEval};
+use kandinsky_train::eval::{
+    check_eval_n, eval_controlnet, eval_inpainting, eval_shapes, Accuracy, ShapesEval,
+};
 
 #[derive(clap::Args)]
 pub struct EvalArgs {
@@ -38,6 +40,7 @@ struct MovqArgs {
 }
 
 fn run_movq(m: &MovqArgs) -> Result<()> {
+    check_eval_n("--n", m.n)?;
     let dir = match &m.movq {
         Some(d) => d.clone(),
         None => given_or_small(None, "decoder")?,
@@ -157,6 +160,14 @@ pub fn run(a: &EvalArgs) -> Result<()> {
         What::Shapes(s) => s,
         What::Movq(m) => return run_movq(m),
     };
+    // Every size is checked before the first section runs (they take minutes each).
+    for (what, n) in [
+        ("--n", s.n),
+        ("--inpaint-n", s.inpaint_n),
+        ("--controlnet-n", s.controlnet_n),
+    ] {
+        check_eval_n(what, n)?;
+    }
     let decoder = section_dir(s.model.as_deref(), None, DecoderKind::TextToImage, 1)?
         .context("the small model has a text-to-image decoder")?;
     let settings = ShapesEval {

@@ -764,3 +764,32 @@ fn new_training_flags_refuse_bad_values_before_working() {
         assert!(!out.exists(), "{args:?} wrote {}", out.display());
     }
 }
+
+/// `eval movq` and `eval shapes` refuse sizes they cannot do (an evaluation keeps every image in
+/// memory) and MoVQs that are not there.
+#[test]
+fn evaluations_refuse_bad_sizes_and_missing_models_before_working() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no-such-movq").display().to_string();
+    for (args, message) in [
+        (strings(&["eval", "movq", "--n", "0"]), "at least 1"),
+        (strings(&["eval", "movq", "--n", "10001"]), "at most 10000"),
+        (
+            strings(&["eval", "movq", "--movq", &missing]),
+            "no-such-movq",
+        ),
+        (
+            strings(&["eval", "shapes", "--inpaint-n", "99999999"]),
+            "--inpaint-n must be at most 10000",
+        ),
+        (
+            strings(&["eval", "shapes", "--n", "4000000000"]),
+            "--n must be at most 10000",
+        ),
+    ] {
+        let res = bin().args(&args).output().unwrap();
+        let err = String::from_utf8_lossy(&res.stderr);
+        assert!(!res.status.success(), "{args:?} succeeded");
+        assert!(err.contains(message), "{args:?}: {err}");
+    }
+}

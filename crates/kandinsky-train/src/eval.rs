@@ -240,6 +240,7 @@ impl ShapesEval {
     /// What a section of `n` scenes per language starts with: the settings checked, the `save`
     /// directory made and the prior loaded.
     fn section_prior(&self, n: usize) -> Result<KandinskyPriorPipeline> {
+        check_eval_n("n", n)?;
         if n == 0 || self.steps == 0 || self.prior_steps < 2 {
             return Err(Error::InvalidArgument(
                 "n and steps must be at least 1, prior steps at least 2".into(),
@@ -343,6 +344,20 @@ impl EvalDecoder {
     }
 }
 
+/// The most prompts (or scenes) per language an evaluation takes: the held-out set has under 200
+/// scenes, so more only repeats them, and every image is kept in memory until it is scored.
+pub const MAX_EVAL_N: usize = 10_000;
+
+/// Refuses an evaluation size `n` (named `what` in the message) above [`MAX_EVAL_N`].
+pub fn check_eval_n(what: &str, n: usize) -> Result<()> {
+    if n > MAX_EVAL_N {
+        return Err(Error::InvalidArgument(format!(
+            "{what} must be at most {MAX_EVAL_N} per language, got {n}"
+        )));
+    }
+    Ok(())
+}
+
 /// One row of the evaluation table.
 #[derive(Debug, Clone)]
 pub struct EvalRow {
@@ -403,6 +418,7 @@ pub fn round_trips_of(
 /// prompts, renders and seed), scored by the analyser: the ceiling of any decoder with this
 /// MoVQ, in seconds instead of a whole evaluation. One row per language.
 pub fn eval_movq(movq: &VQModel, n: usize, seed: u64, device: &Device) -> Result<Vec<EvalRow>> {
+    check_eval_n("n", n)?;
     if n == 0 {
         return Err(Error::InvalidArgument("n must be at least 1".into()));
     }
@@ -443,6 +459,7 @@ pub fn eval_shapes(
     s: &ShapesEval,
     progress: &mut dyn FnMut(&str, usize, usize),
 ) -> Result<Vec<EvalRow>> {
+    check_eval_n("n", s.n)?;
     if s.n < 2 || s.batch == 0 || s.steps == 0 || s.prior_steps < 2 {
         return Err(Error::InvalidArgument(
             "n must be at least 2, batch and steps at least 1, prior steps at least 2".into(),
