@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 use kandinsky::loading::{given_or_small, small_decoder_part, small_named_dirs, SMALL_MODEL_NAMES};
 use kandinsky::pipelines::auto_pipeline::DecoderKind;
 use kandinsky_train::eval::{
-    check_eval_n, eval_controlnet, eval_inpainting, eval_shapes, Accuracy, ShapesEval,
+    check_eval_n, eval_controlnet, eval_inpainting, eval_shapes, Accuracy, Confusion, ShapesEval,
 };
 
 #[derive(clap::Args)]
@@ -243,6 +243,11 @@ pub fn run(a: &EvalArgs) -> Result<()> {
             println!("\n{}: mean absolute error {e:.2}/255", r.name);
         }
     }
+    for r in &rows {
+        if let Some(c) = &r.confusion {
+            print_confusion(r.name, c);
+        }
+    }
     if !inpaint_rows.is_empty() {
         println!();
         println!("| inpainting (no compositing) | n | mean change of the kept pixels (/255) | worst image (/255) | MoVQ round trip (floor, /255) |");
@@ -269,4 +274,27 @@ pub fn run(a: &EvalArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Shape confusion per size and colour confusion as Markdown tables (rows: asked; columns: read).
+fn print_confusion(name: &str, c: &Confusion) {
+    for (size, label) in ["small", "large"].iter().enumerate() {
+        println!("\n{name}, {label} objects: shape asked (rows) against read (columns)\n");
+        println!("| asked | circle | square | triangle | unread |");
+        println!("|---|---|---|---|---|");
+        for (asked, shape) in ["circle", "square", "triangle"].iter().enumerate() {
+            let counts = c.shape[size][asked].map(|n| n.to_string()).join(" | ");
+            println!("| {shape} | {counts} |");
+        }
+    }
+    const NAMES: [&str; 8] = [
+        "red", "orange", "yellow", "green", "blue", "purple", "white", "black",
+    ];
+    println!("\n{name}: object colour asked (rows) against read (columns)\n");
+    println!("| asked | {} | unread |", NAMES.join(" | "));
+    println!("|---|{}---|", "---|".repeat(8));
+    for (asked, colour) in NAMES.iter().enumerate() {
+        let counts = c.colour[asked].map(|n| n.to_string()).join(" | ");
+        println!("| {colour} | {counts} |");
+    }
 }

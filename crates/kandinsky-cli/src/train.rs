@@ -123,6 +123,20 @@ enum Stage {
         /// whatever the prompt says (0: every prompt describes its own image).
         #[arg(long, default_value_t = 0.0)]
         mismatch: f32,
+        /// With `--mismatch`: the noise of those examples leans a random share up to this much of
+        /// the way towards the other scene's latents, as the sampler's latents drift towards what
+        /// the prompt asks, and the model learns to pull the kept area back (0: Gaussian noise).
+        #[arg(long, default_value_t = 0.0)]
+        drift: f32,
+        /// Draw the training timesteps from `0..N` only (at most 1000): a phase for the
+        /// low-noise steps, which draw edges and corners (0: all 1000).
+        #[arg(long, default_value_t = 0)]
+        max_timestep: usize,
+        /// With `--inpaint`: the kept area's loss counts this many times more, with its
+        /// timestep weight uncapped, so that the model takes the layout of the kept area from
+        /// the known latents at the noisy steps (0: as the rest of the image).
+        #[arg(long, default_value_t = 0.0)]
+        kept_weight: f64,
         /// With `--depth-control`: the fraction of examples conditioned on the same scene with
         /// the object elsewhere, so that the ControlNet learns to take the position from the
         /// hint rather than from the prompt.
@@ -331,6 +345,9 @@ pub fn run(a: &TrainArgs) -> Result<()> {
             init,
             pool_cache,
             mismatch,
+            drift,
+            max_timestep,
+            kept_weight,
             moved,
         } => {
             let mut opts = s.options()?;
@@ -342,6 +359,19 @@ pub fn run(a: &TrainArgs) -> Result<()> {
             }
             if !(0.0..=1.0).contains(mismatch) || (*mismatch > 0.0 && !*inpaint) {
                 bail!("--mismatch is a fraction between 0 and 1, for --inpaint");
+            }
+            if !(drift.is_finite() && *drift >= 0.0 && *drift <= 1.0)
+                || (*drift > 0.0 && *mismatch == 0.0)
+            {
+                bail!("--drift is a share between 0 and 1, for --mismatch");
+            }
+            if !(kept_weight.is_finite() && *kept_weight >= 0.0)
+                || (*kept_weight > 0.0 && !*inpaint)
+            {
+                bail!("--kept-weight is 0 or a positive factor, for --inpaint");
+            }
+            if *max_timestep > kandinsky_train::unet::TRAIN_TIMESTEPS {
+                bail!("--max-timestep is at most 1000 (0: every timestep)");
             }
             let family = if family == "2.2" {
                 Family::V22
@@ -391,6 +421,9 @@ pub fn run(a: &TrainArgs) -> Result<()> {
                 kind,
                 weight_cap: *v_weight_cap,
                 mismatch: *mismatch,
+                drift: *drift,
+                timesteps: *max_timestep,
+                kept_weight: *kept_weight,
                 moved: *moved,
             };
             let r = train_unet(&opts, &pool, stage, &mut s.logger(name, "ε loss"))?;

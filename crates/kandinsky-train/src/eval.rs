@@ -5,7 +5,7 @@
 #![allow(clippy::needless_range_loop)]
 
 use super::analyser::{analyse, Score};
-use super::shapes::{eval_prompts, Language, Rng, Scene};
+use super::shapes::{eval_prompts, Language, Rng, Scene, Size, COLOURS, SHAPES};
 use candle_core::{DType, Device, Tensor};
 use kandinsky::error::{Error, Result};
 use kandinsky::loading::{component_dir, ModelIndex};
@@ -69,6 +69,41 @@ pub fn score(images: &[Vec<u8>], scenes: &[super::shapes::Scene], side: usize) -
         .map(|(img, s)| analyse(img, side).score(s))
         .collect();
     Accuracy::from_scores(&scores)
+}
+
+/// What the analyser read against what the prompt asked, for shape and object colour (the two
+/// attributes furthest from their targets), so a miss can be traced to a confusion.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Confusion {
+    /// `shape[size][asked][read]` with sizes small, large and shapes in [`SHAPES`]' order; read
+    /// index 3 counts images whose shape could not be read.
+    pub shape: [[[usize; 4]; 3]; 2],
+    /// `colour[asked][read]` in [`COLOURS`]' order; read index 8 counts unreadable colours.
+    pub colour: [[usize; 9]; 8],
+}
+
+impl Confusion {
+    /// Reads every `side × side` RGB8 image and counts it under its scene.
+    pub fn of(images: &[Vec<u8>], scenes: &[Scene], side: usize) -> Self {
+        let mut c = Self::default();
+        for (img, scene) in images.iter().zip(scenes) {
+            let r = analyse(img, side);
+            let size = usize::from(scene.size == Size::Large);
+            let asked = SHAPES.iter().position(|&x| x == scene.shape).unwrap_or(0);
+            let read = r
+                .shape
+                .and_then(|s| SHAPES.iter().position(|&x| x == s))
+                .unwrap_or(3);
+            c.shape[size][asked][read] += 1;
+            let asked = COLOURS.iter().position(|&x| x == scene.colour).unwrap_or(0);
+            let read = r
+                .colour
+                .and_then(|s| COLOURS.iter().position(|&x| x == s))
+                .unwrap_or(8);
+            c.colour[asked][read] += 1;
+        }
+        c
+    }
 }
 
 /// Mean and covariance (unbiased) of row vectors.
@@ -371,6 +406,8 @@ pub struct EvalRow {
     pub prior_cosine: Option<f64>,
     /// Mean absolute difference to the real renders, in 1/255 per channel (the MoVQ row).
     pub pixel_error: Option<f64>,
+    /// Shape and colour confusions (the generated rows).
+    pub confusion: Option<Confusion>,
 }
 
 /// Encodes `image` with the MoVQ and decodes the unquantised latent, as the pipelines decode
@@ -437,6 +474,7 @@ pub fn eval_movq(movq: &VQModel, n: usize, seed: u64, device: &Device) -> Result
             frechet: None,
             prior_cosine: None,
             pixel_error: Some(error),
+            confusion: None,
         });
     }
     Ok(rows)
@@ -543,6 +581,7 @@ pub fn eval_shapes(
             frechet: Some(fd),
             prior_cosine: Some(cos_sum / cos_n as f64),
             pixel_error: None,
+            confusion: Some(Confusion::of(&images, &scenes, SIDE)),
         });
         all_real.extend(real.into_iter().zip(scenes));
     }
@@ -553,6 +592,7 @@ pub fn eval_shapes(
         frechet: None,
         prior_cosine: None,
         pixel_error: Some(round_trip_error / round_trips.len() as f64),
+        confusion: None,
     });
     rows.push(EvalRow {
         name: "real images (analyser ceiling)",
@@ -560,6 +600,7 @@ pub fn eval_shapes(
         frechet: None,
         prior_cosine: None,
         pixel_error: None,
+        confusion: None,
     });
     Ok(rows)
 }

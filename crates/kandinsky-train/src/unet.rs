@@ -15,6 +15,7 @@ use candle_core::{Device, Tensor};
 use kandinsky::error::Result;
 use kandinsky::models::{UNet2DConditionModel, UNetConditioning};
 use kandinsky::pipelines::auto_pipeline::HINT_BLOCK_FACTOR;
+use kandinsky::pipelines::decoder::prepare_mask;
 use kandinsky::schedulers::{alphas_cumprod, linspace_f32};
 use kandinsky::utils::torch_utils::TorchGenerator;
 use std::path::{Path, PathBuf};
@@ -133,6 +134,9 @@ pub fn timestep_weights(alphas_cumprod: &[f32], cap: f64) -> Vec<f32> {
 /// machine, so the trained weights do not depend on the core count.
 pub const GRAD_PARTS: usize = 2;
 
+/// The decoder's training timesteps (diffusers' `num_train_timesteps`).
+pub const TRAIN_TIMESTEPS: usize = 1000;
+
 /// One drawn training batch: the noisy UNet input, the noise, the timesteps and the conditioning.
 pub struct NoisyBatch {
     input: Tensor,
@@ -143,6 +147,10 @@ pub struct NoisyBatch {
     cond: UNetCond,
     /// Per-position loss weights `(B, 1, h, w)` (see [`NoisyBatch::with_loss_weights`]).
     positions: Option<Tensor>,
+    /// `√(1 − ᾱ_t)` per example `(B, 1, 1, 1)`: the noise's scale in the input.
+    noise_scale: Tensor,
+    /// The loss weight cap the batch was drawn with ([`timestep_weights`]).
+    weight_cap: f64,
     /// The ControlNet's hint `(B, 3, H, W)` (see [`NoisyBatch::with_hint`]).
     hint: Option<Tensor>,
 }
@@ -159,9 +167,29 @@ impl NoisyBatch {
         rng: &mut Rng,
         generator: &mut TorchGenerator,
     ) -> Result<Self> {
+        Self::below(TRAIN_TIMESTEPS, x0, cond, extra, weight_cap, rng, generator)
+    }
+
+    /// [`NoisyBatch::new`] with the timesteps drawn from `0..end` only (`end` ≤ 1000): a phase
+    /// that trains the low-noise steps, which draw the edges and corners, without the noisy
+    /// ones, which decide the layout.
+    pub fn below(
+        end: usize,
+        x0: &Tensor,
+        cond: &UNetCond,
+        extra: Option<&Tensor>,
+        weight_cap: f64,
+        rng: &mut Rng,
+        generator: &mut TorchGenerator,
+    ) -> Result<Self> {
+        if end == 0 || end > TRAIN_TIMESTEPS {
+            return Err(kandinsky::error::Error::InvalidArgument(format!(
+                "training timesteps end at 1 to {TRAIN_TIMESTEPS}, got {end}"
+            )));
+        }
         let b = x0.dim(0)?;
-        let ac = alphas_cumprod(&linspace_f32(0.00085, 0.012, 1000));
-        let ts: Vec<usize> = (0..b).map(|_| rng.below(1000)).collect();
+        let ac = alphas_cumprod(&linspace_f32(0.00085, 0.012, TRAIN_TIMESTEPS));
+        let ts: Vec<usize> = (0..b).map(|_| rng.below(end)).collect();
         let col = |f: &dyn Fn(usize) -> f32| -> Result<Tensor> {
             let v: Vec<f32> = ts.iter().map(|&t| f(t)).collect();
             Ok(Tensor::from_vec(v, (b, 1, 1, 1), &Device::Cpu)?)
@@ -182,8 +210,65 @@ impl NoisyBatch {
             ts,
             cond: cond.clone(),
             positions: None,
+            noise_scale: sb,
+            weight_cap,
             hint: None,
         })
+    }
+
+    /// Adds a structured part `drift (B, C, h, w)` to the noise, in the input and in the target:
+    /// the model learns to call noise whatever in its input departs from the clean latents. For
+    /// an inpainting example, whose clean kept latents the model is given, `drift` towards
+    /// another scene mimics the sampler's latents wandering off towards what the prompt asks,
+    /// and teaches the model to pull the kept area back (diffusers' `KandinskyInpaintPipeline`
+    /// never re-imposes the known latents, so nothing else does).
+    pub fn with_drift(mut self, drift: Option<&Tensor>) -> Result<Self> {
+        let Some(d) = drift else {
+            return Ok(self);
+        };
+        let c = self.noise.dim(1)?;
+        let shifted = d.broadcast_mul(&self.noise_scale)?;
+        let channels = self.input.dim(1)?;
+        let xt = (self.input.narrow(1, 0, c)? + shifted)?;
+        self.input = if channels > c {
+            Tensor::cat(&[&xt, &self.input.narrow(1, c, channels - c)?], 1)?
+        } else {
+            xt
+        };
+        self.noise = (&self.noise + d)?;
+        Ok(self)
+    }
+
+    /// Weights the loss of an inpainting example's kept area `keep (B, 1, h, w)` (1 = kept)
+    /// `kappa` times more, and undoes the timestep weight's cap there: kept positions count as
+    /// `kappa · 1/ᾱ_t` (the v-loss, in which an ε error is an error of the predicted image scaled
+    /// by `√ᾱ`). At the noisy steps, which fix the layout, the known latents change the best ε
+    /// by only `√ᾱ/√(1−ᾱ)` of their size, so the capped ε loss barely asks the model to use them
+    /// and it paints the prompt's scene over the kept area.
+    pub fn with_kept_weight(mut self, keep: Option<&Tensor>, kappa: f64) -> Result<Self> {
+        let Some(keep) = keep else {
+            return Ok(self);
+        };
+        let ac = alphas_cumprod(&linspace_f32(0.00085, 0.012, TRAIN_TIMESTEPS));
+        let cap = self.weight_cap;
+        let factors: Vec<f32> = self
+            .ts
+            .iter()
+            .map(|&t| {
+                let inv = 1.0 / ac[t] as f64;
+                let capped = if cap > 0.0 { inv.min(cap) } else { 1.0 };
+                (kappa * inv / capped) as f32
+            })
+            .collect();
+        let b = factors.len();
+        let g = Tensor::from_vec(factors, (b, 1, 1, 1), &Device::Cpu)?;
+        // 1 where repainted, g_t where kept.
+        let scale = (keep.broadcast_mul(&(g - 1.0)?)? + 1.0)?;
+        self.positions = Some(match self.positions.take() {
+            Some(p) => (p * scale)?,
+            None => scale,
+        });
+        Ok(self)
     }
 
     /// Gives the UNet a hint `(B, 3, H, W)` in [0, 1] (the 2.2 ControlNet's `hint`).
@@ -578,11 +663,19 @@ impl DecoderPool {
             } else {
                 None
             };
-            let mask = Tensor::from_vec(keep, (batch, 1, h, w), &Device::Cpu)?;
+            // The model sees the keep-mask as the pipelines prepare it (`prepare_mask`: the
+            // repainted area grown by about one latent cell), while the loss above counts the
+            // user's whole kept area: the model must continue the kept content into that band.
+            let user = Tensor::from_vec(keep, (batch, 1, h, w), &Device::Cpu)?;
+            let mask = prepare_mask(&user)?;
             let masked = x0.broadcast_mul(&mask)?;
-            (Some(Tensor::cat(&[masked, mask], 1)?), positions)
+            (
+                Some(Tensor::cat(&[masked, mask], 1)?),
+                positions,
+                Some(user),
+            )
         } else {
-            (None, None)
+            (None, None, None)
         };
         Ok(PoolBatch {
             x0,
@@ -590,6 +683,8 @@ impl DecoderPool {
             extra: extra.0,
             positions: extra.1,
             indices: idx.iter().map(|&i| i as u64).collect(),
+            cond_indices: cond_idx.iter().map(|&i| i as u64).collect(),
+            keep: extra.2,
             dropped: drop,
         })
     }
@@ -607,11 +702,39 @@ pub struct PoolBatch {
     pub positions: Option<Tensor>,
     /// Which pool entries (training examples) the rows are.
     pub indices: Vec<u64>,
+    /// Which pool entry each row's conditioning describes (its own, or another for mismatched
+    /// inpainting examples; dropout not counted).
+    pub cond_indices: Vec<u64>,
+    /// For inpainting: the user's keep-mask `(B, 1, h, w)` (1 = kept), before the pipelines'
+    /// `prepare_mask` grows the repainted area.
+    pub keep: Option<Tensor>,
     /// Which rows got the unconditional conditioning.
     pub dropped: Vec<bool>,
 }
 
 impl DecoderPool {
+    /// The structured noise of [`NoisyBatch::with_drift`] for `batch`: `λ · (x0[cond] − x0)` for
+    /// each row whose conditioning describes another entry, `λ` uniform in `[0, max]`; zero for
+    /// the other rows.
+    pub fn drift(&self, batch: &PoolBatch, max: f32, rng: &mut Rng) -> Result<Tensor> {
+        let rows: Vec<Tensor> = batch
+            .indices
+            .iter()
+            .zip(&batch.cond_indices)
+            .enumerate()
+            .map(|(r, (&own, &other))| -> Result<Tensor> {
+                let x0 = batch.x0.narrow(0, r, 1)?;
+                if own == other {
+                    return Ok(x0.zeros_like()?);
+                }
+                let lambda = f64::from(rng.unit() * max);
+                let target = self.latents.narrow(0, other as usize, 1)?;
+                Ok(((target - x0)? * lambda)?)
+            })
+            .collect::<Result<_>>()?;
+        Ok(Tensor::cat(&rows, 0)?)
+    }
+
     /// Gives `rows` of `batch` the conditioning of other pool entries: `(row, entry)` pairs.
     pub fn swap_conditioning(&self, batch: &mut PoolBatch, rows: &[(usize, usize)]) -> Result<()> {
         let replace = |t: &Tensor, pool: &Tensor| -> Result<Tensor> {
@@ -760,6 +883,15 @@ pub struct UNetStage {
     /// For inpainting: the fraction of examples conditioned on another scene, their loss on the
     /// kept area only ([`DecoderPool::batch_mismatched`]).
     pub mismatch: f32,
+    /// For inpainting: the largest share `λ` (drawn uniformly in `[0, drift]`) of the way
+    /// towards the conditioning's scene that a mismatched example's noise leans
+    /// ([`DecoderPool::drift`], [`NoisyBatch::with_drift`]); 0: plain Gaussian noise.
+    pub drift: f32,
+    /// Timesteps are drawn from `0..timesteps` ([`NoisyBatch::below`]); 0 means all 1000.
+    pub timesteps: usize,
+    /// For inpainting: how much more the kept area's loss counts, its timestep weight uncapped
+    /// ([`NoisyBatch::with_kept_weight`]); 0: as the rest of the image.
+    pub kept_weight: f64,
     /// For the ControlNet: the fraction of examples conditioned on the same scene with the object
     /// elsewhere ([`moved_object_partners`]), so that the position must come from the hint.
     pub moved: f32,
@@ -823,6 +955,13 @@ pub fn train_unet(
                 }
                 pool.swap_conditioning(&mut b, &swaps)?;
             }
+            let drift = if stage.drift > 0.0 {
+                // A stream of its own, so that the rest of the batch is what it was without.
+                let mut lean = Rng::new(opts.seed ^ 0xd71f ^ step.wrapping_mul(0x1000_0001));
+                Some(pool.drift(&b, stage.drift, &mut lean)?)
+            } else {
+                None
+            };
             let hint = match stage.kind {
                 UNetKind::DepthControl => {
                     let side = b.x0.dim(2)? * HINT_BLOCK_FACTOR;
@@ -830,7 +969,12 @@ pub fn train_unet(
                 }
                 _ => None,
             };
-            NoisyBatch::new(
+            let end = match stage.timesteps {
+                0 => TRAIN_TIMESTEPS,
+                t => t,
+            };
+            NoisyBatch::below(
+                end,
                 &b.x0,
                 &b.cond,
                 b.extra.as_ref(),
@@ -838,7 +982,12 @@ pub fn train_unet(
                 &mut rng,
                 &mut generator,
             )?
+            .with_drift(drift.as_ref())?
             .with_loss_weights(b.positions)
+            .with_kept_weight(
+                b.keep.as_ref().filter(|_| stage.kept_weight > 0.0),
+                stage.kept_weight,
+            )?
             .with_hint(hint)
             .grads(unet, vars, GRAD_PARTS)
         },
@@ -1021,6 +1170,133 @@ mod tests {
     }
 
     #[test]
+    fn drift_moves_the_noisy_latents_and_the_target_together() {
+        let d = Device::Cpu;
+        let x0 = Tensor::randn(0f32, 1.0, (3, 4, 4, 4), &d).unwrap();
+        let extra = Tensor::randn(0f32, 1.0, (3, 5, 4, 4), &d).unwrap();
+        let cond = (
+            Tensor::zeros((3, 2), DType::F32, &d).unwrap(),
+            Tensor::zeros((3, 2), DType::F32, &d).unwrap(),
+            Tensor::zeros((3, 3, 2), DType::F32, &d).unwrap(),
+        );
+        let drift = Tensor::randn(0f32, 1.0, (3, 4, 4, 4), &d).unwrap();
+        let draw = || {
+            NoisyBatch::new(
+                &x0,
+                &cond,
+                Some(&extra),
+                0.0,
+                &mut Rng::new(2),
+                &mut TorchGenerator::new(3),
+            )
+            .unwrap()
+        };
+        let plain = draw();
+        let drifted = draw().with_drift(Some(&drift)).unwrap();
+        let ac = alphas_cumprod(&linspace_f32(0.00085, 0.012, 1000));
+        let sub = |a: &Tensor, b: &Tensor| (a - b).unwrap();
+        for r in 0..3 {
+            let sb = (1.0 - ac[plain.ts[r]]).sqrt();
+            let moved = sub(&drifted.input.get(r).unwrap(), &plain.input.get(r).unwrap());
+            let want = (drift.get(r).unwrap() * f64::from(sb)).unwrap();
+            let err = sub(&moved.narrow(0, 0, 4).unwrap(), &want)
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(err < 1e-5, "row {r}: {err}");
+            let extra_moved = moved.narrow(0, 4, 5).unwrap().abs().unwrap();
+            assert_eq!(
+                extra_moved.max_all().unwrap().to_scalar::<f32>().unwrap(),
+                0.0
+            );
+        }
+        let target = sub(&drifted.noise, &plain.noise);
+        let err = sub(&target, &drift).abs().unwrap().max_all().unwrap();
+        assert!(err.to_scalar::<f32>().unwrap() < 1e-6);
+        // No drift: the batch as drawn.
+        let same = draw().with_drift(None).unwrap();
+        let diff = sub(&same.input, &plain.input)
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap();
+        assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0);
+    }
+
+    #[test]
+    fn the_kept_area_counts_kappa_times_its_uncapped_timestep_weight() {
+        let d = Device::Cpu;
+        let b = 6;
+        let x0 = Tensor::zeros((b, 4, 2, 2), DType::F32, &d).unwrap();
+        let cond = (
+            Tensor::zeros((b, 2), DType::F32, &d).unwrap(),
+            Tensor::zeros((b, 2), DType::F32, &d).unwrap(),
+            Tensor::zeros((b, 3, 2), DType::F32, &d).unwrap(),
+        );
+        // Left column kept, right column repainted; row 0 already weighted (a mismatched row).
+        let keep = Tensor::new(&[1f32, 0., 1., 0.], &d)
+            .unwrap()
+            .reshape((1, 1, 2, 2))
+            .unwrap()
+            .repeat((b, 1, 1, 1))
+            .unwrap();
+        let prior = Tensor::ones((b, 1, 2, 2), DType::F32, &d).unwrap();
+        let prior = Tensor::cat(
+            &[
+                (prior.narrow(0, 0, 1).unwrap() * 2.0).unwrap(),
+                prior.narrow(0, 1, b - 1).unwrap(),
+            ],
+            0,
+        )
+        .unwrap();
+        let draw = || {
+            NoisyBatch::new(
+                &x0,
+                &cond,
+                None,
+                50.0,
+                &mut Rng::new(11),
+                &mut TorchGenerator::new(1),
+            )
+            .unwrap()
+        };
+        let batch = draw()
+            .with_loss_weights(Some(prior))
+            .with_kept_weight(Some(&keep), 3.0)
+            .unwrap();
+        let ac = alphas_cumprod(&linspace_f32(0.00085, 0.012, 1000));
+        let w = batch.positions.unwrap();
+        let mut uncapped = 0;
+        for r in 0..b {
+            let inv = 1.0 / ac[batch.ts[r]] as f64;
+            let g = 3.0 * inv / inv.min(50.0);
+            uncapped += usize::from(inv > 50.0);
+            let base = if r == 0 { 2.0 } else { 1.0 };
+            let got = w
+                .get(r)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            let want = [base * g, base, base * g, base];
+            for (a, e) in got.iter().zip(want) {
+                assert!(
+                    (*a as f64 - e).abs() < 1e-4 * e,
+                    "row {r}: {got:?} against {want:?}"
+                );
+            }
+        }
+        assert!(uncapped > 0 && uncapped < b, "timesteps {:?}", batch.ts);
+        // Without a keep-mask nothing changes.
+        let plain = draw().with_kept_weight(None, 3.0).unwrap();
+        assert!(plain.positions.is_none());
+    }
+
+    #[test]
     fn mismatched_inpainting_examples_count_only_their_kept_area() {
         let pool = numbered_pool(6);
         let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
@@ -1047,6 +1323,7 @@ mod tests {
             extra,
             positions: weights,
             indices,
+            keep: user_keep,
             ..
         } = pool
             .batch_mismatched(b, true, 1.0, &mut Rng::new(5))
@@ -1067,20 +1344,76 @@ mod tests {
                 );
                 other += 1;
             }
-            // The keep-mask is the extra input's last channel; the loss counts only where it is 1,
-            // scaled to a mean of 1 over the example.
-            let keep = flat(&extra.get(r).unwrap().narrow(0, 4, 1).unwrap());
+            // The loss counts the user's kept area (all but one rectangle), scaled to a mean of 1
+            // over the example; the model's keep-mask (the extra input's last channel) is that
+            // area as the pipelines prepare it, and the masked latents are zero outside it.
             let w = flat(&weights.get(r).unwrap());
-            let kept: f32 = keep.iter().sum();
-            for (k, w) in keep.iter().zip(&w) {
+            let user: Vec<f32> = w.iter().map(|&v| f32::from(v > 0.0)).collect();
+            let kept: f32 = user.iter().sum();
+            assert!(kept < 16.0, "row {r}: nothing to repaint");
+            for (k, w) in user.iter().zip(&w) {
                 let want = if kept > 0.0 { k * 16.0 / kept } else { 0.0 };
-                assert!((w - want).abs() < 1e-6, "row {r}: {w} for keep {k}");
+                assert!((w - want).abs() < 1e-5, "row {r}: {w} for keep {k}");
+            }
+            let holes: Vec<(usize, usize)> = (0..16)
+                .filter(|&p| user[p] == 0.0)
+                .map(|p| (p / 4, p % 4))
+                .collect();
+            let (y0, y1) = (
+                holes.iter().map(|h| h.0).min(),
+                holes.iter().map(|h| h.0).max(),
+            );
+            let (x0_, x1) = (
+                holes.iter().map(|h| h.1).min(),
+                holes.iter().map(|h| h.1).max(),
+            );
+            let area = (y1.unwrap() - y0.unwrap() + 1) * (x1.unwrap() - x0_.unwrap() + 1);
+            assert_eq!(
+                holes.len(),
+                area,
+                "row {r}: the repainted area is not a rectangle"
+            );
+            let user_keep_row = flat(&user_keep.as_ref().unwrap().get(r).unwrap());
+            assert_eq!(user_keep_row, user, "row {r}: the batch's keep-mask");
+            let user = Tensor::from_vec(user, (1, 1, 4, 4), &Device::Cpu).unwrap();
+            let model_keep = flat(&extra.get(r).unwrap().narrow(0, 4, 1).unwrap());
+            assert_eq!(model_keep, flat(&prepare_mask(&user).unwrap()), "row {r}");
+            let masked = flat(&extra.get(r).unwrap().narrow(0, 0, 4).unwrap());
+            let latents = flat(&x0.get(r).unwrap());
+            for (i, (m, l)) in masked.iter().zip(&latents).enumerate() {
+                assert_eq!(*m, l * model_keep[i % 16], "row {r}, value {i}");
             }
         }
         assert!(
             other > 0 && dropped < b / 2,
             "{other} mismatched, {dropped} dropped"
         );
+        // Drift: zero for rows conditioned on their own entry, otherwise a share λ ≤ max of the
+        // way to the conditioning's latents.
+        let batch = pool
+            .batch_mismatched(b, true, 0.5, &mut Rng::new(7))
+            .unwrap();
+        let drift = pool.drift(&batch, 0.8, &mut Rng::new(1)).unwrap();
+        let (mut leaning, mut own) = (0, 0);
+        for r in 0..b {
+            let d = flat(&drift.get(r).unwrap());
+            let (i, j) = (batch.indices[r], batch.cond_indices[r]);
+            if i == j {
+                assert!(d.iter().all(|&v| v == 0.0), "row {r}");
+                own += 1;
+                continue;
+            }
+            // Numbered latents: entry j minus entry i is 64·(j − i) everywhere.
+            let gap = 64.0 * (j as f32 - i as f32);
+            let lambda = d[0] / gap;
+            assert!((0.0..=0.8).contains(&lambda), "row {r}: λ = {lambda}");
+            assert!(
+                d.iter().all(|&v| (v - lambda * gap).abs() < 1e-3),
+                "row {r}"
+            );
+            leaning += 1;
+        }
+        assert!(leaning > 0 && own > 0, "{leaning} leaning, {own} own");
         // Text-to-image batches never mismatch.
         let b = pool
             .batch_mismatched(8, false, 1.0, &mut Rng::new(5))
