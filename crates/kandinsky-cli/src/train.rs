@@ -128,6 +128,10 @@ enum Stage {
         /// the prompt asks, and the model learns to pull the kept area back (0: Gaussian noise).
         #[arg(long, default_value_t = 0.0)]
         drift: f32,
+        /// With `--drift`: move the clean latents instead of the noise, so that the model
+        /// restores the kept area even at the last sampling steps.
+        #[arg(long)]
+        drift_in_image: bool,
         /// Draw the training timesteps from `0..N` only (at most 1000): a phase for the
         /// low-noise steps, which draw edges and corners (0: all 1000).
         #[arg(long, default_value_t = 0)]
@@ -346,6 +350,7 @@ pub fn run(a: &TrainArgs) -> Result<()> {
             pool_cache,
             mismatch,
             drift,
+            drift_in_image,
             max_timestep,
             kept_weight,
             moved,
@@ -364,6 +369,9 @@ pub fn run(a: &TrainArgs) -> Result<()> {
                 || (*drift > 0.0 && *mismatch == 0.0)
             {
                 bail!("--drift is a share between 0 and 1, for --mismatch");
+            }
+            if *drift_in_image && *drift == 0.0 {
+                bail!("--drift-in-image needs --drift");
             }
             if !(kept_weight.is_finite() && *kept_weight >= 0.0)
                 || (*kept_weight > 0.0 && !*inpaint)
@@ -422,6 +430,7 @@ pub fn run(a: &TrainArgs) -> Result<()> {
                 weight_cap: *v_weight_cap,
                 mismatch: *mismatch,
                 drift: *drift,
+                drift_in_image: *drift_in_image,
                 timesteps: *max_timestep,
                 kept_weight: *kept_weight,
                 moved: *moved,

@@ -222,20 +222,58 @@ impl NoisyBatch {
     /// another scene mimics the sampler's latents wandering off towards what the prompt asks,
     /// and teaches the model to pull the kept area back (diffusers' `KandinskyInpaintPipeline`
     /// never re-imposes the known latents, so nothing else does).
-    pub fn with_drift(mut self, drift: Option<&Tensor>) -> Result<Self> {
+    ///
+    /// With `in_image` the drift is of the clean latents instead: the input moves by `√ᾱ·drift`
+    /// and the target noise by `√ᾱ/√(1−ᾱ)·drift`, so the model must predict the known latents
+    /// whatever the input holds, even at the last, least noisy steps (where a noise-space drift
+    /// is tiny). Those rows' loss is then weighted by `min(1, (1−ᾱ)/ᾱ)`, an error of the
+    /// predicted image at the least noisy steps, as the targets grow like `1/√(1−ᾱ)` there.
+    pub fn with_drift(mut self, drift: Option<&Tensor>, in_image: bool) -> Result<Self> {
         let Some(d) = drift else {
             return Ok(self);
         };
         let c = self.noise.dim(1)?;
-        let shifted = d.broadcast_mul(&self.noise_scale)?;
+        let b = self.ts.len();
+        let (shift, target) = if in_image {
+            let ac = alphas_cumprod(&linspace_f32(0.00085, 0.012, TRAIN_TIMESTEPS));
+            let col = |f: &dyn Fn(f64) -> f64| -> Result<Tensor> {
+                let v: Vec<f32> = self.ts.iter().map(|&t| f(ac[t] as f64) as f32).collect();
+                Ok(Tensor::from_vec(v, (b, 1, 1, 1), &Device::Cpu)?)
+            };
+            let sa = col(&|a| a.sqrt())?;
+            let ratio = col(&|a| (a / (1.0 - a)).sqrt())?;
+            // Rows that drift count as image errors at the least noisy steps.
+            let moved = d.sqr()?.flatten_from(1)?.sum(1)?.to_vec1::<f32>()?;
+            let factors: Vec<f32> = self
+                .ts
+                .iter()
+                .zip(&moved)
+                .map(|(&t, &m)| {
+                    let a = ac[t] as f64;
+                    if m > 0.0 {
+                        ((1.0 - a) / a).min(1.0) as f32
+                    } else {
+                        1.0
+                    }
+                })
+                .collect();
+            let f = Tensor::from_vec(factors, (b, 1, 1, 1), &Device::Cpu)?;
+            self.positions = Some(match self.positions.take() {
+                Some(p) => p.broadcast_mul(&f)?,
+                None => f.broadcast_as((b, 1, d.dim(2)?, d.dim(3)?))?.contiguous()?,
+            });
+            (d.broadcast_mul(&sa)?, d.broadcast_mul(&ratio)?)
+        } else {
+            (d.broadcast_mul(&self.noise_scale)?, d.clone())
+        };
         let channels = self.input.dim(1)?;
-        let xt = (self.input.narrow(1, 0, c)? + shifted)?;
+        let xt = (self.input.narrow(1, 0, c)? + shift)?;
         self.input = if channels > c {
             Tensor::cat(&[&xt, &self.input.narrow(1, c, channels - c)?], 1)?
         } else {
             xt
         };
-        self.noise = (&self.noise + d)?;
+        self.noise = (&self.noise + target)?;
         Ok(self)
     }
 
@@ -887,6 +925,8 @@ pub struct UNetStage {
     /// towards the conditioning's scene that a mismatched example's noise leans
     /// ([`DecoderPool::drift`], [`NoisyBatch::with_drift`]); 0: plain Gaussian noise.
     pub drift: f32,
+    /// The drift moves the clean latents rather than the noise ([`NoisyBatch::with_drift`]).
+    pub drift_in_image: bool,
     /// Timesteps are drawn from `0..timesteps` ([`NoisyBatch::below`]); 0 means all 1000.
     pub timesteps: usize,
     /// For inpainting: how much more the kept area's loss counts, its timestep weight uncapped
@@ -982,8 +1022,8 @@ pub fn train_unet(
                 &mut rng,
                 &mut generator,
             )?
-            .with_drift(drift.as_ref())?
             .with_loss_weights(b.positions)
+            .with_drift(drift.as_ref(), stage.drift_in_image)?
             .with_kept_weight(
                 b.keep.as_ref().filter(|_| stage.kept_weight > 0.0),
                 stage.kept_weight,
@@ -1192,7 +1232,7 @@ mod tests {
             .unwrap()
         };
         let plain = draw();
-        let drifted = draw().with_drift(Some(&drift)).unwrap();
+        let drifted = draw().with_drift(Some(&drift), false).unwrap();
         let ac = alphas_cumprod(&linspace_f32(0.00085, 0.012, 1000));
         let sub = |a: &Tensor, b: &Tensor| (a - b).unwrap();
         for r in 0..3 {
@@ -1216,8 +1256,43 @@ mod tests {
         let target = sub(&drifted.noise, &plain.noise);
         let err = sub(&target, &drift).abs().unwrap().max_all().unwrap();
         assert!(err.to_scalar::<f32>().unwrap() < 1e-6);
+        // In the image: the input moves by √ᾱ·drift, the target by √ᾱ/√(1−ᾱ)·drift, and each
+        // drifting row's loss is weighted min(1, (1−ᾱ)/ᾱ); a row without drift keeps weight 1.
+        let still = Tensor::cat(
+            &[
+                drift.narrow(0, 0, 2).unwrap(),
+                drift.narrow(0, 2, 1).unwrap().zeros_like().unwrap(),
+            ],
+            0,
+        )
+        .unwrap();
+        let image = draw().with_drift(Some(&still), true).unwrap();
+        let weights = image.positions.as_ref().unwrap();
+        for r in 0..3 {
+            let a = ac[plain.ts[r]] as f64;
+            let d = still.get(r).unwrap();
+            let moved = sub(&image.input.get(r).unwrap(), &plain.input.get(r).unwrap());
+            let target = sub(&image.noise.get(r).unwrap(), &plain.noise.get(r).unwrap());
+            for (got, scale) in [
+                (moved.narrow(0, 0, 4).unwrap(), a.sqrt()),
+                (target, (a / (1.0 - a)).sqrt()),
+            ] {
+                let want = (&d * scale).unwrap();
+                let err = sub(&got, &want).abs().unwrap().max_all().unwrap();
+                let err = err.to_scalar::<f32>().unwrap() as f64;
+                assert!(err < 1e-4 * scale.max(1.0), "row {r}: {err}");
+            }
+            let w = weights.get(r).unwrap().flatten_all().unwrap();
+            let want = if r < 2 { ((1.0 - a) / a).min(1.0) } else { 1.0 };
+            for v in w.to_vec1::<f32>().unwrap() {
+                assert!(
+                    (v as f64 - want).abs() < 1e-5,
+                    "row {r}: weight {v}, want {want}"
+                );
+            }
+        }
         // No drift: the batch as drawn.
-        let same = draw().with_drift(None).unwrap();
+        let same = draw().with_drift(None, true).unwrap();
         let diff = sub(&same.input, &plain.input)
             .abs()
             .unwrap()
