@@ -274,7 +274,18 @@ fn train_unet_and_inpainting_unet_on_trained_encoders() {
             &["--steps", "1", "--pool-cache", &cache, "--init", &unet_dir],
         ),
         unet(
-            &["--family", "2.2", "--inpaint", "--mismatch", "0.5"],
+            &[
+                "--family",
+                "2.2",
+                "--inpaint",
+                "--mismatch",
+                "0.5",
+                "--drift",
+                "1",
+                "--drift-in-image",
+                "--kept-weight",
+                "2",
+            ],
             "inpaint-2-2",
             &["--steps", "1", "--pool-cache", &cache, "--init", &unet_2_2],
         ),
@@ -755,6 +766,18 @@ fn new_training_flags_refuse_bad_values_before_working() {
             "--moved",
         ),
         (unet(&["--family", "2.3"]), "2.3"),
+        (unet(&["--inpaint", "--drift", "0.5"]), "--drift"),
+        (
+            unet(&["--inpaint", "--mismatch", "0.3", "--drift", "2"]),
+            "--drift",
+        ),
+        (
+            unet(&["--inpaint", "--mismatch", "0.3", "--drift-in-image"]),
+            "--drift-in-image needs --drift",
+        ),
+        (unet(&["--kept-weight", "2"]), "--kept-weight"),
+        (unet(&["--inpaint", "--kept-weight=-1"]), "--kept-weight"),
+        (unet(&["--max-timestep", "1001"]), "--max-timestep"),
         (unet(&["--inpaint", "--depth-control"]), "cannot be used"),
     ] {
         let res = bin().args(&args).output().unwrap();
