@@ -279,8 +279,7 @@ impl NoisyBatch {
 
     /// Weights the loss of an inpainting example's kept area `keep (B, 1, h, w)` (1 = kept)
     /// `kappa` times more, and undoes the timestep weight's cap there: kept positions count as
-    /// `kappa · 1/ᾱ_t` (the v-loss, in which an ε error is an error of the predicted image scaled
-    /// by `√ᾱ`). At the noisy steps, which fix the layout, the known latents change the best ε
+    /// `kappa · 1/ᾱ_t` (the v-loss, `‖ε̂ − ε‖²/ᾱ_t`, uncapped). At the noisy steps, which fix the layout, the known latents change the best ε
     /// by only `√ᾱ/√(1−ᾱ)` of their size, so the capped ε loss barely asks the model to use them
     /// and it paints the prompt's scene over the kept area.
     pub fn with_kept_weight(mut self, keep: Option<&Tensor>, kappa: f64) -> Result<Self> {
