@@ -539,6 +539,24 @@ fn train_unet_and_inpainting_unet_on_trained_encoders() {
         "{stdout}"
     );
     assert!(stdout.contains("generated, Russian"), "{stdout}");
+    // The confusion tables count every generated image once (4 per language): shape asked
+    // against read, per size, and object colour asked against read.
+    let counted = |rows: &[&str]| -> usize {
+        stdout
+            .lines()
+            .filter(|l| rows.iter().any(|r| l.starts_with(&format!("| {r} |"))))
+            .flat_map(|l| {
+                l.split('|')
+                    .filter_map(|c| c.trim().parse::<usize>().ok())
+                    .collect::<Vec<_>>()
+            })
+            .sum()
+    };
+    assert_eq!(counted(&["circle", "square", "triangle"]), 8, "{stdout}");
+    let colours = [
+        "red", "orange", "yellow", "green", "blue", "purple", "white", "black",
+    ];
+    assert_eq!(counted(&colours), 8, "{stdout}");
     // `eval movq` scores the same round trips as the table's MoVQ row, one row per language.
     let movq_row = stdout
         .lines()
