@@ -4,7 +4,7 @@
 # (decoder, decoder-inpaint) and 2.2 (decoder-2-2, decoder-2-2-inpaint, decoder-2-2-controlnet-depth)
 # with one prior. Every stage resumes from its checkpoint, so the script can be re-run after an
 # interruption. The eighth session's form ran in 154 minutes on the 2-core development machine;
-# this one (a longer prior, the UNet's detail phase) is estimated from the stages' rates at about
+# this one (a longer prior, a fourth UNet phase) is estimated from the stages' rates at about
 # 175 minutes, over the 150-minute target (see docs/small-model.md).
 # Usage: tools/train_small_model.sh [RUNS_DIR] [MODEL_DIR]
 # Stages that do not depend on each other run side by side, one core each, with their output in
@@ -54,11 +54,12 @@ TEACHERS=(--movq "$RUNS/movq" --clip "$RUNS/clip" --mclip "$RUNS/mclip" --batch 
     --v-weight-cap 50 --log-every 100 --pool-cache "$RUNS/pool.safetensors")
 UNET_ARGS=("${TEACHERS[@]}" --lr 5e-4)
 $K train unet --out "$RUNS/unet-base" "${UNET_ARGS[@]}" --steps 6400 --lr-restarts 2600,5000 --lr-decay-steps 600
-# Its detail phase: 1000 steps on the least noisy 400 timesteps only, at a lower learning rate,
-# which draw edges and corners (the decoder alone, given real image embeddings, read 77 / 79 % of
-# shapes right before it, 83 / 84 % after; small triangles stopped coming out round).
+# A fourth phase at a lower learning rate, from fresh optimiser state: the decoder alone, given
+# real image embeddings, read 77 / 79 % of shapes right before it and 83 / 82 % after, colour
+# 100 / 100 % (small triangles stopped coming out round). The same 1000 steps on the least
+# noisy 400 timesteps only (--max-timestep 400) did no better.
 $K train unet --init "$RUNS/unet-base" --out "$RUNS/unet" "${TEACHERS[@]}" --lr 2e-4 --steps 1000 \
-    --lr-decay-steps 250 --max-timestep 400
+    --lr-decay-steps 250
 # The 2.1 inpainting UNet from it (conv_in widened by zeros). Part of its examples take another
 # scene's prompt and count only the kept area, and their latents lean towards that scene, so
 # that it keeps the unmasked part whatever the prompt says and pulls it back when the sampler
