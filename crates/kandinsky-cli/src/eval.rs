@@ -10,6 +10,7 @@ use kandinsky::pipelines::auto_pipeline::DecoderKind;
 use kandinsky_train::eval::{
     check_eval_n, eval_controlnet, eval_inpainting, eval_shapes, Accuracy, Confusion, ShapesEval,
 };
+use kandinsky_train::shapes::{en_colour, COLOURS, SHAPES};
 
 #[derive(clap::Args)]
 pub struct EvalArgs {
@@ -276,24 +277,24 @@ pub fn run(a: &EvalArgs) -> Result<()> {
     Ok(())
 }
 
-/// Shape confusion per size and colour confusion as Markdown tables (rows: asked; columns: read).
+/// Shape confusion per size and colour confusion as Markdown tables (rows: asked; columns: read),
+/// labelled in the order [`Confusion`] counts them ([`SHAPES`], [`COLOURS`]).
 fn print_confusion(name: &str, c: &Confusion) {
+    let shapes = SHAPES.map(|s| format!("{s:?}").to_lowercase());
     for (size, label) in ["small", "large"].iter().enumerate() {
         println!("\n{name}, {label} objects: shape asked (rows) against read (columns)\n");
-        println!("| asked | circle | square | triangle | unread |");
-        println!("|---|---|---|---|---|");
-        for (asked, shape) in ["circle", "square", "triangle"].iter().enumerate() {
+        println!("| asked | {} | unread |", shapes.join(" | "));
+        println!("|---|{}---|", "---|".repeat(shapes.len()));
+        for (asked, shape) in shapes.iter().enumerate() {
             let counts = c.shape[size][asked].map(|n| n.to_string()).join(" | ");
             println!("| {shape} | {counts} |");
         }
     }
-    const NAMES: [&str; 8] = [
-        "red", "orange", "yellow", "green", "blue", "purple", "white", "black",
-    ];
+    let colours = COLOURS.map(en_colour);
     println!("\n{name}: object colour asked (rows) against read (columns)\n");
-    println!("| asked | {} | unread |", NAMES.join(" | "));
-    println!("|---|{}---|", "---|".repeat(8));
-    for (asked, colour) in NAMES.iter().enumerate() {
+    println!("| asked | {} | unread |", colours.join(" | "));
+    println!("|---|{}---|", "---|".repeat(colours.len()));
+    for (asked, colour) in colours.iter().enumerate() {
         let counts = c.colour[asked].map(|n| n.to_string()).join(" | ");
         println!("| {colour} | {counts} |");
     }

@@ -365,9 +365,7 @@ pub fn run(a: &TrainArgs) -> Result<()> {
             if !(0.0..=1.0).contains(mismatch) || (*mismatch > 0.0 && !*inpaint) {
                 bail!("--mismatch is a fraction between 0 and 1, for --inpaint");
             }
-            if !(drift.is_finite() && *drift >= 0.0 && *drift <= 1.0)
-                || (*drift > 0.0 && *mismatch == 0.0)
-            {
+            if !(0.0..=1.0).contains(drift) || (*drift > 0.0 && *mismatch == 0.0) {
                 bail!("--drift is a share between 0 and 1, for --mismatch");
             }
             if *drift_in_image && *drift == 0.0 {

@@ -345,7 +345,8 @@ impl Scene {
     }
 }
 
-fn en_colour(c: Colour) -> &'static str {
+/// The colour's English name (the captions' word for it).
+pub fn en_colour(c: Colour) -> &'static str {
     match c {
         Colour::Red => "red",
         Colour::Orange => "orange",

@@ -149,6 +149,8 @@ pub struct NoisyBatch {
     positions: Option<Tensor>,
     /// `√(1 − ᾱ_t)` per example `(B, 1, 1, 1)`: the noise's scale in the input.
     noise_scale: Tensor,
+    /// `ᾱ_t` of each example's timestep.
+    alphas: Vec<f64>,
     /// The loss weight cap the batch was drawn with ([`timestep_weights`]).
     weight_cap: f64,
     /// The ControlNet's hint `(B, 3, H, W)` (see [`NoisyBatch::with_hint`]).
@@ -203,6 +205,7 @@ impl NoisyBatch {
             None => xt,
         };
         let tw = timestep_weights(&ac, weight_cap);
+        let alphas = ts.iter().map(|&t| f64::from(ac[t])).collect();
         Ok(Self {
             input,
             noise,
@@ -211,6 +214,7 @@ impl NoisyBatch {
             cond: cond.clone(),
             positions: None,
             noise_scale: sb,
+            alphas,
             weight_cap,
             hint: None,
         })
@@ -235,9 +239,8 @@ impl NoisyBatch {
         let c = self.noise.dim(1)?;
         let b = self.ts.len();
         let (shift, target) = if in_image {
-            let ac = alphas_cumprod(&linspace_f32(0.00085, 0.012, TRAIN_TIMESTEPS));
             let col = |f: &dyn Fn(f64) -> f64| -> Result<Tensor> {
-                let v: Vec<f32> = self.ts.iter().map(|&t| f(ac[t] as f64) as f32).collect();
+                let v: Vec<f32> = self.alphas.iter().map(|&a| f(a) as f32).collect();
                 Ok(Tensor::from_vec(v, (b, 1, 1, 1), &Device::Cpu)?)
             };
             let sa = col(&|a| a.sqrt())?;
@@ -245,11 +248,10 @@ impl NoisyBatch {
             // Rows that drift count as image errors at the least noisy steps.
             let moved = d.sqr()?.flatten_from(1)?.sum(1)?.to_vec1::<f32>()?;
             let factors: Vec<f32> = self
-                .ts
+                .alphas
                 .iter()
                 .zip(&moved)
-                .map(|(&t, &m)| {
-                    let a = ac[t] as f64;
+                .map(|(&a, &m)| {
                     if m > 0.0 {
                         ((1.0 - a) / a).min(1.0) as f32
                     } else {
@@ -286,13 +288,12 @@ impl NoisyBatch {
         let Some(keep) = keep else {
             return Ok(self);
         };
-        let ac = alphas_cumprod(&linspace_f32(0.00085, 0.012, TRAIN_TIMESTEPS));
         let cap = self.weight_cap;
         let factors: Vec<f32> = self
-            .ts
+            .alphas
             .iter()
-            .map(|&t| {
-                let inv = 1.0 / ac[t] as f64;
+            .map(|&a| {
+                let inv = 1.0 / a;
                 let capped = if cap > 0.0 { inv.min(cap) } else { 1.0 };
                 (kappa * inv / capped) as f32
             })
