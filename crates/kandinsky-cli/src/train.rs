@@ -146,6 +146,16 @@ enum Stage {
         /// hint rather than from the prompt.
         #[arg(long, default_value_t = 0.0)]
         moved: f32,
+        /// With `--inpaint`: the loss of the band of kept latents that the pipelines'
+        /// `prepare_mask` hands to the model to paint counts this many times more (0: as the
+        /// rest of the image).
+        #[arg(long, default_value_t = 0.0)]
+        band_weight: f64,
+        /// With `--inpaint` or `--depth-control`: the learning rate of `conv_in`'s new inputs
+        /// (masked latents and mask, or the hint), which start at zero, is this many times the
+        /// rest's (0: the same).
+        #[arg(long, default_value_t = 0.0)]
+        new_input_lr: f64,
     },
     /// Assemble the stage outputs under `--runs` (clip/, mclip/, movq/, prior/, unet/,
     /// inpaint/) into diffusers model directories: OUT/prior, OUT/decoder, OUT/decoder-inpaint.
@@ -165,6 +175,10 @@ enum Stage {
         /// The CLIP stage's output directory (`text_encoder/`, `image_encoder/`, `tokenizer/`).
         #[arg(long)]
         clip: PathBuf,
+        /// Embed this many training examples with CLIP once and draw every batch from them,
+        /// instead of embedding fresh examples every step (0).
+        #[arg(long, default_value_t = 0)]
+        pool: usize,
     },
 }
 
@@ -232,6 +246,7 @@ impl StageArgs {
             lr_decay_steps: self.lr_decay_steps.min(self.steps),
             lr_restarts: self.lr_restarts.clone(),
             init: Default::default(),
+            lr_scales: Default::default(),
         })
     }
 
@@ -354,6 +369,8 @@ pub fn run(a: &TrainArgs) -> Result<()> {
             max_timestep,
             kept_weight,
             moved,
+            band_weight,
+            new_input_lr,
         } => {
             let mut opts = s.options()?;
             if *pool == 0 {
@@ -375,6 +392,16 @@ pub fn run(a: &TrainArgs) -> Result<()> {
                 || (*kept_weight > 0.0 && !*inpaint)
             {
                 bail!("--kept-weight is 0 or a positive factor, for --inpaint");
+            }
+            if !(band_weight.is_finite() && *band_weight >= 0.0)
+                || (*band_weight > 0.0 && !*inpaint)
+            {
+                bail!("--band-weight is 0 or a positive factor, for --inpaint");
+            }
+            if !(new_input_lr.is_finite() && *new_input_lr >= 0.0)
+                || (*new_input_lr > 0.0 && !*inpaint && !*depth_control)
+            {
+                bail!("--new-input-lr is 0 or a positive factor, for --inpaint or --depth-control");
             }
             if *max_timestep > kandinsky_train::unet::TRAIN_TIMESTEPS {
                 bail!("--max-timestep is at most 1000 (0: every timestep)");
@@ -432,6 +459,8 @@ pub fn run(a: &TrainArgs) -> Result<()> {
                 timesteps: *max_timestep,
                 kept_weight: *kept_weight,
                 moved: *moved,
+                band_weight: *band_weight,
+                new_input_lr: *new_input_lr,
             };
             let r = train_unet(&opts, &pool, stage, &mut s.logger(name, "ε loss"))?;
             s.report(name, &r, &["unet"]);
@@ -444,10 +473,22 @@ pub fn run(a: &TrainArgs) -> Result<()> {
                 out.display()
             );
         }
-        Stage::Prior { args: s, clip } => {
+        Stage::Prior {
+            args: s,
+            clip,
+            pool,
+        } => {
             let opts = s.options()?;
+            if *pool > 1 << 18 {
+                bail!("--pool is at most 262144 examples (about 20 KB of CLIP outputs each stay in memory)");
+            }
             let frozen = FrozenClip::load(clip)?;
-            let r = train_prior(&opts, &frozen, &mut s.logger("prior", "cosine to target"))?;
+            let r = train_prior(
+                &opts,
+                &frozen,
+                *pool,
+                &mut s.logger("prior", "cosine to target"),
+            )?;
             s.report("prior", &r, &["prior"]);
         }
     }

@@ -797,6 +797,19 @@ fn new_training_flags_refuse_bad_values_before_working() {
         (unet(&["--inpaint", "--kept-weight=-1"]), "--kept-weight"),
         (unet(&["--max-timestep", "1001"]), "--max-timestep"),
         (unet(&["--inpaint", "--depth-control"]), "cannot be used"),
+        (unet(&["--band-weight", "4"]), "--band-weight"),
+        (unet(&["--inpaint", "--band-weight=-1"]), "--band-weight"),
+        (unet(&["--new-input-lr", "10"]), "--new-input-lr"),
+        (
+            unet(&["--inpaint", "--new-input-lr", "inf"]),
+            "--new-input-lr",
+        ),
+        (
+            strings(&[
+                "train", "prior", "--out", &o, "--clip", "/c", "--pool", "300000",
+            ]),
+            "--pool is at most",
+        ),
     ] {
         let res = bin().args(&args).output().unwrap();
         let err = String::from_utf8_lossy(&res.stderr);

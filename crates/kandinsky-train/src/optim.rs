@@ -40,6 +40,8 @@ pub struct AdamW {
     step: u64,
     m: HashMap<String, Tensor>,
     v: HashMap<String, Tensor>,
+    /// Per-element learning-rate factors of some parameters (broadcast to their shape).
+    lr_scales: HashMap<String, Tensor>,
 }
 
 impl AdamW {
@@ -50,7 +52,16 @@ impl AdamW {
             step: 0,
             m: HashMap::new(),
             v: HashMap::new(),
+            lr_scales: HashMap::new(),
         }
+    }
+
+    /// Multiplies the learning rate of parameter `name` element by element by `scale` (a tensor
+    /// that broadcasts to its shape): parameters added to a trained model (a widened `conv_in`)
+    /// can learn faster than the rest. Adam's steps do not depend on the gradient's scale, so
+    /// this cannot be done by scaling gradients.
+    pub fn set_lr_scale(&mut self, name: &str, scale: Tensor) {
+        self.lr_scales.insert(name.to_string(), scale);
     }
 
     /// Steps taken.
@@ -83,7 +94,11 @@ impl AdamW {
             } else {
                 p.clone()
             };
-            var.set(&(decayed - (update * c.lr)?)?)?;
+            let delta = match self.lr_scales.get(name) {
+                Some(s) => (update * c.lr)?.broadcast_mul(s)?,
+                None => (update * c.lr)?,
+            };
+            var.set(&(decayed - delta)?)?;
             self.m.insert(name.clone(), m);
             self.v.insert(name.clone(), v);
         }
@@ -120,5 +135,41 @@ impl AdamW {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn lr_scales_multiply_each_elements_step() {
+        let d = Device::Cpu;
+        let start = Tensor::new(&[1f32, 1., 1.], &d).unwrap();
+        let plain = Var::from_tensor(&start).unwrap();
+        let scaled = Var::from_tensor(&start).unwrap();
+        let params = vec![
+            ("plain".to_string(), plain.clone()),
+            ("scaled".to_string(), scaled.clone()),
+        ];
+        let mut opt = AdamW::new(AdamWConfig {
+            lr: 1e-2,
+            ..Default::default()
+        });
+        opt.set_lr_scale("scaled", Tensor::new(&[1f32, 10., 0.], &d).unwrap());
+        let loss =
+            (plain.as_tensor().sum_all().unwrap() + scaled.as_tensor().sum_all().unwrap()).unwrap();
+        opt.step(&params, &loss.backward().unwrap()).unwrap();
+        let moved = |v: &Var| -> Vec<f32> { (&start - v.as_tensor()).unwrap().to_vec1().unwrap() };
+        let (p, s) = (moved(&plain), moved(&scaled));
+        // Adam's first step moves every element by about lr, whatever its gradient.
+        for x in &p {
+            assert!((x - 1e-2).abs() < 1e-6, "{p:?}");
+        }
+        assert!(
+            (s[0] - p[0]).abs() < 1e-7 && (s[1] - 10.0 * p[1]).abs() < 1e-6 && s[2] == 0.0,
+            "{s:?}"
+        );
     }
 }

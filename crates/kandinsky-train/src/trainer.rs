@@ -38,6 +38,8 @@ pub struct TrainOptions {
     /// Parameters to start from when there is no checkpoint (fine-tuning); the rest are drawn
     /// from the seed.
     pub init: std::collections::HashMap<String, Tensor>,
+    /// Per-element learning-rate factors of some parameters ([`AdamW::set_lr_scale`]).
+    pub lr_scales: std::collections::HashMap<String, Tensor>,
 }
 
 impl TrainOptions {
@@ -111,6 +113,9 @@ pub fn run_loop_grads<M>(
     std::fs::create_dir_all(&opts.out_dir).map_err(|e| Error::io(&opts.out_dir, e))?;
     let ckpt = opts.out_dir.join("checkpoint.safetensors");
     let mut opt = AdamW::new(opts.optim);
+    for (name, scale) in &opts.lr_scales {
+        opt.set_lr_scale(name, scale.clone());
+    }
     let params = if ckpt.is_file() {
         let (params, state) = checkpoint::load(&ckpt)?;
         opt.load_state(&state)?;
@@ -168,6 +173,7 @@ mod tests {
             lr_decay_steps: 600,
             lr_restarts: restarts,
             init: Default::default(),
+            lr_scales: Default::default(),
         }
     }
 

@@ -309,6 +309,22 @@ impl NoisyBatch {
         Ok(self)
     }
 
+    /// Weights the loss of the band `(B, 1, h, w)` (1 there; [`PoolBatch::band`]) `kappa` times
+    /// more: the latent cells of the user's kept area that the pipelines' `prepare_mask` gives
+    /// the model to paint. 2.2's pipeline re-imposes every other kept latent, so the band is all
+    /// of the kept area the model decides, and its errors spread through the MoVQ decoder.
+    pub fn with_band_weight(mut self, band: Option<&Tensor>, kappa: f64) -> Result<Self> {
+        let Some(band) = band else {
+            return Ok(self);
+        };
+        let scale = ((band * (kappa - 1.0))? + 1.0)?;
+        self.positions = Some(match self.positions.take() {
+            Some(p) => (p * scale)?,
+            None => scale,
+        });
+        Ok(self)
+    }
+
     /// Gives the UNet a hint `(B, 3, H, W)` in [0, 1] (the 2.2 ControlNet's `hint`).
     pub fn with_hint(mut self, hint: Option<Tensor>) -> Self {
         self.hint = hint;
@@ -707,13 +723,15 @@ impl DecoderPool {
             let user = Tensor::from_vec(keep, (batch, 1, h, w), &Device::Cpu)?;
             let mask = prepare_mask(&user)?;
             let masked = x0.broadcast_mul(&mask)?;
+            let band = (&user - &mask)?;
             (
                 Some(Tensor::cat(&[masked, mask], 1)?),
                 positions,
                 Some(user),
+                Some(band),
             )
         } else {
-            (None, None, None)
+            (None, None, None, None)
         };
         Ok(PoolBatch {
             x0,
@@ -723,6 +741,7 @@ impl DecoderPool {
             indices: idx.iter().map(|&i| i as u64).collect(),
             cond_indices: cond_idx.iter().map(|&i| i as u64).collect(),
             keep: extra.2,
+            band: extra.3,
             dropped: drop,
         })
     }
@@ -746,6 +765,9 @@ pub struct PoolBatch {
     /// For inpainting: the user's keep-mask `(B, 1, h, w)` (1 = kept), before the pipelines'
     /// `prepare_mask` grows the repainted area.
     pub keep: Option<Tensor>,
+    /// For inpainting: the band `(B, 1, h, w)` the user keeps but `prepare_mask` hides from the
+    /// model (1 there): the model paints it, and 2.2's pipeline keeps what it paints there.
+    pub band: Option<Tensor>,
     /// Which rows got the unconditional conditioning.
     pub dropped: Vec<bool>,
 }
@@ -935,6 +957,13 @@ pub struct UNetStage {
     /// For the ControlNet: the fraction of examples conditioned on the same scene with the object
     /// elsewhere ([`moved_object_partners`]), so that the position must come from the hint.
     pub moved: f32,
+    /// For inpainting: how much more the band's loss counts ([`NoisyBatch::with_band_weight`]);
+    /// 0: as the rest of the image.
+    pub band_weight: f64,
+    /// The learning-rate factor of `conv_in`'s inputs beyond the latents (the inpainting UNet's
+    /// masked latents and mask, the ControlNet's hint channels), which start at zero while the
+    /// rest of the model is trained: 0 or 1 leaves them at the common rate.
+    pub new_input_lr: f64,
 }
 
 /// The depth hints `(B, 3, H, W)` in [0, 1] of training examples `indices` of `seed` (the pool's
@@ -974,6 +1003,29 @@ pub fn train_unet(
             path: std::path::PathBuf::from("(unet config)"),
             source,
         })?;
+    let scaled;
+    let opts = if stage.new_input_lr > 0.0 && stage.kind != UNetKind::TextToImage {
+        let c = pool.latent_channels();
+        let inputs = config.in_channels;
+        let factors: Vec<f32> = (0..inputs)
+            .map(|i| {
+                if i < c {
+                    1.0
+                } else {
+                    stage.new_input_lr as f32
+                }
+            })
+            .collect();
+        let mut o = opts.clone();
+        o.lr_scales.insert(
+            "conv_in.weight".into(),
+            Tensor::from_vec(factors, (1, inputs, 1, 1), &Device::Cpu)?,
+        );
+        scaled = o;
+        &scaled
+    } else {
+        opts
+    };
     super::trainer::run_loop_grads(
         opts,
         |params| {
@@ -1027,6 +1079,10 @@ pub fn train_unet(
             .with_kept_weight(
                 b.keep.as_ref().filter(|_| stage.kept_weight > 0.0),
                 stage.kept_weight,
+            )?
+            .with_band_weight(
+                b.band.as_ref().filter(|_| stage.band_weight > 0.0),
+                stage.band_weight,
             )?
             .with_hint(hint)
             .grads(unet, vars, GRAD_PARTS)
@@ -1369,6 +1425,36 @@ mod tests {
         // Without a keep-mask nothing changes.
         let plain = draw().with_kept_weight(None, 3.0).unwrap();
         assert!(plain.positions.is_none());
+        // The band's weight multiplies what is there: 5 on the band, 1 elsewhere.
+        let band = Tensor::new(&[0f32, 1., 0., 0.], &d)
+            .unwrap()
+            .reshape((1, 1, 2, 2))
+            .unwrap()
+            .repeat((b, 1, 1, 1))
+            .unwrap();
+        let w = draw()
+            .with_loss_weights(Some(
+                (Tensor::ones((b, 1, 2, 2), DType::F32, &d).unwrap() * 2.0).unwrap(),
+            ))
+            .with_band_weight(Some(&band), 5.0)
+            .unwrap()
+            .positions
+            .unwrap();
+        for r in 0..b {
+            let got = w
+                .get(r)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            assert_eq!(got, [2.0, 10.0, 2.0, 2.0], "row {r}");
+        }
+        assert!(draw()
+            .with_band_weight(None, 5.0)
+            .unwrap()
+            .positions
+            .is_none());
     }
 
     #[test]
@@ -1399,6 +1485,7 @@ mod tests {
             positions: weights,
             indices,
             keep: user_keep,
+            band,
             ..
         } = pool
             .batch_mismatched(b, true, 1.0, &mut Rng::new(5))
@@ -1453,6 +1540,13 @@ mod tests {
             let user = Tensor::from_vec(user, (1, 1, 4, 4), &Device::Cpu).unwrap();
             let model_keep = flat(&extra.get(r).unwrap().narrow(0, 4, 1).unwrap());
             assert_eq!(model_keep, flat(&prepare_mask(&user).unwrap()), "row {r}");
+            // The band: kept by the user, hidden from the model.
+            let band_row = flat(&band.as_ref().unwrap().get(r).unwrap());
+            let user_row = flat(&user);
+            for p in 0..16 {
+                let want = f32::from(user_row[p] == 1.0 && model_keep[p] == 0.0);
+                assert_eq!(band_row[p], want, "row {r}, band cell {p}");
+            }
             let masked = flat(&extra.get(r).unwrap().narrow(0, 0, 4).unwrap());
             let latents = flat(&x0.get(r).unwrap());
             for (i, (m, l)) in masked.iter().zip(&latents).enumerate() {

@@ -200,6 +200,7 @@ fn tiny_opts(dir: &std::path::Path, steps: u64) -> kandinsky_train::trainer::Tra
         lr_decay_steps: 0,
         lr_restarts: Vec::new(),
         init: Default::default(),
+        lr_scales: Default::default(),
     }
 }
 
@@ -872,5 +873,52 @@ fn reduced_clip_vocabulary_tokenizes_captions_like_the_full_one() {
     for odd in ["a purple ☃ 🐈 круг!! on a zebra", "ÆØÅ 12345", ""] {
         let (ids, _) = small.encode_one(odd).unwrap();
         assert!(ids.iter().all(|&i| (i as usize) < size), "{odd}: {ids:?}");
+    }
+}
+
+/// The prior's pool hands out exactly what CLIP gives the same examples: each drawn row's text
+/// outputs belong to the example whose image embedding it carries, and a dropped caption's
+/// outputs are those of `""`.
+#[test]
+fn prior_pool_rows_are_clip_outputs_of_their_examples() {
+    use kandinsky_train::clip::{SMALL_CLIP_TEXT_CONFIG, SMALL_CLIP_VISION_CONFIG};
+    use kandinsky_train::shapes::Rng;
+    let mut text: serde_json::Value = serde_json::from_str(SMALL_CLIP_TEXT_CONFIG).unwrap();
+    let mut vision: serde_json::Value = serde_json::from_str(SMALL_CLIP_VISION_CONFIG).unwrap();
+    text["num_hidden_layers"] = 1.into();
+    vision["num_hidden_layers"] = 1.into();
+    vision["image_size"] = 32.into();
+    let (frozen, _) = random_frozen_clip(6, text, vision);
+    let pool = frozen.pool(3, 8, 32).unwrap();
+    assert_eq!(pool.len(), 8);
+    let (t, h, m, i) = frozen.embed(3, 0, 8, 32, 0.0, &mut Rng::new(0)).unwrap();
+    let rows = |x: &Tensor| -> Vec<Vec<f32>> {
+        (0..x.dim(0).unwrap())
+            .map(|r| x.get(r).unwrap().flatten_all().unwrap().to_vec1().unwrap())
+            .collect()
+    };
+    let (t, h, m, i) = (rows(&t), rows(&h), rows(&m), rows(&i));
+    let (bt, bh, bm, bi) = pool.batch(16, 0.0, &mut Rng::new(5)).unwrap();
+    let (bt, bh, bm, bi) = (rows(&bt), rows(&bh), rows(&bm), rows(&bi));
+    let mut seen = std::collections::HashSet::new();
+    for r in 0..16 {
+        let j = i
+            .iter()
+            .position(|e| *e == bi[r])
+            .expect("an example's image embedding");
+        seen.insert(j);
+        assert_eq!((&bt[r], &bh[r], &bm[r]), (&t[j], &h[j], &m[j]), "row {r}");
+    }
+    assert!(seen.len() > 1, "16 draws all took one example");
+    let tok = frozen.tokenizer.encode(&[""], &Device::Cpu).unwrap();
+    let empty = frozen.text.forward(&tok.input_ids, None).unwrap();
+    let (et, eh) = (
+        rows(&empty.text_embeds)[0].clone(),
+        rows(&empty.last_hidden_state)[0].clone(),
+    );
+    let (dt, dh, dm, _) = pool.batch(4, 1.0, &mut Rng::new(5)).unwrap();
+    for (r, ((a, b), c)) in rows(&dt).iter().zip(rows(&dh)).zip(rows(&dm)).enumerate() {
+        assert_eq!((a, &b), (&et, &eh), "dropped row {r}");
+        assert_eq!(c, rows(&tok.attention_mask)[0], "dropped row {r}");
     }
 }

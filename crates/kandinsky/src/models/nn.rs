@@ -235,6 +235,23 @@ impl GroupNorm {
                 silu_after,
             )?);
         }
+        let training =
+            x.track_op() || self.weight.track_op() || scale_shift.is_some_and(|s| s.track_op());
+        if training
+            && x.dtype() == DType::F32
+            && x.device().is_cpu()
+            && !crate::ops::forced_reference()
+        {
+            return Ok(crate::ops::group_norm_train(
+                x,
+                &self.weight,
+                &self.bias,
+                self.groups,
+                self.eps,
+                scale_shift,
+                silu_after,
+            )?);
+        }
         let mut y = self.reference(x)?;
         if let Some(ss) = scale_shift {
             let c = ss.dim(1)? / 2;

@@ -2,9 +2,10 @@
 //! reference (the layer code in `models::nn` that runs when the kernel does not apply) and tests
 //! that compare the two.
 //!
-//! The inference kernels apply to f32 CPU tensors that track no gradient: custom ops here have no
-//! backward, so training keeps the reference path (and `im2col`'s GEMM convolution, which has
-//! one). [`with_reference`] forces the reference path on the calling thread.
+//! The inference kernels apply to f32 CPU tensors that track no gradient: they have no backward,
+//! so training takes the reference path, except for the two training kernels with a hand-written
+//! backward (`im2col`'s GEMM convolution and [`group_norm_train`]). [`with_reference`] forces the
+//! reference path on the calling thread.
 
 pub mod attention;
 pub mod conv;
@@ -30,6 +31,11 @@ pub fn with_reference<T>(f: impl FnOnce() -> T) -> T {
     let out = f();
     REFERENCE.with(|r| r.set(before));
     out
+}
+
+/// Whether [`with_reference`] forces the reference path on this thread.
+pub fn forced_reference() -> bool {
+    REFERENCE.with(|r| r.get())
 }
 
 /// Whether the inference kernels may run on `x`: f32, on the CPU, no gradient tracked, and the
@@ -93,6 +99,33 @@ pub fn group_norm(
         Some(ss) => x.apply_op3_no_bwd(gamma_beta, &ss.contiguous()?, &op),
         None => x.apply_op2_no_bwd(gamma_beta, &op),
     }
+}
+
+/// [`group_norm`] for training, with gradients for `x`, γ, β and the scale-shift: `gamma`,
+/// `beta (C)` and `scale_shift (B, 2C)` may be variables or results of other ops.
+pub fn group_norm_train(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    groups: usize,
+    eps: f64,
+    scale_shift: Option<&Tensor>,
+    silu: bool,
+) -> Result<Tensor> {
+    let (b, c) = (x.dim(0)?, x.dim(1)?);
+    let ss = match scale_shift {
+        Some(ss) => ss.reshape((2 * b, c))?,
+        None => Tensor::zeros((2 * b, c), x.dtype(), x.device())?,
+    };
+    let params = Tensor::cat(&[&gamma.reshape((1, c))?, &beta.reshape((1, c))?, &ss], 0)?;
+    x.contiguous()?.apply_op2(
+        &params,
+        norm::GroupNormTrainOp {
+            groups,
+            eps: eps as f32,
+            silu,
+        },
+    )
 }
 
 /// LayerNorm over the last dimension with `gamma_beta (2, D)`.

@@ -141,3 +141,170 @@ impl CustomOp2 for LayerNormOp {
         Ok((CpuStorage::F32(out), xl.shape().clone()))
     }
 }
+
+/// GroupNorm with its affine, scale-shift and SiLU for training: one op with a hand-written
+/// backward. Composed from candle ops, the same layer takes about ten passes forward and more
+/// backward, and every broadcast of γ, β, scale and shift costs candle a slow strided reduction
+/// (a seventh of a UNet training step). The parameters come as one `(2 + 2B, C)` tensor: γ, β,
+/// then scale and shift of each image (zeros without a scale-shift), so that their gradients flow
+/// back through the ordinary ops that assembled it.
+#[derive(Clone, Copy)]
+pub(crate) struct GroupNormTrainOp {
+    pub groups: usize,
+    pub eps: f32,
+    pub silu: bool,
+}
+
+/// `(mean, rstd)` of one group.
+fn group_stats(src: &[f32], eps: f32) -> (f32, f32) {
+    let n = src.len() as f32;
+    let mean = simd::sum(src) / n;
+    let var = simd::sq_dev(src, mean) / n;
+    (mean, 1.0 / (var + eps).sqrt())
+}
+
+impl GroupNormTrainOp {
+    /// Checks the shapes: `(B, C, plane)` and the parameters' `(2 + 2B)·C`.
+    fn dims(&self, xl: &Layout, params: usize) -> Result<(usize, usize, usize)> {
+        let dims = xl.dims();
+        if dims.len() < 2 {
+            candle_core::bail!("group_norm: input {dims:?} has no channel dimension");
+        }
+        let (b, c) = (dims[0], dims[1]);
+        let plane: usize = dims[2..].iter().product();
+        if self.groups == 0 || !c.is_multiple_of(self.groups) || params != (2 + 2 * b) * c {
+            candle_core::bail!(
+                "group_norm: {c} channels, {} groups, {params} parameters",
+                self.groups
+            );
+        }
+        Ok((b, c, plane))
+    }
+}
+
+impl CustomOp2 for GroupNormTrainOp {
+    fn name(&self) -> &'static str {
+        "group-norm-train"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ps: &CpuStorage,
+        pl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(xs, xl, "group_norm input")?;
+        let p = contiguous_f32(ps, pl, "group_norm parameters")?;
+        let (_, c, _) = self.dims(xl, p.len())?;
+        let op = GroupNormOp {
+            groups: self.groups,
+            eps: self.eps,
+            silu: self.silu,
+        };
+        op.run(x, xl, &p[..2 * c], Some(&p[2 * c..]))
+    }
+
+    fn bwd(
+        &self,
+        x: &candle_core::Tensor,
+        params: &candle_core::Tensor,
+        _res: &candle_core::Tensor,
+        grad: &candle_core::Tensor,
+    ) -> Result<(Option<candle_core::Tensor>, Option<candle_core::Tensor>)> {
+        let both = x.apply_op3_no_bwd(params, &grad.contiguous()?, &GroupNormGradOp(*self))?;
+        let n = x.elem_count();
+        let dx = both.narrow(0, 0, n)?.reshape(x.shape())?;
+        let dp = both
+            .narrow(0, n, params.elem_count())?
+            .reshape(params.shape())?;
+        Ok((Some(dx), Some(dp)))
+    }
+}
+
+/// The backward of [`GroupNormTrainOp`]: `(x, params, dy)` → the input's gradient then the
+/// parameters', flattened into one vector.
+struct GroupNormGradOp(GroupNormTrainOp);
+
+impl CustomOp3 for GroupNormGradOp {
+    fn name(&self) -> &'static str {
+        "group-norm-train-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ps: &CpuStorage,
+        pl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let op = self.0;
+        let x = contiguous_f32(xs, xl, "group_norm input")?;
+        let p = contiguous_f32(ps, pl, "group_norm parameters")?;
+        let dy = contiguous_f32(gs, gl, "group_norm gradient")?;
+        let (b, c, plane) = op.dims(xl, p.len())?;
+        let cpg = c / op.groups;
+        let group_len = cpg * plane;
+        let mut out = vec![0f32; x.len() + p.len()];
+        let (dx, dp) = out.split_at_mut(x.len());
+        // Per (image, channel): Σ dz·x̂ and Σ dz, summed over the images afterwards.
+        let mut sums = vec![(0f32, 0f32); b * c];
+        dx.par_chunks_mut(group_len)
+            .zip(x.par_chunks(group_len))
+            .zip(dy.par_chunks(group_len))
+            .zip(sums.par_chunks_mut(cpg))
+            .enumerate()
+            .for_each(|(i, (((dst, src), g), sums))| {
+                let (bi, gi) = (i / op.groups, i % op.groups);
+                let (mean, rstd) = group_stats(src, op.eps);
+                let coef = |ch: usize| {
+                    let (scale, shift) = (p[(2 + 2 * bi) * c + ch], p[(3 + 2 * bi) * c + ch]);
+                    let a = p[ch] * (1.0 + scale);
+                    (a, p[c + ch] * (1.0 + scale) + shift)
+                };
+                let (mut s1, mut s2) = (0f32, 0f32);
+                for (j, sum) in sums.iter_mut().enumerate() {
+                    let (a, d) = coef(gi * cpg + j);
+                    let r = j * plane..(j + 1) * plane;
+                    let (ta, td) = simd::norm_grad(
+                        &src[r.clone()],
+                        &g[r.clone()],
+                        &mut dst[r],
+                        (mean, rstd),
+                        (a, d),
+                        op.silu,
+                    );
+                    *sum = (ta, td);
+                    // Σ dx̂ and Σ dx̂·x̂ over the group, dx̂ = a·dz.
+                    s1 += a * td;
+                    s2 += a * ta;
+                }
+                let n = group_len as f32;
+                for j in 0..cpg {
+                    let (a, _) = coef(gi * cpg + j);
+                    let r = j * plane..(j + 1) * plane;
+                    simd::norm_dx(
+                        &src[r.clone()],
+                        &mut dst[r],
+                        (mean, rstd),
+                        a,
+                        (s1 / n, s2 / n),
+                    );
+                }
+            });
+        let (dgb, dss) = dp.split_at_mut(2 * c);
+        for bi in 0..b {
+            for ch in 0..c {
+                let (ta, td) = sums[bi * c + ch];
+                let scale = p[(2 + 2 * bi) * c + ch];
+                dgb[ch] += ta * (1.0 + scale);
+                dgb[c + ch] += td * (1.0 + scale);
+                dss[2 * bi * c + ch] = ta * p[ch] + td * p[c + ch];
+                dss[(2 * bi + 1) * c + ch] = td;
+            }
+        }
+        Ok((CpuStorage::F32(out), Shape::from(x.len() + p.len())))
+    }
+}

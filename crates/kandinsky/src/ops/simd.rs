@@ -200,6 +200,62 @@ fn sq_dev_impl(x: &[f32], mean: f32) -> f32 {
             .sum::<f32>()
 }
 
+/// The first backward pass of a fused normalisation `y = act((x − mean)·rstd·a + b)` over one
+/// channel: stores `dz = dy·act′(z)` and returns `(Σ dz·x̂, Σ dz)`, `x̂ = (x − mean)·rstd`.
+#[inline(always)]
+fn norm_grad_impl(
+    x: &[f32],
+    dy: &[f32],
+    dz: &mut [f32],
+    (mean, rstd): (f32, f32),
+    (a, b): (f32, f32),
+    silu: bool,
+) -> (f32, f32) {
+    let (mut sa, mut sd) = ([0f32; LANES], [0f32; LANES]);
+    let step = |x: f32, dy: f32| -> (f32, f32) {
+        let xn = (x - mean) * rstd;
+        let g = if silu {
+            let z = xn * a + b;
+            let s = 1.0 / (1.0 + exp1(-z));
+            dy * s * (1.0 + z * (1.0 - s))
+        } else {
+            dy
+        };
+        (g, xn)
+    };
+    let n = x.len() / LANES * LANES;
+    for ((xc, yc), dc) in x[..n]
+        .chunks_exact(LANES)
+        .zip(dy[..n].chunks_exact(LANES))
+        .zip(dz[..n].chunks_exact_mut(LANES))
+    {
+        for l in 0..LANES {
+            let (g, xn) = step(xc[l], yc[l]);
+            dc[l] = g;
+            sa[l] += g * xn;
+            sd[l] += g;
+        }
+    }
+    let (mut ta, mut td) = (sa.iter().sum::<f32>(), sd.iter().sum::<f32>());
+    for i in n..x.len() {
+        let (g, xn) = step(x[i], dy[i]);
+        dz[i] = g;
+        ta += g * xn;
+        td += g;
+    }
+    (ta, td)
+}
+
+/// The last backward pass of a normalisation over one channel: `dz ← rstd·(a·dz − c1 − x̂·c2)`,
+/// the input's gradient.
+#[inline(always)]
+fn norm_dx_impl(x: &[f32], dz: &mut [f32], (mean, rstd): (f32, f32), a: f32, (c1, c2): (f32, f32)) {
+    for (d, &x) in dz.iter_mut().zip(x) {
+        let xn = (x - mean) * rstd;
+        *d = rstd * (a * *d - c1 - xn * c2);
+    }
+}
+
 macro_rules! dispatch {
     ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),*) $(-> $ret:ty)? => $imp:ident) => {
         $(#[$m])*
@@ -267,6 +323,15 @@ dispatch!(
 dispatch!(
     /// `dst = (src − mean)·rstd·γ + β`.
     pub fn layer_affine(src: &[f32], dst: &mut [f32], mean: f32, rstd: f32, g: &[f32], b: &[f32]) => layer_affine_impl
+);
+dispatch!(
+    /// The first backward pass of `y = act((x − mean)·rstd·a + b)` over one channel: stores
+    /// `dz = dy·act′(z)` and returns `(Σ dz·x̂, Σ dz)`.
+    pub fn norm_grad(x: &[f32], dy: &[f32], dz: &mut [f32], stats: (f32, f32), coef: (f32, f32), silu: bool) -> (f32, f32) => norm_grad_impl
+);
+dispatch!(
+    /// The input gradient of a normalisation over one channel: `dz ← rstd·(a·dz − c1 − x̂·c2)`.
+    pub fn norm_dx(x: &[f32], dz: &mut [f32], stats: (f32, f32), a: f32, c: (f32, f32)) => norm_dx_impl
 );
 dispatch!(
     /// Sum of the elements.
