@@ -61,6 +61,11 @@ fn run_movq(m: &MovqArgs) -> Result<()> {
         let e = r.pixel_error.map_or("—".to_string(), |e| format!("{e:.2}"));
         println!("{}", row_with(r.name, &r.accuracy, e));
     }
+    for r in &rows {
+        if let Some(c) = &r.confusion {
+            print_confusion(r.name, c);
+        }
+    }
     Ok(())
 }
 

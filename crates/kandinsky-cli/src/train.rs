@@ -156,6 +156,11 @@ enum Stage {
         /// rest's (0: the same).
         #[arg(long, default_value_t = 0.0)]
         new_input_lr: f64,
+        /// The loss counts this many times more on the object's latent cells and their
+        /// neighbours than on the plain background (each example's weights scaled to a mean of
+        /// 1), so that small objects' corners are learnt (0: every cell alike).
+        #[arg(long, default_value_t = 0.0)]
+        object_weight: f64,
     },
     /// Assemble the stage outputs under `--runs` (clip/, mclip/, movq/, prior/, unet/,
     /// inpaint/) into diffusers model directories: OUT/prior, OUT/decoder, OUT/decoder-inpaint.
@@ -371,6 +376,7 @@ pub fn run(a: &TrainArgs) -> Result<()> {
             moved,
             band_weight,
             new_input_lr,
+            object_weight,
         } => {
             let mut opts = s.options()?;
             if *pool == 0 {
@@ -402,6 +408,9 @@ pub fn run(a: &TrainArgs) -> Result<()> {
                 || (*new_input_lr > 0.0 && !*inpaint && !*depth_control)
             {
                 bail!("--new-input-lr is 0 or a positive factor, for --inpaint or --depth-control");
+            }
+            if !(object_weight.is_finite() && *object_weight >= 0.0) {
+                bail!("--object-weight is 0 or a positive factor");
             }
             if *max_timestep > kandinsky_train::unet::TRAIN_TIMESTEPS {
                 bail!("--max-timestep is at most 1000 (0: every timestep)");
@@ -461,6 +470,7 @@ pub fn run(a: &TrainArgs) -> Result<()> {
                 moved: *moved,
                 band_weight: *band_weight,
                 new_input_lr: *new_input_lr,
+                object_weight: *object_weight,
             };
             let r = train_unet(&opts, &pool, stage, &mut s.logger(name, "ε loss"))?;
             s.report(name, &r, &["unet"]);

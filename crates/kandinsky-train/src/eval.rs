@@ -474,7 +474,7 @@ pub fn eval_movq(movq: &VQModel, n: usize, seed: u64, device: &Device) -> Result
             frechet: None,
             prior_cosine: None,
             pixel_error: Some(error),
-            confusion: None,
+            confusion: Some(Confusion::of(&decoded, &scenes, SIDE)),
         });
     }
     Ok(rows)
