@@ -161,6 +161,10 @@ enum Stage {
         /// 1), so that small objects' corners are learnt (0: every cell alike).
         #[arg(long, default_value_t = 0.0)]
         object_weight: f64,
+        /// With `--mismatch`: those examples are composites, their repainted area showing the
+        /// prompt's scene, and their loss counts every position (otherwise only the kept area).
+        #[arg(long)]
+        composite: bool,
     },
     /// Assemble the stage outputs under `--runs` (clip/, mclip/, movq/, prior/, unet/,
     /// inpaint/) into diffusers model directories: OUT/prior, OUT/decoder, OUT/decoder-inpaint.
@@ -377,6 +381,7 @@ pub fn run(a: &TrainArgs) -> Result<()> {
             band_weight,
             new_input_lr,
             object_weight,
+            composite,
         } => {
             let mut opts = s.options()?;
             if *pool == 0 {
@@ -408,6 +413,9 @@ pub fn run(a: &TrainArgs) -> Result<()> {
                 || (*new_input_lr > 0.0 && !*inpaint && !*depth_control)
             {
                 bail!("--new-input-lr is 0 or a positive factor, for --inpaint or --depth-control");
+            }
+            if *composite && *mismatch == 0.0 {
+                bail!("--composite needs --mismatch");
             }
             if !(object_weight.is_finite() && *object_weight >= 0.0) {
                 bail!("--object-weight is 0 or a positive factor");
@@ -471,6 +479,7 @@ pub fn run(a: &TrainArgs) -> Result<()> {
                 band_weight: *band_weight,
                 new_input_lr: *new_input_lr,
                 object_weight: *object_weight,
+                composite: *composite,
             };
             let r = train_unet(&opts, &pool, stage, &mut s.logger(name, "ε loss"))?;
             s.report(name, &r, &["unet"]);

@@ -807,6 +807,38 @@ impl DecoderPool {
         Ok(Tensor::cat(&rows, 0)?)
     }
 
+    /// Makes every mismatched inpainting row of `batch` (conditioned on another entry) a
+    /// composite: its clean latents keep their own entry's in the user's kept area and take the
+    /// conditioning's entry's in the repainted one, and its loss counts every position. Without
+    /// this the repainted area of those rows has no target, and the model paints shapeless
+    /// colour there, which the MoVQ decoder spreads into the kept pixels (its non-locality:
+    /// another clean scene's latents in the repainted area move the kept pixels by 3.6/255,
+    /// noise there by 7.1, against 2.5 for the round trip). The model's inputs (the kept
+    /// latents and the mask) are unchanged.
+    pub fn composite(&self, batch: &mut PoolBatch) -> Result<()> {
+        let Some(keep) = &batch.keep else {
+            return Ok(());
+        };
+        let rows: Vec<Tensor> = batch
+            .indices
+            .iter()
+            .zip(&batch.cond_indices)
+            .enumerate()
+            .map(|(r, (&own, &other))| -> Result<Tensor> {
+                let x0 = batch.x0.narrow(0, r, 1)?;
+                if own == other {
+                    return Ok(x0);
+                }
+                let k = keep.narrow(0, r, 1)?;
+                let theirs = self.latents.narrow(0, other as usize, 1)?;
+                Ok((x0.broadcast_mul(&k)? + theirs.broadcast_mul(&(1.0 - &k)?)?)?)
+            })
+            .collect::<Result<_>>()?;
+        batch.x0 = Tensor::cat(&rows, 0)?;
+        batch.positions = None;
+        Ok(())
+    }
+
     /// Gives `rows` of `batch` the conditioning of other pool entries: `(row, entry)` pairs.
     pub fn swap_conditioning(&self, batch: &mut PoolBatch, rows: &[(usize, usize)]) -> Result<()> {
         let replace = |t: &Tensor, pool: &Tensor| -> Result<Tensor> {
@@ -969,6 +1001,9 @@ pub struct UNetStage {
     /// For the ControlNet: the fraction of examples conditioned on the same scene with the object
     /// elsewhere ([`moved_object_partners`]), so that the position must come from the hint.
     pub moved: f32,
+    /// For inpainting: mismatched examples are composites whose repainted area shows the
+    /// conditioning's scene, their loss over every position ([`DecoderPool::composite`]).
+    pub composite: bool,
     /// For inpainting: how much more the band's loss counts ([`NoisyBatch::with_band_weight`]);
     /// 0: as the rest of the image.
     pub band_weight: f64,
@@ -1081,6 +1116,9 @@ pub fn train_unet(
             let mut rng = Rng::new(opts.seed ^ 0x0e7 ^ step.wrapping_mul(0x1000_0001));
             let mut generator = TorchGenerator::new(opts.seed ^ step.wrapping_mul(104_729));
             let mut b = pool.batch_mismatched(opts.batch, inpaint, stage.mismatch, &mut rng)?;
+            if stage.composite {
+                pool.composite(&mut b)?;
+            }
             if !partners.is_empty() {
                 // A stream of its own, so that the rest of the batch is what it was without.
                 let mut moves = Rng::new(opts.seed ^ 0x30ed ^ step.wrapping_mul(0x1000_0001));
@@ -1511,6 +1549,42 @@ mod tests {
             .unwrap()
             .positions
             .is_none());
+    }
+
+    #[test]
+    fn composites_take_the_prompts_latents_in_the_repainted_area_and_count_everywhere() {
+        let pool = numbered_pool(6);
+        let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let mut b = pool
+            .batch_mismatched(32, true, 0.5, &mut Rng::new(9))
+            .unwrap();
+        let before = flat(&b.x0);
+        let extra = flat(b.extra.as_ref().unwrap());
+        assert!(b.positions.is_some());
+        pool.composite(&mut b).unwrap();
+        assert!(b.positions.is_none());
+        // The model's inputs are untouched.
+        assert_eq!(flat(b.extra.as_ref().unwrap()), extra);
+        let (mut mixed, mut own) = (0, 0);
+        for r in 0..32 {
+            let x = flat(&b.x0.get(r).unwrap());
+            let keep = flat(&b.keep.as_ref().unwrap().get(r).unwrap());
+            let (i, j) = (b.indices[r] as usize, b.cond_indices[r] as usize);
+            for (p, v) in x.iter().enumerate() {
+                // Entry e's latents count from 64·e; position p holds channel p / 16, cell p % 16.
+                let entry = if i == j || keep[p % 16] == 1.0 { i } else { j };
+                assert_eq!(*v, (64 * entry + p) as f32, "row {r}, value {p}");
+                if i == j {
+                    assert_eq!(*v, before[64 * r + p]);
+                }
+            }
+            if i == j {
+                own += 1;
+            } else {
+                mixed += 1;
+            }
+        }
+        assert!(mixed > 0 && own > 0, "{mixed} composites, {own} own rows");
     }
 
     #[test]
