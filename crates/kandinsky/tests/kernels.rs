@@ -574,3 +574,53 @@ fn training_group_norm_matches_candle_forward_and_backward() {
         }
     });
 }
+
+/// The training LayerNorm against the layer's plain-candle composition: the output and the
+/// gradients of the input, γ and β, for rows of the prior's and CLIP's widths and odd ones.
+#[test]
+fn training_layer_norm_matches_candle_forward_and_backward() {
+    use candle_core::Var;
+    use kandinsky::loading::{ParamStore, Weights};
+    both_paths(|| {
+        for (i, dims) in [vec![4, 81, 64], vec![3, 33], vec![2, 5, 7, 128]]
+            .iter()
+            .enumerate()
+        {
+            let d = *dims.last().unwrap();
+            let seed = 200 * i as u64;
+            let init = [
+                ("weight".to_string(), (randn(&[d], seed) + 1.0).unwrap()),
+                ("bias".to_string(), randn(&[d], seed + 1)),
+            ]
+            .into_iter()
+            .collect();
+            let store = ParamStore::with_init(0, init, &Device::Cpu);
+            let norm = kandinsky::models::nn::LayerNorm::new(&Weights::trainable(&store), d, 1e-5)
+                .unwrap();
+            let x = Var::from_tensor(&randn(dims, seed + 2).affine(3.0, -0.7).unwrap()).unwrap();
+            let ours = norm.forward(x.as_tensor()).unwrap();
+            let reference = ops::with_reference(|| norm.forward(x.as_tensor()).unwrap());
+            let e = rel_l2(&ours, &reference);
+            assert!(e <= 1e-6, "case {i} forward: rel L2 {e}");
+            let r = randn(dims, seed + 3);
+            let g_ours = (&ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let g_ref = (&reference * &r)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let mut vars = store.vars();
+            vars.push(("x".into(), x.clone()));
+            assert_eq!(vars.len(), 3);
+            for (name, v) in &vars {
+                let (o, f) = (
+                    g_ours.get(v.as_tensor()).expect("our gradient"),
+                    g_ref.get(v.as_tensor()).expect("the reference gradient"),
+                );
+                let e = rel_l2(o, f);
+                assert!(e <= 1e-6, "case {i} d{name}: rel L2 {e}");
+            }
+        }
+    });
+}

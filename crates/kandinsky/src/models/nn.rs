@@ -314,6 +314,19 @@ impl LayerNorm {
         if crate::ops::applies(x) && self.gamma_beta.dtype() == DType::F32 {
             return Ok(crate::ops::layer_norm(x, &self.gamma_beta, self.eps)?);
         }
+        let training = x.track_op() || self.weight.track_op();
+        if training
+            && x.dtype() == DType::F32
+            && x.device().is_cpu()
+            && !crate::ops::forced_reference()
+        {
+            return Ok(crate::ops::layer_norm_train(
+                x,
+                &self.weight,
+                &self.bias,
+                self.eps,
+            )?);
+        }
         let dtype = x.dtype();
         let x = x.to_dtype(DType::F32)?;
         let mean = x.mean_keepdim(D::Minus1)?;

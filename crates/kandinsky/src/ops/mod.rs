@@ -3,9 +3,9 @@
 //! that compare the two.
 //!
 //! The inference kernels apply to f32 CPU tensors that track no gradient: they have no backward,
-//! so training takes the reference path, except for the two training kernels with a hand-written
-//! backward (`im2col`'s GEMM convolution and [`group_norm_train`]). [`with_reference`] forces the
-//! reference path on the calling thread.
+//! so training takes the reference path, except for the training kernels with a hand-written
+//! backward (`im2col`'s GEMM convolution, [`group_norm_train`] and [`layer_norm_train`]).
+//! [`with_reference`] forces the reference path on the calling thread.
 
 pub mod attention;
 pub mod conv;
@@ -126,6 +126,13 @@ pub fn group_norm_train(
             silu,
         },
     )
+}
+
+/// [`layer_norm`] for training, with gradients for `x`, γ and β (`gamma`, `beta (D)`).
+pub fn layer_norm_train(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<Tensor> {
+    let gb = Tensor::stack(&[gamma, beta], 0)?;
+    x.contiguous()?
+        .apply_op2(&gb, norm::LayerNormTrainOp { eps: eps as f32 })
 }
 
 /// LayerNorm over the last dimension with `gamma_beta (2, D)`.

@@ -308,3 +308,120 @@ impl CustomOp3 for GroupNormGradOp {
         Ok((CpuStorage::F32(out), Shape::from(x.len() + p.len())))
     }
 }
+
+/// LayerNorm over the last dimension for training, `gb (2, D)` (γ then β), with a hand-written
+/// backward: composed from candle ops its γ and β gradients are strided reductions over every
+/// row, and the statistics take five more passes.
+#[derive(Clone, Copy)]
+pub(crate) struct LayerNormTrainOp {
+    pub eps: f32,
+}
+
+/// Rows per task of the LayerNorm kernels.
+fn rows_per_task(d: usize) -> usize {
+    (16384 / d).max(1)
+}
+
+impl CustomOp2 for LayerNormTrainOp {
+    fn name(&self) -> &'static str {
+        "layer-norm-train"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        LayerNormOp { eps: self.eps }.cpu_fwd(xs, xl, gs, gl)
+    }
+
+    fn bwd(
+        &self,
+        x: &candle_core::Tensor,
+        gb: &candle_core::Tensor,
+        _res: &candle_core::Tensor,
+        grad: &candle_core::Tensor,
+    ) -> Result<(Option<candle_core::Tensor>, Option<candle_core::Tensor>)> {
+        let both = x.apply_op3_no_bwd(gb, &grad.contiguous()?, &LayerNormGradOp(*self))?;
+        let n = x.elem_count();
+        let dx = both.narrow(0, 0, n)?.reshape(x.shape())?;
+        let dgb = both.narrow(0, n, gb.elem_count())?.reshape(gb.shape())?;
+        Ok((Some(dx), Some(dgb)))
+    }
+}
+
+/// The backward of [`LayerNormTrainOp`]: `(x, gb, dy)` → the input's gradient then γ's and β's,
+/// flattened into one vector.
+struct LayerNormGradOp(LayerNormTrainOp);
+
+impl CustomOp3 for LayerNormGradOp {
+    fn name(&self) -> &'static str {
+        "layer-norm-train-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+        ys: &CpuStorage,
+        yl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(xs, xl, "layer_norm input")?;
+        let gb = contiguous_f32(gs, gl, "layer_norm affine")?;
+        let dy = contiguous_f32(ys, yl, "layer_norm gradient")?;
+        let d = *xl.dims().last().unwrap_or(&0);
+        if d == 0 || gb.len() != 2 * d {
+            candle_core::bail!("layer_norm: rows of {d}, affine of {}", gb.len());
+        }
+        let gamma = &gb[..d];
+        let eps = self.0.eps;
+        let chunk = rows_per_task(d) * d;
+        let mut dx = vec![0f32; x.len()];
+        // Each task's partial Σ dy·x̂ and Σ dy per feature, summed in task order afterwards.
+        let partial: Vec<Vec<f32>> = dx
+            .par_chunks_mut(chunk)
+            .zip(x.par_chunks(chunk))
+            .zip(dy.par_chunks(chunk))
+            .map(|((dst, src), g)| {
+                let mut acc = vec![0f32; 2 * d];
+                for ((dr, sr), gr) in dst
+                    .chunks_exact_mut(d)
+                    .zip(src.chunks_exact(d))
+                    .zip(g.chunks_exact(d))
+                {
+                    let mean = simd::sum(sr) / d as f32;
+                    let var = simd::sq_dev(sr, mean) / d as f32;
+                    let rstd = 1.0 / (var + eps).sqrt();
+                    let (mut s1, mut s2) = (0f32, 0f32);
+                    for j in 0..d {
+                        let xn = (sr[j] - mean) * rstd;
+                        let dxn = gr[j] * gamma[j];
+                        acc[j] += gr[j] * xn;
+                        acc[d + j] += gr[j];
+                        s1 += dxn;
+                        s2 += dxn * xn;
+                    }
+                    let (c1, c2) = (s1 / d as f32, s2 / d as f32);
+                    for j in 0..d {
+                        let xn = (sr[j] - mean) * rstd;
+                        dr[j] = rstd * (gr[j] * gamma[j] - c1 - xn * c2);
+                    }
+                }
+                acc
+            })
+            .collect();
+        let mut out = dx;
+        let mut dgb = vec![0f32; 2 * d];
+        for p in &partial {
+            for (a, v) in dgb.iter_mut().zip(p) {
+                *a += v;
+            }
+        }
+        out.extend(dgb);
+        Ok((CpuStorage::F32(out), Shape::from(x.len() + 2 * d)))
+    }
+}
