@@ -239,6 +239,7 @@ impl GroupNorm {
             x.track_op() || self.weight.track_op() || scale_shift.is_some_and(|s| s.track_op());
         if training
             && x.dtype() == DType::F32
+            && self.weight.dtype() == DType::F32
             && x.device().is_cpu()
             && !crate::ops::forced_reference()
         {
@@ -317,6 +318,7 @@ impl LayerNorm {
         let training = x.track_op() || self.weight.track_op();
         if training
             && x.dtype() == DType::F32
+            && self.weight.dtype() == DType::F32
             && x.device().is_cpu()
             && !crate::ops::forced_reference()
         {
