@@ -284,7 +284,7 @@ impl NoisyBatch {
     /// `kappa · 1/ᾱ_t` (the v-loss, `‖ε̂ − ε‖²/ᾱ_t`, uncapped). At the noisy steps, which fix the layout, the known latents change the best ε
     /// by only `√ᾱ/√(1−ᾱ)` of their size, so the capped ε loss barely asks the model to use them
     /// and it paints the prompt's scene over the kept area.
-    pub fn with_kept_weight(mut self, keep: Option<&Tensor>, kappa: f64) -> Result<Self> {
+    pub fn with_kept_weight(self, keep: Option<&Tensor>, kappa: f64) -> Result<Self> {
         let Some(keep) = keep else {
             return Ok(self);
         };
@@ -302,27 +302,16 @@ impl NoisyBatch {
         let g = Tensor::from_vec(factors, (b, 1, 1, 1), &Device::Cpu)?;
         // 1 where repainted, g_t where kept.
         let scale = (keep.broadcast_mul(&(g - 1.0)?)? + 1.0)?;
-        self.positions = Some(match self.positions.take() {
-            Some(p) => (p * scale)?,
-            None => scale,
-        });
-        Ok(self)
+        self.with_position_factors(Some(scale))
     }
 
     /// Weights the loss of the band `(B, 1, h, w)` (1 there; [`PoolBatch::band`]) `kappa` times
     /// more: the latent cells of the user's kept area that the pipelines' `prepare_mask` gives
     /// the model to paint. 2.2's pipeline re-imposes every other kept latent, so the band is all
     /// of the kept area the model decides, and its errors spread through the MoVQ decoder.
-    pub fn with_band_weight(mut self, band: Option<&Tensor>, kappa: f64) -> Result<Self> {
-        let Some(band) = band else {
-            return Ok(self);
-        };
-        let scale = ((band * (kappa - 1.0))? + 1.0)?;
-        self.positions = Some(match self.positions.take() {
-            Some(p) => (p * scale)?,
-            None => scale,
-        });
-        Ok(self)
+    pub fn with_band_weight(self, band: Option<&Tensor>, kappa: f64) -> Result<Self> {
+        let scale = band.map(|b| (b * (kappa - 1.0))? + 1.0).transpose()?;
+        self.with_position_factors(scale)
     }
 
     /// Multiplies the per-position loss weights by `factors (B, 1, h, w)` (e.g. [`object_weights`]).
@@ -789,6 +778,22 @@ impl DecoderPool {
     /// each row whose conditioning describes another entry, `λ` uniform in `[0, max]`; zero for
     /// the other rows.
     pub fn drift(&self, batch: &PoolBatch, max: f32, rng: &mut Rng) -> Result<Tensor> {
+        self.map_rows(batch, |_, x0, theirs| match theirs {
+            None => Ok(x0.zeros_like()?),
+            Some(target) => {
+                let lambda = f64::from(rng.unit() * max);
+                Ok(((target - x0)? * lambda)?)
+            }
+        })
+    }
+
+    /// `f(row, clean latents, the conditioning's entry's latents)` for every row of `batch` in
+    /// order, the last `None` for rows conditioned on their own entry; the rows concatenated.
+    fn map_rows(
+        &self,
+        batch: &PoolBatch,
+        mut f: impl FnMut(usize, Tensor, Option<Tensor>) -> Result<Tensor>,
+    ) -> Result<Tensor> {
         let rows: Vec<Tensor> = batch
             .indices
             .iter()
@@ -796,12 +801,10 @@ impl DecoderPool {
             .enumerate()
             .map(|(r, (&own, &other))| -> Result<Tensor> {
                 let x0 = batch.x0.narrow(0, r, 1)?;
-                if own == other {
-                    return Ok(x0.zeros_like()?);
-                }
-                let lambda = f64::from(rng.unit() * max);
-                let target = self.latents.narrow(0, other as usize, 1)?;
-                Ok(((target - x0)? * lambda)?)
+                let theirs = (own != other)
+                    .then(|| self.latents.narrow(0, other as usize, 1))
+                    .transpose()?;
+                f(r, x0, theirs)
             })
             .collect::<Result<_>>()?;
         Ok(Tensor::cat(&rows, 0)?)
@@ -819,22 +822,13 @@ impl DecoderPool {
         let Some(keep) = &batch.keep else {
             return Ok(());
         };
-        let rows: Vec<Tensor> = batch
-            .indices
-            .iter()
-            .zip(&batch.cond_indices)
-            .enumerate()
-            .map(|(r, (&own, &other))| -> Result<Tensor> {
-                let x0 = batch.x0.narrow(0, r, 1)?;
-                if own == other {
-                    return Ok(x0);
-                }
+        batch.x0 = self.map_rows(batch, |r, x0, theirs| match theirs {
+            None => Ok(x0),
+            Some(theirs) => {
                 let k = keep.narrow(0, r, 1)?;
-                let theirs = self.latents.narrow(0, other as usize, 1)?;
                 Ok((x0.broadcast_mul(&k)? + theirs.broadcast_mul(&(1.0 - &k)?)?)?)
-            })
-            .collect::<Result<_>>()?;
-        batch.x0 = Tensor::cat(&rows, 0)?;
+            }
+        })?;
         batch.positions = None;
         Ok(())
     }

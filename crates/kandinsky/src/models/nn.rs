@@ -235,14 +235,8 @@ impl GroupNorm {
                 silu_after,
             )?);
         }
-        let training =
-            x.track_op() || self.weight.track_op() || scale_shift.is_some_and(|s| s.track_op());
-        if training
-            && x.dtype() == DType::F32
-            && self.weight.dtype() == DType::F32
-            && x.device().is_cpu()
-            && !crate::ops::forced_reference()
-        {
+        let tracked = scale_shift.is_some_and(|s| s.track_op());
+        if training_kernel_applies(x, &self.weight, tracked) {
             return Ok(crate::ops::group_norm_train(
                 x,
                 &self.weight,
@@ -315,13 +309,7 @@ impl LayerNorm {
         if crate::ops::applies(x) && self.gamma_beta.dtype() == DType::F32 {
             return Ok(crate::ops::layer_norm(x, &self.gamma_beta, self.eps)?);
         }
-        let training = x.track_op() || self.weight.track_op();
-        if training
-            && x.dtype() == DType::F32
-            && self.weight.dtype() == DType::F32
-            && x.device().is_cpu()
-            && !crate::ops::forced_reference()
-        {
+        if training_kernel_applies(x, &self.weight, false) {
             return Ok(crate::ops::layer_norm_train(
                 x,
                 &self.weight,
@@ -339,6 +327,17 @@ impl LayerNorm {
             .to_dtype(dtype)?;
         Ok(xn.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)?)
     }
+}
+
+/// Whether a norm layer takes its training kernel (`ops::group_norm_train`,
+/// `ops::layer_norm_train`): a gradient is tracked through `x`, `weight` or another input
+/// (`other_tracked`), everything is f32 on the CPU, and the reference path is not forced.
+fn training_kernel_applies(x: &Tensor, weight: &Tensor, other_tracked: bool) -> bool {
+    (x.track_op() || weight.track_op() || other_tracked)
+        && x.dtype() == DType::F32
+        && weight.dtype() == DType::F32
+        && x.device().is_cpu()
+        && !crate::ops::forced_reference()
 }
 
 /// `[γ; β]` as one `(2, C)` tensor.

@@ -7,6 +7,36 @@ use super::{contiguous_f32, Result};
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape};
 use rayon::prelude::*;
 
+/// `(mean, 1/√(var + eps))` of the values normalised together (a group, or a LayerNorm row).
+fn norm_stats(src: &[f32], eps: f32) -> (f32, f32) {
+    let n = src.len() as f32;
+    let mean = simd::sum(src) / n;
+    let var = simd::sq_dev(src, mean) / n;
+    (mean, 1.0 / (var + eps).sqrt())
+}
+
+/// Rows per task of the LayerNorm kernels.
+fn rows_per_task(d: usize) -> usize {
+    (16384 / d).max(1)
+}
+
+/// Runs the backward op `grad_op` on `(x, params, dy)` and splits its flat output into the
+/// gradients of `x` and of `params`, shaped like them (the training norms' backward).
+fn split_backward(
+    x: &candle_core::Tensor,
+    params: &candle_core::Tensor,
+    dy: &candle_core::Tensor,
+    grad_op: &impl CustomOp3,
+) -> Result<(Option<candle_core::Tensor>, Option<candle_core::Tensor>)> {
+    let both = x.apply_op3_no_bwd(params, &dy.contiguous()?, grad_op)?;
+    let n = x.elem_count();
+    let dx = both.narrow(0, 0, n)?.reshape(x.shape())?;
+    let dp = both
+        .narrow(0, n, params.elem_count())?
+        .reshape(params.shape())?;
+    Ok((Some(dx), Some(dp)))
+}
+
 /// `GroupNorm(x)·γ + β`, optionally `·(1 + scale) + shift` per (image, channel), optionally SiLU.
 pub(crate) struct GroupNormOp {
     pub groups: usize,
@@ -43,10 +73,7 @@ impl GroupNormOp {
             .enumerate()
             .for_each(|(i, (dst, src))| {
                 let (bi, gi) = (i / self.groups, i % self.groups);
-                let n = group_len as f32;
-                let mean = simd::sum(src) / n;
-                let var = simd::sq_dev(src, mean) / n;
-                let rstd = 1.0 / (var + self.eps).sqrt();
+                let (mean, rstd) = norm_stats(src, self.eps);
                 for j in 0..cpg {
                     let ch = gi * cpg + j;
                     let (mut a, mut d) = (gb[ch] * rstd, gb[c + ch]);
@@ -127,14 +154,12 @@ impl CustomOp2 for LayerNormOp {
         }
         let (gamma, beta) = gb.split_at(d);
         let mut out = vec![0f32; x.len()];
-        let rows_per_task = (16384 / d).max(1);
-        out.par_chunks_mut(rows_per_task * d)
-            .zip(x.par_chunks(rows_per_task * d))
+        let chunk = rows_per_task(d) * d;
+        out.par_chunks_mut(chunk)
+            .zip(x.par_chunks(chunk))
             .for_each(|(dst, src)| {
                 for (dr, sr) in dst.chunks_exact_mut(d).zip(src.chunks_exact(d)) {
-                    let mean = simd::sum(sr) / d as f32;
-                    let var = simd::sq_dev(sr, mean) / d as f32;
-                    let rstd = 1.0 / (var + self.eps).sqrt();
+                    let (mean, rstd) = norm_stats(sr, self.eps);
                     simd::layer_affine(sr, dr, mean, rstd, gamma, beta);
                 }
             });
@@ -153,14 +178,6 @@ pub(crate) struct GroupNormTrainOp {
     pub groups: usize,
     pub eps: f32,
     pub silu: bool,
-}
-
-/// `(mean, rstd)` of one group.
-fn group_stats(src: &[f32], eps: f32) -> (f32, f32) {
-    let n = src.len() as f32;
-    let mean = simd::sum(src) / n;
-    let var = simd::sq_dev(src, mean) / n;
-    (mean, 1.0 / (var + eps).sqrt())
 }
 
 impl GroupNormTrainOp {
@@ -212,13 +229,7 @@ impl CustomOp2 for GroupNormTrainOp {
         _res: &candle_core::Tensor,
         grad: &candle_core::Tensor,
     ) -> Result<(Option<candle_core::Tensor>, Option<candle_core::Tensor>)> {
-        let both = x.apply_op3_no_bwd(params, &grad.contiguous()?, &GroupNormGradOp(*self))?;
-        let n = x.elem_count();
-        let dx = both.narrow(0, 0, n)?.reshape(x.shape())?;
-        let dp = both
-            .narrow(0, n, params.elem_count())?
-            .reshape(params.shape())?;
-        Ok((Some(dx), Some(dp)))
+        split_backward(x, params, grad, &GroupNormGradOp(*self))
     }
 }
 
@@ -258,7 +269,7 @@ impl CustomOp3 for GroupNormGradOp {
             .enumerate()
             .for_each(|(i, (((dst, src), g), sums))| {
                 let (bi, gi) = (i / op.groups, i % op.groups);
-                let (mean, rstd) = group_stats(src, op.eps);
+                let (mean, rstd) = norm_stats(src, op.eps);
                 let coef = |ch: usize| {
                     let (scale, shift) = (p[(2 + 2 * bi) * c + ch], p[(3 + 2 * bi) * c + ch]);
                     let a = p[ch] * (1.0 + scale);
@@ -317,11 +328,6 @@ pub(crate) struct LayerNormTrainOp {
     pub eps: f32,
 }
 
-/// Rows per task of the LayerNorm kernels.
-fn rows_per_task(d: usize) -> usize {
-    (16384 / d).max(1)
-}
-
 impl CustomOp2 for LayerNormTrainOp {
     fn name(&self) -> &'static str {
         "layer-norm-train"
@@ -344,11 +350,7 @@ impl CustomOp2 for LayerNormTrainOp {
         _res: &candle_core::Tensor,
         grad: &candle_core::Tensor,
     ) -> Result<(Option<candle_core::Tensor>, Option<candle_core::Tensor>)> {
-        let both = x.apply_op3_no_bwd(gb, &grad.contiguous()?, &LayerNormGradOp(*self))?;
-        let n = x.elem_count();
-        let dx = both.narrow(0, 0, n)?.reshape(x.shape())?;
-        let dgb = both.narrow(0, n, gb.elem_count())?.reshape(gb.shape())?;
-        Ok((Some(dx), Some(dgb)))
+        split_backward(x, gb, grad, &LayerNormGradOp(*self))
     }
 }
 
@@ -393,9 +395,7 @@ impl CustomOp3 for LayerNormGradOp {
                     .zip(src.chunks_exact(d))
                     .zip(g.chunks_exact(d))
                 {
-                    let mean = simd::sum(sr) / d as f32;
-                    let var = simd::sq_dev(sr, mean) / d as f32;
-                    let rstd = 1.0 / (var + eps).sqrt();
+                    let (mean, rstd) = norm_stats(sr, eps);
                     let (mut s1, mut s2) = (0f32, 0f32);
                     for j in 0..d {
                         let xn = (sr[j] - mean) * rstd;
