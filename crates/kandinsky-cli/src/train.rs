@@ -4,7 +4,7 @@
 use anyhow::{bail, Context, Result};
 use kandinsky_train::clip::train_clip;
 use kandinsky_train::mclip::train_mclip;
-use kandinsky_train::movq::{small_movq_config, train_movq, MovqLoss};
+use kandinsky_train::movq::{movq_init, small_movq_config, train_movq, MovqLoss};
 use kandinsky_train::optim::AdamWConfig;
 use kandinsky_train::prior::{train_prior, FrozenClip};
 use kandinsky_train::tokenizer::read_pieces_tsv_gz;
@@ -51,6 +51,19 @@ enum Stage {
         /// Channels of the latent (Kandinsky's MoVQ has 4).
         #[arg(long, default_value_t = 4)]
         latent_channels: usize,
+        /// Start from this trained MoVQ stage (its `movq/`); its config replaces
+        /// `--codebook-size` and `--latent-channels`.
+        #[arg(long)]
+        init: Option<PathBuf>,
+        /// Train the decoder alone, on the unquantised latents of the `--init` MoVQ's frozen
+        /// encoder, which keeps its latents (and every UNet trained on them) valid.
+        #[arg(long, requires = "init")]
+        decoder_only: bool,
+        /// With `--decoder-only`: the fraction of images whose latents are composites, a random
+        /// rectangle of latent cells from another image, decoded to the same composite of
+        /// pixels (an inpainting pipeline's kept cells next to generated ones).
+        #[arg(long, default_value_t = 0.0, requires = "decoder_only")]
+        composite: f32,
     },
     /// The small CLIP: text and vision towers, contrastive on English and Russian captions.
     Clip {
@@ -311,8 +324,11 @@ pub fn run(a: &TrainArgs) -> Result<()> {
             codebook_size,
             collage,
             latent_channels,
+            init,
+            decoder_only,
+            composite,
         } => {
-            let opts = s.options()?;
+            let mut opts = s.options()?;
             if !(1..=64).contains(latent_channels) {
                 bail!("--latent-channels must be between 1 and 64, got {latent_channels}");
             }
@@ -325,17 +341,27 @@ pub fn run(a: &TrainArgs) -> Result<()> {
             if !(2..=65536).contains(codebook_size) {
                 bail!("--codebook-size must be between 2 and 65,536, got {codebook_size}");
             }
+            if !(0.0..=1.0).contains(composite) {
+                bail!("--composite must be a fraction between 0 and 1, got {composite}");
+            }
             let how = MovqLoss {
-                quantised: !unquantised,
+                quantised: !unquantised && !decoder_only,
                 l1: *l1,
                 collage: *collage,
+                decoder_only: *decoder_only,
+                composite: *composite,
             };
-            let r = train_movq(
-                &opts,
-                &small_movq_config(*latent_channels, *codebook_size)?,
-                how,
-                &mut s.logger("movq", "reconstruction"),
-            )?;
+            let config = match init {
+                Some(init) => {
+                    let (config, params) = movq_init(&init.join("movq")).with_context(|| {
+                        format!("loading the MoVQ to start from, {}", init.display())
+                    })?;
+                    opts.init = params;
+                    config
+                }
+                None => small_movq_config(*latent_channels, *codebook_size)?,
+            };
+            let r = train_movq(&opts, &config, how, &mut s.logger("movq", "reconstruction"))?;
             s.report("movq", &r, &["movq"]);
         }
         Stage::Clip { args: s, tokenizer } => {

@@ -57,6 +57,65 @@ fn train_movq_writes_a_checkpoint_resumes_and_exports() {
     let res = bin().args(args("0")).output().unwrap();
     assert!(!res.status.success());
     assert!(String::from_utf8_lossy(&res.stderr).contains("at least 1"));
+    // The decoder alone, from the trained MoVQ: the encoder, codebook and latent scale are
+    // exported bit for bit as they were (the UNets' latents stay valid), the decoder moves.
+    let decoder_only = dir.path().join("decoder-only");
+    let res = bin()
+        .args(["train", "movq", "--init", &out.display().to_string()])
+        .args(["--out", &decoder_only.display().to_string()])
+        .args([
+            "--decoder-only",
+            "--composite",
+            "1",
+            "--steps",
+            "2",
+            "--batch",
+            "2",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    let weights = |run: &std::path::Path| {
+        candle_core::safetensors::load(
+            run.join("movq/diffusion_pytorch_model.safetensors"),
+            &candle_core::Device::Cpu,
+        )
+        .unwrap()
+    };
+    let (before, after) = (weights(&out), weights(&decoder_only));
+    assert_eq!(before.len(), after.len());
+    let mut moved = 0;
+    for (name, b) in &before {
+        let diff = (b - &after[name])
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        if name.starts_with("decoder.") || name.starts_with("post_quant_conv.") {
+            moved += (diff > 0.0) as usize;
+        } else {
+            assert_eq!(diff, 0.0, "{name} changed");
+        }
+    }
+    assert!(moved > 10, "only {moved} decoder tensors moved");
+    // Without a MoVQ to start from there is no decoder to train alone.
+    let res = bin()
+        .args(["train", "movq", "--decoder-only", "--out"])
+        .arg(dir.path().join("none"))
+        .output()
+        .unwrap();
+    assert!(!res.status.success());
+    assert!(String::from_utf8_lossy(&res.stderr).contains("--init"));
+    assert!(!dir.path().join("none").exists());
 }
 
 #[test]

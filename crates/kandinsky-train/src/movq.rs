@@ -123,6 +123,12 @@ pub struct MovqLoss {
     /// Fraction of the training images that are collages ([`movq_image`]): four half-size
     /// renders in a 2×2 grid, so that a step sees four times the edges and corners.
     pub collage: f32,
+    /// Train the decoder alone ([`decoder_composite_loss`]): the encoder, codebook and latent
+    /// scale stay as they are, so every network trained on the latents stays valid.
+    pub decoder_only: bool,
+    /// With `decoder_only`: the fraction of the images whose latents are composites, a random
+    /// rectangle of latent cells taken from another image of the batch.
+    pub composite: f32,
 }
 
 impl Default for MovqLoss {
@@ -131,8 +137,34 @@ impl Default for MovqLoss {
             quantised: true,
             l1: 0.0,
             collage: 0.0,
+            decoder_only: false,
+            composite: 0.0,
         }
     }
+}
+
+/// `(total, reconstruction MSE)` of the decoder alone, on unquantised latents (as the pipelines
+/// decode them) of which a `how.composite` fraction are composites: a random rectangle of latent
+/// cells comes from the next image of the batch, and the target is the same composite of the
+/// two images' pixels. An inpainting pipeline decodes such latents (the kept area's next to the
+/// generated ones), and a decoder that spreads the generated cells into the kept pixels changes
+/// what the user kept; this teaches it to decode each cell's pixels from the cells around it.
+pub fn decoder_composite_loss(
+    movq: &VQModel,
+    x: &Tensor,
+    how: MovqLoss,
+    rng: &mut Rng,
+) -> Result<(Tensor, Tensor)> {
+    let z = movq.encode(x)?.detach();
+    let (zc, xc) = composites(&z, x, how.composite, rng)?;
+    let diff = (movq.decode(&zc, true)? - xc)?;
+    let rec = diff.sqr()?.mean_all()?;
+    let total = if how.l1 > 0.0 {
+        (&rec + (diff.abs()?.mean_all()? * how.l1)?)?
+    } else {
+        rec.clone()
+    };
+    Ok((total, rec))
 }
 
 /// `(total, reconstruction MSE)` losses of one batch.
@@ -200,6 +232,53 @@ pub fn standardise_latents(
     Ok(())
 }
 
+/// Latents `z (B, C, h, w)` and images `x (B, 3, H, W)` where each row, with probability
+/// `fraction` (batches of two or more), takes a random rectangle of latent cells from the next
+/// row, and its pixels the same rectangle scaled to the image.
+fn composites(z: &Tensor, x: &Tensor, fraction: f32, rng: &mut Rng) -> Result<(Tensor, Tensor)> {
+    let (b, _, h, w) = z.dims4()?;
+    let (side_h, side_w) = (x.dim(2)?, x.dim(3)?);
+    let mut keep = vec![1f32; b * h * w];
+    if b > 1 {
+        for r in 0..b {
+            if rng.unit() >= fraction {
+                continue;
+            }
+            let (rh, rw) = (1 + rng.below(h), 1 + rng.below(w));
+            let (y0, x0) = (rng.below(h - rh + 1), rng.below(w - rw + 1));
+            for y in y0..y0 + rh {
+                keep[(r * h + y) * w + x0..(r * h + y) * w + x0 + rw].fill(0.0);
+            }
+        }
+    }
+    let next: Vec<u32> = (0..b).map(|i| ((i + 1) % b) as u32).collect();
+    let next = Tensor::new(next.as_slice(), x.device())?;
+    let keep = Tensor::from_vec(keep, (b, 1, h, w), x.device())?;
+    let keep_px = keep.upsample_nearest2d(side_h, side_w)?;
+    let mix = |a: &Tensor, k: &Tensor| -> Result<Tensor> {
+        let other = a.index_select(&next, 0)?;
+        Ok((a.broadcast_mul(k)? + other.broadcast_mul(&(1.0 - k)?)?)?)
+    };
+    Ok((mix(z, &keep)?, mix(x, &keep_px)?))
+}
+
+/// A trained MoVQ to start from (`movq_dir`: its `config.json` and weights, as the MoVQ stage
+/// exports them): the config's text and the parameters in f32.
+pub fn movq_init(
+    movq_dir: &std::path::Path,
+) -> Result<(String, std::collections::HashMap<String, Tensor>)> {
+    let config_path = movq_dir.join("config.json");
+    let config = std::fs::read_to_string(&config_path).map_err(|e| Error::io(&config_path, e))?;
+    let store = kandinsky::loading::WeightStore::from_dir(movq_dir)?;
+    let shapes = store.shapes();
+    let weights = Weights::from_store(store, candle_core::DType::F32, &candle_core::Device::Cpu);
+    let params = shapes
+        .into_iter()
+        .map(|(name, shape)| Ok((name.clone(), weights.get(shape.as_slice(), &name)?)))
+        .collect::<Result<_>>()?;
+    Ok((config, params))
+}
+
 /// Trains (or resumes training of) the MoVQ with the loss `how` and exports `out_dir/movq/`.
 pub fn train_movq(
     opts: &TrainOptions,
@@ -213,6 +292,11 @@ pub fn train_movq(
             path: PathBuf::from("(movq config)"),
             source,
         })?;
+    if how.decoder_only && opts.init.is_empty() {
+        return Err(Error::InvalidArgument(
+            "training the MoVQ's decoder alone needs a trained MoVQ to start from".into(),
+        ));
+    }
     run_loop(
         opts,
         |params| VQModel::new(&Weights::trainable(params), &config),
@@ -224,13 +308,22 @@ pub fn train_movq(
                 opts.image_size,
                 how.collage,
             )?;
-            movq_loss(movq, &x, how)
+            if how.decoder_only {
+                let mut rng = Rng::new(opts.seed ^ 0xdec0_de00 ^ step.wrapping_mul(0x2545_f491));
+                decoder_composite_loss(movq, &x, how, &mut rng)
+            } else {
+                movq_loss(movq, &x, how)
+            }
         },
         |params| {
-            let movq = VQModel::new(&Weights::trainable(params), &config)?;
-            let scale = latent_scale(&movq, opts.seed, opts.image_size)?;
             let mut tensors = params.tensors();
-            standardise_latents(&mut tensors, scale)?;
+            // A decoder trained alone keeps its encoder's latents, already standardised: the
+            // scale is 1 up to rounding, and rescaling would move what the UNets learnt.
+            if !how.decoder_only {
+                let movq = VQModel::new(&Weights::trainable(params), &config)?;
+                let scale = latent_scale(&movq, opts.seed, opts.image_size)?;
+                standardise_latents(&mut tensors, scale)?;
+            }
             checkpoint::export_component(
                 &opts.out_dir.join("movq"),
                 &config_value,
@@ -287,6 +380,86 @@ mod tests {
         let n = count(0.5);
         assert!((150..=250).contains(&n), "{n} of 400 collages at 0.5");
         assert_eq!(n, count(0.5));
+        Ok(())
+    }
+
+    #[test]
+    fn composites_take_one_rectangle_from_the_next_image_in_latents_and_pixels() -> Result<()> {
+        let dev = candle_core::Device::Cpu;
+        // Row r's latents are all r, its pixels all 10 + r: what a cell holds names its source.
+        let (b, h, side) = (3usize, 4usize, 16usize);
+        let z = Tensor::arange(0f32, b as f32, &dev)?
+            .reshape((b, 1, 1, 1))?
+            .broadcast_as((b, 2, h, h))?
+            .contiguous()?;
+        let x = (z.narrow(1, 0, 1)?.upsample_nearest2d(side, side)? + 10.0)?
+            .broadcast_as((b, 3, side, side))?
+            .contiguous()?;
+        let (zc, xc) = composites(&z, &x, 1.0, &mut Rng::new(3))?;
+        let (zc, xc): (Vec<f32>, Vec<f32>) =
+            (zc.flatten_all()?.to_vec1()?, xc.flatten_all()?.to_vec1()?);
+        let f = side / h;
+        for r in 0..b {
+            let next = ((r + 1) % b) as f32;
+            let cell = |c: usize, y: usize, x_: usize| zc[((r * 2 + c) * h + y) * h + x_];
+            let mut taken = 0;
+            for y in 0..h {
+                for x_ in 0..h {
+                    let v = cell(0, y, x_);
+                    assert!(v == r as f32 || v == next, "row {r}: cell holds {v}");
+                    assert_eq!(cell(1, y, x_), v, "row {r}: every channel alike");
+                    taken += (v == next) as usize;
+                    // The cell's pixels come from the same image, in every channel.
+                    for c in 0..3 {
+                        for py in y * f..(y + 1) * f {
+                            for px in x_ * f..(x_ + 1) * f {
+                                assert_eq!(xc[((r * 3 + c) * side + py) * side + px], 10.0 + v);
+                            }
+                        }
+                    }
+                }
+            }
+            assert!(taken > 0, "row {r}: every row is a composite at fraction 1");
+        }
+        // At fraction 0 nothing moves.
+        let (z0, x0) = composites(&z, &x, 0.0, &mut Rng::new(3))?;
+        assert_eq!((z0 - &z)?.abs()?.max_all()?.to_scalar::<f32>()?, 0.0);
+        assert_eq!((x0 - &x)?.abs()?.max_all()?.to_scalar::<f32>()?, 0.0);
+        Ok(())
+    }
+
+    #[test]
+    fn the_decoder_alone_trains_and_the_encoder_gets_no_gradient() -> Result<()> {
+        let dev = candle_core::Device::Cpu;
+        let config: VQModelConfig = serde_json::from_str(&small_movq_config(4, 16)?).unwrap();
+        let params = kandinsky::loading::ParamStore::with_init(0, Default::default(), &dev);
+        let movq = VQModel::new(&Weights::trainable(&params), &config)?;
+        let x = movq_batch(0, 0, 2, 32, 0.0)?;
+        let how = MovqLoss {
+            decoder_only: true,
+            composite: 1.0,
+            ..Default::default()
+        };
+        let (loss, _) = decoder_composite_loss(&movq, &x, how, &mut Rng::new(1))?;
+        let grads = loss.backward()?;
+        for (name, var) in params.vars() {
+            let decoder = name.starts_with("decoder.") || name.starts_with("post_quant_conv.");
+            assert_eq!(
+                grads.get(var.as_tensor()).is_some(),
+                decoder,
+                "{name}: a gradient only for the decoder's parameters"
+            );
+        }
+        // Without composites the loss is the plain reconstruction of the unquantised latents.
+        let plain = MovqLoss {
+            composite: 0.0,
+            ..how
+        };
+        let (l0, _) = decoder_composite_loss(&movq, &x, plain, &mut Rng::new(1))?;
+        let direct = (movq.decode(&movq.encode(&x)?, true)? - &x)?
+            .sqr()?
+            .mean_all()?;
+        assert_eq!(l0.to_scalar::<f32>()?, direct.to_scalar::<f32>()?);
         Ok(())
     }
 }
