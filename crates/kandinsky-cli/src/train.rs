@@ -64,6 +64,11 @@ enum Stage {
         /// pixels (an inpainting pipeline's kept cells next to generated ones).
         #[arg(long, default_value_t = 0.0, requires = "decoder_only")]
         composite: f32,
+        /// With `--composite`: half of the composites get Gaussian noise (standard deviation
+        /// uniform up to this) on their foreign cells, and their loss counts only their own
+        /// pixels, so that the decoder keeps those whatever the other cells hold (0: none).
+        #[arg(long, default_value_t = 0.0, requires = "composite")]
+        foreign_noise: f32,
     },
     /// The small CLIP: text and vision towers, contrastive on English and Russian captions.
     Clip {
@@ -327,6 +332,7 @@ pub fn run(a: &TrainArgs) -> Result<()> {
             init,
             decoder_only,
             composite,
+            foreign_noise,
         } => {
             let mut opts = s.options()?;
             if !(1..=64).contains(latent_channels) {
@@ -344,12 +350,16 @@ pub fn run(a: &TrainArgs) -> Result<()> {
             if !(0.0..=1.0).contains(composite) {
                 bail!("--composite must be a fraction between 0 and 1, got {composite}");
             }
+            if !(foreign_noise.is_finite() && (0.0..=100.0).contains(foreign_noise)) {
+                bail!("--foreign-noise must be between 0 and 100, got {foreign_noise}");
+            }
             let how = MovqLoss {
                 quantised: !unquantised && !decoder_only,
                 l1: *l1,
                 collage: *collage,
                 decoder_only: *decoder_only,
                 composite: *composite,
+                foreign_noise: *foreign_noise,
             };
             let config = match init {
                 Some(init) => {

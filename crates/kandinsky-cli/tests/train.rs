@@ -836,6 +836,36 @@ fn new_training_flags_refuse_bad_values_before_working() {
             strings(&["train", "movq", "--out", &o, "--codebook-size", "1"]),
             "--codebook-size",
         ),
+        (
+            strings(&[
+                "train",
+                "movq",
+                "--out",
+                &o,
+                "--init",
+                "/m",
+                "--decoder-only",
+            ])
+            .into_iter()
+            .chain(strings(&["--composite", "1.5"]))
+            .collect(),
+            "--composite",
+        ),
+        (
+            strings(&[
+                "train",
+                "movq",
+                "--out",
+                &o,
+                "--init",
+                "/m",
+                "--decoder-only",
+            ])
+            .into_iter()
+            .chain(strings(&["--composite", "0.5", "--foreign-noise", "nan"]))
+            .collect(),
+            "--foreign-noise",
+        ),
         (unet(&["--depth-control"]), "--family 2.2"),
         (unet(&["--moved", "0.5"]), "--moved"),
         (
