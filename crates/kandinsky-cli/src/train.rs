@@ -354,7 +354,7 @@ pub fn run(a: &TrainArgs) -> Result<()> {
                 bail!("--foreign-noise must be between 0 and 100, got {foreign_noise}");
             }
             let how = MovqLoss {
-                quantised: !unquantised && !decoder_only,
+                quantised: !unquantised,
                 l1: *l1,
                 collage: *collage,
                 decoder_only: *decoder_only,

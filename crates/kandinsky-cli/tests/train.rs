@@ -91,14 +91,7 @@ fn train_movq_writes_a_checkpoint_resumes_and_exports() {
     let mut moved = 0;
     for (name, b) in &before {
         let diff = (b - &after[name])
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
+            .and_then(|d| d.abs()?.max_all()?.to_scalar::<f32>())
             .unwrap();
         if name.starts_with("decoder.") || name.starts_with("post_quant_conv.") {
             moved += (diff > 0.0) as usize;
@@ -822,6 +815,19 @@ fn new_training_flags_refuse_bad_values_before_working() {
         a.extend(strings(extra));
         a
     };
+    let decoder_only = |extra: &[&str]| {
+        let mut a = strings(&[
+            "train",
+            "movq",
+            "--out",
+            &o,
+            "--init",
+            "/m",
+            "--decoder-only",
+        ]);
+        a.extend(strings(extra));
+        a
+    };
     for (args, message) in [
         (
             strings(&["train", "movq", "--out", &o, "--latent-channels", "0"]),
@@ -836,34 +842,9 @@ fn new_training_flags_refuse_bad_values_before_working() {
             strings(&["train", "movq", "--out", &o, "--codebook-size", "1"]),
             "--codebook-size",
         ),
+        (decoder_only(&["--composite", "1.5"]), "--composite"),
         (
-            strings(&[
-                "train",
-                "movq",
-                "--out",
-                &o,
-                "--init",
-                "/m",
-                "--decoder-only",
-            ])
-            .into_iter()
-            .chain(strings(&["--composite", "1.5"]))
-            .collect(),
-            "--composite",
-        ),
-        (
-            strings(&[
-                "train",
-                "movq",
-                "--out",
-                &o,
-                "--init",
-                "/m",
-                "--decoder-only",
-            ])
-            .into_iter()
-            .chain(strings(&["--composite", "0.5", "--foreign-noise", "nan"]))
-            .collect(),
+            decoder_only(&["--composite", "0.5", "--foreign-noise", "nan"]),
             "--foreign-noise",
         ),
         (unet(&["--depth-control"]), "--family 2.2"),

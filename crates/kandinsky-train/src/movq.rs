@@ -124,8 +124,9 @@ pub struct MovqLoss {
     /// Fraction of the training images that are collages ([`movq_image`]): four half-size
     /// renders in a 2×2 grid, so that a step sees four times the edges and corners.
     pub collage: f32,
-    /// Train the decoder alone ([`decoder_composite_loss`]): the encoder, codebook and latent
-    /// scale stay as they are, so every network trained on the latents stays valid.
+    /// Train the decoder alone ([`decoder_composite_loss`], always on the unquantised latents:
+    /// `quantised` does not apply): the encoder, codebook and latent scale stay as they are, so
+    /// every network trained on the latents stays valid.
     pub decoder_only: bool,
     /// With `decoder_only`: the fraction of the images whose latents are composites, a random
     /// rectangle of latent cells taken from another image of the batch.
@@ -488,27 +489,27 @@ mod tests {
             composite: 1.0,
             ..Default::default()
         };
+        let decoder_gradients_only = |loss: &Tensor| -> Result<()> {
+            let grads = loss.backward()?;
+            for (name, var) in params.vars() {
+                let decoder = name.starts_with("decoder.") || name.starts_with("post_quant_conv.");
+                assert_eq!(
+                    grads.get(var.as_tensor()).is_some(),
+                    decoder,
+                    "{name}: a gradient only for the decoder's parameters"
+                );
+            }
+            Ok(())
+        };
         let (loss, _) = decoder_composite_loss(&movq, &x, how, &mut Rng::new(1))?;
-        let grads = loss.backward()?;
-        for (name, var) in params.vars() {
-            let decoder = name.starts_with("decoder.") || name.starts_with("post_quant_conv.");
-            assert_eq!(
-                grads.get(var.as_tensor()).is_some(),
-                decoder,
-                "{name}: a gradient only for the decoder's parameters"
-            );
-        }
+        decoder_gradients_only(&loss)?;
         // Noise on the foreign cells of half the composites: still the decoder's gradient only.
         let noisy = MovqLoss {
             foreign_noise: 2.0,
             ..how
         };
         let (ln, _) = decoder_composite_loss(&movq, &x, noisy, &mut Rng::new(1))?;
-        let grads = ln.backward()?;
-        for (name, var) in params.vars() {
-            let decoder = name.starts_with("decoder.") || name.starts_with("post_quant_conv.");
-            assert_eq!(grads.get(var.as_tensor()).is_some(), decoder, "{name}");
-        }
+        decoder_gradients_only(&ln)?;
         assert!(ln.to_scalar::<f32>()?.is_finite());
         // Without composites the loss is the plain reconstruction of the unquantised latents.
         let plain = MovqLoss {

@@ -156,9 +156,9 @@ fn small(dtype: candle_core::DType, inpaint: bool) -> AutoPipeline {
 }
 
 /// f16 and bf16 images are within 3/255 of f32 ones on the small model (the criterion of
-/// half-precision GPU runs; f16 on all but 0.5 % of the values), in every mode the small model has: the dtype casts at the model
-/// boundaries (inputs into the compute dtype, f32 out) and the f32 norms keep half precision
-/// close. On the CPU, bf16 is the packed-weight path and f16 candle's own; on a GPU
+/// half-precision GPU runs; f16 on all but 0.5 % of the values), in every mode the small model
+/// has: the dtype casts at the model boundaries (inputs into the compute dtype, f32 out) and the
+/// f32 norms keep half precision close. On the CPU, bf16 is the packed-weight path and f16 candle's own; on a GPU
 /// (`KANDINSKY_TEST_DEVICE=cuda`) both are the plain-candle path.
 #[test]
 fn half_precision_images_are_within_3_of_f32() {
