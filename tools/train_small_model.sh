@@ -3,11 +3,9 @@
 # model directories of both families (the default model lives in models/small): Kandinsky 2.1
 # (decoder, decoder-inpaint) and 2.2 (decoder-2-2, decoder-2-2-inpaint, decoder-2-2-controlnet-depth)
 # with one prior. Every stage resumes from its checkpoint, so the script can be re-run after an
-# interruption. The eighth session's form ran in 154 minutes on the 2-core development machine;
-# this one (a longer prior, a fourth UNet phase, a shorter third one, faster GroupNorm and
-# LayerNorm training kernels) ran from scratch in 138 minutes (stage times in docs/small-model.md);
-# the 2.2 decoder's second phase, added after that run, takes 7 minutes more (not yet measured
-# end to end).
+# interruption. This form ran from scratch in 116 minutes on the 2-core development machine (the
+# thirteenth session; its outputs are models/small byte for byte), its previous form in 138 on a
+# slower machine of the same kind (stage times in docs/small-model.md).
 # Usage: tools/train_small_model.sh [RUNS_DIR] [MODEL_DIR]
 # Stages that do not depend on each other run side by side, one core each, with their output in
 # RUNS_DIR/<stage>.log: at these model sizes candle's CPU ops hardly use a second core (a CLIP
