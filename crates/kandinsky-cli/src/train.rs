@@ -183,6 +183,10 @@ enum Stage {
         /// prompt's scene, and their loss counts every position (otherwise only the kept area).
         #[arg(long)]
         composite: bool,
+        /// The fraction of examples trained on the unconditional inputs, which classifier-free
+        /// guidance extrapolates from (default 0.1).
+        #[arg(long)]
+        cond_dropout: Option<f32>,
     },
     /// Assemble the stage outputs under `--runs` (clip/, mclip/, movq/, prior/, unet/,
     /// inpaint/) into diffusers model directories: OUT/prior, OUT/decoder, OUT/decoder-inpaint.
@@ -418,6 +422,7 @@ pub fn run(a: &TrainArgs) -> Result<()> {
             new_input_lr,
             object_weight,
             composite,
+            cond_dropout,
         } => {
             let mut opts = s.options()?;
             if *pool == 0 {
@@ -452,6 +457,9 @@ pub fn run(a: &TrainArgs) -> Result<()> {
             }
             if *composite && *mismatch == 0.0 {
                 bail!("--composite needs --mismatch");
+            }
+            if cond_dropout.is_some_and(|d| !(0.0..=1.0).contains(&d)) {
+                bail!("--cond-dropout is a fraction between 0 and 1");
             }
             if !(object_weight.is_finite() && *object_weight >= 0.0) {
                 bail!("--object-weight is 0 or a positive factor");
@@ -516,6 +524,7 @@ pub fn run(a: &TrainArgs) -> Result<()> {
                 new_input_lr: *new_input_lr,
                 object_weight: *object_weight,
                 composite: *composite,
+                cond_dropout: *cond_dropout,
             };
             let r = train_unet(&opts, &pool, stage, &mut s.logger(name, "ε loss"))?;
             s.report(name, &r, &["unet"]);

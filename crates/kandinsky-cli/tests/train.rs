@@ -868,6 +868,8 @@ fn new_training_flags_refuse_bad_values_before_working() {
         (unet(&["--max-timestep", "1001"]), "--max-timestep"),
         (unet(&["--inpaint", "--depth-control"]), "cannot be used"),
         (unet(&["--band-weight", "4"]), "--band-weight"),
+        (unet(&["--cond-dropout", "1.5"]), "--cond-dropout"),
+        (unet(&["--cond-dropout", "nan"]), "--cond-dropout"),
         (unet(&["--inpaint", "--band-weight=-1"]), "--band-weight"),
         (unet(&["--new-input-lr", "10"]), "--new-input-lr"),
         (

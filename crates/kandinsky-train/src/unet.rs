@@ -640,13 +640,27 @@ impl DecoderPool {
         mismatch: f32,
         rng: &mut Rng,
     ) -> Result<PoolBatch> {
+        self.batch_with_dropout(batch, inpaint, mismatch, COND_DROPOUT, rng)
+    }
+
+    /// [`DecoderPool::batch_mismatched`] with `cond_dropout` of the examples (instead of
+    /// [`COND_DROPOUT`]) given the unconditional inputs. It draws the same random numbers
+    /// whatever the fraction, so only the dropped rows differ.
+    pub fn batch_with_dropout(
+        &self,
+        batch: usize,
+        inpaint: bool,
+        mismatch: f32,
+        cond_dropout: f32,
+        rng: &mut Rng,
+    ) -> Result<PoolBatch> {
         if self.is_empty() {
             return Err(kandinsky::error::Error::InvalidArgument(
                 "the training pool is empty".into(),
             ));
         }
         let idx: Vec<u32> = (0..batch).map(|_| rng.below(self.len()) as u32).collect();
-        let drop: Vec<bool> = (0..batch).map(|_| rng.unit() < COND_DROPOUT).collect();
+        let drop: Vec<bool> = (0..batch).map(|_| rng.unit() < cond_dropout).collect();
         let x0 = self
             .latents
             .index_select(&Tensor::new(idx.as_slice(), &Device::Cpu)?, 0)?;
@@ -1009,6 +1023,8 @@ pub struct UNetStage {
     /// masked latents and mask, the ControlNet's hint channels), which start at zero while the
     /// rest of the model is trained: 0 or 1 leaves them at the common rate.
     pub new_input_lr: f64,
+    /// The fraction of examples given the unconditional inputs; `None`: [`COND_DROPOUT`].
+    pub cond_dropout: Option<f32>,
 }
 
 /// Loss weights `(B, 1, side, side)` for training examples `indices` of `seed` at the latent's
@@ -1109,7 +1125,9 @@ pub fn train_unet(
         |unet, vars, step| {
             let mut rng = Rng::new(opts.seed ^ 0x0e7 ^ step.wrapping_mul(0x1000_0001));
             let mut generator = TorchGenerator::new(opts.seed ^ step.wrapping_mul(104_729));
-            let mut b = pool.batch_mismatched(opts.batch, inpaint, stage.mismatch, &mut rng)?;
+            let dropout = stage.cond_dropout.unwrap_or(COND_DROPOUT);
+            let mut b =
+                pool.batch_with_dropout(opts.batch, inpaint, stage.mismatch, dropout, &mut rng)?;
             if stage.composite {
                 pool.composite(&mut b)?;
             }
@@ -1317,6 +1335,33 @@ mod tests {
                 Tensor::zeros((1, 2), DType::F32, &d).unwrap(),
                 Tensor::zeros((1, 3, 2), DType::F32, &d).unwrap(),
             ),
+        }
+    }
+
+    #[test]
+    fn cond_dropout_replaces_only_the_drawn_rows_and_keeps_the_rest_of_the_batch() {
+        let pool = numbered_pool(6);
+        let draw = |dropout: f32| {
+            pool.batch_with_dropout(64, false, 0.0, dropout, &mut Rng::new(11))
+                .unwrap()
+        };
+        let default = pool
+            .batch_mismatched(64, false, 0.0, &mut Rng::new(11))
+            .unwrap();
+        let (none, some, all) = (draw(0.0), draw(0.3), draw(1.0));
+        assert_eq!(draw(COND_DROPOUT).dropped, default.dropped);
+        assert!(none.dropped.iter().all(|d| !d) && all.dropped.iter().all(|&d| d));
+        let n = some.dropped.iter().filter(|&&d| d).count();
+        assert!((8..=32).contains(&n), "{n} of 64 dropped at 0.3");
+        // The same entries and noise whatever the fraction; dropped rows get the zero inputs.
+        assert_eq!(none.indices, all.indices);
+        let (kept, dropped) = (
+            none.cond.0.to_vec2::<f32>().unwrap(),
+            some.cond.0.to_vec2::<f32>().unwrap(),
+        );
+        for (row, &d) in some.dropped.iter().enumerate() {
+            let want = if d { vec![0.0, 0.0] } else { kept[row].clone() };
+            assert_eq!(dropped[row], want, "row {row}");
         }
     }
 
