@@ -184,9 +184,9 @@ enum Stage {
         #[arg(long)]
         composite: bool,
         /// The fraction of examples trained on the unconditional inputs, which classifier-free
-        /// guidance extrapolates from (default 0.1).
-        #[arg(long)]
-        cond_dropout: Option<f32>,
+        /// guidance extrapolates from.
+        #[arg(long, default_value_t = kandinsky_train::unet::COND_DROPOUT)]
+        cond_dropout: f32,
     },
     /// Assemble the stage outputs under `--runs` (clip/, mclip/, movq/, prior/, unet/,
     /// inpaint/) into diffusers model directories: OUT/prior, OUT/decoder, OUT/decoder-inpaint.
@@ -458,7 +458,7 @@ pub fn run(a: &TrainArgs) -> Result<()> {
             if *composite && *mismatch == 0.0 {
                 bail!("--composite needs --mismatch");
             }
-            if cond_dropout.is_some_and(|d| !(0.0..=1.0).contains(&d)) {
+            if !(0.0..=1.0).contains(cond_dropout) {
                 bail!("--cond-dropout is a fraction between 0 and 1");
             }
             if !(object_weight.is_finite() && *object_weight >= 0.0) {
@@ -524,7 +524,7 @@ pub fn run(a: &TrainArgs) -> Result<()> {
                 new_input_lr: *new_input_lr,
                 object_weight: *object_weight,
                 composite: *composite,
-                cond_dropout: *cond_dropout,
+                cond_dropout: Some(*cond_dropout),
             };
             let r = train_unet(&opts, &pool, stage, &mut s.logger(name, "ε loss"))?;
             s.report(name, &r, &["unet"]);

@@ -1353,7 +1353,7 @@ mod tests {
         assert!(none.dropped.iter().all(|d| !d) && all.dropped.iter().all(|&d| d));
         let n = some.dropped.iter().filter(|&&d| d).count();
         assert!((8..=32).contains(&n), "{n} of 64 dropped at 0.3");
-        // The same entries and noise whatever the fraction; dropped rows get the zero inputs.
+        // The same entries whatever the fraction; dropped rows get the zero inputs.
         assert_eq!(none.indices, all.indices);
         let (kept, dropped) = (
             none.cond.0.to_vec2::<f32>().unwrap(),
