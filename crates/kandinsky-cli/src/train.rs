@@ -2,9 +2,14 @@
 //! world, resumable from `OUT/checkpoint.safetensors`, logging loss and progress.
 
 use anyhow::{bail, Context, Result};
+use kandinsky::pipelines::kandinsky::pipeline_kandinsky_prior::KandinskyPriorPipeline;
 use kandinsky_train::clip::train_clip;
+use kandinsky_train::eval::EvalDecoder;
 use kandinsky_train::mclip::train_mclip;
-use kandinsky_train::movq::{movq_init, small_movq_config, train_movq, MovqLoss};
+use kandinsky_train::movq::{
+    movq_init, refine_latents, small_movq_config, train_movq, MovqLoss, RefineSettings,
+    RefinedLatents,
+};
 use kandinsky_train::optim::AdamWConfig;
 use kandinsky_train::prior::{train_prior, FrozenClip};
 use kandinsky_train::tokenizer::read_pieces_tsv_gz;
@@ -24,7 +29,7 @@ pub struct TrainArgs {
 impl TrainArgs {
     /// Whether the stage splits its work over threads of its own (the decoder UNets).
     pub fn runs_threads(&self) -> bool {
-        matches!(self.stage, Stage::Unet { .. })
+        matches!(self.stage, Stage::Unet { .. } | Stage::Refine { .. })
     }
 }
 
@@ -69,6 +74,45 @@ enum Stage {
         /// pixels, so that the decoder keeps those whatever the other cells hold (0: none).
         #[arg(long, default_value_t = 0.0, requires = "composite")]
         foreign_noise: f32,
+        /// With `--decoder-only`: a file of `train refine`'s latents; each step decodes as many of
+        /// them (to their source images) as plain latents, the two losses averaged.
+        #[arg(long, requires = "decoder_only")]
+        refined: Option<PathBuf>,
+    },
+    /// The decoder UNet's own latents for training images, for `train movq --decoder-only
+    /// --refined`: each image noised part of the way and denoised again by a trained decoder
+    /// (image-to-image with its caption and its CLIP image embedding).
+    Refine {
+        /// A decoder model directory of either family (`kandinsky-2-1` or `kandinsky-2-2`).
+        #[arg(long)]
+        decoder: PathBuf,
+        /// A prior model directory (its CLIP image encoder embeds the images).
+        #[arg(long)]
+        prior: PathBuf,
+        /// The output file (safetensors).
+        #[arg(long)]
+        out: PathBuf,
+        /// Training examples `0..N`.
+        #[arg(long, default_value_t = 2048)]
+        n: usize,
+        /// Sampler steps of the whole schedule.
+        #[arg(long, default_value_t = 50)]
+        steps: usize,
+        /// Classifier-free guidance.
+        #[arg(long, default_value_t = 4.0)]
+        guidance: f64,
+        /// Lowest image-to-image strength.
+        #[arg(long, default_value_t = 0.05)]
+        strength_min: f64,
+        /// Highest image-to-image strength.
+        #[arg(long, default_value_t = 0.5)]
+        strength_max: f64,
+        /// Examples denoised together (one strength each).
+        #[arg(long, default_value_t = 16)]
+        chunk: usize,
+        /// Seed of the data (the MoVQ stage's `--seed`).
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
     },
     /// The small CLIP: text and vision towers, contrastive on English and Russian captions.
     Clip {
@@ -337,6 +381,7 @@ pub fn run(a: &TrainArgs) -> Result<()> {
             decoder_only,
             composite,
             foreign_noise,
+            refined,
         } => {
             let mut opts = s.options()?;
             if !(1..=64).contains(latent_channels) {
@@ -375,7 +420,20 @@ pub fn run(a: &TrainArgs) -> Result<()> {
                 }
                 None => small_movq_config(*latent_channels, *codebook_size)?,
             };
-            let r = train_movq(&opts, &config, how, &mut s.logger("movq", "reconstruction"))?;
+            let refined = match refined {
+                Some(path) => Some(
+                    RefinedLatents::load(path)
+                        .with_context(|| format!("reading refined latents {}", path.display()))?,
+                ),
+                None => None,
+            };
+            let r = train_movq(
+                &opts,
+                &config,
+                how,
+                refined.as_ref(),
+                &mut s.logger("movq", "reconstruction"),
+            )?;
             s.report("movq", &r, &["movq"]);
         }
         Stage::Clip { args: s, tokenizer } => {
@@ -534,6 +592,74 @@ pub fn run(a: &TrainArgs) -> Result<()> {
                 .with_context(|| format!("assembling the model from {}", runs.display()))?;
             println!(
                 "wrote {0}/prior, {0}/decoder, {0}/decoder-inpaint",
+                out.display()
+            );
+        }
+        Stage::Refine {
+            decoder,
+            prior,
+            out,
+            n,
+            steps,
+            guidance,
+            strength_min,
+            strength_max,
+            chunk,
+            seed,
+        } => {
+            if *n == 0 || *n > 1 << 16 {
+                bail!("--n is between 1 and 65536, got {n}");
+            }
+            if *steps == 0 || *chunk == 0 {
+                bail!("--steps and --chunk must be at least 1");
+            }
+            if !(*strength_min > 0.0 && strength_min <= strength_max && *strength_max <= 1.0) {
+                bail!(
+                    "the strengths must satisfy 0 < --strength-min ≤ --strength-max ≤ 1, got \
+                     {strength_min} and {strength_max}"
+                );
+            }
+            if ((*steps as f64) * strength_min).floor() < 1.0 {
+                bail!(
+                    "--steps {steps} at --strength-min {strength_min} leaves no denoising step \
+                     (image-to-image runs int(steps × strength) of them)"
+                );
+            }
+            if !(guidance.is_finite() && *guidance >= 0.0) {
+                bail!("--guidance must be a number ≥ 0, got {guidance}");
+            }
+            let device = candle_core::Device::Cpu;
+            let dec = EvalDecoder::load(decoder, candle_core::DType::F32, &device, None)
+                .with_context(|| format!("loading the decoder {}", decoder.display()))?;
+            let pri = KandinskyPriorPipeline::load(prior, candle_core::DType::F32, &device)
+                .with_context(|| format!("loading the prior {}", prior.display()))?;
+            let settings = RefineSettings {
+                n: *n,
+                steps: *steps,
+                guidance: *guidance,
+                strength: (*strength_min, *strength_max),
+                chunk: *chunk,
+                seed: *seed,
+                side: 64,
+            };
+            let start = Instant::now();
+            let refined = refine_latents(
+                &dec,
+                &pri,
+                &settings,
+                kandinsky_train::unet::GRAD_PARTS,
+                &|done, n| {
+                    eprintln!(
+                        "refine: {done}/{n} ({:.0} s)",
+                        start.elapsed().as_secs_f64()
+                    )
+                },
+            )?;
+            refined.save(out)?;
+            eprintln!(
+                "refine: {} latents in {:.1} s -> {}",
+                refined.indices.len(),
+                start.elapsed().as_secs_f64(),
                 out.display()
             );
         }

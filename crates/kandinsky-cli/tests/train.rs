@@ -919,3 +919,99 @@ fn evaluations_refuse_bad_sizes_and_missing_models_before_working() {
         assert!(err.contains(message), "{args:?}: {err}");
     }
 }
+
+/// `train refine` writes a decoder's own latents for training images, and `train movq
+/// --decoder-only --refined` trains on them; latents of another data seed are refused.
+#[test]
+fn train_refine_writes_latents_that_the_decoder_trains_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let refined = dir.path().join("refined.safetensors");
+    let r = refined.display().to_string();
+    let refine = |extra: &[&str]| {
+        let mut a = strings(&[
+            "train",
+            "refine",
+            "--decoder",
+            &fixture("pipelines/tiny-2-1"),
+        ]);
+        a.extend(strings(&["--prior", &fixture("pipelines/tiny-2-1-prior")]));
+        a.extend(strings(&["--out", &r, "--steps", "4", "--chunk", "2"]));
+        a.extend(strings(extra));
+        a
+    };
+    for (extra, needle) in [
+        (&["--strength-min", "0"][..], "0 < --strength-min"),
+        (
+            &["--strength-min", "0.6", "--strength-max", "0.5"][..],
+            "0 < --strength-min",
+        ),
+        (&["--n", "0"][..], "--n is between"),
+        (&["--strength-min", "0.2"][..], "no denoising step"),
+    ] {
+        let res = bin().args(refine(extra)).output().unwrap();
+        let err = String::from_utf8_lossy(&res.stderr);
+        assert!(
+            !res.status.success() && err.contains(needle),
+            "{extra:?}: {err}"
+        );
+        assert!(!refined.exists(), "{extra:?} left an output file");
+    }
+    let res = bin()
+        .args(refine(&[
+            "--n",
+            "5",
+            "--strength-min",
+            "0.3",
+            "--strength-max",
+            "0.6",
+        ]))
+        .output()
+        .unwrap();
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    let t = candle_core::safetensors::load(&refined, &candle_core::Device::Cpu).unwrap();
+    let (n, c, _, _) = t["latents"].dims4().unwrap();
+    assert_eq!((n, c), (5, 4));
+    assert_eq!(t["indices"].to_vec1::<i64>().unwrap(), vec![0, 1, 2, 3, 4]);
+    let latents = t["latents"]
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    assert!(latents.iter().all(|v| v.is_finite()));
+    let movq = |seed: &str, out: &std::path::Path| {
+        bin()
+            .args(["train", "movq", "--init", &fixture("pipelines/tiny-2-1")])
+            .args([
+                "--decoder-only",
+                "--refined",
+                &r,
+                "--steps",
+                "2",
+                "--batch",
+                "2",
+            ])
+            .args(["--seed", seed, "--out"])
+            .arg(out)
+            .output()
+            .unwrap()
+    };
+    let out = dir.path().join("movq");
+    let res = movq("0", &out);
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    assert!(out
+        .join("movq/diffusion_pytorch_model.safetensors")
+        .is_file());
+    let other = dir.path().join("other");
+    let res = movq("1", &other);
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert!(!res.status.success() && err.contains("seed"), "{err}");
+    assert!(!other.exists());
+}

@@ -208,6 +208,200 @@ pub fn decoder_composite_loss(
     Ok((total, rec))
 }
 
+/// The decoder UNet's own latents for training images: each image encoded, noised part of the
+/// way and denoised again by a trained decoder pipeline (image-to-image with the image's own
+/// caption and CLIP embedding). They are what the MoVQ decoder is given at sampling time, with
+/// the UNet's errors (soft corners, a tab or bump on a small square), and the image they came from
+/// is the target, so a decoder trained on them learns to draw the intended image from them.
+pub struct RefinedLatents {
+    /// `(N, C, h, w)`.
+    pub latents: Tensor,
+    /// The training example ([`training_example`]) of each row.
+    pub indices: Vec<u64>,
+    /// The data seed of the examples.
+    pub seed: u64,
+}
+
+/// How [`refine_latents`] builds its latents.
+#[derive(Debug, Clone, Copy)]
+pub struct RefineSettings {
+    /// Training examples `0..n`.
+    pub n: usize,
+    /// Sampler steps of the whole schedule (image-to-image runs the last `strength` of them).
+    pub steps: usize,
+    /// Classifier-free guidance.
+    pub guidance: f64,
+    /// Each chunk's strength is uniform in this range.
+    pub strength: (f64, f64),
+    /// Examples denoised together (one strength and generator each).
+    pub chunk: usize,
+    /// Data seed.
+    pub seed: u64,
+    /// Image side.
+    pub side: usize,
+}
+
+/// Builds [`RefinedLatents`] with `decoder` (either family) and the prior pipeline's CLIP image
+/// encoder, the chunks shared over `threads` threads (each chunk's output depends only on its
+/// index). `progress(done, n)` after each chunk of the first thread.
+pub fn refine_latents(
+    decoder: &super::eval::EvalDecoder,
+    prior: &kandinsky::pipelines::kandinsky::pipeline_kandinsky_prior::KandinskyPriorPipeline,
+    s: &RefineSettings,
+    threads: usize,
+    progress: &(dyn Fn(usize, usize) + Sync),
+) -> Result<RefinedLatents> {
+    use super::eval::EvalDecoder;
+    use kandinsky::pipelines::decoder::DecoderParams;
+    let (lo, hi) = s.strength;
+    if s.n == 0 || s.chunk == 0 || s.steps == 0 || !(0.0 < lo && lo <= hi && hi <= 1.0) {
+        return Err(Error::InvalidArgument(format!(
+            "refined latents need n, chunk and steps ≥ 1 and 0 < strength ≤ 1, got {s:?}"
+        )));
+    }
+    let params = DecoderParams {
+        height: s.side,
+        width: s.side,
+        steps: s.steps,
+        guidance_scale: s.guidance,
+    };
+    let firsts: Vec<usize> = (0..s.n).step_by(s.chunk).collect();
+    let chunk = |c: usize| -> Result<Tensor> {
+        let first = firsts[c];
+        let n = s.chunk.min(s.n - first);
+        let examples = training_examples(s.seed, first as u64, n, s.side);
+        let images = image_tensor(&examples, s.side)?;
+        let emb = examples
+            .iter()
+            .map(|e| prior.embed_image(s.side, s.side, &e.image))
+            .collect::<Result<Vec<_>>>()?;
+        let emb = Tensor::cat(&emb, 0)?;
+        let neg = prior.zero_image_embeds(n)?;
+        let mut rng = Rng::new(s.seed ^ 0x5e_f14e ^ (c as u64).wrapping_mul(0x9e37_79b9));
+        let strength = lo + (hi - lo) * rng.unit() as f64;
+        let mut gen = TorchGenerator::new(rng.next_u64());
+        let noop = &mut |_: usize, _: usize| {};
+        match decoder {
+            EvalDecoder::V21(d) => {
+                let captions: Vec<String> = examples.iter().map(|e| e.caption.clone()).collect();
+                d.img2img_latents(
+                    &captions, None, &images, &emb, &neg, params, strength, &mut gen, noop,
+                )
+            }
+            EvalDecoder::V22(d) => {
+                d.img2img_latents(&images, &emb, &neg, params, strength, &mut gen, noop)
+            }
+        }
+    };
+    let per_thread = super::threads::on_threads(threads.max(1), |w| -> Result<Vec<Tensor>> {
+        let mut out = Vec::new();
+        for c in (w..firsts.len()).step_by(threads.max(1)) {
+            out.push(chunk(c)?.detach());
+            if w == 0 {
+                progress(firsts.get(c + threads.max(1)).copied().unwrap_or(s.n), s.n);
+            }
+        }
+        Ok(out)
+    })
+    .into_iter()
+    .collect::<Result<Vec<_>>>()?;
+    let t = threads.max(1);
+    let latents: Vec<Tensor> = (0..firsts.len())
+        .map(|c| per_thread[c % t][c / t].clone())
+        .collect();
+    Ok(RefinedLatents {
+        latents: Tensor::cat(&latents, 0)?.contiguous()?,
+        indices: (0..s.n as u64).collect(),
+        seed: s.seed,
+    })
+}
+
+impl RefinedLatents {
+    /// Writes them to `path` (safetensors, atomically).
+    pub fn save(&self, path: &std::path::Path) -> Result<()> {
+        let dev = self.latents.device();
+        let idx: Vec<i64> = self.indices.iter().map(|&i| i as i64).collect();
+        let n = idx.len();
+        let seed = self.seed.to_string().into_bytes();
+        let sn = seed.len();
+        let tensors: std::collections::HashMap<String, Tensor> = [
+            ("latents".to_string(), self.latents.clone()),
+            ("indices".to_string(), Tensor::from_vec(idx, n, dev)?),
+            ("seed".to_string(), Tensor::from_vec(seed, sn, dev)?),
+        ]
+        .into_iter()
+        .collect();
+        checkpoint::write_atomic(path, &tensors)
+    }
+
+    /// Reads what [`RefinedLatents::save`] wrote.
+    pub fn load(path: &std::path::Path) -> Result<Self> {
+        let mut t = checkpoint::read_all(path)?;
+        let mut take = |name: &str| {
+            t.remove(name).ok_or_else(|| Error::MissingTensor {
+                name: name.to_string(),
+                files: path.display().to_string(),
+            })
+        };
+        let latents = take("latents")?;
+        let indices: Vec<u64> = take("indices")?
+            .to_vec1::<i64>()?
+            .into_iter()
+            .map(|i| i as u64)
+            .collect();
+        let seed = String::from_utf8(take("seed")?.to_vec1::<u8>()?)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| Error::InvalidArgument(format!("{}: bad seed", path.display())))?;
+        if latents.dim(0)? != indices.len() || indices.is_empty() {
+            return Err(Error::InvalidArgument(format!(
+                "{}: {} latents for {} indices",
+                path.display(),
+                latents.dim(0)?,
+                indices.len()
+            )));
+        }
+        Ok(Self {
+            latents,
+            indices,
+            seed,
+        })
+    }
+
+    /// `batch` rows drawn with `rng`: `(latents, images in [-1, 1])`.
+    pub fn batch(&self, batch: usize, side: usize, rng: &mut Rng) -> Result<(Tensor, Tensor)> {
+        let rows: Vec<usize> = (0..batch).map(|_| rng.below(self.indices.len())).collect();
+        let examples: Vec<Example> = rows
+            .iter()
+            .map(|&r| training_example(self.seed, self.indices[r], side))
+            .collect();
+        let x = image_tensor(&examples, side)?;
+        let rows: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
+        let z = self
+            .latents
+            .index_select(&Tensor::new(rows.as_slice(), self.latents.device())?, 0)?;
+        Ok((z, x))
+    }
+}
+
+/// The decoder's reconstruction loss `(total, MSE)` on a batch of refined latents (MSE plus
+/// `l1` times the L1 loss).
+pub fn decoder_refined_loss(
+    movq: &VQModel,
+    z: &Tensor,
+    x: &Tensor,
+    l1: f64,
+) -> Result<(Tensor, Tensor)> {
+    let diff = (movq.decode(z, true)? - x)?;
+    let rec = diff.sqr()?.mean_all()?;
+    let total = if l1 > 0.0 {
+        (&rec + (diff.abs()?.mean_all()? * l1)?)?
+    } else {
+        rec.clone()
+    };
+    Ok((total, rec))
+}
+
 /// `(total, reconstruction MSE)` losses of one batch.
 pub fn movq_loss(movq: &VQModel, x: &Tensor, how: MovqLoss) -> Result<(Tensor, Tensor)> {
     let z = movq.encode(x)?;
@@ -331,6 +525,7 @@ pub fn train_movq(
     opts: &TrainOptions,
     config_json: &str,
     how: MovqLoss,
+    refined: Option<&RefinedLatents>,
     log: &mut dyn FnMut(u64, f32, f32),
 ) -> Result<TrainReport> {
     let config_value = parse_config(config_json, "movq")?;
@@ -339,6 +534,19 @@ pub fn train_movq(
             path: PathBuf::from("(movq config)"),
             source,
         })?;
+    if refined.is_some() && !how.decoder_only {
+        return Err(Error::InvalidArgument(
+            "refined latents train the MoVQ's decoder alone".into(),
+        ));
+    }
+    if let Some(r) = refined {
+        if r.seed != opts.seed {
+            return Err(Error::InvalidArgument(format!(
+                "the refined latents were built from seed {}'s examples, training uses seed {}",
+                r.seed, opts.seed
+            )));
+        }
+    }
     if how.decoder_only && opts.init.is_empty() {
         return Err(Error::InvalidArgument(
             "training the MoVQ's decoder alone needs a trained MoVQ to start from".into(),
@@ -357,7 +565,16 @@ pub fn train_movq(
             )?;
             if how.decoder_only {
                 let mut rng = Rng::new(opts.seed ^ 0xdec0_de00 ^ step.wrapping_mul(0x2545_f491));
-                decoder_composite_loss(movq, &x, how, &mut rng)
+                let (total, rec) = decoder_composite_loss(movq, &x, how, &mut rng)?;
+                match refined {
+                    None => Ok((total, rec)),
+                    // As many refined rows as plain ones, the two losses averaged.
+                    Some(r) => {
+                        let (z, xr) = r.batch(opts.batch, opts.image_size, &mut rng)?;
+                        let (rt, rr) = decoder_refined_loss(movq, &z, &xr, how.l1)?;
+                        Ok((((total + rt)? * 0.5)?, ((rec + rr)? * 0.5)?))
+                    }
+                }
             } else {
                 movq_loss(movq, &x, how)
             }
@@ -474,6 +691,47 @@ mod tests {
         let (z0, x0, _) = composites(&z, &x, 0.0, &mut Rng::new(3))?;
         assert_eq!((z0 - &z)?.abs()?.max_all()?.to_scalar::<f32>()?, 0.0);
         assert_eq!((x0 - &x)?.abs()?.max_all()?.to_scalar::<f32>()?, 0.0);
+        Ok(())
+    }
+
+    #[test]
+    fn refined_latents_round_trip_and_pair_each_latent_with_its_source_image() -> Result<()> {
+        let dev = candle_core::Device::Cpu;
+        let (n, side) = (5usize, 16usize);
+        // Row r's latents are all 100 + its example index: a batch row names its source.
+        let indices: Vec<u64> = vec![3, 9, 4, 11, 0];
+        let latents = Tensor::new(
+            indices
+                .iter()
+                .map(|&i| 100.0 + i as f32)
+                .collect::<Vec<_>>(),
+            &dev,
+        )?
+        .reshape((n, 1, 1, 1))?
+        .broadcast_as((n, 4, 2, 2))?
+        .contiguous()?;
+        let refined = RefinedLatents {
+            latents,
+            indices: indices.clone(),
+            seed: u64::MAX - 7,
+        };
+        let dir = tempfile::tempdir().map_err(|e| Error::io(std::path::Path::new("tmp"), e))?;
+        let path = dir.path().join("refined.safetensors");
+        refined.save(&path)?;
+        let back = RefinedLatents::load(&path)?;
+        assert_eq!(back.indices, indices);
+        assert_eq!(back.seed, u64::MAX - 7);
+        let same = (&back.latents - &refined.latents)?.abs()?.max_all()?;
+        assert_eq!(same.to_scalar::<f32>()?, 0.0);
+        let (z, x) = back.batch(8, side, &mut Rng::new(2))?;
+        assert_eq!(z.dims4()?, (8, 4, 2, 2));
+        for row in 0..8 {
+            let index = (z.get(row)?.flatten_all()?.to_vec1::<f32>()?[0] - 100.0) as u64;
+            assert!(indices.contains(&index));
+            let want = image_tensor(&[training_example(u64::MAX - 7, index, side)], side)?;
+            let diff = (x.get(row)?.unsqueeze(0)? - want)?.abs()?.max_all()?;
+            assert_eq!(diff.to_scalar::<f32>()?, 0.0, "row {row}: its own image");
+        }
         Ok(())
     }
 

@@ -245,6 +245,7 @@ fn movq_training_is_deterministic_and_resumes_exactly() {
         &tiny_opts(&a, 4),
         TINY_MOVQ,
         Default::default(),
+        None,
         &mut |_, _, _| {},
     )
     .unwrap();
@@ -252,6 +253,7 @@ fn movq_training_is_deterministic_and_resumes_exactly() {
         &tiny_opts(&b, 4),
         TINY_MOVQ,
         Default::default(),
+        None,
         &mut |_, _, _| {},
     )
     .unwrap();
@@ -260,6 +262,7 @@ fn movq_training_is_deterministic_and_resumes_exactly() {
         &tiny_opts(&c, 2),
         TINY_MOVQ,
         Default::default(),
+        None,
         &mut |_, _, _| {},
     )
     .unwrap();
@@ -267,6 +270,7 @@ fn movq_training_is_deterministic_and_resumes_exactly() {
         &tiny_opts(&c, 4),
         TINY_MOVQ,
         Default::default(),
+        None,
         &mut |_, _, _| {},
     )
     .unwrap();

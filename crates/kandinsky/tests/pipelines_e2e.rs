@@ -221,6 +221,39 @@ fn img2img(version: &str) {
             guidance_scale: case["guidance"].as_f64().unwrap(),
         };
         let strength = case["strength"].as_f64().unwrap();
+        // The same run up to its latents (`output_type="latent"`), decoded here: the same image.
+        let mut g_latent = g.clone();
+        let (latents, movq) = match &decoder {
+            Decoder::V22(d) => (
+                d.img2img_latents(
+                    &image,
+                    &emb,
+                    &neg,
+                    dp,
+                    strength,
+                    &mut g_latent,
+                    &mut |_, _| {},
+                )
+                .unwrap(),
+                d.movq(),
+            ),
+            Decoder::V21(d) => (
+                d.img2img_latents(
+                    &prompts,
+                    None,
+                    &image,
+                    &emb,
+                    &neg,
+                    dp,
+                    strength,
+                    &mut g_latent,
+                    &mut |_, _| {},
+                )
+                .unwrap(),
+                d.movq(),
+            ),
+        };
+        let decoded = movq.decode(&latents, true).unwrap();
         let img = match &decoder {
             Decoder::V22(d) => d
                 .img2img(&image, &emb, &neg, dp, strength, &mut g, &mut |_, _| {})
@@ -239,6 +272,18 @@ fn img2img(version: &str) {
                 )
                 .unwrap(),
         };
+        let same = (&img - &decoded)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert_eq!(
+            same, 0.0,
+            "{version} {name}: the latents decode to the image"
+        );
         assert_matches(img, &reference[name], &format!("{version} img2img {name}"));
     }
 }

@@ -188,21 +188,9 @@ impl DecoderCore {
         })
     }
 
-    /// The loop, then the MoVQ decode: `(B, 3, H, W)` in [-1, 1].
-    pub fn run(
-        &self,
-        cond: &UNetConditioning,
-        run: DecoderRun,
-        generator: &mut TorchGenerator,
-        progress: &mut dyn FnMut(usize, usize),
-    ) -> Result<Tensor> {
-        let x = self.denoise(cond, run, generator, progress)?;
-        self.movq.decode(&x, true)
-    }
-
     /// Latents from the generator (or the caller), then for every timestep the UNet on `[x, x]`
     /// (CFG) or `x`, guidance, and a scheduler step. Returns the final latents `(b, C, h, w)`.
-    fn denoise(
+    pub(crate) fn denoise(
         &self,
         cond: &UNetConditioning,
         run: DecoderRun,

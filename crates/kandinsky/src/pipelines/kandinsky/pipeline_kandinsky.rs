@@ -92,10 +92,39 @@ impl KandinskyPipeline {
         generator: &mut TorchGenerator,
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<Tensor> {
+        let x = self.img2img_latents(
+            prompts,
+            negative_prompt,
+            image,
+            image_embeds,
+            negative_image_embeds,
+            params,
+            strength,
+            generator,
+            progress,
+        )?;
+        self.core.movq.decode(&x, true)
+    }
+
+    /// As [`Self::img2img`], returning the final latents `(B, C, h, w)` undecoded (diffusers'
+    /// `output_type="latent"`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn img2img_latents(
+        &self,
+        prompts: &[String],
+        negative_prompt: Option<&str>,
+        image: &Tensor,
+        image_embeds: &Tensor,
+        negative_image_embeds: &Tensor,
+        params: DecoderParams,
+        strength: f64,
+        generator: &mut TorchGenerator,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Tensor> {
         let b = image_embeds.dim(0)?;
         let init = self.core.image_init(image, b, strength, true)?;
         let run = DecoderRun::new((image_embeds, negative_image_embeds), params, init);
-        self.run((prompts, negative_prompt), run, generator, progress)
+        self.latents((prompts, negative_prompt), run, generator, progress)
     }
 
     /// `__call__` up to the decoded image `(B, 3, H, W)` in [-1, 1]. `prompts` has one entry per
@@ -124,6 +153,18 @@ impl KandinskyPipeline {
     /// joins the image embeddings as the UNet's condition.
     pub(crate) fn run(
         &self,
+        text: (&[String], Option<&str>),
+        run: DecoderRun,
+        generator: &mut TorchGenerator,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Tensor> {
+        let x = self.latents(text, run, generator, progress)?;
+        self.core.movq.decode(&x, true)
+    }
+
+    /// [`Self::run`] up to the final latents.
+    fn latents(
+        &self,
         (prompts, negative_prompt): (&[String], Option<&str>),
         run: DecoderRun,
         generator: &mut TorchGenerator,
@@ -146,6 +187,6 @@ impl KandinskyPipeline {
             encoder_hidden_states: Some(&hidden),
             hint: None,
         };
-        self.core.run(&cond, run, generator, progress)
+        self.core.denoise(&cond, run, generator, progress)
     }
 }

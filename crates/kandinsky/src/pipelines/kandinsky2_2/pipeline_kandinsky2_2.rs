@@ -76,15 +76,51 @@ impl KandinskyV22Pipeline {
         generator: &mut TorchGenerator,
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<Tensor> {
+        let x = self.img2img_latents(
+            image,
+            image_embeds,
+            negative_image_embeds,
+            params,
+            strength,
+            generator,
+            progress,
+        )?;
+        self.core.movq.decode(&x, true)
+    }
+
+    /// As [`Self::img2img`], returning the final latents `(B, C, h, w)` undecoded (diffusers'
+    /// `output_type="latent"`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn img2img_latents(
+        &self,
+        image: &Tensor,
+        image_embeds: &Tensor,
+        negative_image_embeds: &Tensor,
+        params: DecoderParams,
+        strength: f64,
+        generator: &mut TorchGenerator,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Tensor> {
         let b = image_embeds.dim(0)?;
         let init = self.core.image_init(image, b, strength, false)?;
         let run = DecoderRun::new((image_embeds, negative_image_embeds), params, init);
-        self.run(run, generator, progress)
+        self.latents(run, generator, progress)
     }
 
     /// The decoder run of every 2.2 mode; `run.hint` `(1 or B, 3, H, W)` in [0, 1] for
     /// ControlNet.
     pub(crate) fn run(
+        &self,
+        run: DecoderRun,
+        generator: &mut TorchGenerator,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Tensor> {
+        let x = self.latents(run, generator, progress)?;
+        self.core.movq.decode(&x, true)
+    }
+
+    /// [`Self::run`] up to the final latents.
+    fn latents(
         &self,
         run: DecoderRun,
         generator: &mut TorchGenerator,
@@ -120,6 +156,6 @@ impl KandinskyV22Pipeline {
             hint: hint.as_ref(),
             ..Default::default()
         };
-        self.core.run(&cond, run, generator, progress)
+        self.core.denoise(&cond, run, generator, progress)
     }
 }
