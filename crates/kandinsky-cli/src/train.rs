@@ -75,7 +75,8 @@ enum Stage {
         #[arg(long, default_value_t = 0.0, requires = "composite")]
         foreign_noise: f32,
         /// With `--decoder-only`: a file of `train refine`'s latents; each step decodes as many of
-        /// them (to their source images) as plain latents, the two losses averaged.
+        /// them (to their source images) as plain latents, the two losses averaged (so is the
+        /// logged reconstruction, which is then not comparable with a run without them).
         #[arg(long, requires = "decoder_only")]
         refined: Option<PathBuf>,
     },
@@ -610,8 +611,8 @@ pub fn run(a: &TrainArgs) -> Result<()> {
             if *n == 0 || *n > 1 << 16 {
                 bail!("--n is between 1 and 65536, got {n}");
             }
-            if *steps == 0 || *chunk == 0 {
-                bail!("--steps and --chunk must be at least 1");
+            if !(1..=1000).contains(steps) || !(1..=256).contains(chunk) {
+                bail!("--steps is between 1 and 1000 and --chunk between 1 and 256");
             }
             if !(*strength_min > 0.0 && strength_min <= strength_max && *strength_max <= 1.0) {
                 bail!(
@@ -627,6 +628,27 @@ pub fn run(a: &TrainArgs) -> Result<()> {
             }
             if !(guidance.is_finite() && *guidance >= 0.0) {
                 bail!("--guidance must be a number ≥ 0, got {guidance}");
+            }
+            if out.is_dir() {
+                bail!(
+                    "--out {} is a directory; it names the output file",
+                    out.display()
+                );
+            }
+            if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
+                if !parent.is_dir() {
+                    bail!("--out: the directory {} does not exist", parent.display());
+                }
+            }
+            let class = kandinsky::loading::ModelIndex::load(decoder)
+                .with_context(|| format!("reading {}", decoder.join("model_index.json").display()))?
+                .class_name;
+            if !matches!(class.as_str(), "KandinskyPipeline" | "KandinskyV22Pipeline") {
+                bail!(
+                    "--decoder must be a text-to-image decoder (KandinskyPipeline or \
+                     KandinskyV22Pipeline), {} is a {class}",
+                    decoder.display()
+                );
             }
             let device = candle_core::Device::Cpu;
             let dec = EvalDecoder::load(decoder, candle_core::DType::F32, &device, None)

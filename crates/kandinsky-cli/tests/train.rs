@@ -927,18 +927,18 @@ fn train_refine_writes_latents_that_the_decoder_trains_on() {
     let dir = tempfile::tempdir().unwrap();
     let refined = dir.path().join("refined.safetensors");
     let r = refined.display().to_string();
-    let refine = |extra: &[&str]| {
-        let mut a = strings(&[
-            "train",
-            "refine",
-            "--decoder",
-            &fixture("pipelines/tiny-2-1"),
-        ]);
+    let (t2i, inpaint) = (
+        fixture("pipelines/tiny-2-1"),
+        fixture("pipelines/tiny-2-1-inpaint"),
+    );
+    let refine_with = |decoder: &str, extra: &[&str]| {
+        let mut a = strings(&["train", "refine", "--decoder", decoder]);
         a.extend(strings(&["--prior", &fixture("pipelines/tiny-2-1-prior")]));
-        a.extend(strings(&["--out", &r, "--steps", "4", "--chunk", "2"]));
+        a.extend(strings(&["--out", &r, "--steps", "4"]));
         a.extend(strings(extra));
         a
     };
+    let refine = |extra: &[&str]| refine_with(&t2i, extra);
     for (extra, needle) in [
         (&["--strength-min", "0"][..], "0 < --strength-min"),
         (
@@ -947,6 +947,7 @@ fn train_refine_writes_latents_that_the_decoder_trains_on() {
         ),
         (&["--n", "0"][..], "--n is between"),
         (&["--strength-min", "0.2"][..], "no denoising step"),
+        (&["--chunk", "300"][..], "--chunk between"),
     ] {
         let res = bin().args(refine(extra)).output().unwrap();
         let err = String::from_utf8_lossy(&res.stderr);
@@ -956,8 +957,35 @@ fn train_refine_writes_latents_that_the_decoder_trains_on() {
         );
         assert!(!refined.exists(), "{extra:?} left an output file");
     }
+    // An inpainting decoder, or a directory as the output file, is refused before any work.
+    for (args, needle) in [
+        (
+            refine_with(&inpaint, &["--strength-min", "0.5"]),
+            "text-to-image decoder",
+        ),
+        (
+            refine_with(&t2i, &["--strength-min", "0.5"])
+                .into_iter()
+                .map(|a| {
+                    if a == r {
+                        dir.path().display().to_string()
+                    } else {
+                        a
+                    }
+                })
+                .collect(),
+            "is a directory",
+        ),
+    ] {
+        let res = bin().args(&args).output().unwrap();
+        let err = String::from_utf8_lossy(&res.stderr);
+        assert!(!res.status.success() && err.contains(needle), "{err}");
+        assert!(!refined.exists());
+    }
     let res = bin()
         .args(refine(&[
+            "--chunk",
+            "2",
             "--n",
             "5",
             "--strength-min",

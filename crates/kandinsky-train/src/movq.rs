@@ -7,7 +7,7 @@
 
 use super::checkpoint;
 use super::shapes::{
-    planar_batch, planar_images, training_example, training_examples, Example, Rng,
+    planar_batch, planar_images, splitmix64, training_example, training_examples, Example, Rng,
 };
 use super::trainer::{parse_config, run_loop, TrainOptions, TrainReport};
 use candle_core::Tensor;
@@ -243,7 +243,7 @@ pub struct RefineSettings {
 
 /// Builds [`RefinedLatents`] with `decoder` (either family) and the prior pipeline's CLIP image
 /// encoder, the chunks shared over `threads` threads (each chunk's output depends only on its
-/// index). `progress(done, n)` after each chunk of the first thread.
+/// index, so the result does not depend on `threads`). `progress(done, n)` after each chunk.
 pub fn refine_latents(
     decoder: &super::eval::EvalDecoder,
     prior: &kandinsky::pipelines::kandinsky::pipeline_kandinsky_prior::KandinskyPriorPipeline,
@@ -277,7 +277,7 @@ pub fn refine_latents(
             .collect::<Result<Vec<_>>>()?;
         let emb = Tensor::cat(&emb, 0)?;
         let neg = prior.zero_image_embeds(n)?;
-        let mut rng = Rng::new(s.seed ^ 0x5e_f14e ^ (c as u64).wrapping_mul(0x9e37_79b9));
+        let mut rng = Rng::new(splitmix64(splitmix64(s.seed ^ 0x5e_f14e) ^ c as u64));
         let strength = lo + (hi - lo) * rng.unit() as f64;
         let mut gen = TorchGenerator::new(rng.next_u64());
         let noop = &mut |_: usize, _: usize| {};
@@ -293,13 +293,15 @@ pub fn refine_latents(
             }
         }
     };
+    let done = std::sync::atomic::AtomicUsize::new(0);
     let per_thread = super::threads::on_threads(threads.max(1), |w| -> Result<Vec<Tensor>> {
         let mut out = Vec::new();
         for c in (w..firsts.len()).step_by(threads.max(1)) {
-            out.push(chunk(c)?.detach());
-            if w == 0 {
-                progress(firsts.get(c + threads.max(1)).copied().unwrap_or(s.n), s.n);
-            }
+            let latents = chunk(c)?.detach();
+            let n = latents.dim(0)?;
+            out.push(latents);
+            let so_far = done.fetch_add(n, std::sync::atomic::Ordering::Relaxed) + n;
+            progress(so_far, s.n);
         }
         Ok(out)
     })
@@ -370,6 +372,13 @@ impl RefinedLatents {
 
     /// `batch` rows drawn with `rng`: `(latents, images in [-1, 1])`.
     pub fn batch(&self, batch: usize, side: usize, rng: &mut Rng) -> Result<(Tensor, Tensor)> {
+        if self.indices.is_empty() || self.latents.dim(0)? != self.indices.len() {
+            return Err(Error::InvalidArgument(format!(
+                "{} refined latents for {} example indices",
+                self.latents.dim(0)?,
+                self.indices.len()
+            )));
+        }
         let rows: Vec<usize> = (0..batch).map(|_| rng.below(self.indices.len())).collect();
         let examples: Vec<Example> = rows
             .iter()
@@ -544,6 +553,16 @@ pub fn train_movq(
             return Err(Error::InvalidArgument(format!(
                 "the refined latents were built from seed {}'s examples, training uses seed {}",
                 r.seed, opts.seed
+            )));
+        }
+        let side = opts.image_size >> (config.block_out_channels.len().max(1) - 1);
+        let want = [config.latent_channels, side, side];
+        let (_, c, h, w) = r.latents.dims4()?;
+        if [c, h, w] != want {
+            return Err(Error::InvalidArgument(format!(
+                "the refined latents are {c}x{h}x{w}, this MoVQ's latents of {0}x{0} images are \
+                 {1}x{2}x{2}",
+                opts.image_size, want[0], want[1]
             )));
         }
     }

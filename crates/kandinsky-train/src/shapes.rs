@@ -378,7 +378,9 @@ fn ru_colour(c: Colour) -> (&'static str, &'static str) {
 #[derive(Debug, Clone)]
 pub struct Rng(u64);
 
-fn splitmix64(mut z: u64) -> u64 {
+/// SplitMix64's output function: a well-mixed 64-bit hash of `z`, for deriving independent
+/// seeds from (seed, index) pairs.
+pub fn splitmix64(mut z: u64) -> u64 {
     z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);

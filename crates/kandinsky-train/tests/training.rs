@@ -926,3 +926,54 @@ fn prior_pool_rows_are_clip_outputs_of_their_examples() {
         assert_eq!(c, rows(&tok.attention_mask)[0], "dropped row {r}");
     }
 }
+
+/// `refine_latents` gives the same latents whatever the number of threads (each chunk's output
+/// depends only on its index), and they are the decoder's work, not the images' encodings.
+#[test]
+fn refined_latents_do_not_depend_on_threads_and_are_denoised() {
+    use kandinsky::pipelines::kandinsky::pipeline_kandinsky_prior::KandinskyPriorPipeline;
+    use kandinsky_train::eval::EvalDecoder;
+    use kandinsky_train::movq::{image_tensor, refine_latents, RefineSettings};
+    let dev = Device::Cpu;
+    let pipelines = fixtures().join("pipelines");
+    let decoder = EvalDecoder::load(&pipelines.join("tiny-2-1"), DType::F32, &dev, None).unwrap();
+    let prior =
+        KandinskyPriorPipeline::load(&pipelines.join("tiny-2-1-prior"), DType::F32, &dev).unwrap();
+    let s = RefineSettings {
+        n: 5,
+        steps: 4,
+        guidance: 4.0,
+        strength: (0.5, 1.0),
+        chunk: 2,
+        seed: 3,
+        side: 64,
+    };
+    let one = refine_latents(&decoder, &prior, &s, 1, &|_, _| {}).unwrap();
+    let three = refine_latents(&decoder, &prior, &s, 3, &|_, _| {}).unwrap();
+    assert_eq!(one.indices, vec![0, 1, 2, 3, 4]);
+    let same = (&one.latents - &three.latents)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert_eq!(same, 0.0, "the latents depend on the threads");
+    let images =
+        image_tensor(&kandinsky_train::shapes::training_examples(3, 0, 5, 64), 64).unwrap();
+    let encoded = decoder.movq().encode(&images).unwrap();
+    assert_eq!(encoded.dims(), one.latents.dims());
+    let moved = (&one.latents - &encoded)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .mean_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(
+        moved > 1e-3,
+        "the latents are the encodings (mean change {moved})"
+    );
+}
