@@ -370,11 +370,7 @@ struct Job {
 }
 
 fn run_job(a: &CommonArgs, job: Job) -> Result<()> {
-    if let Some(dir) = a.output.parent().filter(|p| !p.as_os_str().is_empty()) {
-        if !dir.is_dir() {
-            bail!("output directory {} does not exist", dir.display());
-        }
-    }
+    crate::check_output_dir(&a.output)?;
     let dirs = model_dirs(a, job.mode.decoder_kind())?;
     let mut pipe =
         AutoPipeline::from_pretrained(&dirs.decoder, &dirs.prior, crate::load_options()?)?;

@@ -90,6 +90,16 @@ pub fn load_options() -> anyhow::Result<kandinsky::pipelines::auto_pipeline::Loa
     })
 }
 
+/// Refuses an output path whose directory does not exist, before any work is done.
+pub fn check_output_dir(output: &std::path::Path) -> anyhow::Result<()> {
+    if let Some(dir) = output.parent().filter(|p| !p.as_os_str().is_empty()) {
+        if !dir.is_dir() {
+            anyhow::bail!("output directory {} does not exist", dir.display());
+        }
+    }
+    Ok(())
+}
+
 /// Refuses `--device cuda` for a subcommand that runs on the CPU only.
 pub fn cpu_only(what: &str) -> anyhow::Result<()> {
     if DEVICE.get().copied().unwrap_or(DeviceArg::Cpu) != DeviceArg::Cpu {

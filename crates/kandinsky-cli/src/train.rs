@@ -635,11 +635,7 @@ pub fn run(a: &TrainArgs) -> Result<()> {
                     out.display()
                 );
             }
-            if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
-                if !parent.is_dir() {
-                    bail!("--out: the directory {} does not exist", parent.display());
-                }
-            }
+            crate::check_output_dir(out)?;
             let class = kandinsky::loading::ModelIndex::load(decoder)
                 .with_context(|| format!("reading {}", decoder.join("model_index.json").display()))?
                 .class_name;
@@ -680,7 +676,7 @@ pub fn run(a: &TrainArgs) -> Result<()> {
             refined.save(out)?;
             eprintln!(
                 "refine: {} latents in {:.1} s -> {}",
-                refined.indices.len(),
+                refined.indices().len(),
                 start.elapsed().as_secs_f64(),
                 out.display()
             );

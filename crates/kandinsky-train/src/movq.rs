@@ -188,10 +188,21 @@ pub fn decoder_composite_loss(
     } else {
         (zc, None)
     };
-    let diff = (movq.decode(&zc, true)? - xc)?;
-    // The mean over the counted pixels (all of them without weights).
+    decoded_loss(movq, &zc, &xc, weights.as_ref(), how.l1)
+}
+
+/// `(MSE + l1 · L1, MSE)` of `movq`'s decoding of `z` against `x`, each the mean over the pixels
+/// that `weights (B, 1, H, W)` count (all of them without weights).
+fn decoded_loss(
+    movq: &VQModel,
+    z: &Tensor,
+    x: &Tensor,
+    weights: Option<&Tensor>,
+    l1: f64,
+) -> Result<(Tensor, Tensor)> {
+    let diff = (movq.decode(z, true)? - x)?;
     let weighted_mean = |t: Tensor| -> Result<Tensor> {
-        Ok(match &weights {
+        Ok(match weights {
             None => t.mean_all()?,
             Some(w) => {
                 let counted = (w.sum_all()? * x.dim(1)? as f64)?;
@@ -200,8 +211,8 @@ pub fn decoder_composite_loss(
         })
     };
     let rec = weighted_mean(diff.sqr()?)?;
-    let total = if how.l1 > 0.0 {
-        (&rec + (weighted_mean(diff.abs()?)? * how.l1)?)?
+    let total = if l1 > 0.0 {
+        (&rec + (weighted_mean(diff.abs()?)? * l1)?)?
     } else {
         rec.clone()
     };
@@ -215,11 +226,11 @@ pub fn decoder_composite_loss(
 /// is the target, so a decoder trained on them learns to draw the intended image from them.
 pub struct RefinedLatents {
     /// `(N, C, h, w)`.
-    pub latents: Tensor,
+    latents: Tensor,
     /// The training example ([`training_example`]) of each row.
-    pub indices: Vec<u64>,
+    indices: Vec<u64>,
     /// The data seed of the examples.
-    pub seed: u64,
+    seed: u64,
 }
 
 /// How [`refine_latents`] builds its latents.
@@ -294,31 +305,55 @@ pub fn refine_latents(
         }
     };
     let done = std::sync::atomic::AtomicUsize::new(0);
-    let per_thread = super::threads::on_threads(threads.max(1), |w| -> Result<Vec<Tensor>> {
-        let mut out = Vec::new();
-        for c in (w..firsts.len()).step_by(threads.max(1)) {
-            let latents = chunk(c)?.detach();
-            let n = latents.dim(0)?;
-            out.push(latents);
-            let so_far = done.fetch_add(n, std::sync::atomic::Ordering::Relaxed) + n;
-            progress(so_far, s.n);
-        }
-        Ok(out)
-    })
-    .into_iter()
-    .collect::<Result<Vec<_>>>()?;
-    let t = threads.max(1);
-    let latents: Vec<Tensor> = (0..firsts.len())
-        .map(|c| per_thread[c % t][c / t].clone())
-        .collect();
-    Ok(RefinedLatents {
-        latents: Tensor::cat(&latents, 0)?.contiguous()?,
-        indices: (0..s.n as u64).collect(),
-        seed: s.seed,
-    })
+    let latents = super::threads::try_map_on_threads(threads, firsts.len(), |c| {
+        let latents = chunk(c)?.detach();
+        let n = latents.dim(0)?;
+        progress(
+            done.fetch_add(n, std::sync::atomic::Ordering::Relaxed) + n,
+            s.n,
+        );
+        Ok::<_, Error>(latents)
+    })?;
+    RefinedLatents::new(
+        Tensor::cat(&latents, 0)?.contiguous()?,
+        (0..s.n as u64).collect(),
+        s.seed,
+    )
 }
 
 impl RefinedLatents {
+    /// `latents (N, C, h, w)` of the training examples `indices` (N ≥ 1 of them) of data seed
+    /// `seed`.
+    pub fn new(latents: Tensor, indices: Vec<u64>, seed: u64) -> Result<Self> {
+        if latents.dims4()?.0 != indices.len() || indices.is_empty() {
+            return Err(Error::InvalidArgument(format!(
+                "{} refined latents for {} example indices",
+                latents.dim(0)?,
+                indices.len()
+            )));
+        }
+        Ok(Self {
+            latents,
+            indices,
+            seed,
+        })
+    }
+
+    /// `(N, C, h, w)`.
+    pub fn latents(&self) -> &Tensor {
+        &self.latents
+    }
+
+    /// The training example of each row.
+    pub fn indices(&self) -> &[u64] {
+        &self.indices
+    }
+
+    /// The data seed of the examples.
+    pub fn seed(&self) -> u64 {
+        self.seed
+    }
+
     /// Writes them to `path` (safetensors, atomically).
     pub fn save(&self, path: &std::path::Path) -> Result<()> {
         let dev = self.latents.device();
@@ -355,30 +390,11 @@ impl RefinedLatents {
             .ok()
             .and_then(|s| s.parse().ok())
             .ok_or_else(|| Error::InvalidArgument(format!("{}: bad seed", path.display())))?;
-        if latents.dim(0)? != indices.len() || indices.is_empty() {
-            return Err(Error::InvalidArgument(format!(
-                "{}: {} latents for {} indices",
-                path.display(),
-                latents.dim(0)?,
-                indices.len()
-            )));
-        }
-        Ok(Self {
-            latents,
-            indices,
-            seed,
-        })
+        Self::new(latents, indices, seed).map_err(|e| e.within(path.display().to_string()))
     }
 
     /// `batch` rows drawn with `rng`: `(latents, images in [-1, 1])`.
     pub fn batch(&self, batch: usize, side: usize, rng: &mut Rng) -> Result<(Tensor, Tensor)> {
-        if self.indices.is_empty() || self.latents.dim(0)? != self.indices.len() {
-            return Err(Error::InvalidArgument(format!(
-                "{} refined latents for {} example indices",
-                self.latents.dim(0)?,
-                self.indices.len()
-            )));
-        }
         let rows: Vec<usize> = (0..batch).map(|_| rng.below(self.indices.len())).collect();
         let examples: Vec<Example> = rows
             .iter()
@@ -391,24 +407,6 @@ impl RefinedLatents {
             .index_select(&Tensor::new(rows.as_slice(), self.latents.device())?, 0)?;
         Ok((z, x))
     }
-}
-
-/// The decoder's reconstruction loss `(total, MSE)` on a batch of refined latents (MSE plus
-/// `l1` times the L1 loss).
-pub fn decoder_refined_loss(
-    movq: &VQModel,
-    z: &Tensor,
-    x: &Tensor,
-    l1: f64,
-) -> Result<(Tensor, Tensor)> {
-    let diff = (movq.decode(z, true)? - x)?;
-    let rec = diff.sqr()?.mean_all()?;
-    let total = if l1 > 0.0 {
-        (&rec + (diff.abs()?.mean_all()? * l1)?)?
-    } else {
-        rec.clone()
-    };
-    Ok((total, rec))
 }
 
 /// `(total, reconstruction MSE)` losses of one batch.
@@ -590,7 +588,7 @@ pub fn train_movq(
                     // As many refined rows as plain ones, the two losses averaged.
                     Some(r) => {
                         let (z, xr) = r.batch(opts.batch, opts.image_size, &mut rng)?;
-                        let (rt, rr) = decoder_refined_loss(movq, &z, &xr, how.l1)?;
+                        let (rt, rr) = decoded_loss(movq, &z, &xr, None, how.l1)?;
                         Ok((((total + rt)? * 0.5)?, ((rec + rr)? * 0.5)?))
                     }
                 }
@@ -729,11 +727,7 @@ mod tests {
         .reshape((n, 1, 1, 1))?
         .broadcast_as((n, 4, 2, 2))?
         .contiguous()?;
-        let refined = RefinedLatents {
-            latents,
-            indices: indices.clone(),
-            seed: u64::MAX - 7,
-        };
+        let refined = RefinedLatents::new(latents, indices.clone(), u64::MAX - 7)?;
         let dir = tempfile::tempdir().map_err(|e| Error::io(std::path::Path::new("tmp"), e))?;
         let path = dir.path().join("refined.safetensors");
         refined.save(&path)?;

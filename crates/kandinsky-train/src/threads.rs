@@ -16,6 +16,30 @@ pub fn on_threads<T: Send>(n: usize, f: impl Fn(usize) -> T + Sync) -> Vec<T> {
     })
 }
 
+/// `f(0)`, …, `f(n − 1)` shared round-robin over `threads` threads ([`on_threads`]; item `i` on
+/// thread `i % threads`), in index order. Each thread stops at its first error; the error of
+/// the lowest-numbered failing thread is returned.
+pub fn try_map_on_threads<T: Send, E: Send>(
+    threads: usize,
+    n: usize,
+    f: impl Fn(usize) -> Result<T, E> + Sync,
+) -> Result<Vec<T>, E> {
+    let t = threads.max(1);
+    let mut per_thread = on_threads(t, |w| {
+        (w..n).step_by(t).map(&f).collect::<Result<Vec<_>, E>>()
+    })
+    .into_iter()
+    .map(|r| r.map(Vec::into_iter))
+    .collect::<Result<Vec<_>, E>>()?;
+    Ok((0..n)
+        .map(|i| {
+            per_thread[i % t]
+                .next()
+                .expect("thread i % t computed item i")
+        })
+        .collect())
+}
+
 /// Sets `CANDLE_NUM_THREADS` and `RAYON_NUM_THREADS` to 1 where they are unset, for stages that
 /// run their own threads: candle's spinning elementwise workers and rayon's matmul workers would
 /// only compete with them for the cores (the weights are the same bits either way).

@@ -9,7 +9,7 @@
 //! `fixed_small`.
 
 use super::shapes::Rng;
-use super::threads::on_threads;
+use super::threads::{on_threads, try_map_on_threads};
 use candle_core::backprop::GradStore;
 use candle_core::{Device, Tensor};
 use kandinsky::error::Result;
@@ -487,19 +487,9 @@ impl DecoderTeachers {
             Ok([latents, img, txt, hidden])
         };
         let firsts: Vec<usize> = (0..size).step_by(POOL_CHUNK).collect();
-        let per_worker = on_threads(GRAD_PARTS, |w| -> Result<Vec<[Tensor; 4]>> {
-            firsts
-                .iter()
-                .skip(w)
-                .step_by(GRAD_PARTS)
-                .map(|&f| chunk(f))
-                .collect()
-        })
-        .into_iter()
-        .collect::<Result<Vec<_>>>()?;
+        let chunks = try_map_on_threads(GRAD_PARTS, firsts.len(), |i| chunk(firsts[i]))?;
         let (mut latents, mut imgs, mut txts, mut hiddens) = (vec![], vec![], vec![], vec![]);
-        for i in 0..firsts.len() {
-            let [l, im, t, h] = per_worker[i % GRAD_PARTS][i / GRAD_PARTS].clone();
+        for [l, im, t, h] in chunks {
             latents.push(l);
             imgs.push(im);
             txts.push(t);

@@ -950,8 +950,8 @@ fn refined_latents_do_not_depend_on_threads_and_are_denoised() {
     };
     let one = refine_latents(&decoder, &prior, &s, 1, &|_, _| {}).unwrap();
     let three = refine_latents(&decoder, &prior, &s, 3, &|_, _| {}).unwrap();
-    assert_eq!(one.indices, vec![0, 1, 2, 3, 4]);
-    let same = (&one.latents - &three.latents)
+    assert_eq!(one.indices(), [0, 1, 2, 3, 4]);
+    let same = (one.latents() - three.latents())
         .unwrap()
         .abs()
         .unwrap()
@@ -963,8 +963,8 @@ fn refined_latents_do_not_depend_on_threads_and_are_denoised() {
     let images =
         image_tensor(&kandinsky_train::shapes::training_examples(3, 0, 5, 64), 64).unwrap();
     let encoded = decoder.movq().encode(&images).unwrap();
-    assert_eq!(encoded.dims(), one.latents.dims());
-    let moved = (&one.latents - &encoded)
+    assert_eq!(encoded.dims(), one.latents().dims());
+    let moved = (one.latents() - &encoded)
         .unwrap()
         .abs()
         .unwrap()
