@@ -27,6 +27,8 @@ export CANDLE_NUM_THREADS=1
 # Keep freed activations in the process: by default glibc returns them to the kernel every step
 # and faults them back in (7 % of a UNet step).
 export GLIBC_TUNABLES=glibc.malloc.trim_threshold=4294967296:glibc.malloc.mmap_threshold=33554432
+# The same for rayon's pool (the image pipeline's workers): one thread, no spinning.
+export RAYON_NUM_THREADS=1
 # The MoVQ needs no other stage: it trains beside CLIP. Three phases (warm restarts at steps 800
 # and 1600), a 4,096-entry codebook, and half its images 2x2 collages of half-size renders: its
 # round trip caps every decoder's shape accuracy, and corners are what it learns last.
@@ -41,7 +43,7 @@ $K train clip  --out "$RUNS/clip"  --steps 3000 --batch 64 --lr-decay-steps 400 
 # phases (warm restarts at steps 800 and 2400): its samples decide the objects' colour (the
 # decoder given real image embeddings draws 96 / 98 % of colours right, given the 2400-step
 # prior's samples 83 / 89 %, given the 3600-step prior's 93 / 97 %).
-$K train prior --out "$RUNS/prior" --clip "$RUNS/clip" --steps 3600 --lr-restarts 800,2400 --lr-decay-steps 200 \
+$K train prior --out "$RUNS/prior" --clip "$RUNS/clip" --steps 4600 --lr-restarts 800,2400,3600 --lr-decay-steps 200 \
     --batch 64 --log-every 100 > "$RUNS/prior.log" 2>&1 &
 prior=$!
 $K train mclip --out "$RUNS/mclip" --clip "$RUNS/clip" --steps 600 --batch 32 --lr 2e-3 --log-every 100
@@ -52,15 +54,15 @@ wait "$movq"
 # fourth phase below was added; it is 1000 now, for time. The teachers' pool is built once and
 # kept for the other UNets (and for a resumed run).
 TEACHERS=(--movq "$RUNS/movq" --clip "$RUNS/clip" --mclip "$RUNS/mclip" --batch 16
-    --v-weight-cap 50 --log-every 100 --pool-cache "$RUNS/pool.safetensors")
-UNET_ARGS=("${TEACHERS[@]}" --lr 5e-4)
+    --log-every 100 --pool-cache "$RUNS/pool.safetensors")
+UNET_ARGS=("${TEACHERS[@]}" --v-weight-cap 50 --lr 5e-4)
 $K train unet --out "$RUNS/unet-base" "${UNET_ARGS[@]}" --steps 5600 --lr-restarts 2600,4600 --lr-decay-steps 600
 # A fourth phase at a lower learning rate, from fresh optimiser state: the decoder alone, given
 # real image embeddings, read 77 / 79 % of shapes right before it and 83 / 82 % after, colour
 # 100 / 100 % (small triangles stopped coming out round). The same 1000 steps on the least
 # noisy 400 timesteps only (--max-timestep 400) did no better.
-$K train unet --init "$RUNS/unet-base" --out "$RUNS/unet" "${TEACHERS[@]}" --lr 2e-4 --steps 1000 \
-    --lr-decay-steps 250
+$K train unet --init "$RUNS/unet-base" --out "$RUNS/unet" "${TEACHERS[@]}" --v-weight-cap 5 --lr 2e-4 \
+    --steps 1000 --lr-decay-steps 250
 # The 2.1 inpainting UNet from it (conv_in widened by zeros). Part of its examples take another
 # scene's prompt, as composites that show that scene in the repainted area, and their latents
 # lean towards it, so that the model keeps the unmasked part whatever the prompt says and pulls
