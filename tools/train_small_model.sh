@@ -4,8 +4,8 @@
 # (decoder, decoder-inpaint) and 2.2 (decoder-2-2, decoder-2-2-inpaint, decoder-2-2-controlnet-depth)
 # with one prior. Every stage resumes from its checkpoint, so the script can be re-run after an
 # interruption. This form ran from scratch in 116 minutes on the 2-core development machine (the
-# thirteenth session; its outputs are models/small byte for byte), its previous form in 138 on a
-# slower machine of the same kind (stage times in docs/small-model.md).
+# seventeenth session; its outputs are models/small byte for byte), an earlier form in 138 on a
+# slower machine of the same kind (stage times in README.md and docs/small-model.md).
 # Usage: tools/train_small_model.sh [RUNS_DIR] [MODEL_DIR]
 # Stages that do not depend on each other run side by side, one core each, with their output in
 # RUNS_DIR/<stage>.log: at these model sizes candle's CPU ops hardly use a second core (a CLIP
@@ -27,7 +27,8 @@ export CANDLE_NUM_THREADS=1
 # Keep freed activations in the process: by default glibc returns them to the kernel every step
 # and faults them back in (7 % of a UNet step).
 export GLIBC_TUNABLES=glibc.malloc.trim_threshold=4294967296:glibc.malloc.mmap_threshold=33554432
-# The same for rayon's pool (the image pipeline's workers): one thread, no spinning.
+# The same for rayon's pool (our kernels' workers) in the stages that run side by side (the UNet
+# stages, which split each batch over threads themselves, set both to 1 anyway).
 export RAYON_NUM_THREADS=1
 # The MoVQ needs no other stage: it trains beside CLIP. Three phases (warm restarts at steps 800
 # and 1600), a 4,096-entry codebook, and half its images 2x2 collages of half-size renders: its
@@ -39,10 +40,11 @@ movq=$!
 # step 2000.
 $K train clip  --out "$RUNS/clip"  --steps 2000 --batch 64 --lr-decay-steps 400 --log-every 100
 $K train clip  --out "$RUNS/clip"  --steps 3000 --batch 64 --lr-decay-steps 400 --log-every 100
-# The prior needs only CLIP: it trains beside M-CLIP and the first hour of the UNet. Three
-# phases (warm restarts at steps 800 and 2400): its samples decide the objects' colour (the
+# The prior needs only CLIP: it trains beside M-CLIP and the first 40 minutes of the UNet. Four
+# phases (warm restarts at steps 800, 2400 and 3600): its samples decide the objects' colour (the
 # decoder given real image embeddings draws 96 / 98 % of colours right, given the 2400-step
-# prior's samples 83 / 89 %, given the 3600-step prior's 93 / 97 %).
+# prior's samples 83 / 89 %, given the 3600-step prior's 93 / 97 %; a fourth phase lifted the
+# backgrounds: 2.1 Russian 95 -> 100 %).
 $K train prior --out "$RUNS/prior" --clip "$RUNS/clip" --steps 4600 --lr-restarts 800,2400,3600 --lr-decay-steps 200 \
     --batch 64 --log-every 100 > "$RUNS/prior.log" 2>&1 &
 prior=$!
@@ -57,7 +59,8 @@ TEACHERS=(--movq "$RUNS/movq" --clip "$RUNS/clip" --mclip "$RUNS/mclip" --batch 
     --log-every 100 --pool-cache "$RUNS/pool.safetensors")
 UNET_ARGS=("${TEACHERS[@]}" --v-weight-cap 50 --lr 5e-4)
 $K train unet --out "$RUNS/unet-base" "${UNET_ARGS[@]}" --steps 5600 --lr-restarts 2600,4600 --lr-decay-steps 600
-# A fourth phase at a lower learning rate, from fresh optimiser state: the decoder alone, given
+# A fourth phase at a lower learning rate, from fresh optimiser state, its loss weighting the
+# low-noise timesteps more (cap 5: they settle a small object's corners). The decoder alone, given
 # real image embeddings, read 77 / 79 % of shapes right before it and 83 / 82 % after, colour
 # 100 / 100 % (small triangles stopped coming out round). The same 1000 steps on the least
 # noisy 400 timesteps only (--max-timestep 400) did no better.

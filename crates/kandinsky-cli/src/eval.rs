@@ -256,12 +256,12 @@ pub fn run(a: &EvalArgs) -> Result<()> {
     }
     if !inpaint_rows.is_empty() {
         println!();
-        println!("| inpainting (no compositing) | n | mean change of the kept pixels (/255) | worst image (/255) | MoVQ round trip (floor, /255) |");
-        println!("|---|---|---|---|---|");
+        println!("| inpainting (no compositing) | n | mean change of the kept pixels (/255) | worst image (/255) | MoVQ round trip (floor, /255) | band that prepare_mask repaints (/255) | rest (/255) |");
+        println!("|---|---|---|---|---|---|---|");
         for r in inpaint_rows {
             println!(
-                "| {} | {} | {:.2} | {:.2} | {:.2} |",
-                r.name, r.n, r.kept_change, r.worst, r.movq_floor
+                "| {} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |",
+                r.name, r.n, r.kept_change, r.worst, r.movq_floor, r.band, r.rest
             );
         }
     }

@@ -715,6 +715,39 @@ pub struct InpaintRow {
     /// unquantised as the pipeline decodes): the floor a decoder that reproduces the kept
     /// latents exactly would reach.
     pub movq_floor: f64,
+    /// The mean change of the kept pixels in the band ([`hidden_band`]) that `prepare_mask`
+    /// hands to the model to paint, in 1/255 (per image, then averaged).
+    pub band: f64,
+    /// The mean change of the other kept pixels, in 1/255 (per image, then averaged).
+    pub rest: f64,
+}
+
+/// The kept pixels that the inpainting pipelines repaint anyway: diffusers' `prepare_mask` grows
+/// the repainted area of the latent mask by about one cell, so the kept pixels of those cells are
+/// the model's to paint (2.2's pipeline keeps what it paints there). `repaint` is the user's mask
+/// (`side × side` pixels, true = repaint), `scale` the MoVQ's pixels per latent cell; the latent
+/// mask is the user's sampled as `F.interpolate(mode="nearest")` samples it.
+pub fn hidden_band(repaint: &[bool], side: usize, scale: usize) -> Result<Vec<bool>> {
+    use kandinsky::pipelines::decoder::prepare_mask;
+    let cells = side / scale;
+    let keep: Vec<f32> = (0..cells * cells)
+        .map(|i| {
+            let (y, x) = (i / cells * scale, i % cells * scale);
+            if repaint[y * side + x] {
+                0.0
+            } else {
+                1.0
+            }
+        })
+        .collect();
+    let keep = Tensor::from_vec(keep, (1, 1, cells, cells), &Device::Cpu)?;
+    let prepared = prepare_mask(&keep)?.flatten_all()?.to_vec1::<f32>()?;
+    Ok((0..side * side)
+        .map(|p| {
+            let (y, x) = (p / side / scale, p % side / scale);
+            !repaint[p] && prepared[y * cells + x] == 0.0
+        })
+        .collect())
 }
 
 /// The repainted area (`true`) of the `kind`-th held-out mask: the left, right, top or bottom
@@ -764,10 +797,10 @@ pub fn eval_inpainting(
                 inpaint_decoder.display()
             ))
         })?;
-    // Mean absolute difference of the kept pixels, in 1/255.
-    let kept_change = |a: &[u8], b: &[u8], repaint: &[bool]| {
+    // Mean absolute difference of the pixels not in `skip`, in 1/255.
+    let kept_change = |a: &[u8], b: &[u8], skip: &[bool]| {
         let (mut diff, mut kept) = (0u64, 0u64);
-        for (p, &r) in repaint.iter().enumerate() {
+        for (p, &r) in skip.iter().enumerate() {
             if !r {
                 for c in 0..3 {
                     diff += a[3 * p + c].abs_diff(b[3 * p + c]) as u64;
@@ -786,6 +819,7 @@ pub fn eval_inpainting(
         let mut gen = TorchGenerator::new(s.seed);
         let mut rng = Rng::new(s.seed ^ 0x1a9 ^ lang as u64);
         let (mut sum, mut worst, mut floor) = (0.0f64, 0.0f64, 0.0f64);
+        let (mut band_sum, mut rest_sum) = (0.0f64, 0.0f64);
         for i in 0..n {
             let image = Rgb8 {
                 width: SIDE,
@@ -813,6 +847,12 @@ pub fn eval_inpainting(
             let out = decoder.inpaint(&texts, (&image_t, &mask_t), (&emb, &neg), dp, &mut gen)?;
             let got = to_rgb8(&out)?.remove(0);
             let change = kept_change(&got.data, &image.data, &repaint);
+            let band = hidden_band(&repaint, SIDE, decoder.movq().scale_factor())?;
+            let not_band: Vec<bool> = band.iter().map(|&b| !b).collect();
+            let band_or_repainted: Vec<bool> =
+                band.iter().zip(&repaint).map(|(&b, &r)| b || r).collect();
+            band_sum += kept_change(&got.data, &image.data, &not_band);
+            rest_sum += kept_change(&got.data, &image.data, &band_or_repainted);
             let round_trip = movq_round_trip(decoder.movq(), &image, &device)?;
             floor += kept_change(&round_trip, &image.data, &repaint);
             sum += change;
@@ -833,6 +873,8 @@ pub fn eval_inpainting(
             kept_change: sum / n as f64,
             worst,
             movq_floor: floor / n as f64,
+            band: band_sum / n as f64,
+            rest: rest_sum / n as f64,
         });
     }
     Ok(rows)
@@ -851,5 +893,31 @@ mod tests {
         assert!(left[0] && !left[side - 1]);
         let centre = super::repaint_mask(4, side);
         assert!(centre[3 * side + 3] && !centre[0]);
+    }
+
+    #[test]
+    fn the_hidden_band_is_the_kept_latent_ring_that_prepare_mask_takes() {
+        // 16 pixels, 4 per cell: a 4x4 latent grid.
+        let (side, scale) = (16, 4);
+        // Left half repainted: prepare_mask clears the right neighbour of every repainted cell,
+        // so the kept cells of latent column 2 (pixels 8..12) are the band.
+        let band = super::hidden_band(&super::repaint_mask(0, side), side, scale).unwrap();
+        for (p, &b) in band.iter().enumerate() {
+            assert_eq!(b, (8..12).contains(&(p % side)), "pixel {p}");
+        }
+        // Centre repainted (cells 1..3 both ways): every kept cell touches it but (3, 0) and
+        // (0, 3), the two corners prepare_mask's six neighbours do not reach.
+        let band = super::hidden_band(&super::repaint_mask(4, side), side, scale).unwrap();
+        let cells: Vec<bool> = (0..16)
+            .map(|c| band[(c / 4 * scale) * side + c % 4 * scale])
+            .collect();
+        let corners_only_kept: Vec<bool> = (0..16)
+            .map(|c| {
+                let (y, x) = (c / 4, c % 4);
+                let repainted = (1..3).contains(&y) && (1..3).contains(&x);
+                !repainted && (y, x) != (3, 0) && (y, x) != (0, 3)
+            })
+            .collect();
+        assert_eq!(cells, corners_only_kept);
     }
 }
