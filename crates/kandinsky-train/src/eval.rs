@@ -797,16 +797,14 @@ pub fn eval_inpainting(
                 inpaint_decoder.display()
             ))
         })?;
-    // Mean absolute difference of the pixels not in `skip`, in 1/255.
-    let kept_change = |a: &[u8], b: &[u8], skip: &[bool]| {
+    // Mean absolute difference of the pixels `p` with `counts(p)`, in 1/255.
+    let mean_change = |a: &[u8], b: &[u8], counts: &dyn Fn(usize) -> bool| {
         let (mut diff, mut kept) = (0u64, 0u64);
-        for (p, &r) in skip.iter().enumerate() {
-            if !r {
-                for c in 0..3 {
-                    diff += a[3 * p + c].abs_diff(b[3 * p + c]) as u64;
-                }
-                kept += 3;
+        for p in (0..a.len() / 3).filter(|&p| counts(p)) {
+            for c in 0..3 {
+                diff += a[3 * p + c].abs_diff(b[3 * p + c]) as u64;
             }
+            kept += 3;
         }
         diff as f64 / kept.max(1) as f64
     };
@@ -846,15 +844,13 @@ pub fn eval_inpainting(
             let dp = s.decoder_params();
             let out = decoder.inpaint(&texts, (&image_t, &mask_t), (&emb, &neg), dp, &mut gen)?;
             let got = to_rgb8(&out)?.remove(0);
-            let change = kept_change(&got.data, &image.data, &repaint);
             let band = hidden_band(&repaint, SIDE, decoder.movq().scale_factor())?;
-            let not_band: Vec<bool> = band.iter().map(|&b| !b).collect();
-            let band_or_repainted: Vec<bool> =
-                band.iter().zip(&repaint).map(|(&b, &r)| b || r).collect();
-            band_sum += kept_change(&got.data, &image.data, &not_band);
-            rest_sum += kept_change(&got.data, &image.data, &band_or_repainted);
+            let kept = |p: usize| !repaint[p];
+            let change = mean_change(&got.data, &image.data, &kept);
+            band_sum += mean_change(&got.data, &image.data, &|p| band[p]);
+            rest_sum += mean_change(&got.data, &image.data, &|p| kept(p) && !band[p]);
             let round_trip = movq_round_trip(decoder.movq(), &image, &device)?;
-            floor += kept_change(&round_trip, &image.data, &repaint);
+            floor += mean_change(&round_trip, &image.data, &kept);
             sum += change;
             worst = worst.max(change);
             if let Some(dir) = &s.save {
