@@ -23,6 +23,11 @@ CASES = {
     "euler_a_from_ddpm_2_2": (EulerAncestralDiscreteScheduler, DDPMScheduler, {}),
     "euler_leading": (EulerDiscreteScheduler, DDIMScheduler, {"timestep_spacing": "leading"}),
     "euler_a_trailing": (EulerAncestralDiscreteScheduler, DDPMScheduler, {"timestep_spacing": "trailing"}),
+    # Decoders that predict the clean latents or the velocity (diffusers' Euler ancestral refuses
+    # "sample").
+    "euler_sample": (EulerDiscreteScheduler, DDIMScheduler, {"prediction_type": "sample"}),
+    "euler_vpred": (EulerDiscreteScheduler, DDIMScheduler, {"prediction_type": "v_prediction"}),
+    "euler_a_vpred": (EulerAncestralDiscreteScheduler, DDPMScheduler, {"prediction_type": "v_prediction"}),
 }
 
 

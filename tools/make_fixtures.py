@@ -552,6 +552,20 @@ SCHEDULERS = {
                                                dynamic_thresholding_ratio=0.995, sample_max_value=2.0)),
     "unclip_prior": ("UnCLIPScheduler", dict(clip_sample=True, clip_sample_range=10.0, num_train_timesteps=1000,
                                              prediction_type="sample", variance_type="fixed_small_log")),
+    # Decoders that predict the clean latents (x0) or the velocity (v).
+    "ddim_2_1_sample": ("DDIMScheduler", dict(num_train_timesteps=1000, beta_schedule="linear", beta_start=0.00085,
+                                              beta_end=0.012, clip_sample=False, set_alpha_to_one=False,
+                                              steps_offset=1, prediction_type="sample", thresholding=False)),
+    "ddim_2_1_vpred": ("DDIMScheduler", dict(num_train_timesteps=1000, beta_schedule="linear", beta_start=0.00085,
+                                             beta_end=0.012, clip_sample=True, clip_sample_range=1.5,
+                                             set_alpha_to_one=True, steps_offset=1, prediction_type="v_prediction",
+                                             thresholding=False)),
+    "ddpm_2_2_sample": ("DDPMScheduler", dict(num_train_timesteps=1000, beta_schedule="linear", beta_start=0.00085,
+                                              beta_end=0.012, clip_sample=False, set_alpha_to_one=False,
+                                              steps_offset=1, prediction_type="sample", thresholding=False)),
+    "ddpm_2_2_vpred": ("DDPMScheduler", dict(num_train_timesteps=1000, beta_schedule="linear", beta_start=0.00085,
+                                             beta_end=0.012, clip_sample=False, set_alpha_to_one=False,
+                                             steps_offset=1, prediction_type="v_prediction", thresholding=False)),
 }
 
 # DPM-Solver++ 2M as `--scheduler dpm++2m` builds it: DPMSolverMultistepScheduler.from_config(source.config).
@@ -1315,6 +1329,9 @@ def make_small_model_2_2(out_dir, out, cases, f32):
 if __name__ == "__main__":
     if sys.argv[1:] == ["small_model"]:
         make_small_model()
+        sys.exit(0)
+    if sys.argv[1:] == ["schedulers"]:
+        make_schedulers()
         sys.exit(0)
     for d in ["unet", "movq", "formats", "encoders", "tokenizers", "images", "rng", "schedulers", "pipelines"]:
         shutil.rmtree(os.path.join(ROOT, d), ignore_errors=True)

@@ -15,7 +15,8 @@ use kandinsky_train::prior::{train_prior, FrozenClip};
 use kandinsky_train::tokenizer::read_pieces_tsv_gz;
 use kandinsky_train::trainer::{TrainOptions, TrainReport};
 use kandinsky_train::unet::{
-    cached_pool, train_unet, unet_init, DecoderTeachers, Family, PoolOrigin, UNetKind, UNetStage,
+    cached_pool, train_unet, unet_init, DecoderTeachers, Family, PoolOrigin, Prediction, UNetKind,
+    UNetStage,
 };
 use std::path::PathBuf;
 use std::time::Instant;
@@ -136,9 +137,10 @@ enum Stage {
         #[arg(long, default_value = "fixtures/tokenizers/xlm_roberta/pieces.tsv.gz")]
         pieces: PathBuf,
     },
-    /// The decoder UNet (2.1: `text_image` conditioning; 2.2: `image`; ε prediction, 10 %
-    /// unconditional), or with `--inpaint` the 9-channel inpainting UNet (random rectangular
-    /// masks), or with `--depth-control` the 2.2 depth ControlNet, on MoVQ latents.
+    /// The decoder UNet (2.1: `text_image` conditioning; 2.2: `image`; ε prediction unless
+    /// `--prediction-type` says otherwise, 10 % unconditional), or with `--inpaint` the
+    /// 9-channel inpainting UNet (random rectangular masks), or with `--depth-control` the 2.2
+    /// depth ControlNet, on MoVQ latents.
     Unet {
         #[command(flatten)]
         args: StageArgs,
@@ -232,6 +234,13 @@ enum Stage {
         /// guidance extrapolates from.
         #[arg(long, default_value_t = kandinsky_train::unet::COND_DROPOUT)]
         cond_dropout: f32,
+        /// What the UNet predicts: `epsilon` (the noise), `sample` (the clean latents) or
+        /// `v_prediction` (the velocity), with the same loss in those units, written into the
+        /// stage's and the assembled model's scheduler config (`prediction_type`). An inpainting
+        /// UNet that predicts the clean latents (or v, at the noisy steps) keeps the unmasked
+        /// area by copying the latents it is given.
+        #[arg(long, default_value = "epsilon", value_parser = ["epsilon", "sample", "v_prediction"])]
+        prediction_type: String,
     },
     /// Assemble the stage outputs under `--runs` (clip/, mclip/, movq/, prior/, unet/,
     /// inpaint/) into diffusers model directories: OUT/prior, OUT/decoder, OUT/decoder-inpaint.
@@ -482,6 +491,7 @@ pub fn run(a: &TrainArgs) -> Result<()> {
             object_weight,
             composite,
             cond_dropout,
+            prediction_type,
         } => {
             let mut opts = s.options()?;
             if *pool == 0 {
@@ -584,8 +594,18 @@ pub fn run(a: &TrainArgs) -> Result<()> {
                 object_weight: *object_weight,
                 composite: *composite,
                 cond_dropout: Some(*cond_dropout),
+                prediction: match prediction_type.as_str() {
+                    "sample" => Prediction::Sample,
+                    "v_prediction" => Prediction::VPrediction,
+                    _ => Prediction::Epsilon,
+                },
             };
-            let r = train_unet(&opts, &pool, stage, &mut s.logger(name, "ε loss"))?;
+            let metric = match stage.prediction {
+                Prediction::Sample => "x0 loss",
+                Prediction::VPrediction => "v loss",
+                Prediction::Epsilon => "ε loss",
+            };
+            let r = train_unet(&opts, &pool, stage, &mut s.logger(name, metric))?;
             s.report(name, &r, &["unet"]);
         }
         Stage::Assemble { runs, out } => {

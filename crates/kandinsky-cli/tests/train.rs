@@ -313,10 +313,18 @@ fn train_unet_and_inpainting_unet_on_trained_encoders() {
             &pieces,
         ]),
         unet(&[], "unet", &["--steps", "2", "--pool-cache", &cache]),
+        // The 2.1 inpainting UNet predicts v, which its assembled scheduler must say.
         unet(
             &["--inpaint"],
             "inpaint",
-            &["--steps", "1", "--init", &unet_dir],
+            &[
+                "--steps",
+                "1",
+                "--init",
+                &unet_dir,
+                "--prediction-type",
+                "v_prediction",
+            ],
         ),
         // The 2.2 sibling: its decoder starts from the 2.1 one, its inpainting UNet and depth
         // ControlNet from its decoder.
@@ -479,6 +487,20 @@ fn train_unet_and_inpainting_unet_on_trained_encoders() {
         );
     }
     let model = |d: &str| dir.path().join("model").join(d).display().to_string();
+    for (d, prediction) in [
+        ("decoder", "epsilon"),
+        ("decoder-inpaint", "v_prediction"),
+        ("decoder-2-2-inpaint", "epsilon"),
+    ] {
+        let path = dir
+            .path()
+            .join("model")
+            .join(d)
+            .join("scheduler/scheduler_config.json");
+        let config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        assert_eq!(config["prediction_type"], prediction, "{d}");
+    }
     let out = dir.path().join("gen.png");
     let common = strings(&[
         "--width",

@@ -6,6 +6,7 @@
 
 use candle_core::{DType, Tensor};
 use kandinsky::error::{Error, Result};
+use kandinsky::schedulers::PredictionType;
 use serde_json::json;
 use std::collections::HashMap;
 use std::path::Path;
@@ -13,7 +14,8 @@ use std::path::Path;
 /// The diffusers version the model directories name (the one the fixtures are made with).
 const DIFFUSERS_VERSION: &str = "0.42.1";
 
-fn write_json(path: &Path, v: &serde_json::Value) -> Result<()> {
+/// Writes `v` as pretty JSON to `path`, creating its directory.
+pub fn write_json(path: &Path, v: &serde_json::Value) -> Result<()> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     }
@@ -180,15 +182,31 @@ fn decoder(runs: &Path, d: &Path, unet: &str, class: &str, text: bool) -> Result
         index["text_encoder"] = json!(["kandinsky", "MultilingualCLIP"]);
         index["tokenizer"] = json!(["transformers", "XLMRobertaTokenizerFast"]);
     }
-    write_json(&d.join("scheduler/scheduler_config.json"), &ddim(version))?;
+    // A stage that wrote its scheduler (its prediction type) ships it; older stages predict ε.
+    let stage_scheduler = runs.join(unet).join(SCHEDULER_CONFIG);
+    let scheduler = if stage_scheduler.is_file() {
+        let text = std::fs::read_to_string(&stage_scheduler)
+            .map_err(|e| Error::io(&stage_scheduler, e))?;
+        serde_json::from_str(&text).map_err(|source| Error::Json {
+            path: stage_scheduler.clone(),
+            source,
+        })?
+    } else {
+        decoder_scheduler(&PredictionType::Epsilon)
+    };
+    write_json(&d.join(SCHEDULER_CONFIG), &scheduler)?;
     write_json(&d.join("model_index.json"), &index)
 }
 
-/// The decoders' DDIM scheduler (Kandinsky 2.1's linear β schedule).
-fn ddim(version: &str) -> serde_json::Value {
-    json!({"_class_name": "DDIMScheduler", "_diffusers_version": version,
+/// Where a decoder stage's and a decoder directory's scheduler config lives.
+pub const SCHEDULER_CONFIG: &str = "scheduler/scheduler_config.json";
+
+/// The decoders' DDIM scheduler (Kandinsky 2.1's linear β schedule) for a UNet that predicts
+/// `prediction`.
+pub fn decoder_scheduler(prediction: &PredictionType) -> serde_json::Value {
+    json!({"_class_name": "DDIMScheduler", "_diffusers_version": DIFFUSERS_VERSION,
            "beta_end": 0.012, "beta_schedule": "linear", "beta_start": 0.00085,
            "clip_sample": false, "num_train_timesteps": 1000,
-           "prediction_type": "epsilon", "set_alpha_to_one": false, "steps_offset": 1,
+           "prediction_type": prediction.as_str(), "set_alpha_to_one": false, "steps_offset": 1,
            "thresholding": false, "timestep_spacing": "leading"})
 }

@@ -16,7 +16,7 @@ use kandinsky::error::Result;
 use kandinsky::models::{UNet2DConditionModel, UNetConditioning};
 use kandinsky::pipelines::auto_pipeline::HINT_BLOCK_FACTOR;
 use kandinsky::pipelines::decoder::prepare_mask;
-use kandinsky::schedulers::{alphas_cumprod, linspace_f32};
+use kandinsky::schedulers::{alphas_cumprod, linspace_f32, PredictionType};
 use kandinsky::utils::torch_utils::TorchGenerator;
 use std::path::{Path, PathBuf};
 
@@ -141,6 +141,10 @@ pub const TRAIN_TIMESTEPS: usize = 1000;
 pub struct NoisyBatch {
     input: Tensor,
     noise: Tensor,
+    /// The clean latents: the target when the model predicts them ([`NoisyBatch::predicting`]).
+    x0: Tensor,
+    /// What the model predicts: the noise (ε) or the clean latents.
+    prediction: Prediction,
     ts: Vec<usize>,
     /// Each example's loss weight, [`timestep_weights`] at its timestep.
     weights: Vec<f32>,
@@ -209,6 +213,8 @@ impl NoisyBatch {
         Ok(Self {
             input,
             noise,
+            x0: x0.clone(),
+            prediction: Prediction::Epsilon,
             weights: ts.iter().map(|&t| tw[t]).collect(),
             ts,
             cond: cond.clone(),
@@ -326,6 +332,31 @@ impl NoisyBatch {
         Ok(self)
     }
 
+    /// Makes the model predict `prediction`: the noise ε (the default), the clean latents
+    /// (`Sample`, diffusers' `prediction_type="sample"`) or the velocity (`VPrediction`), with
+    /// the same loss in other units: `‖ε̂ − ε‖² = SNR_t·‖x̂0 − x0‖² = ᾱ_t·‖v̂ − v‖²`, so each
+    /// example's error is weighted by its ε weight times `SNR_t = ᾱ/(1−ᾱ)` or `ᾱ_t` and the
+    /// timesteps keep their balance. Whatever the drift flags add to the input and to the target
+    /// noise leaves the implied clean latents `(x_t − √(1−ᾱ)·ε)/√ᾱ` as they were, so the x0
+    /// target is the clean latents and the v target `√ᾱ·ε − √(1−ᾱ)·x0` takes the shifted ε.
+    /// An inpainting model that predicts x0 (or v, at the noisy steps) keeps the unmasked area by
+    /// copying its known latents to its output; one that predicts ε must output
+    /// `(x_t − √ᾱ·x0)/√(1−ᾱ)`, a timestep-dependent mix of its inputs whose errors the sampler
+    /// multiplies by `√(1−ᾱ)/√ᾱ` (15 at the noisiest step) in the image it heads for.
+    pub fn predicting(mut self, prediction: Prediction) -> Self {
+        // Each example's ε weight in the prediction's units.
+        let units = |a: f64| match prediction {
+            Prediction::Epsilon => 1.0,
+            Prediction::Sample => a / (1.0 - a),
+            Prediction::VPrediction => a,
+        };
+        for (w, &a) in self.weights.iter_mut().zip(&self.alphas) {
+            *w = (f64::from(*w) * units(a)) as f32;
+        }
+        self.prediction = prediction;
+        self
+    }
+
     /// Gives the UNet a hint `(B, 3, H, W)` in [0, 1] (the 2.2 ControlNet's `hint`).
     pub fn with_hint(mut self, hint: Option<Tensor>) -> Self {
         self.hint = hint;
@@ -339,17 +370,15 @@ impl NoisyBatch {
         self
     }
 
-    /// The weighted ε loss plus the variance-channel target of the batch's `rows`, scaled by
-    /// their share of the batch so that the losses (and gradients) of disjoint row ranges sum to
-    /// the whole batch's. Returns `(total loss, unweighted ε loss)`, both so scaled.
+    /// The weighted ε (or x0, [`NoisyBatch::predicting`]) loss plus the variance-channel target
+    /// of the batch's `rows`, scaled by their share of the batch so that the losses (and
+    /// gradients) of disjoint row ranges sum to the whole batch's. Returns `(total loss, unweighted ε loss)`, both so scaled.
     pub fn loss(
         &self,
         unet: &UNet2DConditionModel,
         rows: std::ops::Range<usize>,
     ) -> Result<(Tensor, Tensor)> {
         let (start, n) = (rows.start, rows.len());
-        let share = n as f64 / self.ts.len() as f64;
-        let c = self.noise.dim(1)?;
         let ts = &self.ts[rows.clone()];
         let (img, txt, hidden) = &self.cond;
         let (img, txt, hidden) = (
@@ -372,9 +401,37 @@ impl NoisyBatch {
         let tf: Vec<f64> = ts.iter().map(|&t| t as f64).collect();
         let input = self.input.narrow(0, start, n)?;
         let out = unet.forward_timesteps(&input, &tf, &cond)?;
-        let eps = out.narrow(1, 0, c)?;
-        let noise = self.noise.narrow(0, start, n)?;
-        let sq = (eps - noise)?.sqr()?;
+        self.loss_of_output(&out, rows)
+    }
+
+    /// [`NoisyBatch::loss`] of the UNet output `out` of the batch's `rows`.
+    fn loss_of_output(
+        &self,
+        out: &Tensor,
+        rows: std::ops::Range<usize>,
+    ) -> Result<(Tensor, Tensor)> {
+        let (start, n) = (rows.start, rows.len());
+        let share = n as f64 / self.ts.len() as f64;
+        let c = self.noise.dim(1)?;
+        let pred = out.narrow(1, 0, c)?;
+        let target = match self.prediction {
+            Prediction::Sample => self.x0.narrow(0, start, n)?,
+            Prediction::Epsilon => self.noise.narrow(0, start, n)?,
+            Prediction::VPrediction => {
+                let col = |f: &dyn Fn(f64) -> f64| -> Result<Tensor> {
+                    let v: Vec<f32> = self.alphas[rows.clone()]
+                        .iter()
+                        .map(|&a| f(a) as f32)
+                        .collect();
+                    Ok(Tensor::from_vec(v, (n, 1, 1, 1), &Device::Cpu)?)
+                };
+                let eps = self.noise.narrow(0, start, n)?;
+                let x0 = self.x0.narrow(0, start, n)?;
+                (eps.broadcast_mul(&col(&|a| a.sqrt())?)?
+                    - x0.broadcast_mul(&col(&|a| (1.0 - a).sqrt())?)?)?
+            }
+        };
+        let sq = (pred - target)?.sqr()?;
         let sq = match &self.positions {
             Some(w) => sq.broadcast_mul(&w.narrow(0, start, n)?)?,
             None => sq,
@@ -1015,6 +1072,34 @@ pub struct UNetStage {
     pub new_input_lr: f64,
     /// The fraction of examples given the unconditional inputs; `None`: [`COND_DROPOUT`].
     pub cond_dropout: Option<f32>,
+    /// What the model predicts: `Epsilon` (the noise) or `Sample` (the clean latents;
+    /// [`NoisyBatch::predicting`]). The stage writes it into its `scheduler/` config, which
+    /// [`crate::assemble`] ships with the model.
+    pub prediction: Prediction,
+}
+
+/// What a decoder UNet predicts (diffusers' `prediction_type`, as far as training supports it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Prediction {
+    /// The noise ε (`"epsilon"`), as every Kandinsky checkpoint.
+    #[default]
+    Epsilon,
+    /// The clean latents x0 (`"sample"`).
+    Sample,
+    /// The velocity `v = √ᾱ·ε − √(1−ᾱ)·x0` (`"v_prediction"`): close to ε at the least noisy
+    /// steps and to −x0 at the noisiest.
+    VPrediction,
+}
+
+impl Prediction {
+    /// The scheduler config's `prediction_type`.
+    pub fn prediction_type(self) -> PredictionType {
+        match self {
+            Prediction::Epsilon => PredictionType::Epsilon,
+            Prediction::Sample => PredictionType::Sample,
+            Prediction::VPrediction => PredictionType::VPrediction,
+        }
+    }
 }
 
 /// Loss weights `(B, 1, side, side)` for training examples `indices` of `seed` at the latent's
@@ -1181,6 +1266,7 @@ pub fn train_unet(
                 None
             })?
             .with_hint(hint)
+            .predicting(stage.prediction)
             .grads(unet, vars, GRAD_PARTS)
         },
         |params| {
@@ -1189,6 +1275,10 @@ pub fn train_unet(
                 &value,
                 &params.tensors(),
                 "diffusion_pytorch_model.safetensors",
+            )?;
+            super::assemble::write_json(
+                &opts.out_dir.join(super::assemble::SCHEDULER_CONFIG),
+                &super::assemble::decoder_scheduler(&stage.prediction.prediction_type()),
             )
         },
         log,
@@ -1386,6 +1476,136 @@ mod tests {
         assert_eq!(after[1], vec![10.0, 11.0]);
         assert_eq!(after[3], vec![0.0, 1.0]);
         assert_eq!(b.cond.2.dims(), &[4, 3, 2]);
+    }
+
+    #[test]
+    fn predicting_x0_or_v_gives_the_eps_loss_of_the_same_prediction() {
+        // An x0 or v prediction and the ε prediction it implies, `x̂0 = (x_t − √(1−ᾱ)·ε̂)/√ᾱ`,
+        // must get the same loss, with every weighting the inpainting stages stack: a capped timestep
+        // weight, drift in the image, per-position weights and the band.
+        let d = Device::Cpu;
+        let b = 8;
+        let x0 = Tensor::randn(0f32, 1.0, (b, 4, 4, 4), &d).unwrap();
+        let extra = Tensor::randn(0f32, 1.0, (b, 5, 4, 4), &d).unwrap();
+        let cond = (
+            Tensor::zeros((b, 2), DType::F32, &d).unwrap(),
+            Tensor::zeros((b, 2), DType::F32, &d).unwrap(),
+            Tensor::zeros((b, 3, 2), DType::F32, &d).unwrap(),
+        );
+        let drift = Tensor::randn(0f32, 1.0, (b, 4, 4, 4), &d).unwrap();
+        let drift = Tensor::cat(
+            &[
+                drift.narrow(0, 0, b / 2).unwrap(),
+                drift.narrow(0, b / 2, b / 2).unwrap().zeros_like().unwrap(),
+            ],
+            0,
+        )
+        .unwrap();
+        let positions = Tensor::rand(0.5f32, 2.0, (b, 1, 4, 4), &d).unwrap();
+        let band = Tensor::rand(0f32, 1.0, (b, 1, 4, 4), &d)
+            .unwrap()
+            .ge(0.7)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap();
+        let draw = |prediction| {
+            NoisyBatch::new(
+                &x0,
+                &cond,
+                Some(&extra),
+                50.0,
+                &mut Rng::new(5),
+                &mut TorchGenerator::new(6),
+            )
+            .unwrap()
+            .with_loss_weights(Some(positions.clone()))
+            .with_drift(Some(&drift), true)
+            .unwrap()
+            .with_band_weight(Some(&band), 8.0)
+            .unwrap()
+            .predicting(prediction)
+        };
+        let (eps, sample) = (draw(Prediction::Epsilon), draw(Prediction::Sample));
+        let ac = alphas_cumprod(&linspace_f32(0.00085, 0.012, 1000));
+        let col = |f: &dyn Fn(f32) -> f32| {
+            let v: Vec<f32> = eps.ts.iter().map(|&t| f(ac[t])).collect();
+            Tensor::from_vec(v, (b, 1, 1, 1), &d).unwrap()
+        };
+        let eps_hat = Tensor::randn(0f32, 1.0, (b, 8, 4, 4), &d).unwrap();
+        let xt = eps.input.narrow(1, 0, 4).unwrap();
+        let x0_hat = xt
+            .sub(
+                &eps_hat
+                    .narrow(1, 0, 4)
+                    .unwrap()
+                    .broadcast_mul(&col(&|a| (1.0 - a).sqrt()))
+                    .unwrap(),
+            )
+            .unwrap()
+            .broadcast_div(&col(&|a| a.sqrt()))
+            .unwrap();
+        let var = eps_hat.narrow(1, 4, 4).unwrap();
+        let x0_out = Tensor::cat(&[&x0_hat, &var], 1).unwrap();
+        // v̂ = √ᾱ·ε̂ − √(1−ᾱ)·x̂0.
+        let v_hat = (eps_hat
+            .narrow(1, 0, 4)
+            .unwrap()
+            .broadcast_mul(&col(&|a| a.sqrt()))
+            .unwrap()
+            - x0_hat.broadcast_mul(&col(&|a| (1.0 - a).sqrt())).unwrap())
+        .unwrap();
+        let v_out = Tensor::cat(&[&v_hat, &var], 1).unwrap();
+        let velocity = draw(Prediction::VPrediction);
+        for (what, batch, out) in [("x0", &sample, &x0_out), ("v", &velocity, &v_out)] {
+            for rows in [0..b, 0..b / 2, b / 2..b] {
+                let want = eps.loss_of_output(
+                    &eps_hat.narrow(0, rows.start, rows.len()).unwrap(),
+                    rows.clone(),
+                );
+                let got = batch.loss_of_output(
+                    &out.narrow(0, rows.start, rows.len()).unwrap(),
+                    rows.clone(),
+                );
+                let (want, got) = (
+                    want.unwrap().0.to_scalar::<f32>().unwrap(),
+                    got.unwrap().0.to_scalar::<f32>().unwrap(),
+                );
+                assert!(
+                    (want - got).abs() <= 1e-4 * want.abs(),
+                    "rows {rows:?}: ε loss {want}, {what} loss {got}"
+                );
+            }
+        }
+        // A wrong x0 is not excused: the target is the clean latents, whatever the drift.
+        let off = sample
+            .loss_of_output(&(&x0_out + 0.1).unwrap(), 0..b)
+            .unwrap()
+            .0
+            .to_scalar::<f32>()
+            .unwrap();
+        let right = sample
+            .loss_of_output(
+                &Tensor::cat(&[&x0, &eps_hat.narrow(1, 4, 4).unwrap()], 1).unwrap(),
+                0..b,
+            )
+            .unwrap()
+            .0
+            .to_scalar::<f32>()
+            .unwrap();
+        let var_only = eps
+            .loss_of_output(
+                &Tensor::cat(&[&eps.noise, &eps_hat.narrow(1, 4, 4).unwrap()], 1).unwrap(),
+                0..b,
+            )
+            .unwrap()
+            .0
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(
+            (right - var_only).abs() <= 1e-5 * var_only,
+            "{right} {var_only}"
+        );
+        assert!(off > 1.5 * right, "{off} {right}");
     }
 
     #[test]

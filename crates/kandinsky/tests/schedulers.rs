@@ -12,7 +12,16 @@ use kandinsky::schedulers::{
 use kandinsky::utils::torch_utils::TorchGenerator;
 use std::collections::HashMap;
 
-const NAMES: [&str; 4] = ["ddim_2_1", "ddpm_2_2", "ddpm_2_1_learned", "unclip_prior"];
+const NAMES: [&str; 8] = [
+    "ddim_2_1",
+    "ddpm_2_2",
+    "ddpm_2_1_learned",
+    "unclip_prior",
+    "ddim_2_1_sample",
+    "ddim_2_1_vpred",
+    "ddpm_2_2_sample",
+    "ddpm_2_2_vpred",
+];
 
 /// `DPMSolverMultistepScheduler.from_config(...)` fixtures (`DPM_SCHEDULERS` in make_fixtures.py).
 const DPM_NAMES: [&str; 5] = [
@@ -290,6 +299,21 @@ fn euler_schedulers_match_diffusers() {
         ),
         ("euler_leading", EULER_DISCRETE, leading),
         ("euler_a_trailing", EULER_ANCESTRAL_DISCRETE, trailing),
+        (
+            "euler_sample",
+            EULER_DISCRETE,
+            HUB_DDIM_2_1.replace("\"epsilon\"", "\"sample\""),
+        ),
+        (
+            "euler_vpred",
+            EULER_DISCRETE,
+            HUB_DDIM_2_1.replace("\"epsilon\"", "\"v_prediction\""),
+        ),
+        (
+            "euler_a_vpred",
+            EULER_ANCESTRAL_DISCRETE,
+            HUB_DDPM_2_2.replace("\"epsilon\"", "\"v_prediction\""),
+        ),
     ];
     let get = |k: &str| io.get(k).unwrap_or_else(|| panic!("fixture {k}")).clone();
     for (name, class, base) in cases {

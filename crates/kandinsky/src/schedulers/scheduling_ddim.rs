@@ -21,11 +21,8 @@ pub struct DdimScheduler {
 impl DdimScheduler {
     /// Builds the scheduler.
     pub fn new(config: &SchedulerConfig) -> Result<Self> {
-        if config.prediction_type != PredictionType::Epsilon {
-            return Err(Error::unsupported(
-                "prediction_type",
-                config.prediction_type.as_str(),
-            ));
+        if let PredictionType::Other(p) = &config.prediction_type {
+            return Err(Error::unsupported("prediction_type", p));
         }
         if config.thresholding {
             return Err(Error::unsupported("thresholding", true));
@@ -55,7 +52,7 @@ impl Scheduler for DdimScheduler {
 
     fn step(
         &mut self,
-        eps: &Tensor,
+        model_output: &Tensor,
         t: usize,
         sample: &Tensor,
         _generator: &mut TorchGenerator,
@@ -67,13 +64,27 @@ impl Scheduler for DdimScheduler {
         } else {
             self.final_alpha_cumprod
         };
-        let b_t = 1.0 - a_t;
-        let mut x0 = ((sample - (eps * b_t.sqrt() as f64)?)? / a_t.sqrt() as f64)?;
+        let (sa, sb) = (a_t.sqrt() as f64, (1.0 - a_t).sqrt() as f64);
+        let (mut x0, eps) = match &self.config.prediction_type {
+            PredictionType::Epsilon => (
+                ((sample - (model_output * sb)?)? / sa)?,
+                model_output.clone(),
+            ),
+            PredictionType::Sample => (
+                model_output.clone(),
+                ((sample - (model_output * sa)?)? / sb)?,
+            ),
+            PredictionType::VPrediction => (
+                ((sample * sa)? - (model_output * sb)?)?,
+                ((model_output * sa)? + (sample * sb)?)?,
+            ),
+            PredictionType::Other(p) => return Err(Error::unsupported("prediction_type", p)),
+        };
         if self.config.clip_sample {
             let r = self.config.clip_sample_range as f32;
             x0 = x0.clamp(-r, r)?;
         }
-        let dir = (eps * (1.0 - a_prev).sqrt() as f64)?;
+        let dir = (&eps * (1.0 - a_prev).sqrt() as f64)?;
         Ok(((x0 * a_prev.sqrt() as f64)? + dir)?)
     }
 

@@ -40,14 +40,8 @@ impl DdpmScheduler {
             VarianceType::LearnedRange => Variance::LearnedRange,
             other => return Err(Error::unsupported("variance_type", other.as_str())),
         };
-        if !matches!(
-            config.prediction_type,
-            PredictionType::Epsilon | PredictionType::Sample
-        ) {
-            return Err(Error::unsupported(
-                "prediction_type",
-                config.prediction_type.as_str(),
-            ));
+        if let PredictionType::Other(p) = &config.prediction_type {
+            return Err(Error::unsupported("prediction_type", p));
         }
         let t = config.num_train_timesteps;
         Ok(Self {
@@ -108,10 +102,15 @@ impl Scheduler for DdpmScheduler {
         let b_prev = 1.0 - a_prev;
         let cur_alpha = a_t / a_prev;
         let cur_beta = 1.0 - cur_alpha;
-        let mut x0 = if self.config.prediction_type == PredictionType::Epsilon {
-            ((sample - (&eps * b_t.sqrt() as f64)?)? / a_t.sqrt() as f64)?
-        } else {
-            eps.clone()
+        let mut x0 = match &self.config.prediction_type {
+            PredictionType::Epsilon => {
+                ((sample - (&eps * b_t.sqrt() as f64)?)? / a_t.sqrt() as f64)?
+            }
+            PredictionType::Sample => eps.clone(),
+            PredictionType::VPrediction => {
+                ((sample * a_t.sqrt() as f64)? - (&eps * b_t.sqrt() as f64)?)?
+            }
+            PredictionType::Other(p) => return Err(Error::unsupported("prediction_type", p)),
         };
         if self.config.thresholding {
             x0 = self.threshold(&x0)?;

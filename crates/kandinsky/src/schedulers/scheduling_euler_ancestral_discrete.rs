@@ -3,7 +3,7 @@
 //! fresh noise of σ_up drawn from the generator at every step, as diffusers draws it.
 
 use super::scheduling_euler_discrete::{sigma_schedule_methods, zip, Sigmas};
-use super::{Scheduler, SchedulerConfig};
+use super::{PredictionType, Scheduler, SchedulerConfig};
 use crate::error::Result;
 use crate::utils::torch_utils::TorchGenerator;
 use candle_core::Tensor;
@@ -15,10 +15,13 @@ pub struct EulerAncestralDiscreteScheduler {
 }
 
 impl EulerAncestralDiscreteScheduler {
-    /// Builds the scheduler (epsilon prediction).
+    /// Builds the scheduler (ε or v prediction, as diffusers').
     pub fn new(config: &SchedulerConfig) -> Result<Self> {
         Ok(Self {
-            sigmas: Sigmas::new(config)?,
+            sigmas: Sigmas::new(
+                config,
+                &[PredictionType::Epsilon, PredictionType::VPrediction],
+            )?,
         })
     }
 }
@@ -38,10 +41,8 @@ impl Scheduler for EulerAncestralDiscreteScheduler {
         let up = (to * to * (from * from - to * to) / (from * from)).sqrt();
         let down = (to * to - up * up).sqrt();
         let dt = down - from;
-        let x = zip(sample, eps, |x, e| {
-            let pred = x - from * e;
-            x + (x - pred) / from * dt
-        })?;
+        let x0 = self.sigmas.x0_of(from);
+        let x = zip(sample, eps, |x, out| x + (x - x0(x, out)) / from * dt)?;
         let noise = generator.randn(eps.shape(), eps.device())?;
         zip(&x, &noise, |x, n| x + n * up)
     }

@@ -28,9 +28,22 @@ pub(crate) struct Sigmas {
 }
 
 impl Sigmas {
-    /// Checks the config (what our Euler supports) and builds the training σ.
-    pub fn new(config: &SchedulerConfig) -> Result<Self> {
-        if config.prediction_type != PredictionType::Epsilon {
+    /// `(x, model output) → predicted x0` at `sigma`, as diffusers' Euler steps compute it for
+    /// the config's prediction type (checked in [`Sigmas::new`]).
+    pub fn x0_of(&self, sigma: f32) -> impl Fn(f32, f32) -> f32 {
+        let prediction = self.config.prediction_type.clone();
+        let norm = sigma * sigma + 1.0;
+        move |x, out| match prediction {
+            PredictionType::Sample => out,
+            PredictionType::VPrediction => out * (-sigma / norm.sqrt()) + x / norm,
+            _ => x - sigma * out,
+        }
+    }
+
+    /// Checks the config (what our Euler supports, the `predictions` among them) and builds the
+    /// training σ.
+    pub fn new(config: &SchedulerConfig, predictions: &[PredictionType]) -> Result<Self> {
+        if !predictions.contains(&config.prediction_type) {
             return Err(Error::unsupported(
                 "prediction_type",
                 config.prediction_type.as_str(),
@@ -244,10 +257,17 @@ pub struct EulerDiscreteScheduler {
 }
 
 impl EulerDiscreteScheduler {
-    /// Builds the scheduler (epsilon prediction, linear interpolation of σ).
+    /// Builds the scheduler (ε, x0 or v prediction, linear interpolation of σ).
     pub fn new(config: &SchedulerConfig) -> Result<Self> {
         Ok(Self {
-            sigmas: Sigmas::new(config)?,
+            sigmas: Sigmas::new(
+                config,
+                &[
+                    PredictionType::Epsilon,
+                    PredictionType::Sample,
+                    PredictionType::VPrediction,
+                ],
+            )?,
         })
     }
 }
@@ -257,17 +277,17 @@ impl Scheduler for EulerDiscreteScheduler {
 
     fn step(
         &mut self,
-        eps: &Tensor,
+        model_output: &Tensor,
         i: usize,
         sample: &Tensor,
         _generator: &mut TorchGenerator,
     ) -> Result<Tensor> {
         let sigma = self.sigmas.sigma(i)?;
         let dt = self.sigmas.sigma(i + 1)? - sigma;
-        // pred_x0 = x - σ ε; derivative = (x - pred_x0) / σ; x + derivative · dt.
-        zip(sample, eps, |x, e| {
-            let pred = x - sigma * e;
-            x + (x - pred) / sigma * dt
+        // derivative = (x - pred_x0) / σ; x + derivative · dt.
+        let x0 = self.sigmas.x0_of(sigma);
+        zip(sample, model_output, |x, out| {
+            x + (x - x0(x, out)) / sigma * dt
         })
     }
 }
