@@ -3,9 +3,11 @@
 # model directories of both families (the default model lives in models/small): Kandinsky 2.1
 # (decoder, decoder-inpaint) and 2.2 (decoder-2-2, decoder-2-2-inpaint, decoder-2-2-controlnet-depth)
 # with one prior. Every stage resumes from its checkpoint, so the script can be re-run after an
-# interruption. This form ran from scratch in 116 minutes on the 2-core development machine (the
-# seventeenth session; its outputs are models/small byte for byte), an earlier form in 138 on a
-# slower machine of the same kind (stage times in README.md and docs/small-model.md).
+# interruption. The previous form ran from scratch in 116 minutes on the 2-core development
+# machine (the seventeenth session), an earlier form in 138 on a slower machine of the same kind;
+# this form trains the two inpainting UNets about 20 minutes longer, and resumed from that run's
+# other stages its outputs are models/small byte for byte (the eighteenth session; stage times in
+# README.md and docs/small-model.md).
 # Usage: tools/train_small_model.sh [RUNS_DIR] [MODEL_DIR]
 # Stages that do not depend on each other run side by side, one core each, with their output in
 # RUNS_DIR/<stage>.log: at these model sizes candle's CPU ops hardly use a second core (a CLIP
