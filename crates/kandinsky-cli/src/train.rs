@@ -236,9 +236,8 @@ enum Stage {
         cond_dropout: f32,
         /// What the UNet predicts: `epsilon` (the noise), `sample` (the clean latents) or
         /// `v_prediction` (the velocity), with the same loss in those units, written into the
-        /// stage's and the assembled model's scheduler config (`prediction_type`). An inpainting
-        /// UNet that predicts the clean latents (or v, at the noisy steps) keeps the unmasked
-        /// area by copying the latents it is given.
+        /// stage's and the assembled model's scheduler config (`prediction_type`). `--init` and
+        /// resuming do not carry it over: give the flag to every stage that should keep it.
         #[arg(long, default_value = "epsilon", value_parser = ["epsilon", "sample", "v_prediction"])]
         prediction_type: String,
     },

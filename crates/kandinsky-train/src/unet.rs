@@ -141,9 +141,10 @@ pub const TRAIN_TIMESTEPS: usize = 1000;
 pub struct NoisyBatch {
     input: Tensor,
     noise: Tensor,
-    /// The clean latents: the target when the model predicts them ([`NoisyBatch::predicting`]).
+    /// The clean latents: part of the target when the model predicts x0 or v
+    /// ([`NoisyBatch::predicting`]).
     x0: Tensor,
-    /// What the model predicts: the noise (ε) or the clean latents.
+    /// What the model predicts: the noise (ε), the clean latents or the velocity.
     prediction: Prediction,
     ts: Vec<usize>,
     /// Each example's loss weight, [`timestep_weights`] at its timestep.
@@ -339,10 +340,10 @@ impl NoisyBatch {
     /// timesteps keep their balance. Whatever the drift flags add to the input and to the target
     /// noise leaves the implied clean latents `(x_t − √(1−ᾱ)·ε)/√ᾱ` as they were, so the x0
     /// target is the clean latents and the v target `√ᾱ·ε − √(1−ᾱ)·x0` takes the shifted ε.
-    /// An inpainting model that predicts x0 (or v, at the noisy steps) keeps the unmasked area by
-    /// copying its known latents to its output; one that predicts ε must output
-    /// `(x_t − √ᾱ·x0)/√(1−ᾱ)`, a timestep-dependent mix of its inputs whose errors the sampler
-    /// multiplies by `√(1−ᾱ)/√ᾱ` (15 at the noisiest step) in the image it heads for.
+    /// An inpainting model that predicts x0 (or v, at the noisy steps) could keep the unmasked
+    /// area by copying its known latents to its output, where one that predicts ε must output
+    /// `(x_t − √ᾱ·x0)/√(1−ᾱ)`; for the small model's 2.1 inpainting UNet neither kept more of
+    /// the input than ε at the same steps (docs/small-model.md, eighteenth session).
     pub fn predicting(mut self, prediction: Prediction) -> Self {
         // Each example's ε weight in the prediction's units.
         let units = |a: f64| match prediction {
@@ -370,9 +371,10 @@ impl NoisyBatch {
         self
     }
 
-    /// The weighted ε (or x0, [`NoisyBatch::predicting`]) loss plus the variance-channel target
+    /// The weighted ε (or x0 or v, [`NoisyBatch::predicting`]) loss plus the variance-channel target
     /// of the batch's `rows`, scaled by their share of the batch so that the losses (and
-    /// gradients) of disjoint row ranges sum to the whole batch's. Returns `(total loss, unweighted ε loss)`, both so scaled.
+    /// gradients) of disjoint row ranges sum to the whole batch's. Returns `(total loss,
+    /// unweighted loss of the prediction: ε, x0 or v)`, both so scaled.
     pub fn loss(
         &self,
         unet: &UNet2DConditionModel,
@@ -1072,9 +1074,9 @@ pub struct UNetStage {
     pub new_input_lr: f64,
     /// The fraction of examples given the unconditional inputs; `None`: [`COND_DROPOUT`].
     pub cond_dropout: Option<f32>,
-    /// What the model predicts: `Epsilon` (the noise) or `Sample` (the clean latents;
-    /// [`NoisyBatch::predicting`]). The stage writes it into its `scheduler/` config, which
-    /// [`crate::assemble`] ships with the model.
+    /// What the model predicts: `Epsilon` (the noise), `Sample` (the clean latents) or
+    /// `VPrediction` (the velocity; [`NoisyBatch::predicting`]). The stage writes it into its
+    /// `scheduler/` config, which [`crate::assemble`] ships with the model.
     pub prediction: Prediction,
 }
 

@@ -119,6 +119,18 @@ fn bad_configs_and_step_counts_are_errors() {
     assert!(s.set_timesteps(1001).is_err());
     let mut s = from_config(&config("unclip_prior")).unwrap();
     assert!(s.set_timesteps(1).is_err());
+    // Zero terminal SNR (the usual partner of v prediction) and explicit β are not implemented:
+    // every scheduler that reads β refuses them rather than run on another schedule.
+    for name in ["ddim_2_1_vpred", "ddpm_2_2_vpred", "ddim_2_1"] {
+        let mut c = config(name);
+        c.rescale_betas_zero_snr = true;
+        let err = from_config(&c).err().unwrap().to_string();
+        assert!(err.contains("rescale_betas_zero_snr"), "{name}: {err}");
+        let mut c = config(name);
+        c.trained_betas = Some(vec![0.01; 1000]);
+        let err = from_config(&c).err().unwrap().to_string();
+        assert!(err.contains("trained_betas"), "{name}: {err}");
+    }
 }
 
 /// The DPM-Solver criterion: relative L2 ≤ 1e-5 and max abs ≤ 1e-5 × max |ref|.

@@ -30,6 +30,14 @@ use candle_core::Tensor;
 
 /// `betas` as diffusers builds them (f32).
 pub fn betas(c: &SchedulerConfig) -> Result<Vec<f32>> {
+    // Neither is implemented: refused here, where every schedule that reads β starts, rather
+    // than run on another schedule than diffusers would.
+    if c.trained_betas.is_some() {
+        return Err(Error::unsupported("trained_betas", "an explicit list"));
+    }
+    if c.rescale_betas_zero_snr {
+        return Err(Error::unsupported("rescale_betas_zero_snr", true));
+    }
     let n = c.num_train_timesteps;
     Ok(match &c.beta_schedule {
         BetaSchedule::Linear => linspace_f32(c.beta_start as f32, c.beta_end as f32, n),
