@@ -246,12 +246,8 @@ impl NoisyBatch {
         let c = self.noise.dim(1)?;
         let b = self.ts.len();
         let (shift, target) = if in_image {
-            let col = |f: &dyn Fn(f64) -> f64| -> Result<Tensor> {
-                let v: Vec<f32> = self.alphas.iter().map(|&a| f(a) as f32).collect();
-                Ok(Tensor::from_vec(v, (b, 1, 1, 1), &Device::Cpu)?)
-            };
-            let sa = col(&|a| a.sqrt())?;
-            let ratio = col(&|a| (a / (1.0 - a)).sqrt())?;
+            let sa = self.alpha_column(0..b, |a| a.sqrt())?;
+            let ratio = self.alpha_column(0..b, |a| (a / (1.0 - a)).sqrt())?;
             // Rows that drift count as image errors at the least noisy steps.
             let moved = d.sqr()?.flatten_from(1)?.sum(1)?.to_vec1::<f32>()?;
             let factors: Vec<f32> = self
@@ -406,6 +402,13 @@ impl NoisyBatch {
         self.loss_of_output(&out, rows)
     }
 
+    /// `f(ᾱ_t)` of the examples `rows`, as a `(rows, 1, 1, 1)` column to broadcast over them.
+    fn alpha_column(&self, rows: std::ops::Range<usize>, f: impl Fn(f64) -> f64) -> Result<Tensor> {
+        let n = rows.len();
+        let v: Vec<f32> = self.alphas[rows].iter().map(|&a| f(a) as f32).collect();
+        Ok(Tensor::from_vec(v, (n, 1, 1, 1), &Device::Cpu)?)
+    }
+
     /// [`NoisyBatch::loss`] of the UNet output `out` of the batch's `rows`.
     fn loss_of_output(
         &self,
@@ -420,17 +423,11 @@ impl NoisyBatch {
             Prediction::Sample => self.x0.narrow(0, start, n)?,
             Prediction::Epsilon => self.noise.narrow(0, start, n)?,
             Prediction::VPrediction => {
-                let col = |f: &dyn Fn(f64) -> f64| -> Result<Tensor> {
-                    let v: Vec<f32> = self.alphas[rows.clone()]
-                        .iter()
-                        .map(|&a| f(a) as f32)
-                        .collect();
-                    Ok(Tensor::from_vec(v, (n, 1, 1, 1), &Device::Cpu)?)
-                };
                 let eps = self.noise.narrow(0, start, n)?;
                 let x0 = self.x0.narrow(0, start, n)?;
-                (eps.broadcast_mul(&col(&|a| a.sqrt())?)?
-                    - x0.broadcast_mul(&col(&|a| (1.0 - a).sqrt())?)?)?
+                let sa = self.alpha_column(rows.clone(), |a| a.sqrt())?;
+                let sb = self.alpha_column(rows.clone(), |a| (1.0 - a).sqrt())?;
+                (eps.broadcast_mul(&sa)? - x0.broadcast_mul(&sb)?)?
             }
         };
         let sq = (pred - target)?.sqr()?;

@@ -121,12 +121,19 @@ fn bad_configs_and_step_counts_are_errors() {
     assert!(s.set_timesteps(1).is_err());
     // Zero terminal SNR (the usual partner of v prediction) and explicit β are not implemented:
     // every scheduler that reads β refuses them rather than run on another schedule.
-    for name in ["ddim_2_1_vpred", "ddpm_2_2_vpred", "ddim_2_1"] {
-        let mut c = config(name);
+    let euler = with_class(&config("ddim_2_1"), kandinsky::schedulers::EULER_DISCRETE).unwrap();
+    for (name, base) in [
+        ("ddim_2_1_vpred", config("ddim_2_1_vpred")),
+        ("ddpm_2_2_vpred", config("ddpm_2_2_vpred")),
+        ("ddim_2_1", config("ddim_2_1")),
+        ("dpmpp_2m_from_ddim_2_1", config("dpmpp_2m_from_ddim_2_1")),
+        ("euler from ddim_2_1", euler),
+    ] {
+        let mut c = base.clone();
         c.rescale_betas_zero_snr = true;
         let err = from_config(&c).err().unwrap().to_string();
         assert!(err.contains("rescale_betas_zero_snr"), "{name}: {err}");
-        let mut c = config(name);
+        let mut c = base;
         c.trained_betas = Some(vec![0.01; 1000]);
         let err = from_config(&c).err().unwrap().to_string();
         assert!(err.contains("trained_betas"), "{name}: {err}");

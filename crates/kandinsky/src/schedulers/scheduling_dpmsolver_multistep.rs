@@ -117,14 +117,10 @@ impl DpmSolverMultistepScheduler {
             ("use_beta_sigmas", c.use_beta_sigmas),
             ("use_lu_lambdas", c.use_lu_lambdas),
             ("use_flow_sigmas", c.use_flow_sigmas),
-            ("rescale_betas_zero_snr", c.rescale_betas_zero_snr),
         ] {
             if on {
                 return Err(Error::unsupported(key, true));
             }
-        }
-        if c.trained_betas.is_some() {
-            return Err(Error::unsupported("trained_betas", "an explicit list"));
         }
         let t = c.num_train_timesteps;
         if t < 2 {

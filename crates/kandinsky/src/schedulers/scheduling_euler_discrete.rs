@@ -53,7 +53,6 @@ impl Sigmas {
             ("use_karras_sigmas", config.use_karras_sigmas),
             ("use_exponential_sigmas", config.use_exponential_sigmas),
             ("use_beta_sigmas", config.use_beta_sigmas),
-            ("rescale_betas_zero_snr", config.rescale_betas_zero_snr),
         ] {
             if on {
                 return Err(Error::unsupported(key, true));
