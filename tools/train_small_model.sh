@@ -3,11 +3,12 @@
 # model directories of both families (the default model lives in models/small): Kandinsky 2.1
 # (decoder, decoder-inpaint) and 2.2 (decoder-2-2, decoder-2-2-inpaint, decoder-2-2-controlnet-depth)
 # with one prior. Every stage resumes from its checkpoint, so the script can be re-run after an
-# interruption. The previous form ran from scratch in 116 minutes on the 2-core development
-# machine (the seventeenth session), an earlier form in 138 on a slower machine of the same kind;
-# this form trains the two inpainting UNets about 20 minutes longer, and resumed from that run's
-# other stages its outputs are models/small byte for byte (the eighteenth session; stage times in
-# README.md and docs/small-model.md).
+# interruption. An earlier form ran from scratch in 116 minutes on the 2-core development
+# machine (the seventeenth session); this form trains the two inpainting UNets about 20 minutes
+# longer (eighteenth session) and the text-to-image decoders' last phases on grid-placed objects,
+# which adds one pool of teacher outputs (about 1.5 minutes; nineteenth session). Resumed from the
+# seventeenth session's MoVQ, CLIP, M-CLIP, prior and first three 2.1 UNet phases, its outputs are
+# models/small byte for byte (stage times in README.md and docs/small-model.md).
 # Usage: tools/train_small_model.sh [RUNS_DIR] [MODEL_DIR]
 # Stages that do not depend on each other run side by side, one core each, with their output in
 # RUNS_DIR/<stage>.log: at these model sizes candle's CPU ops hardly use a second core (a CLIP
@@ -57,16 +58,24 @@ wait "$movq"
 # 4600): it was still improving at the end of each. The third phase was 1400 steps until the
 # fourth phase below was added; it is 1000 now, for time. The teachers' pool is built once and
 # kept for the other UNets (and for a resumed run).
-TEACHERS=(--movq "$RUNS/movq" --clip "$RUNS/clip" --mclip "$RUNS/mclip" --batch 16
-    --log-every 100 --pool-cache "$RUNS/pool.safetensors")
+MODELS=(--movq "$RUNS/movq" --clip "$RUNS/clip" --mclip "$RUNS/mclip" --batch 16 --log-every 100)
+TEACHERS=("${MODELS[@]}" --pool-cache "$RUNS/pool.safetensors")
 UNET_ARGS=("${TEACHERS[@]}" --v-weight-cap 50 --lr 5e-4)
+# The text-to-image decoders' last phases draw their objects on the latent grid (--grid-aligned:
+# each training image's object box snapped to the MoVQ's cells, a pool of its own): a 4-cell
+# square's edges then fall on cell edges, which the UNet draws, where a jittered one's fall inside
+# cells, which it rounds off (small squares came out as circles). As a fifth phase of the
+# previous model, given real image embeddings, the grid drew 35 of 68 small squares against 12
+# with the free placement. The inpainting and ControlNet stages keep the free placement: their
+# inputs are users' images and hints.
+GRID=("${MODELS[@]}" --pool-cache "$RUNS/pool-grid.safetensors" --grid-aligned)
 $K train unet --out "$RUNS/unet-base" "${UNET_ARGS[@]}" --steps 5600 --lr-restarts 2600,4600 --lr-decay-steps 600
 # A fourth phase at a lower learning rate, from fresh optimiser state, its loss weighting the
 # low-noise timesteps more (cap 5: they settle a small object's corners). The decoder alone, given
 # real image embeddings, read 77 / 79 % of shapes right before it and 83 / 82 % after, colour
 # 100 / 100 % (small triangles stopped coming out round). The same 1000 steps on the least
 # noisy 400 timesteps only (--max-timestep 400) did no better.
-$K train unet --init "$RUNS/unet-base" --out "$RUNS/unet" "${TEACHERS[@]}" --v-weight-cap 5 --lr 2e-4 \
+$K train unet --init "$RUNS/unet-base" --out "$RUNS/unet" "${GRID[@]}" --v-weight-cap 5 --lr 2e-4 \
     --steps 1000 --lr-decay-steps 250
 # The 2.1 inpainting UNet from it (conv_in widened by zeros). Part of its examples take another
 # scene's prompt, as composites that show that scene in the repainted area, and their latents
@@ -84,9 +93,9 @@ $K train unet --inpaint --init "$RUNS/unet" --out "$RUNS/inpaint" "${UNET_ARGS[@
 # 3 to 11 points with it, given the prior's samples), then its inpainting UNet and depth ControlNet
 # from that. Half of the ControlNet's examples take the prompt of the same scene with the object
 # elsewhere, so that the position comes from the hint.
-$K train unet --family 2.2 --init "$RUNS/unet" --out "$RUNS/unet-2-2-base" "${UNET_ARGS[@]}" \
+$K train unet --family 2.2 --init "$RUNS/unet" --out "$RUNS/unet-2-2-base" "${GRID[@]}" --v-weight-cap 50 --lr 5e-4 \
     --steps 1000 --lr-decay-steps 300
-$K train unet --family 2.2 --init "$RUNS/unet-2-2-base" --out "$RUNS/unet-2-2" "${UNET_ARGS[@]}" \
+$K train unet --family 2.2 --init "$RUNS/unet-2-2-base" --out "$RUNS/unet-2-2" "${GRID[@]}" --v-weight-cap 50 --lr 5e-4 \
     --steps 1000 --lr-decay-steps 300
 # The 2.2 pipeline re-imposes the known latents at every step except in the band (the kept
 # latent cells next to the mask, which prepare_mask hands to the model to paint), whose loss

@@ -12,6 +12,7 @@ use kandinsky_train::movq::{
 };
 use kandinsky_train::optim::AdamWConfig;
 use kandinsky_train::prior::{train_prior, FrozenClip};
+use kandinsky_train::shapes::Placement;
 use kandinsky_train::tokenizer::read_pieces_tsv_gz;
 use kandinsky_train::trainer::{TrainOptions, TrainReport};
 use kandinsky_train::unet::{
@@ -240,6 +241,12 @@ enum Stage {
         /// resuming do not carry it over: give the flag to every stage that should keep it.
         #[arg(long, default_value = "epsilon", value_parser = ["epsilon", "sample", "v_prediction"])]
         prediction_type: String,
+        /// Draw the training images' objects with their boxes snapped to the MoVQ's latent grid
+        /// (every edge of a square on a latent cell's edge) instead of jittered freely: the UNet
+        /// then never has to draw an edge inside a latent cell. The depth hints follow. Not
+        /// carried over by `--init` or resuming.
+        #[arg(long)]
+        grid_aligned: bool,
     },
     /// Assemble the stage outputs under `--runs` (clip/, mclip/, movq/, prior/, unet/,
     /// inpaint/) into diffusers model directories: OUT/prior, OUT/decoder, OUT/decoder-inpaint.
@@ -491,6 +498,7 @@ pub fn run(a: &TrainArgs) -> Result<()> {
             composite,
             cond_dropout,
             prediction_type,
+            grid_aligned,
         } => {
             let mut opts = s.options()?;
             if *pool == 0 {
@@ -563,7 +571,12 @@ pub fn run(a: &TrainArgs) -> Result<()> {
                 UNetKind::DepthControl => "unet-depth",
             };
             let dirs = DecoderTeachers::dirs(movq, clip, mclip);
-            let settings = (opts.seed, *pool, opts.image_size);
+            let placement = if *grid_aligned {
+                Placement::Grid(opts.image_size / teachers.movq.scale_factor())
+            } else {
+                Placement::Free
+            };
+            let settings = (opts.seed, *pool, opts.image_size, placement);
             let (pool, origin) = cached_pool(&teachers, &dirs, settings, pool_cache.as_deref())?;
             match origin {
                 PoolOrigin::Reused => eprintln!(

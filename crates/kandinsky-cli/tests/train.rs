@@ -326,10 +326,10 @@ fn train_unet_and_inpainting_unet_on_trained_encoders() {
                 "v_prediction",
             ],
         ),
-        // The 2.2 sibling: its decoder starts from the 2.1 one, its inpainting UNet and depth
-        // ControlNet from its decoder.
+        // The 2.2 sibling: its decoder starts from the 2.1 one (on the latent grid, as the
+        // recipe trains it), its inpainting UNet and depth ControlNet from its decoder.
         unet(
-            &["--family", "2.2"],
+            &["--family", "2.2", "--grid-aligned"],
             "unet-2-2",
             &["--steps", "1", "--pool-cache", &cache, "--init", &unet_dir],
         ),
@@ -369,6 +369,16 @@ fn train_unet_and_inpainting_unet_on_trained_encoders() {
         "{}",
         logs[3]
     );
+    // A pool placed on the grid is another pool: the 2.2 decoder did not take the free one from
+    // the cache, and the 2.2 inpainting UNet after it did not take the grid one.
+    for i in [5, 6] {
+        assert!(
+            logs[i].contains("teacher outputs for 3 examples in"),
+            "{}",
+            logs[i]
+        );
+    }
+    assert!(logs[7].contains("reused from"), "{}", logs[7]);
     let mut cached = runs[4].clone();
     cached.extend(strings(&["--pool-cache", &p("pool.safetensors")]));
     let mut cached_out = cached.clone();

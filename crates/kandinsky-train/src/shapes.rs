@@ -141,6 +141,18 @@ impl Size {
     }
 }
 
+/// Where the renderer puts an object: what the decoder UNets learn to draw.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Placement {
+    /// Jittered freely in position and size (the world as the evaluation renders it).
+    #[default]
+    Free,
+    /// The jittered box snapped to a grid of `n × n` cells over the image (at least one cell
+    /// wide): with `n` the decoder's latent side, every edge of a square falls on a latent cell's
+    /// edge, so the UNet never has to draw an edge inside a cell.
+    Grid(usize),
+}
+
 /// One scene: what is drawn, independent of pixels and words.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Scene {
@@ -224,24 +236,52 @@ impl Scene {
     /// Renders the scene as `side × side` RGB8 (HWC), with a small jitter of position and size
     /// from `rng` and 4×4 supersampled edges.
     pub fn render(&self, side: usize, rng: &mut Rng) -> Vec<u8> {
-        self.paint(side, rng, self.colour.rgb(), self.background.rgb())
+        self.render_placed(side, Placement::Free, rng)
+    }
+
+    /// [`Scene::render`] with the object placed as `placement` says (the same generator draws).
+    pub fn render_placed(&self, side: usize, placement: Placement, rng: &mut Rng) -> Vec<u8> {
+        let (fg, bg) = (self.colour.rgb(), self.background.rgb());
+        self.paint(side, placement, rng, fg, bg)
     }
 
     /// The depth hint of the scene as [`Scene::render`] would draw it with the same `rng` state
     /// (same jitter), at any `side`: the object near (light grey, 224), the plain background far
     /// (dark grey, 32), as a depth estimator's near-is-light map, RGB8 HWC.
     pub fn render_depth(&self, side: usize, rng: &mut Rng) -> Vec<u8> {
-        self.paint(side, rng, [DEPTH_NEAR; 3], [DEPTH_FAR; 3])
+        self.render_depth_placed(side, Placement::Free, rng)
     }
 
-    /// The scene's silhouette in `fg` on `bg`, jittered by `rng` (three draws).
-    fn paint(&self, side: usize, rng: &mut Rng, fg: [u8; 3], bg: [u8; 3]) -> Vec<u8> {
+    /// [`Scene::render_depth`] with the object placed as `placement` says.
+    pub fn render_depth_placed(&self, side: usize, placement: Placement, rng: &mut Rng) -> Vec<u8> {
+        self.paint(side, placement, rng, [DEPTH_NEAR; 3], [DEPTH_FAR; 3])
+    }
+
+    /// The scene's silhouette in `fg` on `bg`, jittered by `rng` (three draws) and placed as
+    /// `placement` says.
+    fn paint(
+        &self,
+        side: usize,
+        placement: Placement,
+        rng: &mut Rng,
+        fg: [u8; 3],
+        bg: [u8; 3],
+    ) -> Vec<u8> {
         let s = side as f32;
         let (fx, fy) = self.position.centre();
         let jitter = 0.03 * s;
         let cx = fx * s + (rng.unit() * 2.0 - 1.0) * jitter;
         let cy = fy * s + (rng.unit() * 2.0 - 1.0) * jitter;
         let extent = self.size.fraction() * s * (1.0 + (rng.unit() * 2.0 - 1.0) * 0.06);
+        let (cx, cy, extent) = match placement {
+            Placement::Free => (cx, cy, extent),
+            Placement::Grid(n) => {
+                let cell = s / n.max(1) as f32;
+                let e = (extent / cell).round().max(1.0) * cell;
+                let snap = |c: f32| ((c - e / 2.0) / cell).round() * cell + e / 2.0;
+                (snap(cx), snap(cy), e)
+            }
+        };
         let r = extent / 2.0;
         let inside = |x: f32, y: f32| -> bool {
             let (dx, dy) = (x - cx, y - cy);
@@ -432,8 +472,18 @@ pub const DEPTH_FAR: u8 = 32;
 /// rendered at `side`, captioned in English or Russian (alternating by index). A pure function of
 /// `(seed, index, side)`, so any example can be regenerated without the ones before it.
 pub fn training_example(seed: u64, index: u64, side: usize) -> Example {
+    training_example_placed(seed, index, side, Placement::Free)
+}
+
+/// [`training_example`] with the object placed as `placement` says (same scene and caption).
+pub fn training_example_placed(
+    seed: u64,
+    index: u64,
+    side: usize,
+    placement: Placement,
+) -> Example {
     let (scene, mut rng) = training_scene(seed, index);
-    example(scene, index, side, &mut rng)
+    example(scene, index, side, placement, &mut rng)
 }
 
 /// The scene of [`training_example`] `index` (without rendering it).
@@ -456,18 +506,28 @@ fn training_scene(seed: u64, index: u64) -> (Scene, Rng) {
 /// The depth hint ([`Scene::render_depth`]) of [`training_example`] `index`, at `side` (any
 /// size: the geometry is the example's, scaled).
 pub fn training_depth_hint(seed: u64, index: u64, side: usize) -> Vec<u8> {
+    training_depth_hint_placed(seed, index, side, Placement::Free)
+}
+
+/// [`training_depth_hint`] of [`training_example_placed`] `index`.
+pub fn training_depth_hint_placed(
+    seed: u64,
+    index: u64,
+    side: usize,
+    placement: Placement,
+) -> Vec<u8> {
     let (scene, mut rng) = training_scene(seed, index);
-    scene.render_depth(side, &mut rng)
+    scene.render_depth_placed(side, placement, &mut rng)
 }
 
 /// Renders and captions `scene` as example `index` (English at even indices, Russian at odd).
-fn example(scene: Scene, index: u64, side: usize, rng: &mut Rng) -> Example {
+fn example(scene: Scene, index: u64, side: usize, placement: Placement, rng: &mut Rng) -> Example {
     let language = if index.is_multiple_of(2) {
         Language::En
     } else {
         Language::Ru
     };
-    let image = scene.render(side, rng);
+    let image = scene.render_placed(side, placement, rng);
     let caption = scene.caption(language, rng);
     Example {
         scene,
@@ -501,7 +561,7 @@ pub fn grouped_example(seed: u64, index: u64, side: usize, group: u64) -> Exampl
     let Some(scene) = scene else {
         return training_example(seed, index, side);
     };
-    example(scene, index, side, &mut rng)
+    example(scene, index, side, Placement::Free, &mut rng)
 }
 
 /// Evaluation prompts: `n` captions in `lang` of held-out scenes (cycling through them with
@@ -540,8 +600,19 @@ pub fn caption_sample(per_scene: usize) -> Vec<String> {
 
 /// Training examples `first..first + batch` (see [`training_example`]).
 pub fn training_examples(seed: u64, first: u64, batch: usize, side: usize) -> Vec<Example> {
+    training_examples_placed(seed, first, batch, side, Placement::Free)
+}
+
+/// [`training_examples`] with the objects placed as `placement` says.
+pub fn training_examples_placed(
+    seed: u64,
+    first: u64,
+    batch: usize,
+    side: usize,
+    placement: Placement,
+) -> Vec<Example> {
     (0..batch as u64)
-        .map(|i| training_example(seed, first + i, side))
+        .map(|i| training_example_placed(seed, first + i, side, placement))
         .collect()
 }
 

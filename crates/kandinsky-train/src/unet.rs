@@ -8,7 +8,7 @@
 //! `v = -1` (the posterior variance, DDPM's `fixed_small`), so a `learned_range` DDPM samples like
 //! `fixed_small`.
 
-use super::shapes::Rng;
+use super::shapes::{Placement, Rng};
 use super::threads::{on_threads, try_map_on_threads};
 use candle_core::backprop::GradStore;
 use candle_core::{Device, Tensor};
@@ -529,11 +529,18 @@ impl DecoderTeachers {
     /// step, so the frozen teachers cost nothing per step.
     ///
     /// The chunks are shared out over [`GRAD_PARTS`] threads (each chunk's outputs do not depend
-    /// on which thread computed it).
-    pub fn pool(&self, seed: u64, size: usize, side: usize) -> Result<DecoderPool> {
+    /// on which thread computed it). `placement` says where the examples' objects are drawn.
+    pub fn pool(
+        &self,
+        seed: u64,
+        size: usize,
+        side: usize,
+        placement: Placement,
+    ) -> Result<DecoderPool> {
         let chunk = |first: usize| -> Result<[Tensor; 4]> {
             let n = POOL_CHUNK.min(size - first);
-            let examples = super::shapes::training_examples(seed, first as u64, n, side);
+            let examples =
+                super::shapes::training_examples_placed(seed, first as u64, n, side, placement);
             let images = super::movq::image_tensor(&examples, side)?;
             let latents = self.movq.encode(&images)?.detach();
             let pixels = super::clip::clip_pixels(&examples, side)?;
@@ -558,6 +565,7 @@ impl DecoderTeachers {
             text_embeds: Tensor::cat(&txts, 0)?,
             hidden: Tensor::cat(&hiddens, 0)?,
             uncond: (self.vision.zero_image_embeds()?.detach(), txt, hidden),
+            placement,
         })
     }
 
@@ -575,6 +583,7 @@ pub struct DecoderPool {
     text_embeds: Tensor,
     hidden: Tensor,
     uncond: UNetCond,
+    placement: Placement,
 }
 
 /// Name of the tensor holding a saved pool's key (its bytes as `u8`).
@@ -619,8 +628,9 @@ impl DecoderPool {
     }
 
     /// Reads a pool written by [`DecoderPool::save`]: `None` when `path` does not exist or was
-    /// saved under another key (built from other teachers or settings).
-    pub fn load(path: &std::path::Path, key: &str) -> Result<Option<Self>> {
+    /// saved under another key (built from other teachers or settings). `placement` is the
+    /// examples' (which the key must name).
+    pub fn load(path: &std::path::Path, key: &str, placement: Placement) -> Result<Option<Self>> {
         if !path.exists() {
             return Ok(None);
         }
@@ -643,7 +653,13 @@ impl DecoderPool {
             text_embeds: text_embeds?,
             hidden: hidden?,
             uncond: (ui?, ut?, uh?),
+            placement,
         }))
+    }
+
+    /// Where the pool's examples have their objects (what their depth hints must match).
+    pub fn placement(&self) -> Placement {
+        self.placement
     }
 
     /// The channels of the pool's latents (the MoVQ's `latent_channels`).
@@ -1106,10 +1122,15 @@ impl Prediction {
 /// size) and on their eight neighbours, 1 on the rest of the background; each row then scaled to
 /// a mean of 1. A small object covers a tenth of the latent, so the plain ε loss hardly asks
 /// for its corners, which are what tells a small square from a circle.
-pub fn object_weights(seed: u64, indices: &[u64], side: usize, kappa: f64) -> Result<Tensor> {
+pub fn object_weights(
+    seed: u64,
+    indices: &[u64],
+    (side, placement): (usize, Placement),
+    kappa: f64,
+) -> Result<Tensor> {
     let mut data = Vec::with_capacity(indices.len() * side * side);
     for &i in indices {
-        let hint = super::shapes::training_depth_hint(seed, i, side);
+        let hint = super::shapes::training_depth_hint_placed(seed, i, side, placement);
         let covered: Vec<bool> = (0..side * side)
             .map(|p| hint[3 * p] > super::shapes::DEPTH_FAR)
             .collect();
@@ -1132,11 +1153,16 @@ pub fn object_weights(seed: u64, indices: &[u64], side: usize, kappa: f64) -> Re
 }
 
 /// The depth hints `(B, 3, H, W)` in [0, 1] of training examples `indices` of `seed` (the pool's
-/// entries), `side` pixels wide.
-pub fn depth_hints(seed: u64, indices: &[u64], side: usize) -> Result<Tensor> {
+/// entries, their objects placed as `placement` says), `side` pixels wide.
+pub fn depth_hints(
+    seed: u64,
+    indices: &[u64],
+    side: usize,
+    placement: Placement,
+) -> Result<Tensor> {
     let mut data = Vec::with_capacity(indices.len() * 3 * side * side);
     for &i in indices {
-        let rgb = super::shapes::training_depth_hint(seed, i, side);
+        let rgb = super::shapes::training_depth_hint_placed(seed, i, side, placement);
         for c in 0..3 {
             data.extend((0..side * side).map(|p| rgb[3 * p + c] as f32 / 255.0));
         }
@@ -1227,7 +1253,7 @@ pub fn train_unet(
             let hint = match stage.kind {
                 UNetKind::DepthControl => {
                     let side = b.x0.dim(2)? * HINT_BLOCK_FACTOR;
-                    Some(depth_hints(opts.seed, &b.indices, side)?)
+                    Some(depth_hints(opts.seed, &b.indices, side, pool.placement())?)
                 }
                 _ => None,
             };
@@ -1258,7 +1284,7 @@ pub fn train_unet(
                 Some(object_weights(
                     opts.seed,
                     &b.indices,
-                    b.x0.dim(2)?,
+                    (b.x0.dim(2)?, pool.placement()),
                     stage.object_weight,
                 )?)
             } else {
@@ -1328,22 +1354,28 @@ pub enum PoolOrigin {
 }
 
 /// The teachers' pool of `size` examples, read from `cache` when that file was written for the
-/// same teachers (the files under `teacher_dirs`, hashed), seed, size and image side, otherwise
-/// built (and then written to `cache`). Without a cache nothing is hashed.
+/// same teachers (the files under `teacher_dirs`, hashed), seed, size, image side and
+/// placement, otherwise built (and then written to `cache`). Without a cache nothing is hashed.
 pub fn cached_pool(
     teachers: &DecoderTeachers,
     teacher_dirs: &[PathBuf],
-    (seed, size, side): (u64, usize, usize),
+    (seed, size, side, placement): (u64, usize, usize, Placement),
     cache: Option<&Path>,
 ) -> Result<(DecoderPool, PoolOrigin)> {
     let keyed = match cache {
         Some(path) => {
+            // Free placement adds nothing, so caches written before placements existed still
+            // match.
+            let placed = match placement {
+                Placement::Free => String::new(),
+                Placement::Grid(n) => format!(" placed on a {n}x{n} grid"),
+            };
             let key = format!(
-                "seed {seed} pool {size} side {side} latents unquantised teachers {}",
+                "seed {seed} pool {size} side {side}{placed} latents unquantised teachers {}",
                 fingerprint(teacher_dirs)?
             );
             let what = || format!("reading the teachers' pool {}", path.display());
-            let cached = DecoderPool::load(path, &key).map_err(|e| e.within(what()))?;
+            let cached = DecoderPool::load(path, &key, placement).map_err(|e| e.within(what()))?;
             if let Some(pool) = cached {
                 return Ok((pool, PoolOrigin::Reused));
             }
@@ -1352,7 +1384,7 @@ pub fn cached_pool(
         None => None,
     };
     let started = std::time::Instant::now();
-    let pool = teachers.pool(seed, size, side)?;
+    let pool = teachers.pool(seed, size, side, placement)?;
     let seconds = started.elapsed().as_secs_f64();
     if let Some((path, key)) = keyed {
         pool.save(path, &key)
@@ -1414,6 +1446,7 @@ mod tests {
                 Tensor::zeros((1, 2), DType::F32, &d).unwrap(),
                 Tensor::zeros((1, 3, 2), DType::F32, &d).unwrap(),
             ),
+            placement: Placement::Free,
         }
     }
 
@@ -1839,7 +1872,7 @@ mod tests {
     fn object_weights_cover_the_object_and_its_neighbours_with_mean_one() {
         let side = 16;
         let indices: Vec<u64> = (0..12).collect();
-        let w = object_weights(3, &indices, side, 4.0).unwrap();
+        let w = object_weights(3, &indices, (side, Placement::Free), 4.0).unwrap();
         for (r, &i) in indices.iter().enumerate() {
             let row = w
                 .get(r)

@@ -254,3 +254,68 @@ fn depth_hints_draw_the_examples_object_near_at_any_size() {
         );
     }
 }
+
+/// The object's bounding box (pixels that are not the background colour): `(x0, y0, x1, y1)`,
+/// end-exclusive.
+fn object_box(image: &[u8], side: usize, bg: [u8; 3]) -> (usize, usize, usize, usize) {
+    let (mut x0, mut y0, mut x1, mut y1) = (side, side, 0, 0);
+    for p in 0..side * side {
+        if image[3 * p..3 * p + 3] != bg {
+            let (y, x) = (p / side, p % side);
+            (x0, y0, x1, y1) = (x0.min(x), y0.min(y), x1.max(x + 1), y1.max(y + 1));
+        }
+    }
+    (x0, y0, x1, y1)
+}
+
+#[test]
+fn grid_placement_snaps_every_box_to_the_cells_and_keeps_scene_caption_and_hint() {
+    use kandinsky_train::shapes::{
+        training_depth_hint_placed, training_example_placed, Placement, Shape, DEPTH_FAR,
+    };
+    let (side, cells) = (64, 16);
+    let cell = side / cells;
+    let mut moved = 0;
+    for index in 0..120 {
+        let free = training_example(5, index, side);
+        let ex = training_example_placed(5, index, side, Placement::Grid(cells));
+        assert_eq!(ex.scene, free.scene);
+        assert_eq!(ex.caption, free.caption);
+        moved += (ex.image != free.image) as usize;
+        let bg = ex.scene.background.rgb();
+        let (x0, y0, x1, y1) = object_box(&ex.image, side, bg);
+        // A square fills whole cells, so its box is on the grid exactly; a circle's or a
+        // triangle's silhouette lies inside its snapped box, with the vertical extent exact
+        // for a triangle (apex and base).
+        let on_grid = |v: usize| v.is_multiple_of(cell);
+        match ex.scene.shape {
+            Shape::Square => {
+                assert!(
+                    [x0, y0, x1, y1].into_iter().all(on_grid),
+                    "example {index}: square box {:?} is off the {cell}-pixel grid",
+                    (x0, y0, x1, y1)
+                );
+                assert!(x1 - x0 >= cell && x1 - x0 == y1 - y0, "example {index}");
+            }
+            Shape::Triangle => assert!(on_grid(y1), "example {index}: base at {y1}"),
+            Shape::Circle => {}
+        }
+        // The depth hint at twice the size draws the same snapped object (a curved or slanted
+        // edge may cover one pixel more or less at the finer size).
+        let hint = training_depth_hint_placed(5, index, 2 * side, Placement::Grid(cells));
+        let (hx0, hy0, hx1, hy1) = object_box(&hint, 2 * side, [DEPTH_FAR; 3]);
+        let slack = if ex.scene.shape == Shape::Square {
+            0
+        } else {
+            2
+        };
+        for (h, v) in [(hx0, x0), (hy0, y0), (hx1, x1), (hy1, y1)] {
+            assert!(
+                h.abs_diff(2 * v) <= slack,
+                "example {index}: hint edge {h}, image {v}"
+            );
+        }
+    }
+    // Jitter of a fraction of a cell is what the grid takes away: most images change.
+    assert!(moved > 60, "only {moved} of 120 images changed");
+}
