@@ -1118,14 +1118,15 @@ impl Prediction {
 }
 
 /// Loss weights `(B, 1, side, side)` for training examples `indices` of `seed` at the latent's
-/// `side`: `kappa` on the cells the object covers (any part of them, from its silhouette at that
-/// size) and on their eight neighbours, 1 on the rest of the background; each row then scaled to
-/// a mean of 1. A small object covers a tenth of the latent, so the plain ε loss hardly asks
+/// `side` (objects placed as `placement` says): `kappa` on the cells the object covers (any part
+/// of them, from its silhouette at that size) and on their eight neighbours, 1 on the rest of the
+/// background; each row then scaled to a mean of 1. A small object covers a tenth of the latent, so the plain ε loss hardly asks
 /// for its corners, which are what tells a small square from a circle.
 pub fn object_weights(
     seed: u64,
     indices: &[u64],
-    (side, placement): (usize, Placement),
+    side: usize,
+    placement: Placement,
     kappa: f64,
 ) -> Result<Tensor> {
     let mut data = Vec::with_capacity(indices.len() * side * side);
@@ -1284,7 +1285,8 @@ pub fn train_unet(
                 Some(object_weights(
                     opts.seed,
                     &b.indices,
-                    (b.x0.dim(2)?, pool.placement()),
+                    b.x0.dim(2)?,
+                    pool.placement(),
                     stage.object_weight,
                 )?)
             } else {
@@ -1872,7 +1874,7 @@ mod tests {
     fn object_weights_cover_the_object_and_its_neighbours_with_mean_one() {
         let side = 16;
         let indices: Vec<u64> = (0..12).collect();
-        let w = object_weights(3, &indices, (side, Placement::Free), 4.0).unwrap();
+        let w = object_weights(3, &indices, side, Placement::Free, 4.0).unwrap();
         for (r, &i) in indices.iter().enumerate() {
             let row = w
                 .get(r)
